@@ -1,0 +1,276 @@
+"""Run configuration: pydantic models with ``extra="forbid"``, loaded from YAML.
+
+A run config has one section per concern. Each driver, segmenter and policy has its own
+model, selected by its ``kind`` field (a discriminated union), so a typo in a kind or a field
+is an error that names the field and the value. :func:`load_config` turns every problem into a
+one-line :class:`~stemagent.errors.ConfigError` naming the file, the field and the value.
+
+Core only describes configurations; building objects from them is done in
+``stemagent.agent.factory`` (which may import simulators and drivers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stemagent.errors import ConfigError
+from stemagent.types import ScanGeometry
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- scan ----------------------------------------------------------------------------------
+
+
+class ScanConfig(_Model):
+    """The survey scan the agent starts with (and the default for policies that scan)."""
+
+    center_A: tuple[float, float] = (0.0, 0.0)
+    fov_A: float = Field(51.2, gt=0, description="square field of view, Å")
+    shape_px: int = Field(256, ge=8, le=8192, description="pixels per side")
+    rotation_rad: float = 0.0
+    dwell_s: float = Field(2e-6, gt=0, le=1.0)
+    flyback_s: float = Field(0.0, ge=0, le=1.0)
+
+    def geometry(self, center_A: tuple[float, float] | None = None) -> ScanGeometry:
+        return ScanGeometry(
+            center_A=self.center_A if center_A is None else center_A,
+            fov_A=(self.fov_A, self.fov_A),
+            shape_px=(self.shape_px, self.shape_px),
+            rotation_rad=self.rotation_rad,
+            dwell_s=self.dwell_s,
+            flyback_s=self.flyback_s,
+        )
+
+
+# --- drivers -------------------------------------------------------------------------------
+
+
+class MinimalTwinConfig(_Model):
+    """The foundation's minimal in-process twin: a hexagonal lattice with Poisson noise."""
+
+    kind: Literal["minimal-twin"] = "minimal-twin"
+    lattice_A: float = Field(2.46, gt=0.5, le=20.0, description="lattice constant, Å")
+    specimen_size_A: float = Field(400.0, gt=0)
+    atom_sigma_A: float = Field(0.45, gt=0.05, le=5.0, description="image width of one atom, Å")
+    beam_current_pA: float = Field(20.0, gt=0)
+    background: float = Field(0.05, ge=0)
+    pace: Literal["realtime", "fast"] = "fast"
+
+
+class ReplayDriverConfig(_Model):
+    """Play back a run log (or, later, a file from other software) as a driver."""
+
+    kind: Literal["replay"] = "replay"
+    path: Path
+    pace: Literal["recorded", "fast"] = "fast"
+
+
+DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig], Field(discriminator="kind")]
+
+
+# --- pipeline ------------------------------------------------------------------------------
+
+
+class LoGSegmenterConfig(_Model):
+    """Classical atom finder: Laplacian of Gaussian, local maxima, sub-pixel refinement."""
+
+    kind: Literal["log"] = "log"
+    sigma_A: float = Field(0.45, gt=0.01, le=10.0, description="expected atom width (Gaussian sigma), Å")
+    threshold: float = Field(0.1, ge=0.0, le=1.0, description="minimum LoG response relative to the frame's maximum")
+    min_separation_A: float = Field(1.0, gt=0.0, description="minimum distance between atoms, Å")
+    refine: Literal["none", "centroid", "gaussian"] = "gaussian"
+
+
+SegmenterConfig = Annotated[Union[LoGSegmenterConfig], Field(discriminator="kind")]
+
+
+class PipelineConfig(_Model):
+    segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+class RasterPolicyConfig(_Model):
+    """Visit a grid of fields of view across the allowed area, one after another."""
+
+    kind: Literal["raster"] = "raster"
+    overlap: float = Field(0.1, ge=0.0, lt=0.9, description="fractional overlap of neighbouring fields")
+
+
+class RandomPolicyConfig(_Model):
+    """Scan fields of view at uniformly random centres within the allowed area (seeded)."""
+
+    kind: Literal["random"] = "random"
+
+
+PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig], Field(discriminator="kind")]
+
+
+# --- safety --------------------------------------------------------------------------------
+
+
+class SafetyConfig(_Model):
+    """Hard limits enforced by the agent's safety gate on every command."""
+
+    area_center_A: tuple[float, float] = (0.0, 0.0)
+    area_half_width_A: float = Field(150.0, gt=0, description="beam positions must stay within this square, Å")
+    max_fov_A: float = Field(256.0, gt=0)
+    max_shape_px: int = Field(2048, ge=8)
+    min_dwell_s: float = Field(1e-7, gt=0)
+    max_dwell_s: float = Field(1e-3, gt=0, description="per-pixel dwell limit for scans, s")
+    max_park_s: float = Field(10.0, gt=0, description="longest single park, s")
+    max_total_dose_e_per_A2: float = Field(1e9, gt=0, description="run dose budget at any one place, e/Å²")
+    max_commands_per_s: float = Field(50.0, gt=0)
+    watchdog_s: float = Field(30.0, gt=0, description="blank and pause if no frame or reply arrives for this long")
+
+    @model_validator(mode="after")
+    def _dwell_order(self) -> "SafetyConfig":
+        if self.min_dwell_s > self.max_dwell_s:
+            raise ValueError(f"min_dwell_s={self.min_dwell_s} exceeds max_dwell_s={self.max_dwell_s}")
+        return self
+
+
+# --- log and telemetry ---------------------------------------------------------------------
+
+
+class LogConfig(_Model):
+    directory: Path = Path("runs")
+    fsync: bool = Field(True, description="fsync the document file after every frame (crash safety)")
+
+
+class TelemetryConfig(_Model):
+    """MQTT telemetry and control. With no ``host`` the agent runs with telemetry off."""
+
+    host: str | None = None
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    topic_prefix: str = "stemagent"
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+class RunConfig(_Model):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = Field(0, ge=0)
+    max_frames: int = Field(10, ge=1, description="stop after this many frames")
+    driver: DriverConfig = Field(default_factory=MinimalTwinConfig)
+    scan: ScanConfig = Field(default_factory=ScanConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    policy: PolicyConfig = Field(default_factory=RasterPolicyConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+
+def _describe(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            # pydantic puts the discriminator's tag value in the location of union members
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    cur = data
+    for p in loc:
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and p < len(cur):
+            cur = cur[p]
+        else:
+            continue  # a union tag in the location: skip it
+    return cur
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a mapping as a :class:`RunConfig`; the first problem becomes a :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "<top level>", type(data).__name__, "must be a mapping of sections")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err.get("loc", ()))
+        # drop union tags pydantic inserts (they are not keys in the file)
+        clean = tuple(p for i, p in enumerate(loc) if not _is_tag(data, loc[:i], p))
+        value = err.get("input", _lookup(data, loc))
+        kind = err.get("type")
+        if kind == "extra_forbidden":
+            problem = "is not a known field"
+        elif kind == "missing":
+            value = "<missing>"
+            problem = "is required"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            clean = clean + ("kind",)
+            value = value.get("kind", "<missing>") if isinstance(value, dict) else value
+            expected = (err.get("ctx") or {}).get("expected_tags") or _union_tags(clean, data)
+            problem = f"is not a known kind (expected one of {expected})"
+        else:
+            problem = err.get("msg", "is invalid")
+        raise ConfigError(source, _describe(clean) or "<top level>", value, problem) from None
+
+
+def _union_tags(loc: tuple[Any, ...], data: Any) -> str:
+    """The kinds a union section accepts, read off the models (for the error message)."""
+    model: Any = RunConfig
+    ann: Any = None
+    for p in loc:
+        fields = getattr(model, "model_fields", {})
+        if str(p) not in fields:
+            break
+        ann = fields[str(p)].annotation
+        model = ann
+    kinds: list[str] = []
+
+    def walk(t: Any) -> None:
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            f = t.model_fields.get("kind")
+            if f is not None and isinstance(f.default, str):
+                kinds.append(repr(f.default))
+            return
+        for arg in get_args(t):
+            walk(arg)
+
+    walk(ann)
+    return ", ".join(kinds) or "?"
+
+
+def _is_tag(data: Any, parent_loc: tuple[Any, ...], p: Any) -> bool:
+    cur = data
+    for q in parent_loc:
+        if isinstance(cur, dict) and q in cur:
+            cur = cur[q]
+    return isinstance(cur, dict) and isinstance(p, str) and p not in cur and cur.get("kind") == p
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; every failure is a one-line :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        raise ConfigError(str(p), where, getattr(exc, "problem", None) or "", "is not valid YAML") from None
+    if data is None:
+        data = {}
+    return config_from_dict(data, source=str(p))
