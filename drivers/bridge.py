@@ -1,0 +1,476 @@
+"""Console-side bridge: serves any :class:`~stemagent.driver.Driver` over the wire protocol.
+
+Run it next to the microscope software::
+
+    stemagent bridge --config configs/bridge.yaml
+    python -m stemagent.drivers.bridge --config configs/bridge.yaml   # without the agent's deps
+
+The bridge binds a ROUTER socket for commands and a PUB socket for frames (``drivers/PROTOCOL.md``).
+Its import footprint is numpy, pyzmq, pydantic and the stemagent core types; a backend is either
+a ``driver`` section (one of the agent's driver configs, e.g. the twin) or an ``adapter``
+import path ``"package.module:factory"`` returning a ``Driver`` (see ``drivers/ADAPTERS.md``).
+
+Safety on the console side: the bridge blanks the beam when no client has spoken for
+``client_timeout_s``, when a ``blank`` request arrives (it cancels the running scan or park
+first) and when it shuts down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stemagent.driver import Driver, DriverFault
+from stemagent.errors import ConfigError, InputError, StemAgentError
+from stemagent.drivers import wire
+from stemagent.types import Capabilities
+
+log = logging.getLogger("stemagent.drivers.bridge")
+
+
+class BridgeConfig(BaseModel):
+    """The bridge's YAML file. Exactly one of ``driver`` and ``adapter`` names the backend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    control_endpoint: str = Field("tcp://127.0.0.1:5555", description="ROUTER bind address for commands")
+    frames_endpoint: str = Field("tcp://127.0.0.1:5556", description="PUB bind address for frames")
+    driver: dict[str, Any] | None = Field(None, description="a driver config section, e.g. {kind: minimal-twin}")
+    adapter: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:factory")
+    adapter_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    frames_hwm: int = Field(4, ge=1, le=1000, description="frames queued per subscriber before the newest are dropped")
+    control_hwm: int = Field(100, ge=1)
+    client_timeout_s: float = Field(10.0, gt=0, description="blank the beam if no client message arrives for this long")
+    max_frame_bytes: int = Field(wire.DEFAULT_MAX_ARRAY_BYTES, gt=0)
+
+
+class Bridge:
+    """Serve ``driver`` on a ROUTER (commands) and a PUB (frames) socket.
+
+    Endpoints may use port 0 (``tcp://127.0.0.1:0``); after :meth:`start` the bound
+    addresses are in :attr:`control_endpoint` and :attr:`frames_endpoint`.
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        control_endpoint: str = "tcp://127.0.0.1:5555",
+        frames_endpoint: str = "tcp://127.0.0.1:5556",
+        *,
+        frames_hwm: int = 4,
+        control_hwm: int = 100,
+        client_timeout_s: float = 10.0,
+        context: zmq.asyncio.Context | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.driver = driver
+        self.control_endpoint = control_endpoint
+        self.frames_endpoint = frames_endpoint
+        self.frames_hwm = frames_hwm
+        self.control_hwm = control_hwm
+        self.client_timeout_s = client_timeout_s
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._monotonic = monotonic
+        self._router: zmq.asyncio.Socket | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._device_lock = asyncio.Lock()
+        self._device_tasks: set[asyncio.Task[None]] = set()
+        self._other_tasks: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, asyncio.Task[None]] = {}
+        self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._caps: Capabilities | None = None
+        self._last_client_s = monotonic()
+        self._beam_maybe_on = False
+        self._started_s = monotonic()
+        self._stopping = asyncio.Event()
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "rejected": 0,
+            "duplicates": 0,
+            "frames_published": 0,
+            "watchdog_blanks": 0,
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.wait_for(self.driver.connect(), timeout=60.0)
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, self.control_hwm)
+        router.setsockopt(zmq.RCVHWM, self.control_hwm)
+        # a peer sending a larger message is disconnected by ZeroMQ before we ever see it
+        router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_JSON_BYTES)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        router.bind(self.control_endpoint)
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, self.frames_hwm)
+        pub.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
+        pub.bind(self.frames_endpoint)
+        router.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
+        self.control_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.frames_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._router, self._pub = router, pub
+        self._last_client_s = self._monotonic()
+        log.info("bridge serving %s: control %s, frames %s", type(self.driver).__name__,
+                 self.control_endpoint, self.frames_endpoint)
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (safe to call from a signal handler)."""
+        self._stopping.set()
+
+    async def close(self) -> None:
+        for t in list(self._streams.values()) + list(self._device_tasks):
+            t.cancel()
+        await asyncio.gather(*self._streams.values(), *self._device_tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.driver.blank(), timeout=10.0)
+            await asyncio.wait_for(self.driver.close(), timeout=10.0)
+        except Exception:  # noqa: BLE001 - shutting down: log and go on
+            log.exception("bridge: blanking/closing the backend failed")
+        for s in (self._router, self._pub):
+            if s is not None:
+                s.close(linger=0)
+        self._router = self._pub = None
+
+    async def serve(self) -> None:
+        """Answer requests until :meth:`stop`; never raises on bad input."""
+        if self._router is None:
+            await self.start()
+        assert self._router is not None
+        poll_ms = int(max(10, min(200, self.client_timeout_s * 250)))
+        while not self._stopping.is_set():
+            try:
+                ready = await self._router.poll(poll_ms, zmq.POLLIN)
+            except zmq.ZMQError:
+                log.exception("bridge: polling the control socket failed")
+                break
+            if ready:
+                try:
+                    parts = await self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                await self._handle(parts)
+            await self._watchdog()
+
+    async def run(self) -> None:
+        """start, serve, close."""
+        await self.start()
+        try:
+            await self.serve()
+        finally:
+            await self.close()
+
+    # --- requests -------------------------------------------------------------------------
+    async def _handle(self, parts: list[Any]) -> None:
+        if len(parts) < 2:
+            self.stats["rejected"] += 1
+            log.error("bridge: rejected a message with no body (%d parts)", len(parts))
+            return
+        identity, body = parts[0].bytes, parts[1:]
+        self._last_client_s = self._monotonic()
+        self.stats["requests"] += 1
+        try:
+            req = wire.decode_request(body)
+        except wire.WireError as exc:
+            self.stats["rejected"] += 1
+            log.error("bridge: rejected request: %s", exc)
+            rid = wire.request_id_of(body)
+            if rid is not None:
+                await self._reply(identity, rid, False, error=("WireError", str(exc)))
+            return
+        if req.id in self._seen_ids:
+            self.stats["duplicates"] += 1
+            log.error("bridge: request id %s seen before; not executed again", req.id)
+            await self._reply(identity, req.id, False, error=("DuplicateRequest", f"request id {req.id} was already received"))
+            return
+        self._seen_ids[req.id] = None
+        while len(self._seen_ids) > 4096:
+            self._seen_ids.popitem(last=False)
+
+        if req.op == "heartbeat":
+            await self._reply(identity, req.id, True, {"streams": sorted(self._streams)})
+        elif req.op == "status":
+            await self._reply(identity, req.id, True, self.status())
+        elif req.op == "capabilities":
+            self._spawn(self._capabilities(identity, req.id))
+        elif req.op == "blank":
+            self._spawn(self._blank(identity, req.id), device=False)
+        elif req.op == "acquire":
+            self._spawn(self._acquire(identity, req))
+        elif req.op == "park":
+            self._spawn(self._park(identity, req))
+        elif req.op == "stream_start":
+            await self._stream_start(identity, req)
+        elif req.op == "stream_stop":
+            task = self._streams.get(req.stream)
+            if task is not None:
+                task.cancel()
+            await self._reply(identity, req.id, True, {"stopped": task is not None})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "protocol": wire.PROTOCOL_VERSION,
+            "backend": type(self.driver).__name__,
+            "uptime_s": self._monotonic() - self._started_s,
+            "streams": sorted(self._streams),
+            "busy": self._device_lock.locked(),
+            "beam_maybe_on": self._beam_maybe_on,
+            **self.stats,
+        }
+
+    def _spawn(self, coro: Any, device: bool = True) -> None:
+        task = asyncio.ensure_future(coro)
+        if device:
+            self._device_tasks.add(task)
+            task.add_done_callback(self._device_tasks.discard)
+        else:
+            self._other_tasks.add(task)
+            task.add_done_callback(self._other_tasks.discard)
+
+    async def _reply(
+        self,
+        identity: bytes,
+        rid: str,
+        ok: bool,
+        result: dict[str, Any] | None = None,
+        error: tuple[str, str] | None = None,
+        arrays: list[Any] = [],  # noqa: B006 - never mutated
+    ) -> None:
+        if self._router is None:
+            return
+        try:
+            parts, _ = wire.encode_reply(rid, ok, result, error, arrays)
+        except (wire.WireError, ValidationError, ValueError) as exc:
+            log.error("bridge: cannot encode the reply to %s: %s", rid, exc)
+            parts, _ = wire.encode_reply(rid, False, error=("EncodeError", str(exc)))
+        try:
+            await self._router.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.error("bridge: reply to %s not delivered (%s)", rid, exc)
+
+    async def _device(self, identity: bytes, rid: str, op: Callable[[], Any]) -> Any:
+        """Run one device call under the device lock; errors become error replies."""
+        try:
+            async with self._device_lock:
+                self._beam_maybe_on = True
+                return await op()
+        except asyncio.CancelledError:
+            await self._reply(identity, rid, False, error=("Cancelled", "cancelled by a blank request or shutdown"))
+            raise
+        except (DriverFault, InputError, StemAgentError) as exc:
+            await self._reply(identity, rid, False, error=(type(exc).__name__, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the backend's bug must not kill the bridge
+            log.exception("bridge: backend failed on %s", rid)
+            await self._reply(identity, rid, False, error=("DriverFault", f"{type(exc).__name__}: {exc}"))
+        return None
+
+    async def _capabilities(self, identity: bytes, rid: str) -> None:
+        try:
+            if self._caps is None:
+                self._caps = await self.driver.capabilities()
+            await self._reply(identity, rid, True, self._caps.to_dict())
+        except Exception as exc:  # noqa: BLE001
+            await self._reply(identity, rid, False, error=("DriverFault", f"{type(exc).__name__}: {exc}"))
+
+    async def _acquire(self, identity: bytes, req: wire.AcquireRequest) -> None:
+        try:
+            geometry = wire.geometry_from_wire(req.geometry)
+        except wire.WireError as exc:
+            await self._reply(identity, req.id, False, error=("InputError", str(exc)))
+            return
+
+        async def op() -> Any:
+            return await self.driver.acquire(geometry)
+
+        frame = await self._device(identity, req.id, op)
+        if frame is None:
+            return
+        try:
+            header, image, _ = wire.frame_header(frame)
+        except (wire.WireError, ValidationError) as exc:
+            await self._reply(identity, req.id, False, error=("DriverFault", f"backend frame not sendable: {exc}"))
+            return
+        await self._reply(identity, req.id, True, {"frame": header.model_dump(mode="json")}, arrays=[image])
+
+    async def _park(self, identity: bytes, req: wire.ParkRequest) -> None:
+        async def op() -> Any:
+            return await self.driver.park(req.position_A, req.dwell_s)
+
+        result = await self._device(identity, req.id, op)
+        if result is None:
+            return
+        fields, signal_ = wire.park_result_fields(result)
+        await self._reply(identity, req.id, True, fields, arrays=[signal_])
+
+    async def _blank(self, identity: bytes, rid: str) -> None:
+        await self._cancel_device_work()
+        try:
+            await asyncio.wait_for(self.driver.blank(), timeout=10.0)
+            self._beam_maybe_on = False
+            await self._reply(identity, rid, True)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("bridge: blank failed")
+            await self._reply(identity, rid, False, error=("DriverFault", f"blank failed: {type(exc).__name__}: {exc}"))
+
+    async def _cancel_device_work(self) -> None:
+        tasks = list(self._streams.values()) + list(self._device_tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream_start(self, identity: bytes, req: wire.StreamStartRequest) -> None:
+        if req.stream in self._streams:
+            await self._reply(identity, req.id, False, error=("InputError", f"stream {req.stream} already running"))
+            return
+        try:
+            geometry = wire.geometry_from_wire(req.geometry)
+        except wire.WireError as exc:
+            await self._reply(identity, req.id, False, error=("InputError", str(exc)))
+            return
+        task = asyncio.ensure_future(self._run_stream(req.stream, geometry, req.n_frames))
+        self._streams[req.stream] = task
+        task.add_done_callback(lambda _t, s=req.stream: self._streams.pop(s, None))
+        await self._reply(identity, req.id, True, {"stream": req.stream})
+
+    async def _run_stream(self, stream: str, geometry: Any, n_frames: int | None) -> None:
+        sent = 0
+        error: tuple[str, str] | None = None
+        try:
+            async with self._device_lock:
+                self._beam_maybe_on = True
+                async for frame in self.driver.stream(geometry, n_frames):
+                    parts, _ = wire.encode_frame(frame, stream)
+                    if self._pub is None:
+                        break
+                    # PUB never blocks: past the high-water mark ZeroMQ drops the message
+                    await self._pub.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                    sent += 1
+                    self.stats["frames_published"] += 1
+        except asyncio.CancelledError:
+            error = ("Cancelled", "stream stopped")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("bridge: stream %s failed", stream)
+            error = ("DriverFault", f"{type(exc).__name__}: {exc}")
+        if self._pub is not None:
+            try:
+                await self._pub.send_multipart(wire.encode_stream_end(stream, sent, error), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    async def _watchdog(self) -> None:
+        if not self._beam_maybe_on:
+            return
+        if self._monotonic() - self._last_client_s <= self.client_timeout_s:
+            return
+        log.error("bridge: no client message for %.1f s; blanking the beam", self.client_timeout_s)
+        self.stats["watchdog_blanks"] += 1
+        await self._cancel_device_work()
+        try:
+            await asyncio.wait_for(self.driver.blank(), timeout=10.0)
+            self._beam_maybe_on = False
+        except Exception:  # noqa: BLE001
+            log.exception("bridge: watchdog blank failed")
+            self._last_client_s = self._monotonic()  # try again after another timeout
+
+
+# --- configuration and entry point ----------------------------------------------------------
+
+
+def load_bridge_config(path: str | Path) -> BridgeConfig:
+    import yaml  # only needed to read the file
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError:
+        raise ConfigError(str(p), "<yaml>", "", "is not valid YAML") from None
+    try:
+        cfg = BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "<top level>"
+        raise ConfigError(str(p), field, err.get("input"), err.get("msg", "is invalid")) from None
+    if (cfg.driver is None) == (cfg.adapter is None):
+        raise ConfigError(str(p), "driver/adapter", None, "exactly one of 'driver' and 'adapter' must be given")
+    return cfg
+
+
+def backend_from_config(cfg: BridgeConfig) -> Driver:
+    """Build the backend: an adapter factory, or a driver from the agent's driver configs."""
+    if cfg.adapter is not None:
+        module_name, _, attr = cfg.adapter.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        driver = factory(**cfg.adapter_options)
+    else:
+        from pydantic import TypeAdapter
+
+        from stemagent.agent.factory import build_driver  # the agent's factory (heavier imports)
+        from stemagent.config import DriverConfig
+
+        try:
+            dcfg = TypeAdapter(DriverConfig).validate_python(cfg.driver)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = "driver." + ".".join(str(x) for x in err.get("loc", ()))
+            raise ConfigError("<bridge config>", field, err.get("input"), err.get("msg", "is invalid")) from None
+        driver = build_driver(dcfg)
+    if not isinstance(driver, Driver):
+        raise ConfigError("<bridge config>", "adapter", cfg.adapter, "did not return an object implementing Driver")
+    return driver
+
+
+async def serve_config(cfg: BridgeConfig) -> None:
+    bridge = Bridge(
+        backend_from_config(cfg),
+        cfg.control_endpoint,
+        cfg.frames_endpoint,
+        frames_hwm=cfg.frames_hwm,
+        control_hwm=cfg.control_hwm,
+        client_timeout_s=cfg.client_timeout_s,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, bridge.stop)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread / Windows
+            pass
+    await bridge.run()
+
+
+def run_bridge(config_path: str | Path) -> int:
+    """Blocking entry point used by ``stemagent bridge`` and ``python -m stemagent.drivers.bridge``."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_bridge_config(config_path)
+        asyncio.run(serve_config(cfg))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stemagent-bridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="bridge YAML file")
+    args = parser.parse_args(argv)
+    return run_bridge(args.config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
