@@ -221,13 +221,17 @@ class FrameHeader(_Msg):
 
 
 def _as_bytes(part: Any) -> bytes | memoryview:
-    """Accept bytes, a zmq.Frame (``.buffer``) or a memoryview."""
+    """Accept bytes, a zmq.Frame (``.buffer``) or anything with a contiguous buffer."""
     buf = getattr(part, "buffer", None)
-    if buf is not None:
-        return buf  # type: ignore[no-any-return]
-    if isinstance(part, (bytes, bytearray, memoryview)):
+    if isinstance(buf, memoryview):
+        return buf
+    if isinstance(part, bytes):
         return part
-    raise WireError("part", type(part).__name__, "must be bytes or a ZeroMQ frame")
+    try:
+        view = memoryview(part)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    except (TypeError, ValueError):
+        raise WireError("part", type(part).__name__, "must be bytes or a ZeroMQ frame") from None
 
 
 def _load_json(part: Any, what: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import AsyncIterator
 
 import numpy as np
@@ -64,3 +65,9 @@ class FakeMicroscope:
     async def blank(self) -> None:
         self.calls.append("blank")
         self.blanked = True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,94 @@
+"""MQTT telemetry and control through a real mosquitto broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from stemagent.agent.control import ControlAck, ControlMessage
+from stemagent.agent.telemetry import MqttTelemetry
+from stemagent.config import RunConfig, TelemetryConfig
+from stemagent.errors import ConfigError
+
+from transport_fakes import free_port
+
+pytestmark = pytest.mark.system
+
+
+class Target:
+    """Stands in for the agent: records control requests and acknowledges through the sink."""
+
+    def __init__(self, sink: MqttTelemetry) -> None:
+        self.sink = sink
+        self.got: list[ControlMessage] = []
+
+    def control(self, msg: ControlMessage) -> ControlAck:
+        self.got.append(msg)
+        ack = ControlAck(id=msg.id, command=msg.command, accepted=True, state="paused")
+        self.sink.publish("ack", ack.model_dump())
+        return ack
+
+
+async def next_message(client: aiomqtt.Client, topic: str) -> dict[str, Any]:
+    async def first() -> dict[str, Any]:
+        async for m in client.messages:
+            if m.topic.matches(topic):
+                return json.loads(m.payload)  # type: ignore[arg-type]
+        raise AssertionError("message stream ended")
+
+    return await asyncio.wait_for(first(), timeout=10)
+
+
+async def test_publish_and_control_round_trip(mosquitto: int) -> None:
+    cfg = TelemetryConfig(host="127.0.0.1", port=mosquitto)
+    async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="observer") as obs:
+        await obs.subscribe("stemagent/run1/#", qos=1)
+        async with MqttTelemetry(cfg, run_name="run1") as sink:
+            sink.publish("status", {"state": "running"})
+            doc = await next_message(obs, "stemagent/run1/status")
+            assert doc == {"run": "run1", "kind": "status", "state": "running"}
+            sink.publish("frame", {"frame_index": 3, "n_atoms": 12, "score": float("nan")})
+            doc = await next_message(obs, "stemagent/run1/frame")
+            assert doc["n_atoms"] == 12 and doc["score"] is None  # strict JSON
+
+            # before attach: refused with an ack
+            await obs.publish("stemagent/run1/control", json.dumps({"command": "pause", "id": "c0"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/ack")
+            assert ack["id"] == "c0" and ack["accepted"] is False and "not running" in ack["detail"]
+
+            target = Target(sink)
+            sink.attach(target)
+            await obs.publish("stemagent/run1/control", json.dumps({"command": "pause", "id": "c1"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/ack")
+            assert ack["id"] == "c1" and ack["accepted"] is True
+            assert [m.command for m in target.got] == ["pause"]
+
+            for bad, why in [(b"\xff not json", "invalid control"), (json.dumps({"command": "explode", "id": "c2"}), "command"),
+                             (json.dumps({"command": "pause", "id": "c3", "extra": 1}), "extra")]:
+                await obs.publish("stemagent/run1/control", bad, qos=1)
+                ack = await next_message(obs, "stemagent/run1/ack")
+                assert ack["accepted"] is False and why in ack["detail"]
+            assert [m.command for m in target.got] == ["pause"]  # nothing invalid reached the agent
+
+            await obs.publish("stemagent/run1/control", json.dumps({"command": "set_target", "target_A": [1, 2], "id": "c4"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/ack")
+            assert ack["id"] == "c4" and target.got[-1].target_A == (1.0, 2.0)
+            assert sink.stats["control_rejected"] == 4
+
+
+async def test_unreachable_broker_is_a_clear_error() -> None:
+    cfg = TelemetryConfig(host="127.0.0.1", port=free_port())
+    with pytest.raises(ConfigError, match="telemetry.host"):
+        async with MqttTelemetry(cfg, run_name="r", connect_timeout_s=1.0):
+            pass
+
+
+async def test_without_a_broker_telemetry_is_off() -> None:
+    from stemagent.agent.telemetry_factory import open_telemetry
+
+    async with open_telemetry(RunConfig()) as sink:
+        assert sink is None
