@@ -158,6 +158,17 @@ class TelemetryConfig(_Model):
     topic_prefix: str = "stemagent"
 
 
+# --- agent ---------------------------------------------------------------------------------
+
+
+class AgentConfig(_Model):
+    """How the agent behaves around faults and refusals."""
+
+    retry_s: float = Field(0.5, gt=0, le=60.0, description="how often to try a lost device again, s")
+    auto_resume_after_fault: bool = Field(True, description="resume by itself when a lost device answers again")
+    max_consecutive_refusals: int = Field(20, ge=1, description="stop after this many commands in a row refused")
+
+
 # --- run -----------------------------------------------------------------------------------
 
 
@@ -172,6 +183,7 @@ class RunConfig(_Model):
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
 
 
 def _describe(loc: tuple[Any, ...]) -> str:

@@ -1,0 +1,24 @@
+"""Open the run's telemetry: MQTT when a broker is configured, nothing otherwise.
+
+``open_telemetry(cfg)`` is an async context manager yielding a
+:class:`~stemagent.agent.loop.TelemetrySink` (with an optional ``attach(agent)`` method that
+subscribes it to control messages) or ``None`` when ``telemetry.host`` is not set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+from stemagent.config import RunConfig
+
+
+@contextlib.asynccontextmanager
+async def open_telemetry(cfg: RunConfig) -> AsyncIterator[Any]:
+    if cfg.telemetry.host is None:
+        yield None
+        return
+    from stemagent.agent.telemetry import MqttTelemetry  # the MQTT client (aiomqtt)
+
+    async with MqttTelemetry(cfg.telemetry, run_name=cfg.name) as sink:
+        yield sink

@@ -1,0 +1,117 @@
+"""Replay a run log as a :class:`~stemagent.driver.Driver`.
+
+Frames come back in the order they were logged, whatever geometry is asked for (the log is
+what the microscope saw); parks return the logged park signals in order. With ``pace="recorded"``
+frames are released at their recorded times relative to the first, on the injected clock;
+with ``pace="fast"`` at once. When the log is exhausted :class:`~stemagent.driver.EndOfData`
+is raised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+
+from stemagent.clock import Clock, VirtualClock
+from stemagent.driver import DriverFault, EndOfData
+from stemagent.runlog import RunLog
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
+
+
+class ReplayDriver:
+    name = "replay"
+
+    def __init__(self, path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> None:
+        if pace not in ("fast", "recorded"):
+            raise ValueError(f"pace={pace!r}: must be 'fast' or 'recorded'")
+        self.log = RunLog.open(path)
+        self.pace = pace
+        self.clock: Clock = clock if clock is not None else VirtualClock()
+        self._frames = self.log.event_data("frames")
+        self._parks = self.log.event_data("parks")
+        self._next_frame = 0
+        self._next_park = 0
+        self._t0_clock: float | None = None
+        self._t0_log: float | None = None
+        self.connected = False
+        self.beam_blanked = True
+        self.mismatched_geometries = 0
+
+    @property
+    def n_frames(self) -> int:
+        return len(self._frames)
+
+    async def connect(self) -> None:
+        self.connected = True
+
+    async def close(self) -> None:
+        self.connected = False
+        self.beam_blanked = True
+
+    async def capabilities(self) -> Capabilities:
+        if self._frames:
+            g = ScanGeometry.from_dict(self._frames[0]["geometry"])
+            shape = g.shape_px
+            fov = max(g.fov_A)
+        else:
+            shape, fov = (4096, 4096), 1000.0
+        return Capabilities(
+            name=f"replay:{self.log.path.name}",
+            max_fov_A=max(fov, 1e6),
+            max_shape_px=(max(shape[0], 4096), max(shape[1], 4096)),
+            min_dwell_s=1e-9,
+            max_dwell_s=10.0,
+            can_park=bool(self._parks),
+            beam_current_pA=float(self.log.start.get("beam_current_pA", 20.0)),
+        )
+
+    async def _pace_to(self, t_log: float) -> None:
+        if self.pace != "recorded":
+            return
+        if self._t0_clock is None or self._t0_log is None:
+            self._t0_clock, self._t0_log = self.clock.monotonic(), t_log
+            return
+        due = self._t0_clock + (t_log - self._t0_log)
+        await self.clock.sleep(due - self.clock.monotonic())
+
+    async def acquire(self, geometry: ScanGeometry) -> Frame:
+        if not self.connected:
+            raise DriverFault("replay driver is not connected")
+        if self._next_frame >= len(self._frames):
+            raise EndOfData(f"all {len(self._frames)} frames of {self.log.path} replayed")
+        data = self._frames[self._next_frame]
+        self._next_frame += 1
+        frame = self.log.frame_from_data(data)
+        if frame.geometry != geometry:
+            self.mismatched_geometries += 1
+        await self._pace_to(frame.end_time_s)
+        self.beam_blanked = False
+        return frame
+
+    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+        i = 0
+        while n_frames is None or i < n_frames:
+            try:
+                yield await self.acquire(geometry)
+            except EndOfData:
+                return
+            i += 1
+
+    async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
+        if self._next_park >= len(self._parks):
+            raise EndOfData(f"no more logged parks in {self.log.path}")
+        d = self._parks[self._next_park]
+        self._next_park += 1
+        await self._pace_to(float(d["start_time_s"]) + float(d["dwell_s"]))
+        return ParkResult(
+            position_A=(float(d["position_A"][0]), float(d["position_A"][1])),
+            dwell_s=float(d["dwell_s"]),
+            start_time_s=float(d["start_time_s"]),
+            sample_interval_s=float(d["sample_interval_s"]),
+            signal=np.asarray(d["signal"], dtype=np.float32),
+        )
+
+    async def blank(self) -> None:
+        self.beam_blanked = True

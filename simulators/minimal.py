@@ -1,0 +1,154 @@
+"""The foundation's minimal twin: a graphene-like honeycomb lattice imaged with Poisson noise.
+
+Enough physics to run the closed loop honestly (atoms where the ground truth says, dose from
+beam current and dwell, counting noise, per-line times on an injected clock); the full physical
+twin lives beside it in this package. Pace is set by the clock: with
+:class:`~stemagent.clock.VirtualClock` frames come as fast as they can be computed, with
+:class:`~stemagent.clock.SystemClock` at the rate a real scan would take.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import AsyncIterator
+
+import numpy as np
+from scipy import ndimage
+
+from stemagent.clock import Clock, VirtualClock
+from stemagent.config import MinimalTwinConfig
+from stemagent.driver import DriverFault
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+
+
+def honeycomb_positions(lattice_A: float, size_A: float) -> np.ndarray:
+    """Atom positions ``(N, 2)`` (x, y) Å of a honeycomb lattice filling a square centred on 0."""
+    a1 = np.array([lattice_A, 0.0])
+    a2 = np.array([lattice_A / 2.0, lattice_A * math.sqrt(3) / 2.0])
+    basis = np.array([[0.0, 0.0], [lattice_A / 2.0, lattice_A / (2.0 * math.sqrt(3))]])
+    n = int(math.ceil(size_A / lattice_A)) + 2
+    i, j = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
+    cells = i.reshape(-1, 1) * a1 + j.reshape(-1, 1) * a2
+    pts = (cells[:, None, :] + basis[None, :, :]).reshape(-1, 2)
+    half = size_A / 2.0
+    keep = (np.abs(pts[:, 0]) <= half) & (np.abs(pts[:, 1]) <= half)
+    return pts[keep]
+
+
+class MinimalTwinDriver:
+    """In-process :class:`~stemagent.driver.Driver` over a static honeycomb specimen."""
+
+    name = "minimal-twin"
+
+    def __init__(self, config: MinimalTwinConfig, *, seed: int = 0, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock if clock is not None else VirtualClock()
+        self._rng = np.random.default_rng(seed)
+        self.atoms_A = honeycomb_positions(config.lattice_A, config.specimen_size_A)
+        self.beam_blanked = True
+        self.connected = False
+        self.frames_acquired = 0
+        self._busy_until_s = 0.0
+
+    # --- ground truth (not part of the Driver protocol) ----------------------------------
+    def ground_truth_positions(self, geometry: ScanGeometry, margin_A: float = 0.0) -> np.ndarray:
+        """True atom positions (x, y) Å inside ``geometry``."""
+        return self.atoms_A[geometry.contains(self.atoms_A, margin_A)]
+
+    def noiseless_image(self, geometry: ScanGeometry) -> np.ndarray:
+        """Expected detector signal per incident electron, ``(rows, cols)``."""
+        rows, cols = geometry.shape_px
+        px = float(np.mean(geometry.pixel_size_A))
+        margin = 4 * self.config.atom_sigma_A
+        near = self.atoms_A[geometry.contains(self.atoms_A, -margin)]
+        rc = geometry.sample_to_pixel(near)
+        grid = np.zeros((rows + 2, cols + 2))
+        r0 = np.floor(rc[:, 0]).astype(int)
+        c0 = np.floor(rc[:, 1]).astype(int)
+        fr = rc[:, 0] - r0
+        fc = rc[:, 1] - c0
+        for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
+            rr = np.clip(r0 + dr + 1, 0, rows + 1)
+            cc = np.clip(c0 + dc + 1, 0, cols + 1)
+            np.add.at(grid, (rr, cc), w)
+        sigma_px = self.config.atom_sigma_A / px
+        blurred = ndimage.gaussian_filter(grid, sigma_px, mode="constant")[1:-1, 1:-1]
+        peak = 1.0 / (2 * math.pi * sigma_px**2)
+        return self.config.background + 0.5 * blurred / peak
+
+    # --- Driver protocol -------------------------------------------------------------------
+    async def connect(self) -> None:
+        self.connected = True
+        self._busy_until_s = self.clock.monotonic()
+
+    async def close(self) -> None:
+        self.beam_blanked = True
+        self.connected = False
+
+    async def capabilities(self) -> Capabilities:
+        return Capabilities(
+            name=self.name,
+            max_fov_A=self.config.specimen_size_A,
+            max_shape_px=(4096, 4096),
+            min_dwell_s=1e-7,
+            max_dwell_s=1e-2,
+            can_park=True,
+            detectors=("HAADF",),
+            beam_energy_keV=60.0,
+            beam_current_pA=self.config.beam_current_pA,
+        )
+
+    def _check(self) -> None:
+        if not self.connected:
+            raise DriverFault("minimal twin is not connected")
+
+    async def acquire(self, geometry: ScanGeometry) -> Frame:
+        self._check()
+        start = max(self.clock.monotonic(), self._busy_until_s)
+        self.beam_blanked = False
+        px, py = geometry.pixel_size_A
+        dose = dose_e_per_A2(self.config.beam_current_pA, geometry.dwell_s, px * py)
+        electrons = dose * px * py
+        expected = electrons * self.noiseless_image(geometry)
+        image = self._rng.poisson(expected).astype(np.float32)
+        await self.clock.sleep(start + geometry.frame_time_s - self.clock.monotonic())
+        self._busy_until_s = start + geometry.frame_time_s
+        self.frames_acquired += 1
+        return Frame(
+            image=image,
+            geometry=geometry,
+            line_times_s=geometry.line_start_times_s(start),
+            index=self.frames_acquired - 1,
+            dose_e_per_A2=dose,
+            source=self.name,
+        )
+
+    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+        i = 0
+        while n_frames is None or i < n_frames:
+            yield await self.acquire(geometry)
+            i += 1
+
+    async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
+        self._check()
+        start = max(self.clock.monotonic(), self._busy_until_s)
+        self.beam_blanked = False
+        n = max(1, min(10_000, int(round(dwell_s / 1e-4))))
+        interval = dwell_s / n
+        g = ScanGeometry(center_A=tuple(position_A), fov_A=(0.1, 0.1), shape_px=(1, 1), dwell_s=interval)  # type: ignore[arg-type]
+        level = float(self.noiseless_image(g)[0, 0])
+        electrons = self.config.beam_current_pA * 1e-12 * interval / 1.602176634e-19
+        signal = self._rng.poisson(electrons * level, size=n).astype(np.float32)
+        await self.clock.sleep(start + dwell_s - self.clock.monotonic())
+        self._busy_until_s = start + dwell_s
+        return ParkResult(
+            position_A=(float(position_A[0]), float(position_A[1])),
+            dwell_s=dwell_s,
+            start_time_s=start,
+            sample_interval_s=interval,
+            signal=signal,
+            dose_e_per_A2=self.config.beam_current_pA * 1e-12 * dwell_s / 1.602176634e-19,  # per Å² of a ~1 Å² probe
+        )
+
+    async def blank(self) -> None:
+        self.beam_blanked = True

@@ -1,0 +1,150 @@
+"""Read a run log back: documents exactly as written, frames and atoms as core types.
+
+A log cut short by a crash is read up to its last complete document line; an incomplete last
+line is ignored and reported in :attr:`RunLog.truncated`. Nothing is unpickled: documents are
+JSON, frames are Zarr arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from stemagent.errors import InputError
+from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, FRAMES_STORE, LOG_FORMAT_VERSION
+from stemagent.types import Atoms, Frame, ScanGeometry
+
+
+@dataclass
+class RunLog:
+    path: Path
+    documents: list[tuple[str, dict[str, Any]]]
+    truncated: bool = False
+    _streams: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream name
+    _resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _datums: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _arrays: dict[str, Any] = field(default_factory=dict)
+    _json_keys: dict[str, set[str]] = field(default_factory=dict)  # descriptor uid -> keys stored as JSON text
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunLog":
+        root = Path(path)
+        if root.is_file() and root.name == DOCUMENTS_FILE:
+            root = root.parent
+        doc_path = root / DOCUMENTS_FILE
+        if not doc_path.is_file():
+            raise InputError("path", str(root), f"is not a run log (no {DOCUMENTS_FILE})")
+        documents: list[tuple[str, dict[str, Any]]] = []
+        truncated = False
+        with open(doc_path, "r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.endswith("\n"):
+                    truncated = True  # torn final line from a crash
+                    break
+                try:
+                    name, doc = json.loads(line)
+                except (ValueError, TypeError) as exc:
+                    raise InputError(f"{doc_path}:line {lineno}", line[:60], f"is not a JSON [name, document] pair ({exc})") from None
+                if not isinstance(name, str) or not isinstance(doc, dict):
+                    raise InputError(f"{doc_path}:line {lineno}", line[:60], "is not a [name, document] pair")
+                documents.append((name, doc))
+        if not documents or documents[0][0] != "start":
+            raise InputError(f"{doc_path}:line 1", documents[0][0] if documents else "<empty>", "a run log must begin with a start document")
+        version = documents[0][1].get("stemagent_log_version")
+        if version != LOG_FORMAT_VERSION:
+            raise InputError("start.stemagent_log_version", version, f"this reader understands version {LOG_FORMAT_VERSION}")
+        log = cls(path=root, documents=documents, truncated=truncated)
+        for name, doc in documents:
+            if name == "descriptor":
+                log._streams[doc["uid"]] = doc.get("name", "primary")
+                log._json_keys[doc["uid"]] = {k for k, v in doc.get("data_keys", {}).items() if v.get("stemagent_json")}
+            elif name == "resource":
+                log._resources[doc["uid"]] = doc
+            elif name == "datum":
+                log._datums[doc["datum_id"]] = doc
+        return log
+
+    # --- documents -----------------------------------------------------------------------
+    @property
+    def start(self) -> dict[str, Any]:
+        return self.documents[0][1]
+
+    @property
+    def stop(self) -> dict[str, Any] | None:
+        for name, doc in reversed(self.documents):
+            if name == "stop":
+                return doc
+        return None
+
+    def events(self, stream: str) -> list[dict[str, Any]]:
+        """Event documents of one stream, exactly as written."""
+        return [doc for name, doc in self.documents if name == "event" and self._streams.get(doc["descriptor"]) == stream]
+
+    def event_data(self, stream: str) -> list[dict[str, Any]]:
+        """The ``data`` of each event of ``stream``, with JSON-text fields decoded."""
+        out = []
+        for ev in self.events(stream):
+            keys = self._json_keys.get(ev["descriptor"], set())
+            out.append({k: (json.loads(v) if k in keys else v) for k, v in ev["data"].items()})
+        return out
+
+    def streams(self) -> list[str]:
+        return list(dict.fromkeys(self._streams.values()))
+
+    # --- frames --------------------------------------------------------------------------
+    def _array(self, resource_uid: str) -> Any:
+        if resource_uid not in self._arrays:
+            import zarr
+
+            res = self._resources[resource_uid]
+            if res.get("spec") != FRAME_SPEC:
+                raise InputError("resource.spec", res.get("spec"), f"this reader understands {FRAME_SPEC}")
+            # resolve relative to where the log is now, not where it was written
+            self._arrays[resource_uid] = zarr.open_array(str(self.path / res["resource_path"]), mode="r")
+        return self._arrays[resource_uid]
+
+    def read_image(self, datum_id: str) -> np.ndarray:
+        datum = self._datums.get(datum_id)
+        if datum is None:
+            raise InputError("image", datum_id, "refers to no datum document in this log")
+        arr = self._array(datum["resource"])
+        return np.asarray(arr[int(datum["datum_kwargs"]["index"])])
+
+    def frame_from_data(self, d: dict[str, Any]) -> Frame:
+        return Frame(
+            image=self.read_image(d["image"]),
+            geometry=ScanGeometry.from_dict(d["geometry"]),
+            line_times_s=np.asarray(d["line_times_s"], dtype=np.float64),
+            index=int(d["frame_index"]),
+            dose_e_per_A2=float(d["dose_e_per_A2"]),
+            source=str(d.get("source", "unknown")),
+            detector=str(d.get("detector", "HAADF")),
+            meta=dict(d.get("meta", {})),
+        )
+
+    def frames(self) -> Iterator[Frame]:
+        for d in self.event_data("frames"):
+            yield self.frame_from_data(d)
+
+    def atoms(self) -> list[Atoms]:
+        out = []
+        for d in self.event_data("atoms"):
+            unc = np.asarray(d.get("uncertainty_A", []), dtype=np.float64)
+            times = np.asarray(d.get("times_s", []), dtype=np.float64)
+            n = int(d["n_atoms"])
+            out.append(
+                Atoms(
+                    positions_A=np.asarray(d["positions_A"], dtype=np.float64).reshape(-1, 2),
+                    classes=np.asarray(d["classes"], dtype=np.int64),
+                    confidence=np.asarray(d["confidence"], dtype=np.float64),
+                    frame_index=int(d["frame_index"]),
+                    class_names=tuple(d["class_names"]),
+                    uncertainty_A=unc if len(unc) == n and n else None,
+                    times_s=times if len(times) == n and n else None,
+                )
+            )
+        return out

@@ -1,0 +1,266 @@
+"""Append-only, crash-safe run log.
+
+Layout of one run directory::
+
+    <run>/documents.jsonl   one JSON document per line: ["start", {...}], ["descriptor", {...}], ...
+    <run>/frames.zarr/      Zarr v3 group; one array per frame shape, named "<rows>x<cols>",
+                            shape (n_frames, rows, cols), one chunk per frame
+
+Documents follow the bluesky event-model shapes (start / descriptor / event / stop, with
+resource / datum documents pointing at frames stored out of band), so a run log is a valid
+bluesky document stream.
+
+Crash safety: a frame is written to the array store first (Zarr's local store writes every
+chunk and metadata file to a temporary name and renames it into place, so each file is either
+old or new, never torn), then its datum and event documents are appended to the document file,
+flushed and fsynced. A reader trusts only complete document lines, and an event only points at
+a frame whose chunk was already on disk, so a process killed at any moment leaves a log
+readable up to the last completed frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from stemagent.types import Atoms, BeamCommand, Decision, Frame
+
+LOG_FORMAT_VERSION = 1
+DOCUMENTS_FILE = "documents.jsonl"
+FRAMES_STORE = "frames.zarr"
+FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
+
+STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions")
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy values and containers to plain JSON types; non-finite floats become strings."""
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else repr(v)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _dtype_of(value: Any) -> tuple[str, list[int]]:
+    if isinstance(value, bool):
+        return "boolean", []
+    if isinstance(value, int):
+        return "integer", []
+    if isinstance(value, float):
+        return "number", []
+    if isinstance(value, str):
+        return "string", []
+    if isinstance(value, (list, tuple)):
+        return "array", [len(value)]
+    return "string", []
+
+
+class RunLogWriter:
+    """Writes one run. Not thread-safe: call it from one thread (the agent's writer task)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        metadata: dict[str, Any] | None = None,
+        *,
+        fsync: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        import zarr  # imported here: readers of documents only need json
+
+        self.path = Path(directory)
+        self.path.mkdir(parents=True, exist_ok=False)
+        self._fsync = fsync
+        self._wall = wall_clock
+        self._doc_file = open(self.path / DOCUMENTS_FILE, "a", encoding="utf-8")
+        self._zarr = zarr
+        self._group = zarr.open_group(str(self.path / FRAMES_STORE), mode="w", zarr_format=3)
+        self._arrays: dict[str, Any] = {}
+        self._resources: dict[str, str] = {}
+        self._descriptors: dict[str, str] = {}
+        self._seq: dict[str, int] = {}
+        self._closed = False
+        self.run_uid = str(uuid.uuid4())
+        start = {
+            "uid": self.run_uid,
+            "time": self._wall(),
+            "stemagent_log_version": LOG_FORMAT_VERSION,
+            "streams": list(STREAMS),
+        }
+        start.update(_jsonable(metadata or {}))
+        self._emit("start", start)
+        self._sync()
+
+    # --- low level ----------------------------------------------------------------------
+    def _emit(self, name: str, doc: dict[str, Any]) -> None:
+        line = json.dumps([name, doc], separators=(",", ":"), allow_nan=False)
+        self._doc_file.write(line + "\n")
+
+    def _sync(self) -> None:
+        self._doc_file.flush()
+        if self._fsync:
+            os.fsync(self._doc_file.fileno())
+
+    def _descriptor(self, stream: str, data: dict[str, Any], external: set[str], json_keys: set[str]) -> str:
+        if stream in self._descriptors:
+            return self._descriptors[stream]
+        keys: dict[str, Any] = {}
+        for k, v in data.items():
+            dtype, shape = _dtype_of(v)
+            entry: dict[str, Any] = {"source": "stemagent", "dtype": dtype, "shape": shape}
+            if k in external:
+                entry.update(dtype="array", shape=[], external="FILESTORE:")
+            if k in json_keys:
+                entry["stemagent_json"] = True
+            keys[k] = entry
+        uid = str(uuid.uuid4())
+        self._emit("descriptor", {"uid": uid, "run_start": self.run_uid, "time": self._wall(), "name": stream, "data_keys": keys})
+        self._descriptors[stream] = uid
+        self._seq[stream] = 0
+        return uid
+
+    def write_event(
+        self, stream: str, data: dict[str, Any], *, sync: bool = False, external: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Append one event to ``stream``. The first event of a stream defines its descriptor.
+
+        Values that are mappings are stored as JSON text (event-model has no object dtype) and
+        marked ``stemagent_json`` in the descriptor so :class:`RunLog` decodes them again.
+        """
+        if self._closed:
+            raise RuntimeError("run log is closed")
+        plain = _jsonable(data)
+        json_keys = {k for k, v in plain.items() if isinstance(v, dict)}
+        plain = {k: (json.dumps(v, separators=(",", ":"), allow_nan=False) if k in json_keys else v) for k, v in plain.items()}
+        desc = self._descriptor(stream, plain, set(external), json_keys)
+        self._seq[stream] += 1
+        now = self._wall()
+        doc = {
+            "uid": str(uuid.uuid4()),
+            "descriptor": desc,
+            "seq_num": self._seq[stream],
+            "time": now,
+            "data": plain,
+            "timestamps": {k: now for k in plain},
+            "filled": {k: False for k in external},
+        }
+        self._emit("event", doc)
+        if sync:
+            self._sync()
+        else:
+            self._doc_file.flush()
+        return doc
+
+    # --- streams ------------------------------------------------------------------------
+    def write_frame(self, frame: Frame) -> dict[str, Any]:
+        """Store the image out of band, then log its datum and event (fsynced)."""
+        image = np.ascontiguousarray(np.asarray(frame.image, dtype=np.float32))
+        rows, cols = image.shape
+        key = f"{rows}x{cols}"
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._group.create_array(key, shape=(0, rows, cols), chunks=(1, rows, cols), dtype="float32", fill_value=float("nan"))
+            self._arrays[key] = arr
+            res_uid = str(uuid.uuid4())
+            self._resources[key] = res_uid
+            self._emit(
+                "resource",
+                {
+                    "uid": res_uid,
+                    "spec": FRAME_SPEC,
+                    "root": str(self.path.resolve()),
+                    "resource_path": f"{FRAMES_STORE}/{key}",
+                    "resource_kwargs": {"shape": [rows, cols], "dtype": "float32"},
+                    "path_semantics": "posix",
+                    "run_start": self.run_uid,
+                },
+            )
+        index = arr.shape[0]
+        arr.append(image[None])
+        datum_id = f"{self._resources[key]}/{index}"
+        self._emit("datum", {"datum_id": datum_id, "resource": self._resources[key], "datum_kwargs": {"index": index}})
+        data = {
+            "image": datum_id,
+            "frame_index": int(frame.index),
+            "geometry": frame.geometry.to_dict(),
+            "line_times_s": frame.line_times_s,
+            "dose_e_per_A2": float(frame.dose_e_per_A2),
+            "source": frame.source,
+            "detector": frame.detector,
+            "meta": frame.meta,
+        }
+        return self.write_event("frames", data, sync=True, external=frozenset({"image"}))
+
+    def write_atoms(self, atoms: Atoms) -> dict[str, Any]:
+        data = {
+            "frame_index": int(atoms.frame_index),
+            "positions_A": atoms.positions_A,
+            "classes": atoms.classes,
+            "confidence": atoms.confidence,
+            "class_names": list(atoms.class_names),
+            "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A,
+            "times_s": [] if atoms.times_s is None else atoms.times_s,
+            "n_atoms": len(atoms),
+        }
+        return self.write_event("atoms", data)
+
+    def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
+        return self.write_event("decisions", {"frame_index": int(frame_index), **decision.to_dict()})
+
+    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "") -> dict[str, Any]:
+        return self.write_event("commands", {"command": command.to_dict(), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+
+    def write_safety(self, *, verdict: str, rule: str, detail: str, t_s: float) -> dict[str, Any]:
+        return self.write_event("safety", {"verdict": verdict, "rule": rule, "detail": detail, "t_s": float(t_s)}, sync=True)
+
+    def write_interruption(self, *, kind: str, reason: str, state: str, t_s: float) -> dict[str, Any]:
+        return self.write_event("interruptions", {"kind": kind, "reason": reason, "state": state, "t_s": float(t_s)}, sync=True)
+
+    def close(self, exit_status: str = "success", reason: str = "") -> None:
+        if self._closed:
+            return
+        if exit_status not in ("success", "abort", "fail"):
+            raise ValueError(f"exit_status={exit_status!r}: must be 'success', 'abort' or 'fail'")
+        self._emit(
+            "stop",
+            {
+                "uid": str(uuid.uuid4()),
+                "run_start": self.run_uid,
+                "time": self._wall(),
+                "exit_status": exit_status,
+                "reason": reason,
+                "num_events": dict(self._seq),
+            },
+        )
+        self._sync()
+        self._doc_file.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "RunLogWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close("success" if exc_type is None else "fail", "" if exc is None else repr(exc))
