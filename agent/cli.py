@@ -160,6 +160,11 @@ def compare_atoms(a: Any, b: Any) -> tuple[int, int]:
     return same, max(len(left), len(common))
 
 
+from stemagent.agent.transport_cli import bridge as _bridge  # noqa: E402 - the bridge command lives with the transport
+
+app.command("bridge")(_bridge)
+
+
 def main() -> None:  # pragma: no cover - console entry for python -m
     app()
 

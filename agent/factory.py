@@ -36,9 +36,13 @@ def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
 
         return MinimalTwinDriver(d, seed=cfg.seed, clock=clock)
     if d.kind == "replay":
-        from stemagent.drivers.replay import ReplayDriver
+        from stemagent.drivers.replay import open_replay
 
-        return ReplayDriver(d.path, pace=d.pace, clock=clock)
+        return open_replay(d.path, pace=d.pace, clock=clock)
+    if d.kind == "zmq":
+        from stemagent.drivers.zmq_driver import ZmqDriver
+
+        return ZmqDriver.from_config(d, seed=cfg.seed, clock=clock)
     raise ValueError(f"driver.kind={d.kind!r}: no driver is registered for this kind")
 
 

@@ -41,7 +41,7 @@ log = logging.getLogger("stemagent.drivers.bridge")
 
 
 class BridgeConfig(BaseModel):
-    """The bridge's YAML file. Exactly one of ``driver`` and ``adapter`` names the backend."""
+    """The bridge's YAML file. ``driver`` or ``adapter`` names the backend (the minimal twin if neither)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,7 +53,7 @@ class BridgeConfig(BaseModel):
     frames_hwm: int = Field(4, ge=1, le=1000, description="frames queued per subscriber before the newest are dropped")
     control_hwm: int = Field(100, ge=1)
     client_timeout_s: float = Field(10.0, gt=0, description="blank the beam if no client message arrives for this long")
-    max_frame_bytes: int = Field(wire.DEFAULT_MAX_ARRAY_BYTES, gt=0)
+    seed: int = Field(0, ge=0, description="seed for a simulated backend")
 
 
 class Bridge:
@@ -405,8 +405,10 @@ def load_bridge_config(path: str | Path) -> BridgeConfig:
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "<top level>"
         raise ConfigError(str(p), field, err.get("input"), err.get("msg", "is invalid")) from None
-    if (cfg.driver is None) == (cfg.adapter is None):
-        raise ConfigError(str(p), "driver/adapter", None, "exactly one of 'driver' and 'adapter' must be given")
+    if cfg.driver is not None and cfg.adapter is not None:
+        raise ConfigError(str(p), "driver/adapter", cfg.adapter, "give either 'driver' or 'adapter', not both")
+    if cfg.driver is None and cfg.adapter is None:
+        cfg = cfg.model_copy(update={"driver": {"kind": "minimal-twin"}})  # the twin by default
     return cfg
 
 
@@ -414,21 +416,17 @@ def backend_from_config(cfg: BridgeConfig) -> Driver:
     """Build the backend: an adapter factory, or a driver from the agent's driver configs."""
     if cfg.adapter is not None:
         module_name, _, attr = cfg.adapter.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError("<bridge config>", "adapter", cfg.adapter, f"cannot be imported ({exc})") from None
         driver = factory(**cfg.adapter_options)
     else:
-        from pydantic import TypeAdapter
+        from stemagent.agent.factory import build_clock, build_driver  # the agent's factory (heavier imports)
+        from stemagent.config import config_from_dict
 
-        from stemagent.agent.factory import build_driver  # the agent's factory (heavier imports)
-        from stemagent.config import DriverConfig
-
-        try:
-            dcfg = TypeAdapter(DriverConfig).validate_python(cfg.driver)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = "driver." + ".".join(str(x) for x in err.get("loc", ()))
-            raise ConfigError("<bridge config>", field, err.get("input"), err.get("msg", "is invalid")) from None
-        driver = build_driver(dcfg)
+        run_cfg = config_from_dict({"driver": cfg.driver, "seed": cfg.seed}, source="<bridge config>")
+        driver = build_driver(run_cfg, build_clock(run_cfg))
     if not isinstance(driver, Driver):
         raise ConfigError("<bridge config>", "adapter", cfg.adapter, "did not return an object implementing Driver")
     return driver

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from stemagent.clock import Clock, VirtualClock
-from stemagent.driver import DriverFault, EndOfData
+from stemagent.driver import Driver, DriverFault, EndOfData
 from stemagent.runlog import RunLog
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
@@ -115,3 +115,12 @@ class ReplayDriver:
 
     async def blank(self) -> None:
         self.beam_blanked = True
+
+
+def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> Driver:
+    """A run log, or an acquisition file from other software (``drivers/files.py``), as a driver."""
+    from stemagent.drivers.files import FileDriver, is_acquisition_file
+
+    if is_acquisition_file(path):
+        return FileDriver(path, pace=pace, clock=clock)
+    return ReplayDriver(path, pace=pace, clock=clock)

@@ -118,6 +118,26 @@ class ZmqDriver:
             "frames_dropped_upstream": 0,
         }
 
+    @classmethod
+    def from_config(cls, cfg: Any, *, seed: int | None = None, clock: Clock | None = None, **kw: Any) -> "ZmqDriver":
+        """Build from a :class:`~stemagent.config.ZmqDriverConfig`."""
+        return cls(
+            cfg.control_endpoint,
+            cfg.frames_endpoint,
+            request_timeout_s=cfg.request_timeout_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+            reconnect_min_s=cfg.reconnect_min_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+            frame_queue=cfg.frame_queue,
+            frames_hwm=cfg.frames_hwm,
+            max_frame_bytes=int(cfg.max_frame_mb * 1e6),
+            seed=seed,
+            clock=clock,
+            **kw,
+        )
+
     # --- Driver protocol ------------------------------------------------------------------
     @property
     def link_up(self) -> bool:

@@ -72,7 +72,24 @@ class ReplayDriverConfig(_Model):
     pace: Literal["recorded", "fast"] = "fast"
 
 
-DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig], Field(discriminator="kind")]
+class ZmqDriverConfig(_Model):
+    """A microscope behind ``stemagent bridge``, reached over ZeroMQ (drivers/PROTOCOL.md)."""
+
+    kind: Literal["zmq"] = "zmq"
+    control_endpoint: str = Field("tcp://127.0.0.1:5555", pattern=r"^(tcp|ipc|inproc)://\S+$", description="bridge ROUTER")
+    frames_endpoint: str = Field("tcp://127.0.0.1:5556", pattern=r"^(tcp|ipc|inproc)://\S+$", description="bridge PUB")
+    request_timeout_s: float = Field(5.0, gt=0, le=600, description="reply deadline beyond a command's own duration, s")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+    heartbeat_interval_s: float = Field(0.5, gt=0, le=60)
+    heartbeat_timeout_s: float = Field(2.0, gt=0, le=600, description="a heartbeat unanswered this long means the bridge is lost")
+    reconnect_min_s: float = Field(0.1, gt=0, le=60, description="first reconnect backoff (jittered, doubling)")
+    reconnect_max_s: float = Field(5.0, gt=0, le=600)
+    frame_queue: int = Field(2, ge=1, le=64, description="frames held for a slow consumer; the oldest is dropped")
+    frames_hwm: int = Field(4, ge=1, le=1000, description="ZeroMQ receive high-water mark of the frame socket")
+    max_frame_mb: float = Field(256.0, gt=0, le=8192, description="largest frame accepted, MB")
+
+
+DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig, ZmqDriverConfig], Field(discriminator="kind")]
 
 
 # --- pipeline ------------------------------------------------------------------------------
