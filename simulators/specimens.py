@@ -1,0 +1,347 @@
+"""Specimens with complete ground truth: every atom's species, position and identity.
+
+A :class:`Specimen` holds atoms (index = identity, never reused) and the lattice *sites* they
+occupy. Atoms are never created or deleted: a sputtered atom keeps its row with
+``present = False``; a Si-C swap exchanges the two atoms' positions and sites. Positions are
+``(x, y, z)`` in Å in the sample frame; ``z`` is along the beam (used by multislice only).
+
+Each site has a role (e.g. metal or chalcogen column) and a class label computed from what
+occupies it now (:meth:`Specimen.site_labels`), which is the ground truth a segmenter learns.
+
+Built-in specimens (this module and :mod:`stemagent.simulators.perovskites`):
+``graphene`` (C with substitutional Si and vacancies), ``mos2`` / ``ws2`` (2H monolayers with
+chalcogen vacancies and Se substitutions), ``srtio3`` ([001] projection), ``film`` (a
+ferroelectric PbTiO3 film with domain walls; see perovskites). Specimens may be much larger than
+a field of view; the scan centre selects what is seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stemagent.simulators.elements import atomic_number
+
+GRAPHENE_A = 2.46
+GRAPHENE_CLASSES = ("C", "Si", "vacancy")
+TMD_CLASSES = ("metal", "chalcogen", "substituted", "vacancy")
+TMD_LATTICE_A = {"mos2": 3.16, "ws2": 3.18, "mose2": 3.29}
+TMD_CHALCOGEN_Z_A = 1.56  # half the S-S distance along the beam
+
+
+@dataclass
+class Specimen:
+    """Atoms and sites of one specimen (arrays are mutated in place by beam-induced events).
+
+    ``positions_A`` ``(N, 3)``; ``numbers`` ``(N,)`` Z; ``present`` ``(N,)`` bool;
+    ``site_of_atom`` ``(N,)`` index into ``sites_A`` ``(M, 2)``; ``site_role`` ``(M,)`` int
+    (meaning depends on ``kind``); ``u_rms_A`` ``(N,)`` thermal rms displacement per direction;
+    ``class_names``: labels :meth:`site_labels` indexes into.
+    """
+
+    kind: str
+    positions_A: np.ndarray
+    numbers: np.ndarray
+    present: np.ndarray
+    site_of_atom: np.ndarray
+    sites_A: np.ndarray
+    site_role: np.ndarray
+    u_rms_A: np.ndarray
+    class_names: tuple[str, ...]
+    host_number: np.ndarray  # (M,) Z of the species that nominally occupies each site
+    host_count: np.ndarray  # (M,) number of atoms nominally in each site's column
+    extent_A: tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def n_sites(self) -> int:
+        return len(self.sites_A)
+
+    def copy(self) -> "Specimen":
+        return Specimen(
+            kind=self.kind,
+            positions_A=self.positions_A.copy(),
+            numbers=self.numbers.copy(),
+            present=self.present.copy(),
+            site_of_atom=self.site_of_atom.copy(),
+            sites_A=self.sites_A.copy(),
+            site_role=self.site_role.copy(),
+            u_rms_A=self.u_rms_A.copy(),
+            class_names=self.class_names,
+            host_number=self.host_number.copy(),
+            host_count=self.host_count.copy(),
+            extent_A=self.extent_A,
+            extras=dict(self.extras),
+        )
+
+    # --- ground truth labels ---------------------------------------------------------
+    def site_occupancy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per site: number of present atoms and number of present atoms that are not the host species."""
+        m = self.n_sites
+        p = self.present
+        count = np.bincount(self.site_of_atom[p], minlength=m)
+        foreign = np.bincount(
+            self.site_of_atom[p], weights=(self.numbers[p] != self.host_number[self.site_of_atom[p]]), minlength=m
+        ).astype(np.int64)
+        return count, foreign
+
+    def site_labels(self) -> np.ndarray:
+        """Class index (into ``class_names``) of every site, from its current occupancy."""
+        count, foreign = self.site_occupancy()
+        labels = np.zeros(self.n_sites, dtype=np.int64)
+        if self.kind == "graphene":
+            labels[foreign > 0] = 1
+            labels[count == 0] = 2
+        elif self.kind in TMD_LATTICE_A:
+            chal = self.site_role == 1
+            labels[~chal] = 0
+            labels[chal] = 1
+            labels[chal & (foreign > 0)] = 2
+            labels[chal & (count < self.host_count)] = 3
+            labels[~chal & (count == 0)] = 3
+        else:  # perovskites: label is the site role; empty columns are 'vacancy'
+            labels[:] = self.site_role
+            if "vacancy" in self.class_names:
+                labels[count == 0] = self.class_names.index("vacancy")
+        return labels
+
+    def site_numbers(self) -> np.ndarray:
+        """Summed Z of the atoms present in each site's column, ``(M,)``."""
+        p = self.present
+        return np.bincount(self.site_of_atom[p], weights=self.numbers[p], minlength=self.n_sites)
+
+    def in_box(self, xy_min: tuple[float, float], xy_max: tuple[float, float], margin_A: float = 0.0) -> np.ndarray:
+        """Indices of present atoms whose (x, y) lies in the box grown by ``margin_A``."""
+        x, y = self.positions_A[:, 0], self.positions_A[:, 1]
+        keep = (
+            self.present
+            & (x >= xy_min[0] - margin_A)
+            & (x <= xy_max[0] + margin_A)
+            & (y >= xy_min[1] - margin_A)
+            & (y <= xy_max[1] + margin_A)
+        )
+        return np.flatnonzero(keep)
+
+
+def specimen_from_atoms(
+    xy_A: np.ndarray,
+    numbers: np.ndarray,
+    u_rms_A: float = 0.08,
+    kind: str = "atoms",
+    z_A: np.ndarray | None = None,
+) -> Specimen:
+    """A specimen of isolated atoms, one site each, labelled by element (for tests and calibration)."""
+    xy = np.asarray(xy_A, dtype=np.float64).reshape(-1, 2)
+    zs = np.asarray(numbers, dtype=np.int64).reshape(-1)
+    n = len(zs)
+    pos = np.zeros((n, 3))
+    pos[:, :2] = xy
+    if z_A is not None:
+        pos[:, 2] = z_A
+    uniq = sorted(set(zs.tolist()))
+    from stemagent.simulators.elements import symbol as _symbol
+
+    lo = xy.min(axis=0) if n else np.zeros(2)
+    hi = xy.max(axis=0) if n else np.zeros(2)
+    return Specimen(
+        kind=kind,
+        positions_A=pos,
+        numbers=zs.copy(),
+        present=np.ones(n, dtype=bool),
+        site_of_atom=np.arange(n),
+        sites_A=xy.copy(),
+        site_role=np.asarray([uniq.index(z) for z in zs], dtype=np.int64),
+        u_rms_A=np.full(n, u_rms_A),
+        class_names=tuple(_symbol(z) for z in uniq) + ("vacancy",),
+        host_number=zs.copy(),
+        host_count=np.ones(n, dtype=np.int64),
+        extent_A=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
+    )
+
+
+# --- lattice helpers ---------------------------------------------------------------------
+
+
+def _hex_lattice_points(a: float, width: float, height: float, center: tuple[float, float]) -> np.ndarray:
+    """Points ``i a1 + j a2`` of a hexagonal lattice (a1 along x) covering the box, ``(K, 2)``."""
+    a1 = np.array([a, 0.0])
+    a2 = np.array([a / 2.0, a * math.sqrt(3.0) / 2.0])
+    nj = int(math.ceil(height / a2[1])) + 2
+    ni = int(math.ceil(width / a)) + nj + 2
+    i, j = np.meshgrid(np.arange(-ni, ni + 1), np.arange(-nj, nj + 1), indexing="ij")
+    pts = i.reshape(-1, 1) * a1 + j.reshape(-1, 1) * a2
+    half = np.array([width / 2.0 + a, height / 2.0 + a])
+    keep = np.all(np.abs(pts) <= half, axis=1)
+    return pts[keep] + np.asarray(center, dtype=np.float64)
+
+
+def _clip_box(xy: np.ndarray, width: float, height: float, center: tuple[float, float]) -> np.ndarray:
+    d = xy - np.asarray(center)
+    return (np.abs(d[:, 0]) <= width / 2.0) & (np.abs(d[:, 1]) <= height / 2.0)
+
+
+def _pick_separated(rng: np.random.Generator, candidates: np.ndarray, xy: np.ndarray, n: int, min_sep_A: float) -> np.ndarray:
+    """Pick up to ``n`` candidate indices at random, pairwise at least ``min_sep_A`` apart."""
+    order = rng.permutation(candidates)
+    chosen: list[int] = []
+    for idx in order:
+        if len(chosen) >= n:
+            break
+        if chosen and np.min(np.linalg.norm(xy[chosen] - xy[idx], axis=1)) < min_sep_A:
+            continue
+        chosen.append(int(idx))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+# --- graphene ----------------------------------------------------------------------------
+
+
+def graphene(
+    size_A: tuple[float, float] = (200.0, 200.0),
+    center_A: tuple[float, float] = (0.0, 0.0),
+    rng: np.random.Generator | None = None,
+    si_per_nm2: float = 0.02,
+    vacancy_per_nm2: float = 0.01,
+    n_si: int | None = None,
+    u_rms_A: float = 0.08,
+    min_dopant_separation_A: float = 6.0,
+) -> Specimen:
+    """Monolayer graphene with substitutional Si dopants and single vacancies.
+
+    ``n_si`` overrides the areal density ``si_per_nm2``. Dopants and vacancies are kept at least
+    ``min_dopant_separation_A`` apart so every Si has three C neighbours.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    w, h = size_A
+    a = GRAPHENE_A
+    base = _hex_lattice_points(a, w, h, (0.0, 0.0))
+    b1 = np.array([a / 2.0, a / (2.0 * math.sqrt(3.0))])
+    xy = np.concatenate([base, base + b1]) + np.asarray(center_A)
+    xy = xy[_clip_box(xy, w, h, center_A)]
+    n = len(xy)
+    numbers = np.full(n, 6, dtype=np.int64)
+    present = np.ones(n, dtype=bool)
+    area_nm2 = w * h / 100.0
+    n_si_ = int(n_si) if n_si is not None else int(rng.poisson(si_per_nm2 * area_nm2))
+    n_vac = int(rng.poisson(vacancy_per_nm2 * area_nm2))
+    # keep defects away from the edge so neighbours exist
+    inner = np.flatnonzero(_clip_box(xy, w - 2 * a, h - 2 * a, center_A))
+    picked = _pick_separated(rng, inner, xy, n_si_ + n_vac, min_dopant_separation_A)
+    si_idx, vac_idx = picked[:n_si_], picked[n_si_:]
+    numbers[si_idx] = 14
+    present[vac_idx] = False
+    pos = np.zeros((n, 3))
+    pos[:, :2] = xy
+    pos[si_idx, 2] = 0.9  # Si buckles out of plane
+    return Specimen(
+        kind="graphene",
+        positions_A=pos,
+        numbers=numbers,
+        present=present,
+        site_of_atom=np.arange(n),
+        sites_A=xy.copy(),
+        site_role=np.zeros(n, dtype=np.int64),
+        u_rms_A=np.full(n, u_rms_A),
+        class_names=GRAPHENE_CLASSES,
+        host_number=np.full(n, 6, dtype=np.int64),
+        host_count=np.ones(n, dtype=np.int64),
+        extent_A=(center_A[0] - w / 2, center_A[0] + w / 2, center_A[1] - h / 2, center_A[1] + h / 2),
+    )
+
+
+# --- transition-metal dichalcogenides -------------------------------------------------------
+
+
+def tmd(
+    kind: str = "mos2",
+    size_A: tuple[float, float] = (200.0, 200.0),
+    center_A: tuple[float, float] = (0.0, 0.0),
+    rng: np.random.Generator | None = None,
+    vacancy_fraction: float = 0.02,
+    substitution_fraction: float = 0.03,
+    substituent: str = "Se",
+    u_rms_A: float = 0.07,
+) -> Specimen:
+    """2H monolayer MX2 (``kind`` mos2, ws2 or mose2) with chalcogen vacancies and substitutions.
+
+    Every chalcogen *atom* independently is missing with ``vacancy_fraction`` or replaced by
+    ``substituent`` with ``substitution_fraction``; a column is labelled 'vacancy' when any of
+    its two atoms is missing, else 'substituted' when any is a substituent.
+    """
+    if kind not in TMD_LATTICE_A:
+        raise ValueError(f"kind={kind!r}: must be one of {sorted(TMD_LATTICE_A)}")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    metal = atomic_number({"mos2": "Mo", "ws2": "W", "mose2": "Mo"}[kind])
+    chal = atomic_number({"mos2": "S", "ws2": "S", "mose2": "Se"}[kind])
+    a = TMD_LATTICE_A[kind]
+    w, h = size_A
+    base = _hex_lattice_points(a, w, h, (0.0, 0.0))
+    b1 = np.array([a / 2.0, a / (2.0 * math.sqrt(3.0))])
+    m_xy = base + np.asarray(center_A)
+    c_xy = base + b1 + np.asarray(center_A)
+    m_xy = m_xy[_clip_box(m_xy, w, h, center_A)]
+    c_xy = c_xy[_clip_box(c_xy, w, h, center_A)]
+    nm, nc = len(m_xy), len(c_xy)
+    sites = np.concatenate([m_xy, c_xy])
+    role = np.concatenate([np.zeros(nm, dtype=np.int64), np.ones(nc, dtype=np.int64)])
+    # atoms: metals, then top chalcogens, then bottom chalcogens
+    pos = np.zeros((nm + 2 * nc, 3))
+    pos[:nm, :2] = m_xy
+    pos[nm : nm + nc, :2] = c_xy
+    pos[nm : nm + nc, 2] = TMD_CHALCOGEN_Z_A
+    pos[nm + nc :, :2] = c_xy
+    pos[nm + nc :, 2] = -TMD_CHALCOGEN_Z_A
+    numbers = np.concatenate([np.full(nm, metal), np.full(2 * nc, chal)]).astype(np.int64)
+    site_of = np.concatenate([np.arange(nm), nm + np.arange(nc), nm + np.arange(nc)])
+    present = np.ones(len(numbers), dtype=bool)
+    u = rng.random(2 * nc)
+    chal_atoms = nm + np.arange(2 * nc)
+    present[chal_atoms[u < vacancy_fraction]] = False
+    numbers[chal_atoms[(u >= vacancy_fraction) & (u < vacancy_fraction + substitution_fraction)]] = atomic_number(substituent)
+    host = np.concatenate([np.full(nm, metal), np.full(nc, chal)]).astype(np.int64)
+    count = np.concatenate([np.ones(nm, dtype=np.int64), np.full(nc, 2, dtype=np.int64)])
+    return Specimen(
+        kind=kind,
+        positions_A=pos,
+        numbers=numbers,
+        present=present,
+        site_of_atom=site_of,
+        sites_A=sites,
+        site_role=role,
+        u_rms_A=np.full(len(numbers), u_rms_A),
+        class_names=TMD_CLASSES,
+        host_number=host,
+        host_count=count,
+        extent_A=(center_A[0] - w / 2, center_A[0] + w / 2, center_A[1] - h / 2, center_A[1] + h / 2),
+    )
+
+
+SPECIMEN_KINDS = ("graphene", "mos2", "ws2", "mose2", "srtio3", "film")
+
+
+def build_specimen(
+    kind: str,
+    size_A: tuple[float, float] = (200.0, 200.0),
+    center_A: tuple[float, float] = (0.0, 0.0),
+    rng: np.random.Generator | None = None,
+    **options: Any,
+) -> Specimen:
+    """Build a specimen by name (one of :data:`SPECIMEN_KINDS`); ``options`` go to its builder."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    if kind == "graphene":
+        return graphene(size_A=size_A, center_A=center_A, rng=rng, **options)
+    if kind in TMD_LATTICE_A:
+        return tmd(kind=kind, size_A=size_A, center_A=center_A, rng=rng, **options)
+    from stemagent.simulators import perovskites
+
+    if kind == "srtio3":
+        return perovskites.srtio3(size_A=size_A, center_A=center_A, rng=rng, **options)
+    if kind == "film":
+        return perovskites.ferroelectric_film(size_A=size_A, center_A=center_A, rng=rng, **options)
+    raise ValueError(f"specimen kind={kind!r}: must be one of {SPECIMEN_KINDS}")
