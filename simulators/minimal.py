@@ -59,20 +59,20 @@ class MinimalTwinDriver:
         """Expected detector signal per incident electron, ``(rows, cols)``."""
         rows, cols = geometry.shape_px
         px = float(np.mean(geometry.pixel_size_A))
-        margin = 4 * self.config.atom_sigma_A
-        near = self.atoms_A[geometry.contains(self.atoms_A, -margin)]
-        rc = geometry.sample_to_pixel(near)
-        grid = np.zeros((rows + 2, cols + 2))
+        sigma_px = self.config.atom_sigma_A / px
+        pad = int(np.ceil(4 * sigma_px)) + 2  # atoms this far outside still light the frame's edge
+        near = self.atoms_A[geometry.contains(self.atoms_A, -(pad + 1) * px)]
+        rc = geometry.sample_to_pixel(near) + pad
         r0 = np.floor(rc[:, 0]).astype(int)
         c0 = np.floor(rc[:, 1]).astype(int)
+        inside = (r0 >= 0) & (c0 >= 0) & (r0 < rows + 2 * pad - 1) & (c0 < cols + 2 * pad - 1)
+        rc, r0, c0 = rc[inside], r0[inside], c0[inside]
         fr = rc[:, 0] - r0
         fc = rc[:, 1] - c0
+        grid = np.zeros((rows + 2 * pad, cols + 2 * pad))
         for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
-            rr = np.clip(r0 + dr + 1, 0, rows + 1)
-            cc = np.clip(c0 + dc + 1, 0, cols + 1)
-            np.add.at(grid, (rr, cc), w)
-        sigma_px = self.config.atom_sigma_A / px
-        blurred = ndimage.gaussian_filter(grid, sigma_px, mode="constant")[1:-1, 1:-1]
+            np.add.at(grid, (r0 + dr, c0 + dc), w)
+        blurred = ndimage.gaussian_filter(grid, sigma_px, mode="constant")[pad:-pad, pad:-pad]
         peak = 1.0 / (2 * math.pi * sigma_px**2)
         return self.config.background + 0.5 * blurred / peak
 

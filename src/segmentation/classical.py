@@ -100,7 +100,9 @@ class LoGFinder:
         sigma_px = self.sigma_A / pixel_size_A
         response = -ndimage.gaussian_laplace(img, sigma=sigma_px, mode="nearest") * sigma_px**2
         sep_px = max(1, int(round(self.min_separation_A / pixel_size_A)))
-        local_max = ndimage.maximum_filter(response, size=2 * sep_px + 1, mode="nearest") == response
+        yy, xx = np.mgrid[-sep_px : sep_px + 1, -sep_px : sep_px + 1]
+        disk = (yy**2 + xx**2) <= sep_px**2  # a square window would suppress diagonal neighbours
+        local_max = ndimage.maximum_filter(response, footprint=disk, mode="nearest") == response
         top = float(response.max())
         if top <= 0:
             return np.zeros((0, 2)), np.zeros(0)

@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# GPU users: install your CUDA build of torch into .venv first (see README); it is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+DEMO_CONFIG ?= configs/demo-minimal-twin.yaml
+
+.PHONY: demo test install install-test broker clean bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, and only if the venv has none: a CUDA build installed by hand is never replaced
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e ".[test,files,bench]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# the MQTT tests start their own mosquitto on a free loopback port; this only installs it
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto; }
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/stemagent run --config $(DEMO_CONFIG)
+
+test: $(VENV)/.installed-test broker
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
