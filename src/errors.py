@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class StemAgentError(Exception):
     """Base class of every error stemagent raises on purpose."""
 
@@ -16,10 +22,7 @@ class InputError(StemAgentError, ValueError):
         self.field = field
         self.value = value
         self.problem = problem
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{field}={shown}: {problem}")
+        super().__init__(f"{field}={shown(value)}: {problem}")
 
 
 class ConfigError(StemAgentError):
@@ -30,7 +33,4 @@ class ConfigError(StemAgentError):
         self.field = field
         self.value = value
         self.problem = problem
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{path}: {field}={shown}: {problem}")
+        super().__init__(f"{path}: {field}={shown(value)}: {problem}")
