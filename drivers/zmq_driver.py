@@ -325,6 +325,8 @@ class ZmqDriver:
         s.setsockopt(zmq.SNDHWM, 100)
         s.setsockopt(zmq.RCVHWM, 100)
         s.setsockopt(zmq.MAXMSGSIZE, max(self.max_frame_bytes, wire.MAX_JSON_BYTES))
+        s.setsockopt(zmq.RECONNECT_IVL, max(1, int(1000 * self.reconnect_min_s)))
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(1000 * self.reconnect_max_s)))
         s.connect(self.control_endpoint)
         return s
 
@@ -343,8 +345,14 @@ class ZmqDriver:
     async def _supervise(self) -> None:
         attempt = 0
         while not self._closed:
-            self._dealer = self._open_dealer()
-            self._reader = asyncio.ensure_future(self._read_replies(self._dealer))
+            if self._dealer is None:
+                self._dealer = self._open_dealer()
+                self._reader = asyncio.ensure_future(self._read_replies(self._dealer))
+            # with IMMEDIATE set, POLLOUT means a connection to the bridge is established
+            wait_ms = int(1000 * self._backoff(attempt))
+            if not await self._dealer.poll(wait_ms, zmq.POLLOUT):
+                attempt += 1
+                continue
             try:
                 await self._request("heartbeat", timeout_s=self.heartbeat_timeout_s, require_link=False)
             except (DriverFault, InputError) as exc:
@@ -352,7 +360,7 @@ class ZmqDriver:
                 await self._clock.sleep(self._backoff(attempt))
                 attempt += 1
                 continue
-            if attempt or self.stats["faults"]:
+            if self.stats["faults"]:
                 self.stats["reconnects"] += 1
             attempt = 0
             self._caps = None
