@@ -164,6 +164,10 @@ from stemagent.agent.transport_cli import bridge as _bridge  # noqa: E402 - the 
 
 app.command("bridge")(_bridge)
 
+from stemagent.agent.cli_simulate import simulate as _simulate  # noqa: E402 - the twin's data command
+
+app.command("simulate")(_simulate)
+
 
 def main() -> None:  # pragma: no cover - console entry for python -m
     app()

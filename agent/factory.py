@@ -35,6 +35,10 @@ def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
         from stemagent.simulators.minimal import MinimalTwinDriver
 
         return MinimalTwinDriver(d, seed=cfg.seed, clock=clock)
+    if d.kind == "twin":
+        from stemagent.simulators.factory import twin_from_config
+
+        return twin_from_config(d, clock=clock, seed=cfg.seed)
     if d.kind == "replay":
         from stemagent.drivers.replay import open_replay
 

@@ -142,14 +142,15 @@ def render_frame(
     detector: DetectorModel | None = None,
     drift: DriftModel | None = None,
     jitter_A: float | np.ndarray = 0.0,
-    atom_xy_override: tuple[np.ndarray, np.ndarray] | None = None,
+    render_atoms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     noise: bool = True,
 ) -> tuple[np.ndarray, FrameTruth]:
     """Render one frame of ``specimen``; returns ``(image float32 (rows, cols), FrameTruth)``.
 
     ``jitter_A``: rms line jitter (float) or an explicit per-line shift ``(rows,)``.
-    ``atom_xy_override``: ``(atom_ids, xy (n, 2))`` positions to use instead of the specimen's
-    (the twin uses it to show an atom where it was when the beam passed).
+    ``render_atoms``: ``(xy (n, 2), numbers (n,), u_rms (n,))`` to image instead of the specimen's
+    present atoms (the twin uses it to show atoms that moved mid-frame where the beam saw them);
+    the truth still describes the specimen's state.
     """
     optics = optics or ProbeOptics()
     adf = adf or ADFModel()
@@ -161,21 +162,19 @@ def render_frame(
     lo, hi = frame_bounds(geometry, drift, start_s, adf.pad_A + 1.0)
     ids = specimen.in_box(lo, hi)
     xy = specimen.positions_A[ids, :2].copy()
-    if atom_xy_override is not None:
-        o_ids, o_xy = atom_xy_override
-        pos_of = {int(i): k for k, i in enumerate(ids)}
-        for i, p in zip(o_ids, o_xy):
-            k = pos_of.get(int(i))
-            if k is not None:
-                xy[k] = p
     numbers = specimen.numbers[ids]
     rc_atoms, _ = atom_scan_pixels(geometry, xy, start_s, drift)  # unjittered (jitter applied per line)
+    if render_atoms is None:
+        rc_img, z_img, u_img = rc_atoms, numbers, specimen.u_rms_A[ids]
+    else:
+        rc_img, _ = atom_scan_pixels(geometry, render_atoms[0], start_s, drift)
+        z_img, u_img = render_atoms[1], render_atoms[2]
     frac = render_fraction(
         geometry.shape_px,
         geometry.pixel_size_A,
-        rc_atoms,
-        adf.cross_section_A2(numbers),
-        specimen.u_rms_A[ids],
+        rc_img,
+        adf.cross_section_A2(z_img),
+        u_img,
         optics,
         adf,
         jitter_px=jit / geometry.pixel_size_A[0] if np.any(jit) else None,

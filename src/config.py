@@ -89,7 +89,60 @@ class ZmqDriverConfig(_Model):
     max_frame_mb: float = Field(256.0, gt=0, le=8192, description="largest frame accepted, MB")
 
 
-DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig, ZmqDriverConfig], Field(discriminator="kind")]
+class TwinConfig(_Model):
+    """The physical digital twin (stemagent.simulators): specimen, optics, scan/detector physics,
+    drift and beam-induced dynamics. Lengths Å, times s, energies keV, angles mrad."""
+
+    kind: Literal["twin"] = "twin"
+    specimen: Literal["graphene", "mos2", "ws2", "mose2", "srtio3", "film"] = "graphene"
+    specimen_size_A: float = Field(200.0, gt=1.0, le=5000.0, description="side of the square specimen, Å")
+    # specimen composition (each applies to the specimens that have it)
+    si_per_nm2: float = Field(0.02, ge=0, le=5, description="graphene: Si dopants per nm²")
+    n_si: int | None = Field(None, ge=0, le=10000, description="graphene: exact number of Si (overrides si_per_nm2)")
+    vacancy_per_nm2: float = Field(0.01, ge=0, le=5, description="graphene: vacancies per nm²")
+    chalcogen_vacancy_fraction: float = Field(0.02, ge=0, le=1, description="TMD: missing chalcogen atoms")
+    substitution_fraction: float = Field(0.03, ge=0, le=1, description="TMD: chalcogens replaced by the substituent")
+    substituent: Literal["Se", "S", "Te"] = "Se"
+    n_cells: int = Field(8, ge=1, le=100, description="perovskites: thickness in unit cells")
+    domain_width_A: float = Field(30.0, gt=1.0, description="film: domain wall spacing, Å")
+    displacement_A: float = Field(0.3, ge=0, le=2.0, description="film: B-site polar displacement, Å")
+    # optics
+    energy_keV: float = Field(60.0, gt=1.0, le=1000.0)
+    convergence_mrad: float = Field(30.0, gt=0.1, le=200.0, description="probe semi-angle, mrad")
+    C10_A: float = Field(0.0, description="defocus, Å")
+    C12_A: float = Field(0.0, description="two-fold astigmatism, Å")
+    phi12_rad: float = 0.0
+    C30_A: float = Field(0.0, description="spherical aberration, Å")
+    C50_A: float = Field(0.0, description="fifth-order spherical aberration, Å")
+    source_fwhm_A: float = Field(0.0, ge=0, le=10.0, description="effective source size (Gaussian FWHM), Å")
+    # image formation and detector
+    z_exponent: float = Field(1.8, gt=0.5, le=2.5, description="ADF contrast ~ Z^n")
+    sigma_C_A2: float = Field(0.0025, gt=0, le=1.0, description="ADF cross-section of one C atom, Å²")
+    background: float = Field(0.0, ge=0, le=1.0, description="fraction of the beam reaching the ADF everywhere")
+    beam_current_pA: float = Field(20.0, gt=0, le=1e5)
+    detector_gain: float = Field(1.0, gt=0)
+    detector_offset: float = 0.0
+    read_noise: float = Field(0.0, ge=0)
+    detector_efficiency: float = Field(1.0, gt=0, le=1.0)
+    # scan and drift
+    jitter_A: float = Field(0.0, ge=0, le=10.0, description="rms scan-line jitter along the fast axis, Å")
+    drift_velocity_A_per_s: tuple[float, float] = (0.0, 0.0)
+    drift_wobble_A: float = Field(0.0, ge=0, description="amplitude of the slowly varying drift, Å")
+    drift_wobble_period_s: float = Field(60.0, gt=0)
+    drift_random_walk_A_per_sqrt_s: float = Field(0.0, ge=0)
+    # beam-induced dynamics
+    dynamics: bool = True
+    si_swap_barn: float = Field(0.1, ge=0, description="Si-C swap cross-section at si_swap_ref_keV, barn")
+    si_swap_ref_keV: float = Field(60.0, gt=0)
+    c_knock_on_barn: float = Field(1e-5, ge=0, description="C knock-on cross-section at 60 keV, barn")
+    chalcogen_sputter_barn: float = Field(0.3, ge=0, description="chalcogen sputtering at 80 keV, barn")
+    threshold_width_eV: float = Field(1.0, gt=0, description="thermal width of displacement thresholds, eV")
+    park_sample_interval_s: float = Field(1e-3, gt=0, le=1.0, description="ADF sampling while parked, s")
+    max_fov_A: float = Field(512.0, gt=0)
+    pace: Literal["realtime", "fast"] = "fast"
+
+
+DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig, ZmqDriverConfig, TwinConfig], Field(discriminator="kind")]
 
 
 # --- pipeline ------------------------------------------------------------------------------

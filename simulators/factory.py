@@ -1,0 +1,79 @@
+"""Build a :class:`~stemagent.simulators.twin.TwinDriver` from a :class:`stemagent.config.TwinConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stemagent.clock import Clock
+from stemagent.simulators.dynamics import CrossSections
+from stemagent.simulators.fast_adf import ADFModel
+from stemagent.simulators.optics import Aberrations, ProbeOptics
+from stemagent.simulators.scan import DetectorModel, DriftModel
+from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen, build_specimen
+
+
+def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
+    size = (cfg.specimen_size_A, cfg.specimen_size_A)
+    if cfg.specimen == "graphene":
+        opts: dict[str, Any] = {"si_per_nm2": cfg.si_per_nm2, "vacancy_per_nm2": cfg.vacancy_per_nm2, "n_si": cfg.n_si}
+    elif cfg.specimen in TMD_LATTICE_A:
+        opts = {
+            "vacancy_fraction": cfg.chalcogen_vacancy_fraction,
+            "substitution_fraction": cfg.substitution_fraction,
+            "substituent": cfg.substituent,
+        }
+    elif cfg.specimen == "srtio3":
+        opts = {"n_cells": cfg.n_cells}
+    else:
+        opts = {"n_cells": cfg.n_cells, "domain_width_A": cfg.domain_width_A, "displacement_A": cfg.displacement_A}
+    return build_specimen(cfg.specimen, size_A=size, center_A=(0.0, 0.0), rng=rng, **opts)
+
+
+def optics_from_config(cfg: Any) -> ProbeOptics:
+    return ProbeOptics(
+        energy_keV=cfg.energy_keV,
+        convergence_mrad=cfg.convergence_mrad,
+        aberrations=Aberrations(C10_A=cfg.C10_A, C12_A=cfg.C12_A, phi12_rad=cfg.phi12_rad, C30_A=cfg.C30_A, C50_A=cfg.C50_A),
+        source_fwhm_A=cfg.source_fwhm_A,
+    )
+
+
+def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> Any:
+    """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``."""
+    from stemagent.simulators.twin import TwinDriver
+
+    ss = np.random.SeedSequence(seed)
+    spec_seed, drift_seed, run_seed = ss.spawn(3)
+    specimen = specimen_from_config(cfg, np.random.default_rng(spec_seed))
+    drift = DriftModel(
+        velocity_A_per_s=tuple(cfg.drift_velocity_A_per_s),
+        wobble_amplitude_A=cfg.drift_wobble_A,
+        wobble_period_s=cfg.drift_wobble_period_s,
+        random_walk_A_per_sqrt_s=cfg.drift_random_walk_A_per_sqrt_s,
+        seed=int(drift_seed.generate_state(1)[0]),
+        origin_s=clock.monotonic() if clock is not None else 0.0,
+    )
+    return TwinDriver(
+        specimen,
+        clock=clock,
+        rng=np.random.default_rng(run_seed),
+        optics=optics_from_config(cfg),
+        adf=ADFModel(z_exponent=cfg.z_exponent, sigma_C_A2=cfg.sigma_C_A2, background=cfg.background),
+        detector=DetectorModel(gain=cfg.detector_gain, offset=cfg.detector_offset, read_noise=cfg.read_noise,
+                               efficiency=cfg.detector_efficiency),
+        drift=drift,
+        jitter_A=cfg.jitter_A,
+        beam_current_pA=cfg.beam_current_pA,
+        cross_sections=CrossSections(
+            si_swap_barn=cfg.si_swap_barn,
+            si_swap_ref_keV=cfg.si_swap_ref_keV,
+            c_knock_on_barn=cfg.c_knock_on_barn,
+            chalcogen_sputter_barn=cfg.chalcogen_sputter_barn,
+            threshold_width_eV=cfg.threshold_width_eV,
+        ),
+        dynamics=cfg.dynamics,
+        park_sample_interval_s=cfg.park_sample_interval_s,
+        max_fov_A=cfg.max_fov_A,
+    )
