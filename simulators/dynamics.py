@@ -190,9 +190,11 @@ class BeamDynamics:
         events: list[Event] = []
         used: set[int] = set()
         for t, kind, struck, partner in sorted(drawn):
-            if struck in used or partner in used or not specimen.present[struck]:
+            if struck in used or (partner >= 0 and partner in used) or not specimen.present[struck]:
                 continue
-            used.update((struck, partner))
+            used.add(struck)
+            if partner >= 0:
+                used.add(partner)
             events.append(self._apply(specimen, kind, struck, partner, t, None, "scan"))
         return events
 

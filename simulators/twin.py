@@ -221,7 +221,8 @@ class TwinDriver:
         period = geometry.frame_time_s
         t0 = self.clock.monotonic()
         i = 0
-        while n_frames is None or i < n_frames:
+        yielded = 0
+        while n_frames is None or yielded < n_frames:
             if self._closed:
                 return
             async with self._lock:
@@ -229,11 +230,12 @@ class TwinDriver:
                 late = int(math.floor((now - t0) / period)) if now > t0 + period * (i + 1) else i
                 dropped = max(0, late - i)
                 i = max(i, late)
-                start = t0 + i * period
-                frame = await self._render(geometry, max(start, now) if dropped else start)
+                # a late consumer misses the frames scanned meanwhile; the scan stays on the deadline grid
+                frame = await self._render(geometry, t0 + i * period)
                 frame.meta["dropped_before"] = dropped
                 await self.clock.sleep(frame.end_time_s - self.clock.monotonic())
             i += 1
+            yielded += 1
             yield frame
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
