@@ -103,7 +103,16 @@ def replay(
     pace: str = typer.Option("fast", help="'fast' or 'recorded'"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Run a recorded log back through the same pipeline and compare the atoms found."""
+    """Run a recorded log back through the same pipeline and compare the atoms found.
+
+    LOG may also be an acquisition from other software (.dm3/.dm4, .emd, .tif, Nion .ndata/.h5):
+    its images are analysed with the default pipeline at their own pixel calibration."""
+    from stemagent.drivers.files import is_acquisition_file
+
+    if is_acquisition_file(log):
+        from stemagent.agent.replay_files import replay_file
+
+        return replay_file(log, log_dir=log_dir, pace=pace, json_out=json_out)
     from stemagent.agent.factory import build_agent, new_run_dir
     from stemagent.runlog import RunLog
 

@@ -80,6 +80,10 @@ def _angstrom_per_unit(units: Any, where: str) -> float:
     raise InputError(where, units, "is not a length unit (m, mm, µm, nm, Å, pm); pass pixel_size_A to override")
 
 
+def _is_length(units: Any) -> bool:
+    return str(units or "").strip().lower().replace(" ", "") in _TO_ANGSTROM
+
+
 def _find(d: Any, key: str) -> Any:
     """First value stored under ``key`` anywhere in nested dicts (metadata trees)."""
     if isinstance(d, dict):
@@ -104,7 +108,10 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
     """Acquisitions of one RosettaSciIO signal dict (``data``, ``axes``, ``metadata``)."""
     data = np.asarray(sig["data"])
     axes = list(sig.get("axes", []))
+    axes = [a for _, a in sorted(enumerate(axes), key=lambda ia: int(ia[1].get("index_in_array", ia[0])))]
     signal_axes = [a for a in axes if not a.get("navigate", False)]
+    if len(signal_axes) > 2 and len(axes) == data.ndim and all(_is_length(a.get("units")) for a in axes[-2:]):
+        signal_axes = axes[-2:]  # an image stack whose writer marked every axis as signal (NCEM EMD)
     if data.ndim < 2 or len(signal_axes) != 2 or not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         return []  # spectra, spectrum images, diffraction stacks...: not scan images
     if data.ndim > 2:
