@@ -354,7 +354,7 @@ class Agent:
                 except EndOfData as exc:
                     reason = f"end of data: {exc}"
                     break
-                except (DriverFault, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+                except (DriverFault, asyncio.TimeoutError, ConnectionError) as exc:
                     await self._fault(exc)
                 except StemAgentError as exc:  # bad input from a stage (e.g. an invalid frame)
                     self._log_interruption("bad_input", str(exc), self.sm.state.value)
@@ -381,7 +381,11 @@ class Agent:
             self.summary.sim_time_s = self._now() - t_sim0
             counts = self.summary.atom_counts
             self.summary.atoms_per_frame = float(np.mean(counts)) if counts else 0.0
-            self.writer.close(exit_status, reason)
+            try:
+                self.writer.close(exit_status, reason)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk; the driver must still be closed
+                log.error("closing the run log failed: %r", exc)
+                self.summary.reason = f"{reason}; run log close failed: {exc!r}"
             try:
                 await asyncio.wait_for(self.driver.close(), timeout=self.gate.config.watchdog_s)
             except Exception as exc:  # noqa: BLE001

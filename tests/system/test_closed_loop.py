@@ -220,3 +220,28 @@ def test_cli_run_replay_and_bad_config(tmp_path):
     assert len(lines) == 1, r.stderr
     assert "scan.dwell_s" in lines[0] and "-1" in lines[0] and "bad.yaml" in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+async def test_log_failure_mid_run_still_blanks_and_closes(tmp_path):
+    cfg = demo_cfg(max_frames=10)
+    clock = build_clock(cfg)
+    twin = MinimalTwinDriver(cfg.driver, seed=cfg.seed, clock=clock)
+    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=twin, clock=clock)
+    real = agent.writer.write_atoms
+    calls = {"n": 0}
+
+    def failing(atoms):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(atoms)
+
+    agent.writer.write_atoms = failing
+    summary = await agent.run()
+    assert twin.beam_blanked and not twin.connected
+    # a log that cannot be written ends the run: nothing is acquired that could not be recorded
+    assert summary.state == "aborted" and "No space left" in summary.reason
+    assert twin.frames_acquired == 3
+    log = RunLog.open(summary.log_path)
+    assert len(log.atoms()) == 2  # what was logged before the failure is intact
+    assert log.stop["exit_status"] == "fail"
