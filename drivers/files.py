@@ -96,6 +96,33 @@ def _find(d: Any, key: str) -> Any:
     return None
 
 
+def _mapped(sig: dict[str, Any]) -> dict[str, Any]:
+    """Dwell time (s) and beam current (nA) through the reader's own metadata mapping.
+
+    RosettaSciIO leaves applying ``mapping`` (original tag path -> metadata path, converter) to
+    HyperSpy; we apply the two entries we need.
+    """
+    out: dict[str, Any] = {}
+    for src, target in (sig.get("mapping") or {}).items():
+        try:
+            dst, convert = target
+        except (TypeError, ValueError):
+            continue
+        leaf = str(dst).rsplit(".", 1)[-1]
+        if leaf not in ("dwell_time", "beam_current"):
+            continue
+        value: Any = sig.get("original_metadata", {})
+        for part in str(src).split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        try:
+            out[leaf] = convert(value) if callable(convert) else value
+        except Exception:  # noqa: BLE001 - a converter failing on odd metadata: ignore the entry
+            continue
+    return out
+
+
 def _positive(v: Any) -> float | None:
     try:
         f = float(v)
@@ -132,8 +159,11 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
         cx = float(ax.get("offset", 0.0)) * fx + (cols - 1) / 2.0 * sx
         cy = float(ay.get("offset", 0.0)) * fy + (rows - 1) / 2.0 * sy
     md = sig.get("metadata", {}) or {}
-    dwell = _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time"))
-    current_nA = _positive(_find(md.get("Acquisition_instrument", {}), "beam_current"))
+    mapped = _mapped(sig)
+    dwell = _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time")) or _positive(mapped.get("dwell_time"))
+    current_nA = _positive(_find(md.get("Acquisition_instrument", {}), "beam_current")) or _positive(
+        mapped.get("beam_current")
+    )
     title = str(_find(md.get("General", {}), "title") or "")
     out = []
     for k, img in enumerate(data):

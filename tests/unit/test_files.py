@@ -150,3 +150,19 @@ async def test_file_driver_plays_images_as_frames(tmp_path: Path) -> None:
     assert drv.mismatched_geometries == 1
     with pytest.raises(EndOfData):
         await drv.acquire(first.geometry)
+
+
+def test_gatan_dm3(tmp_path: Path) -> None:
+    from dm3_writer import write_dm3
+
+    p = tmp_path / "scan.dm3"
+    data = image()
+    write_dm3(p, data, scale=(0.01, 0.02), offset=(-0.5, 1.0),
+              image_tags=[("DigiScan", [("Sample Time", 4.0)]), ("Microscope Info", [("Probe Current (nA)", 0.02)])])
+    (acq,) = read_acquisitions(p)
+    check_calibration(acq)
+    np.testing.assert_array_equal(acq.image, data)
+    assert acq.dwell_s == pytest.approx(4e-6)  # DigiScan "Sample Time" is in µs
+    assert acq.beam_current_pA == pytest.approx(20.0)
+    frame = FileDriver(p).frame(0)
+    assert frame.dose_e_per_A2 > 0 and frame.meta["dose_known"] is True
