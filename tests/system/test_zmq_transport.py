@@ -275,3 +275,71 @@ async def test_bridge_watchdog_blanks_when_the_client_goes_silent(fake_microscop
         assert fake_microscope.blanked
     finally:
         await stop_bridge(bridge, task)
+
+
+def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
+    """Random bytes, truncated and mutated valid requests, wrong versions, extra parts."""
+    valid = json.dumps({"v": 1, "id": "x", "op": "acquire", "geometry": GEOM.to_dict()}).encode()
+    out: list[list[bytes]] = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            out.append([rng.bytes(int(rng.integers(0, 200)))])
+        elif kind == 1:
+            out.append([valid[: int(rng.integers(0, len(valid)))]])
+        elif kind == 2:
+            b = bytearray(valid)
+            for _ in range(3):
+                b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+            out.append([bytes(b)])
+        elif kind == 3:
+            out.append([valid.replace(b'"v": 1', f'"v": {int(rng.integers(2, 99))}'.encode())])
+        else:
+            out.append([valid, rng.bytes(16)])
+    return out
+
+
+async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
+    scope = FakeMicroscope()
+    bridge, task = await start_bridge(scope)
+    ctx = zmq.asyncio.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bridge.control_endpoint)
+    # junk on the frame channel too: a second publisher the client's SUB also listens to
+    junk_pub = ctx.socket(zmq.PUB)
+    junk_pub.setsockopt(zmq.LINGER, 0)
+    junk_pub.bind("tcp://127.0.0.1:0")
+    drv = client(bridge, frame_queue=64)
+    rng = np.random.default_rng(1234)
+    try:
+        await drv.connect()
+        assert drv._sub is not None
+        drv._sub.connect(junk_pub.getsockopt(zmq.LAST_ENDPOINT).decode())
+        for msg in _junk_messages(rng, 300):
+            await raw.send_multipart(msg)
+            await junk_pub.send_multipart(msg)
+        good_header = json.loads(wire.encode_frame(scope._frame(GEOM))[0][0])
+        for _ in range(100):  # random corruptions of a valid frame header
+            h = dict(good_header)
+            key = str(rng.choice(list(h)))
+            h[key] = [None, -1, "x", 1e308, {"a": 1}, [1, 2, 3]][int(rng.integers(0, 6))]
+            await junk_pub.send_multipart([json.dumps(h).encode(), rng.bytes(64)])
+        await raw.send_multipart([json.dumps({"v": 1, "id": "after-junk", "op": "heartbeat"}).encode()])
+        while True:  # drain error replies until the heartbeat's answer
+            reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
+            if reply.id == "after-junk":
+                assert reply.ok
+                break
+        while drv.stats["rejected_messages"] < 300:
+            await asyncio.sleep(0.01)
+        frames = [f async for f in drv.stream(GEOM, n_frames=2)]
+        assert len(frames) == 2 and drv.link_up
+        assert bridge.stats["rejected"] >= 200
+        # every junk request carries id "x": even a mutation that stayed valid runs at most once
+        assert scope.calls.count("acquire") <= 1
+    finally:
+        raw.close(linger=0)
+        junk_pub.close(linger=0)
+        await drv.close()
+        await stop_bridge(bridge, task)
