@@ -56,6 +56,19 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
         from stemagent.segmentation.classical import LoGFinder
 
         return LoGFinder(sigma_A=s.sigma_A, threshold=s.threshold, min_separation_A=s.min_separation_A, refine=s.refine)
+    if s.kind == "unet":
+        from stemagent.segmentation.unet_segmenter import UNetSegmenter
+
+        return UNetSegmenter(
+            s.weights,
+            device=s.device,
+            threshold=s.threshold,
+            min_separation_A=s.min_separation_A,
+            refine=s.refine,
+            refine_pixel_A=s.refine_pixel_A,
+            probe_sigma_A=s.probe_sigma_A,
+            num_threads=s.num_threads,
+        )
     raise ValueError(f"pipeline.segmenter.kind={s.kind!r}: no segmenter is registered for this kind")
 
 

@@ -158,7 +158,21 @@ class LoGSegmenterConfig(_Model):
     refine: Literal["none", "centroid", "gaussian"] = "gaussian"
 
 
-SegmenterConfig = Annotated[Union[LoGSegmenterConfig], Field(discriminator="kind")]
+class UNetSegmenterConfig(_Model):
+    """U-Net atom finder (``stemagent.segmentation.unet_segmenter``): classes, sub-pixel fit, uncertainty."""
+
+    kind: Literal["unet"] = "unet"
+    weights: Path | None = Field(None, description="state dict (.pt) with its .json model card; None = the shipped weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="minimum atom probability of a peak")
+    min_separation_A: float = Field(0.6, gt=0.0, description="non-maximum suppression radius, Å")
+    refine: bool = Field(True, description="Poisson ML Gaussian fit on the raw frame")
+    refine_pixel_A: float = Field(0.2, gt=0.0, description="frames finer than this are binned for the fit, Å/px")
+    probe_sigma_A: float = Field(0.35, gt=0.01, le=5.0, description="starting Gaussian width of a column image, Å")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+
+
+SegmenterConfig = Annotated[Union[LoGSegmenterConfig, UNetSegmenterConfig], Field(discriminator="kind")]
 
 
 class PipelineConfig(_Model):

@@ -1,0 +1,266 @@
+"""The U-Net atom finder: a :class:`~stemagent.stages.Segmenter` backed by a trained network.
+
+Frame path (all torch, on ``device``; on a GPU the data leave it only as the final atom arrays):
+
+1. the raw image goes to the device once (``(B, H, W)`` float32);
+2. it is resampled to the model sampling (``model_pixel_A``), normalised (low quantile off,
+   divided by the mean) and padded (:mod:`~stemagent.segmentation.resample`);
+3. the network gives per-class logits (fp16 + channels-last on CUDA);
+4. peaks by max-pool NMS, class and confidence (:func:`~stemagent.segmentation.extract.find_peaks`);
+5. peak positions are mapped back to frame pixels and refined by a joint Poisson ML Gaussian
+   fit on the raw frame (:func:`~stemagent.segmentation.extract.refine_gaussians`), which also
+   gives each atom's position uncertainty;
+6. pixel positions become sample-frame positions (Å) through the frame's
+   :class:`~stemagent.types.ScanGeometry`.
+
+Weights are a ``state_dict`` (``.pt``) loaded with ``torch.load(weights_only=True)`` (no
+arbitrary unpickling) and a model card (``.json``, same stem) that names the architecture,
+class names and model sampling. The shipped weights live in ``stemagent/weights``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from stemagent.errors import InputError
+from stemagent.segmentation.classical import check_image
+from stemagent.segmentation.extract import find_peaks, refine_gaussians
+from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
+from stemagent.segmentation.unet import build_model, fuse_batchnorm
+from stemagent.types import Atoms, Frame
+
+#: Classes of the shipped model: graphene (C, Si, empty site) and TMD columns (metal, chalcogen,
+#: chalcogen column with a substituent, column with an atom missing).
+CLASS_NAMES = ("C", "Si", "vacancy", "metal", "chalcogen", "substituted", "column-vacancy")
+#: Classes that mark an empty site: no atom to fit, the network's position is kept.
+EMPTY_CLASSES = ("vacancy",)
+DEFAULT_WEIGHTS = "unet_segmenter.pt"
+
+
+def default_weights_path() -> Path:
+    """Path of the shipped weights (``stemagent/weights/unet_segmenter.pt``)."""
+    return Path(str(resources.files("stemagent") / "weights" / DEFAULT_WEIGHTS))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; ``"cuda"`` without a GPU is an :class:`InputError`."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device", device, "CUDA was asked for but torch sees no GPU")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError("device", device, "must be 'auto', 'cpu' or 'cuda[:N]'")
+    return torch.device(device)
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """Per-image normalisation of ``(B, 1, H, W)``: subtract the 1 % quantile, divide by the mean.
+
+    Relative intensities (what tells Si from C) survive; the detector's gain, offset and the
+    dose do not matter. Used identically in training and inference.
+    """
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    step = max(1, flat.shape[1] // 65536)
+    sub = flat[:, ::step].float()
+    lo = torch.kthvalue(sub, max(1, int(0.01 * sub.shape[1])), dim=1).values
+    y = x - lo.reshape(b, 1, 1, 1).to(x.dtype)
+    mean = y.reshape(b, -1).mean(dim=1).clamp_min(1e-6)
+    return y / mean.reshape(b, 1, 1, 1)
+
+
+def load_card(weights: Path) -> dict[str, Any]:
+    card_path = weights.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError("weights", str(weights), f"has no readable model card {card_path.name} ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError("weights", str(card_path), f"model card is not valid JSON ({exc.msg})") from None
+    for key in ("arch", "class_names", "model_pixel_A"):
+        if key not in card:
+            raise InputError(f"model_card.{key}", "<missing>", f"is required in {card_path.name}")
+    return card
+
+
+def load_network(weights: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the network named by the model card and load its weights (inference ready)."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise InputError("weights", str(weights), "no such weights file")
+    card = load_card(weights)
+    model = build_model(card["arch"], len(card["class_names"]), **card.get("arch_kwargs", {}))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model = fuse_batchnorm(model).to(device)
+    if device.type == "cuda":
+        model = model.half().to(memory_format=torch.channels_last)
+    return model, card
+
+
+class UNetSegmenter:
+    """Atom finder backed by a U-Net; ``find(frame) -> Atoms`` in the sample frame (Å).
+
+    ``weights``: a ``.pt`` state dict with its ``.json`` model card (default: shipped weights).
+    ``device``: ``"auto"`` / ``"cpu"`` / ``"cuda"``. ``threshold``: minimum atom probability of
+    a peak. ``min_separation_A``: NMS radius. ``refine``: fit Gaussians on the raw frame.
+    ``refine_pixel_A``: frames sampled finer than this are summed over integer ``f x f`` blocks
+    for the fit. ``probe_sigma_A``: starting Gaussian width of a column image. ``num_threads``: torch CPU
+    threads (None leaves torch's setting).
+    """
+
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str | torch.device = "auto",
+        *,
+        threshold: float = 0.5,
+        min_separation_A: float = 0.6,
+        refine: bool = True,
+        refine_iterations: int = 4,
+        refine_pixel_A: float = 0.2,
+        probe_sigma_A: float = 0.35,
+        num_threads: int | None = None,
+    ) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise InputError("threshold", threshold, "must lie strictly between 0 and 1")
+        if not min_separation_A > 0:
+            raise InputError("min_separation_A", min_separation_A, "must be positive")
+        if not probe_sigma_A > 0:
+            raise InputError("probe_sigma_A", probe_sigma_A, "must be positive")
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        self.device = resolve_device(device)
+        self.weights = Path(weights) if weights is not None else default_weights_path()
+        self.model, self.card = load_network(self.weights, self.device)
+        self.class_names: tuple[str, ...] = tuple(self.card["class_names"])
+        self.model_pixel_A = float(self.card["model_pixel_A"])
+        self.multiple = int(getattr(self.model, "multiple", 8))
+        self.threshold = float(threshold)
+        self.min_separation_A = float(min_separation_A)
+        self.refine = bool(refine)
+        self.refine_iterations = int(refine_iterations)
+        self.refine_pixel_A = float(refine_pixel_A)
+        self.probe_sigma_A = float(probe_sigma_A)
+        self._empty = torch.tensor([c in EMPTY_CLASSES for c in self.class_names], device=self.device)
+
+    # --- tensors in, tensors out ---------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, pixel_A: tuple[float, float]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Network logits for ``(B, H, W)`` raw images of one sampling: ``((B, C+1, h', w'), (h, w))``.
+
+        ``(h, w)`` is the valid (unpadded) model-grid shape.
+        """
+        h, w = images.shape[-2:]
+        shape = model_shape((h, w), pixel_A, self.model_pixel_A)
+        x = resize(images[:, None].float(), shape)
+        x = pad_to_multiple(normalize_images(x), self.multiple)
+        if self.device.type == "cuda":
+            x = x.half().contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        return out.float(), shape
+
+    @torch.inference_mode()
+    def find_tensors(self, images: torch.Tensor, pixel_A: tuple[float, float]) -> dict[str, torch.Tensor]:
+        """Atoms of ``(B, H, W)`` raw images of one sampling, as device tensors.
+
+        Returns ``batch`` ``(N,)``, ``rc`` ``(N, 2)`` frame pixels, ``classes`` ``(N,)``,
+        ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool.
+        """
+        h, w = images.shape[-2:]
+        logits, shape = self.logits(images, pixel_A)
+        sep_px = max(1, int(round(self.min_separation_A / self.model_pixel_A)))
+        peaks = find_peaks(logits, self.threshold, sep_px, valid_shape=shape)
+        rc = scale_rc(peaks.rc, shape, (h, w))
+        px = float(np.mean(pixel_A))
+        width0 = self.probe_sigma_A / px
+        if self.refine and len(peaks):
+            # fit on the raw counts, summed over f x f pixels when the frame is finely sampled
+            # (sums of counts are still Poisson; the information lost is ~1 % when the pixel
+            # stays well below the probe width)
+            f = max(1, int(self.refine_pixel_A / px + 1e-6))
+            data = images.float()
+            if f > 1:
+                hh, ww = (h // f) * f, (w // f) * f
+                data = F.avg_pool2d(data[:, None, :hh, :ww], f)[:, 0] * float(f * f)
+            fit = refine_gaussians(
+                data,
+                peaks.batch,
+                (rc - 0.5 * (f - 1)) / f,
+                width0 / f,
+                iterations=self.refine_iterations,
+                fit_mask=~self._empty[peaks.classes],
+            )
+            rc = fit.rc * f + 0.5 * (f - 1)
+            sigma_rc, refined = fit.sigma_rc * f, fit.ok
+        else:
+            # without a fit: half a model pixel, uniform error
+            sigma_rc = torch.full_like(rc, 0.5 * self.model_pixel_A / px / np.sqrt(3.0))
+            refined = torch.zeros(len(peaks), dtype=torch.bool, device=rc.device)
+        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined}
+
+    # --- numpy / frames --------------------------------------------------------------------
+    def find_pixels(self, image: np.ndarray, pixel_A: float | tuple[float, float]) -> dict[str, np.ndarray]:
+        """Atoms of one image in pixel coordinates: dict of numpy arrays (see :meth:`find_tensors`)."""
+        img = check_image(image, "image")
+        pa = (float(pixel_A), float(pixel_A)) if np.isscalar(pixel_A) else (float(pixel_A[0]), float(pixel_A[1]))  # type: ignore[index]
+        self._check_size(img.shape, pa, "image.shape")
+        t = torch.as_tensor(img, dtype=torch.float32).to(self.device)[None]
+        out = self.find_tensors(t, pa)
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def _check_size(self, shape: tuple[int, ...], pixel_A: tuple[float, float], field: str) -> None:
+        ms = model_shape((int(shape[0]), int(shape[1])), pixel_A, self.model_pixel_A)
+        fov = (shape[0] * pixel_A[1], shape[1] * pixel_A[0])
+        if min(fov) < 8 * self.model_pixel_A:
+            raise InputError(field, tuple(shape), f"field of view {fov} Å is too small for the model (at least {8 * self.model_pixel_A:.2g} Å per side)")
+        del ms
+
+    def find(self, frame: Frame) -> Atoms:
+        return self.find_batch([frame])[0]
+
+    def find_batch(self, frames: Sequence[Frame]) -> list[Atoms]:
+        """Atoms of several frames; frames of equal shape and sampling run as one batch."""
+        out: list[Atoms | None] = [None] * len(frames)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, f in enumerate(frames):
+            img = np.asarray(f.image)
+            groups.setdefault((img.shape, f.geometry.pixel_size_A), []).append(i)
+        for (shape, pixel_A), idx in groups.items():
+            imgs = [check_image(frames[i].image, f"frames[{i}].image") for i in idx]
+            self._check_size(shape, pixel_A, f"frames[{idx[0]}].image.shape")
+            t = torch.as_tensor(np.stack(imgs), dtype=torch.float32).to(self.device)
+            res = self.find_tensors(t, pixel_A)
+            host = {k: v.cpu().numpy() for k, v in res.items()}
+            px, py = pixel_A
+            for j, i in enumerate(idx):
+                sel = host["batch"] == j
+                out[i] = self._atoms(frames[i], host["rc"][sel], host["classes"][sel], host["confidence"][sel], host["sigma_rc"][sel], px, py)
+        return [a for a in out if a is not None]
+
+    def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float) -> Atoms:
+        rc = rc.astype(np.float64)
+        n = len(rc)
+        pos = frame.geometry.pixel_to_sample(rc) if n else np.zeros((0, 2))
+        unc = np.sqrt(0.5 * ((sigma_rc[:, 0] * py) ** 2 + (sigma_rc[:, 1] * px) ** 2)) if n else np.zeros(0)
+        return Atoms(
+            positions_A=pos,
+            classes=classes.astype(np.int64),
+            confidence=np.clip(conf.astype(np.float64), 0.0, 1.0),
+            frame_index=frame.index,
+            class_names=self.class_names,
+            uncertainty_A=unc,
+            times_s=frame.time_at_pixel(rc) if n else np.zeros(0),
+        )
