@@ -115,8 +115,9 @@ async def test_closed_loop_over_bridge_with_mqtt_control(mosquitto: int, tmp_pat
             await op.subscribe(f"stemagent/{RUN}/#", qos=1)
             pump = asyncio.ensure_future(coll.pump(op))
 
-            async def send(cid: str, command: str) -> int:
-                await op.publish(f"stemagent/{RUN}/control", json.dumps({"command": command, "id": cid}), qos=1)
+            async def send(cid: str, command: str, **fields: Any) -> int:
+                body = json.dumps({"command": command, "id": cid, **fields})
+                await op.publish(f"stemagent/{RUN}/control", body, qos=1)
                 i = await coll.wait(ack_for(cid))
                 assert coll.docs[i][1]["accepted"] is True, coll.docs[i][1]
                 return i
@@ -153,6 +154,9 @@ async def test_closed_loop_over_bridge_with_mqtt_control(mosquitto: int, tmp_pat
                     i = await coll.wait(lambda k, d: k == "frame", i)
                     assert agent.summary.frames > frames_at_fault
 
+                    await send("t1", "set_target", target_A=[1.0, 2.0])
+                    await send("d1", "set_dose_budget", value=1e12)
+                    assert agent.target_A == (1.0, 2.0)
                     await send("s1", "stop")
                     summary = await asyncio.wait_for(run, timeout=30)
             finally:
@@ -171,7 +175,8 @@ async def test_closed_loop_over_bridge_with_mqtt_control(mosquitto: int, tmp_pat
     assert summary.faults >= 1 and summary.beam_blanked_at_end
     log = RunLog.open(summary.log_path)
     kinds = [e["data"]["kind"] for e in log.events("interruptions")]
-    for expected in ("control:pause", "control:resume", "fault", "recovered", "control:stop"):
+    for expected in ("control:pause", "control:resume", "fault", "recovered", "control:set_target",
+                     "control:set_dose_budget", "control:stop"):
         assert expected in kinds, (expected, kinds)
     # the agent tried to blank at the fault; with the console gone the attempt failed and says so
     assert kinds.index("fault") > kinds.index("control:resume")
