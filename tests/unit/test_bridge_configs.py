@@ -25,3 +25,17 @@ def test_empty_bridge_config_serves_the_minimal_twin(tmp_path: Path) -> None:
     cfg = load_bridge_config(p)
     assert cfg.driver == {"kind": "minimal-twin"}
     assert type(backend_from_config(cfg)).__name__ == "MinimalTwinDriver"
+
+
+def test_bridge_import_footprint_is_small() -> None:
+    """The bridge must run inside a vendor's Python: numpy, pyzmq, pydantic (and PyYAML for its file)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stemagent.drivers.bridge, stemagent.drivers.adapter_example\n"
+        "heavy = ('torch', 'scipy', 'botorch', 'gpytorch', 'sklearn', 'zarr', 'aiomqtt', 'typer', 'rich', 'h5py', 'rsciio')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ""
