@@ -245,7 +245,7 @@ class MqttTelemetry:
                 msg_id = data.get("id") if isinstance(data.get("id"), str) else None
                 command = str(data.get("command", command))[:64]
             msg = ControlMessage.model_validate(data)
-        except (ValueError, ValidationError) as exc:
+        except (ValueError, ValidationError, RecursionError) as exc:
             detail = _explain(exc)
             return self._reject(msg_id, command, f"invalid control message: {detail}")
         if self._target is None:
@@ -268,9 +268,11 @@ class MqttTelemetry:
         return ack
 
 
-def _explain(exc: Exception) -> str:
+def _explain(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err.get("loc", ())) or "<message>"
         return f"{loc}={err.get('input')!r}: {err.get('msg')}"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
     return str(exc)

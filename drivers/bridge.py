@@ -162,7 +162,11 @@ class Bridge:
                     parts = await self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
-                await self._handle(parts)
+                try:
+                    await self._handle(parts)
+                except Exception:  # noqa: BLE001 - a message must never take the bridge down
+                    self.stats["rejected"] += 1
+                    log.exception("bridge: unexpected error handling a message")
             await self._watchdog()
 
     async def run(self) -> None:

@@ -198,7 +198,7 @@ def _read_nion(path: Path, pixel_size_A: float | None) -> list[Acquisition]:
                     raise InputError(f"{path.name}: data", None, "no 'data' dataset: not a Nion Swift HDF5 file")
                 data = np.asarray(f["data"])
                 props = json.loads(f["data"].attrs.get("properties", "{}"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile) as exc:
         raise InputError(path.name, str(path), f"is not a readable Nion Swift file ({exc})") from None
     cals = props.get("spatial_calibrations") or props.get("dimensional_calibrations") or []
     axes = []

@@ -240,7 +240,7 @@ def _load_json(part: Any, what: str) -> Any:
         raise WireError(what, f"<{len(raw)} bytes>", f"is larger than the {MAX_JSON_BYTES}-byte limit")
     try:
         return json.loads(bytes(raw))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting bombs
         raise WireError(what, bytes(raw[:40]), f"is not valid JSON ({exc.__class__.__name__})") from None
 
 

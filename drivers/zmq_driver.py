@@ -301,7 +301,7 @@ class ZmqDriver:
                 return  # socket closed under us: the supervisor handles the link
             try:
                 reply, arrays = wire.decode_reply(parts, self.max_frame_bytes)
-            except wire.WireError as exc:
+            except Exception as exc:  # noqa: BLE001 - WireError, or anything else: nothing from the socket may kill the reader
                 self.stats["rejected_messages"] += 1
                 log.error("zmq driver: rejected reply: %s", exc)
                 rid = wire.request_id_of(parts[:1])
@@ -343,6 +343,17 @@ class ZmqDriver:
         self._frame_reader = asyncio.ensure_future(self._read_frames(s))
 
     async def _supervise(self) -> None:
+        while not self._closed:
+            try:
+                await self._supervise_link()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - supervision must outlive any bug or socket error
+                log.exception("zmq driver: link supervision failed; starting over")
+                self._drop_link(f"link supervision failed: {exc!r}", report=True)
+                await self._clock.sleep(self._backoff(0))
+
+    async def _supervise_link(self) -> None:
         attempt = 0
         while not self._closed:
             if self._dealer is None:
@@ -432,7 +443,7 @@ class ZmqDriver:
                 return
             try:
                 msg = wire.decode_stream_message(parts, self.max_frame_bytes)
-            except wire.WireError as exc:
+            except Exception as exc:  # noqa: BLE001 - WireError, or anything else: nothing from the socket may kill the reader
                 self.stats["rejected_messages"] += 1
                 log.error("zmq driver: rejected frame message: %s", exc)
                 continue

@@ -141,3 +141,32 @@ def test_requests_validate_fields() -> None:
 def test_disallowed_dtype_is_refused_on_send() -> None:
     with pytest.raises(wire.WireError, match="dtype"):
         wire.wire_dtype(np.complex64)
+
+
+def test_nesting_bombs_are_rejected() -> None:
+    bomb = b"[" * 100_000 + b"]" * 100_000
+    for decode in decoders():
+        with pytest.raises(wire.WireError, match="not valid JSON"):
+            decode([bomb] if decode is not wire.decode_frame else [bomb, b""])
+
+
+def test_mqtt_control_rejects_junk_without_a_broker() -> None:
+    from stemagent.agent.telemetry import MqttTelemetry
+    from stemagent.config import TelemetryConfig
+
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")  # never connected: only validation
+    for junk in (b"[" * 100_000, b"\xff\xfe", b"{}", b'{"command": "pause", "value": "x"}', b"1" * 70_000):
+        ack = sink.handle_control(junk)
+        assert ack.accepted is False
+    assert sink.stats["control_rejected"] == 5 and len(sink._queue) == 5  # each one acknowledged
+
+
+@SETTINGS
+@given(payload=st.binary(max_size=300) | mutated_headers().map(lambda h: json.dumps(h).encode()))
+def test_mqtt_control_never_raises_on_random_payloads(payload: bytes) -> None:
+    from stemagent.agent.telemetry import MqttTelemetry
+    from stemagent.config import TelemetryConfig
+
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")
+    ack = sink.handle_control(payload)
+    assert ack.accepted is False and len(sink._queue) == 1
