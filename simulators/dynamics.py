@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from scipy.ndimage import map_coordinates
@@ -91,6 +92,13 @@ class Event:
         }
 
 
+@lru_cache(maxsize=8)
+def _probe_table(optics: ProbeOptics, n: int, spacing: float) -> np.ndarray:
+    table = optics.intensity((n, n), (spacing, spacing))
+    table.setflags(write=False)
+    return table
+
+
 @dataclass
 class BeamDynamics:
     """Samples and applies beam-induced events to a :class:`Specimen` (mutated in place)."""
@@ -109,7 +117,7 @@ class BeamDynamics:
         """Probe intensity ``P`` (1/Å²) at ``(n, 2)`` offsets from the beam centre."""
         if self._table is None:
             n = 2 * int(math.ceil((self.reach_A + 0.5) / self._table_spacing))
-            self._table = self.optics.intensity((n, n), (self._table_spacing, self._table_spacing))
+            self._table = _probe_table(self.optics, n, self._table_spacing)
         n = self._table.shape[0]
         off = np.asarray(offsets_A, dtype=np.float64).reshape(-1, 2)
         coords = np.stack([off[:, 1] / self._table_spacing + n // 2, off[:, 0] / self._table_spacing + n // 2])

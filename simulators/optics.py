@@ -137,24 +137,49 @@ class ProbeOptics:
         return _intensity_spectrum_cached(self, tuple(shape), tuple(float(s) for s in spacing_A))
 
     def intensity(self, shape: tuple[int, int], spacing_A: tuple[float, float], centered: bool = True) -> np.ndarray:
-        """Probe intensity density (1/Å²) on a grid; ``centered`` puts the probe at the middle."""
-        spec = self.intensity_spectrum(shape, spacing_A)
-        img = np.fft.irfft2(spec, s=shape)
-        return np.fft.fftshift(img) if centered else img
+        """Probe intensity density (1/Å²) on a grid; ``centered`` puts the probe at the middle.
+
+        Computed on a window of at least :data:`MIN_WINDOW_A` (so the aperture is finely sampled
+        in reciprocal space) and cropped, i.e. not folded periodically."""
+        ny, nx = shape
+        sy, sx = spacing_A
+        my = max(1, int(math.ceil(MIN_WINDOW_A / (ny * sy))))
+        mx = max(1, int(math.ceil(MIN_WINDOW_A / (nx * sx))))
+        big = np.fft.fftshift(_raw_intensity(self, (ny * my, nx * mx), (float(sy), float(sx))))
+        cy, cx = (ny * my) // 2, (nx * mx) // 2
+        img = big[cy - ny // 2 : cy - ny // 2 + ny, cx - nx // 2 : cx - nx // 2 + nx]
+        return img if centered else np.fft.ifftshift(img)
+
+
+#: smallest real-space window (Å) on which probe intensities are computed
+MIN_WINDOW_A = 25.0
+
+
+def _raw_intensity(optics: ProbeOptics, shape: tuple[int, int], spacing: tuple[float, float]) -> np.ndarray:
+    """Periodic probe intensity density on exactly this grid, probe at index (0, 0)."""
+    ny, nx = shape
+    sy, sx = spacing
+    psi = optics.probe_wave(shape, spacing)
+    inten = np.abs(psi) ** 2 / (sy * sx)
+    sig = optics.source_sigma_A
+    if sig > 0:  # incoherent source: Gaussian blur of the intensity
+        ky = np.fft.fftfreq(ny, d=sy)[:, None]
+        kx = np.fft.rfftfreq(nx, d=sx)[None, :]
+        blur = np.exp(-2.0 * np.pi**2 * sig**2 * (kx * kx + ky * ky))
+        inten = np.fft.irfft2(np.fft.rfft2(inten) * blur, s=shape)
+    return inten
 
 
 @lru_cache(maxsize=32)
 def _intensity_spectrum_cached(optics: ProbeOptics, shape: tuple[int, int], spacing: tuple[float, float]) -> np.ndarray:
     ny, nx = shape
     sy, sx = spacing
-    psi = optics.probe_wave(shape, spacing)
-    inten = np.abs(psi) ** 2 / (sy * sx)  # density per Å², integrates to 1
+    # compute on a window of at least MIN_WINDOW_A and fold it onto this periodic grid
+    my = max(1, int(math.ceil(MIN_WINDOW_A / (ny * sy))))
+    mx = max(1, int(math.ceil(MIN_WINDOW_A / (nx * sx))))
+    big = _raw_intensity(optics, (ny * my, nx * mx), spacing)
+    inten = big.reshape(my, ny, mx, nx).sum(axis=(0, 2))
     spec = np.fft.rfft2(inten)
-    sig = optics.source_sigma_A
-    if sig > 0:
-        ky = np.fft.fftfreq(ny, d=sy)[:, None]
-        kx = np.fft.rfftfreq(nx, d=sx)[None, :]
-        spec = spec * np.exp(-2.0 * np.pi**2 * sig**2 * (kx * kx + ky * ky))
     spec.setflags(write=False)
     return spec
 

@@ -16,7 +16,7 @@ import numpy as np
 from stemagent.simulators.elements import symbol
 from stemagent.simulators.fast_adf import ADFModel, render_fraction
 from stemagent.simulators.optics import Aberrations, ProbeOptics
-from stemagent.simulators.scan import NO_DRIFT, DetectorModel, DriftModel, atom_scan_pixels, line_jitter_A
+from stemagent.simulators.scan import NO_DRIFT, DetectorModel, DriftModel, apply_jitter, atom_scan_pixels, line_jitter_A
 from stemagent.simulators.specimens import Specimen, build_specimen
 from stemagent.types import ScanGeometry
 
@@ -104,17 +104,25 @@ class FrameTruth:
         }
 
 
-def _composition(numbers: np.ndarray, site_of: np.ndarray, sites: np.ndarray) -> np.ndarray:
+def _composition(numbers: np.ndarray, site_of: np.ndarray, sites: np.ndarray, n_sites: int) -> np.ndarray:
     """Composition strings of the given ``sites``, e.g. 'S2', 'SSe', 'Mo', '' (empty).
 
     ``numbers`` / ``site_of``: Z and site of the present atoms to consider.
     """
-    keep = np.isin(site_of, sites)
-    pairs, counts = np.unique(np.stack([site_of[keep], numbers[keep]], axis=1), axis=0, return_counts=True)
+    wanted = np.zeros(n_sites, dtype=bool)
+    wanted[sites] = True
+    keep = wanted[site_of]
+    key = site_of[keep].astype(np.int64) * 256 + numbers[keep]
+    keys, counts = np.unique(key, return_counts=True)
     parts: dict[int, str] = {}
-    for (s, z), k in zip(pairs.tolist(), counts.tolist()):
-        parts[s] = parts.get(s, "") + symbol(z) + (str(k) if k > 1 else "")
-    return np.asarray([parts.get(int(s), "") for s in sites], dtype="<U8")
+    cache: dict[tuple[int, int], str] = {}
+    for k, c in zip(keys.tolist(), counts.tolist()):
+        s, z = divmod(k, 256)
+        frag = cache.get((z, c))
+        if frag is None:
+            frag = cache[(z, c)] = symbol(z) + (str(c) if c > 1 else "")
+        parts[s] = parts.get(s, "") + frag
+    return np.asarray([parts.get(s, "") for s in sites.tolist()], dtype="<U8")
 
 
 def frame_bounds(geometry: ScanGeometry, drift: DriftModel, start_s: float, margin_A: float) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -184,7 +192,7 @@ def render_frame(
     expected = detector.mean(lam).astype(np.float32)
 
     # --- truth: sites inside the frame ---
-    labels_all = specimen.site_labels()
+    labels_all = specimen.site_labels(ids)
     sites = specimen.sites_A
     in_box = np.flatnonzero(
         (sites[:, 0] >= lo[0]) & (sites[:, 0] <= hi[0]) & (sites[:, 1] >= lo[1]) & (sites[:, 1] <= hi[1])
@@ -193,8 +201,8 @@ def render_frame(
     vis = (site_rc[:, 0] >= -0.5) & (site_rc[:, 0] <= rows - 0.5) & (site_rc[:, 1] >= -0.5) & (site_rc[:, 1] <= cols - 0.5)
     sidx = in_box[vis]
     pres = ids  # rendered atoms are the present ones near the field
-    comp = _composition(specimen.numbers[pres], specimen.site_of_atom[pres], sidx)
-    atom_rc_j, _ = atom_scan_pixels(geometry, xy, start_s, drift, jitter_A=jit)
+    comp = _composition(specimen.numbers[pres], specimen.site_of_atom[pres], sidx, specimen.n_sites)
+    atom_rc_j = apply_jitter(geometry, rc_atoms, jit)
     line_t = geometry.line_start_times_s(start_s)
     extras: dict[str, Any] = {}
     if "polarization" in specimen.extras:
@@ -206,7 +214,7 @@ def render_frame(
         positions_A=sites[sidx].copy(),
         pixels_rc=site_rc[vis],
         labels=labels_all[sidx],
-        numbers=specimen.site_numbers()[sidx].astype(np.int64),
+        numbers=specimen.site_numbers(ids)[sidx].astype(np.int64),
         species=comp,
         site_index=sidx,
         times_s=site_t[vis],

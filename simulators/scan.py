@@ -100,7 +100,7 @@ class DetectorModel:
 
     def sample(self, expected_electrons: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         lam = np.asarray(expected_electrons, dtype=np.float64) * self.efficiency
-        counts = rng.poisson(lam).astype(np.float32)
+        counts = _poisson(lam, rng)
         if self.gain != 1.0:
             counts *= np.float32(self.gain)
         if self.offset:
@@ -108,6 +108,10 @@ class DetectorModel:
         if self.read_noise:
             counts += rng.standard_normal(counts.shape, dtype=np.float32) * np.float32(self.read_noise)
         return counts
+
+
+def _poisson(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return rng.poisson(lam).astype(np.float32)
 
 
 def line_jitter_A(rows: int, jitter_A: float, rng: np.random.Generator) -> np.ndarray:
@@ -139,13 +143,27 @@ def atom_scan_pixels(
         rc = geometry.sample_to_pixel(xy)
         t = start_s + np.clip(rc[:, 0], 0, rows - 1) * geometry.line_time_s + np.clip(rc[:, 1], 0, cols - 1) * geometry.dwell_s
     else:
+        # drift is smooth on the scale of a line: tabulate it at every line start (and the frame
+        # end) and interpolate in time, instead of evaluating the model per atom
+        knots_t = start_s + np.arange(rows + 1) * geometry.line_time_s
+        knots_d = drift.displacement_A(knots_t)
+
+        def d_at(t: np.ndarray) -> np.ndarray:
+            return np.stack([np.interp(t, knots_t, knots_d[:, 0]), np.interp(t, knots_t, knots_d[:, 1])], axis=1)
+
         t = np.full(len(xy), start_s + geometry.frame_time_s / 2.0)
-        rc = geometry.sample_to_pixel(xy + drift.displacement_A(t))
+        rc = geometry.sample_to_pixel(xy + d_at(t))
         for _ in range(iterations):
             t = start_s + np.clip(np.rint(rc[:, 0]), 0, rows - 1) * geometry.line_time_s + np.clip(rc[:, 1], 0, cols - 1) * geometry.dwell_s
-            rc = geometry.sample_to_pixel(xy + drift.displacement_A(t))
-    if jitter_A is not None and np.any(jitter_A):
-        r = np.clip(np.rint(rc[:, 0]).astype(np.int64), 0, rows - 1)
-        rc = rc.copy()
-        rc[:, 1] -= jitter_A[r] / geometry.pixel_size_A[0]
-    return rc, t
+            rc = geometry.sample_to_pixel(xy + d_at(t))
+    return apply_jitter(geometry, rc, jitter_A), t
+
+
+def apply_jitter(geometry: ScanGeometry, rc: np.ndarray, jitter_A: np.ndarray | None) -> np.ndarray:
+    """Pixel positions seen with line jitter: a point in row ``r`` appears ``jitter[r] / pixel`` columns earlier."""
+    if jitter_A is None or not np.any(jitter_A):
+        return rc
+    r = np.clip(np.rint(rc[:, 0]).astype(np.int64), 0, geometry.shape_px[0] - 1)
+    out = rc.copy()
+    out[:, 1] -= jitter_A[r] / geometry.pixel_size_A[0]
+    return out

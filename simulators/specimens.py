@@ -81,19 +81,20 @@ class Specimen:
         )
 
     # --- ground truth labels ---------------------------------------------------------
-    def site_occupancy(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per site: number of present atoms and number of present atoms that are not the host species."""
+    def site_occupancy(self, atoms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per site: number of present atoms and number of present atoms that are not the host
+        species. ``atoms``: restrict the count to these atom indices (sites outside get zeros)."""
         m = self.n_sites
-        p = self.present
-        count = np.bincount(self.site_of_atom[p], minlength=m)
-        foreign = np.bincount(
-            self.site_of_atom[p], weights=(self.numbers[p] != self.host_number[self.site_of_atom[p]]), minlength=m
-        ).astype(np.int64)
+        idx = np.flatnonzero(self.present) if atoms is None else atoms[self.present[atoms]]
+        site = self.site_of_atom[idx]
+        count = np.bincount(site, minlength=m)
+        foreign = np.bincount(site, weights=(self.numbers[idx] != self.host_number[site]), minlength=m).astype(np.int64)
         return count, foreign
 
-    def site_labels(self) -> np.ndarray:
-        """Class index (into ``class_names``) of every site, from its current occupancy."""
-        count, foreign = self.site_occupancy()
+    def site_labels(self, atoms: np.ndarray | None = None) -> np.ndarray:
+        """Class index (into ``class_names``) of every site, from its current occupancy
+        (counting only ``atoms`` when given: then only the sites those atoms cover are valid)."""
+        count, foreign = self.site_occupancy(atoms)
         labels = np.zeros(self.n_sites, dtype=np.int64)
         if self.kind == "graphene":
             labels[foreign > 0] = 1
@@ -105,16 +106,16 @@ class Specimen:
             labels[chal & (foreign > 0)] = 2
             labels[chal & (count < self.host_count)] = 3
             labels[~chal & (count == 0)] = 3
-        else:  # perovskites: label is the site role; empty columns are 'vacancy'
+        else:  # perovskites and isolated atoms: label is the site role; empty columns are 'vacancy'
             labels[:] = self.site_role
             if "vacancy" in self.class_names:
                 labels[count == 0] = self.class_names.index("vacancy")
         return labels
 
-    def site_numbers(self) -> np.ndarray:
-        """Summed Z of the atoms present in each site's column, ``(M,)``."""
-        p = self.present
-        return np.bincount(self.site_of_atom[p], weights=self.numbers[p], minlength=self.n_sites)
+    def site_numbers(self, atoms: np.ndarray | None = None) -> np.ndarray:
+        """Summed Z of the atoms present in each site's column, ``(M,)`` (over ``atoms`` if given)."""
+        idx = np.flatnonzero(self.present) if atoms is None else atoms[self.present[atoms]]
+        return np.bincount(self.site_of_atom[idx], weights=self.numbers[idx], minlength=self.n_sites)
 
     def in_box(self, xy_min: tuple[float, float], xy_max: tuple[float, float], margin_A: float = 0.0) -> np.ndarray:
         """Indices of present atoms whose (x, y) lies in the box grown by ``margin_A``."""
