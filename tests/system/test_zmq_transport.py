@@ -343,3 +343,21 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
         junk_pub.close(linger=0)
         await drv.close()
         await stop_bridge(bridge, task)
+
+
+async def test_oversized_request_is_cut_off_by_zeromq_and_the_bridge_goes_on(fake_microscope: FakeMicroscope) -> None:
+    bridge, task = await start_bridge(fake_microscope)
+    ctx = zmq.asyncio.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bridge.control_endpoint)
+    drv = client(bridge)
+    try:
+        await raw.send_multipart([b"{" + b" " * (2 * wire.MAX_JSON_BYTES)])  # over MAXMSGSIZE
+        await drv.connect()
+        assert (await drv.capabilities()).name == "fake"
+        assert bridge.stats["requests"] >= 2 and bridge.stats["rejected"] == 0  # never reached the application
+    finally:
+        raw.close(linger=0)
+        await drv.close()
+        await stop_bridge(bridge, task)
