@@ -8,7 +8,7 @@ it until the final ``(N, ...)`` atom arrays are read back.
    does, so flat-topped peaks do not split), a probability threshold, the class from the
    3x3-averaged class probabilities, and a 3x3 centroid for a sub-pixel start.
 2. :func:`refine_gaussians`: a joint Poisson maximum-likelihood fit of a 2D Gaussian per atom
-   (row, col, amplitude, width) plus one constant background per frame, by Fisher scoring.
+   (row, col, amplitude, width, constant background under its window), by Fisher scoring.
    All atoms of a batch are fitted at once: the model image is the sum of every atom's window
    (scatter-add), so each atom's update sees its neighbours' tails instead of being pulled by
    them. The per-atom 4x4 Fisher matrices are solved in one batched call; their inverse gives
@@ -86,7 +86,8 @@ class GaussianFit:
 
     ``rc`` ``(N, 2)`` refined (row, col) px; ``sigma_rc`` ``(N, 2)`` 1-sigma uncertainty of
     ``rc`` from the inverse Fisher information (px, counts assumed Poisson); ``amplitude``
-    ``(N,)`` peak height; ``width_px`` ``(N,)`` Gaussian sigma; ``background`` ``(B,)``;
+    ``(N,)`` peak height; ``width_px`` ``(N,)`` Gaussian sigma; ``background`` ``(N,)`` the
+    constant under each atom's window;
     ``ok`` ``(N,)`` False where the fit was rejected and ``rc`` is the starting point.
     """
 
@@ -110,9 +111,10 @@ def refine_gaussians(
     fit_width_min_counts: float = 30.0,
     fit_mask: torch.Tensor | None = None,
 ) -> GaussianFit:
-    """Joint Poisson ML fit of one Gaussian per atom plus a constant background per image.
+    """Joint Poisson ML fit of one Gaussian per atom plus a local constant background per atom.
 
-    ``images`` ``(B, H, W)`` float (counts, any offset is absorbed by the background);
+    ``images`` ``(B, H, W)`` float (counts; an offset is absorbed by the backgrounds). Each atom's
+    window sees the model ``sum_k A_k g_k + b_j``: all atoms' Gaussians plus its own background;
     ``batch`` ``(N,)`` image of each atom; ``rc0`` ``(N, 2)`` start (row, col) px;
     ``width0_px`` starting Gaussian sigma in px. ``radius_px``: half-size of each atom's window
     (default ``ceil(3.5 width0_px)``). Widths are fitted only for atoms with more than
@@ -155,8 +157,9 @@ def refine_gaussians(
     amp = (centre - bkg[batch]).clamp_min(1e-3 * (imgs.mean() + 1e-6))
     wid = torch.full((n,), float(width0_px), device=dev)
     floor = 1e-4 * float(imgs.mean().clamp_min(1e-6)) + 1e-8
-    eye = torch.eye(4, device=dev)
-    fisher = eye.expand(n, 4, 4)
+    loc = bkg[batch].clone()  # local background of each atom's window
+    eye = torch.eye(5, device=dev)
+    fisher = eye.expand(n, 5, 5)
 
     def atom_terms(rc_: torch.Tensor, amp_: torch.Tensor, wid_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dr = pr - rc_[:, 0, None, None]
@@ -171,11 +174,8 @@ def refine_gaussians(
         contrib = amp[:, None, None] * g
         canvas = torch.zeros(nb * h * w, device=dev)
         canvas.index_add_(0, flat.reshape(-1), contrib.reshape(-1))
-        model = canvas.reshape(nb, h, w) + bkg[:, None, None]
-        # background: mean residual over each image (least-squares step), kept non-negative
-        bkg = (bkg + (imgs - model).mean(dim=(1, 2))).clamp_min(0.0)
-        model = (canvas.reshape(nb, h, w) + bkg[:, None, None]).clamp_min(floor)
-        m = model.reshape(-1)[flat].reshape(n, offs.numel(), offs.numel())
+        atoms_win = canvas[flat].reshape(n, offs.numel(), offs.numel())
+        m = (atoms_win + loc[:, None, None]).clamp_min(floor)
         s2 = (wid * wid)[:, None, None]
         jac = torch.stack(
             [
@@ -183,17 +183,19 @@ def refine_gaussians(
                 contrib * dc / s2,  # d/d col
                 contrib,  # d/d log amplitude
                 contrib * d2 / s2,  # d/d log width
+                inside,  # d/d local background
             ],
             dim=1,
-        ).reshape(n, 4, -1)  # (N, 4, P)
+        ).reshape(n, 5, -1)  # (N, 5, P)
         winv = (inside / m).reshape(n, 1, -1)
         resid = (data - m).reshape(n, 1, -1)
-        grad = (jac * winv * resid).sum(dim=2)  # (N, 4)
-        fisher = torch.einsum("nkp,nlp->nkl", jac * winv, jac)  # (N, 4, 4)
+        grad = (jac * winv * resid).sum(dim=2)  # (N, 5)
+        fisher = torch.einsum("nkp,nlp->nkl", jac * winv, jac)  # (N, 5, 5)
         counts = amp * 2.0 * torch.pi * wid * wid
         fit_w = (counts > fit_width_min_counts).float()
         # hold the width where it is not fitted: zero its row/column, unit diagonal
-        mask = torch.stack([torch.ones_like(fit_w), torch.ones_like(fit_w), torch.ones_like(fit_w), fit_w], dim=1)
+        one = torch.ones_like(fit_w)
+        mask = torch.stack([one, one, one, fit_w, one], dim=1)
         fisher = fisher * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1.0 - mask)
         grad = grad * mask
         damp = fisher + 1e-3 * torch.diag_embed(torch.diagonal(fisher, dim1=1, dim2=2)) + 1e-9 * eye
@@ -204,6 +206,7 @@ def refine_gaussians(
         rc = rc + step_rc * use[:, None].float()
         amp = amp * torch.exp(step[:, 2].clamp(-1.0, 1.0))
         wid = (wid * torch.exp(step[:, 3].clamp(-0.3, 0.3))).clamp(0.4 * width0_px, 2.5 * width0_px)
+        loc = (loc + step[:, 4]).clamp_min(0.0)
 
     cov = torch.linalg.inv(fisher + 1e-9 * eye)
     sig_rc = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2)[:, :2].clamp_min(0.0))
@@ -211,4 +214,4 @@ def refine_gaussians(
     ok = use & (shift <= max_shift) & torch.isfinite(rc).all(dim=1) & (amp * 2.0 * torch.pi * wid * wid > 0.5)
     rc = torch.where(ok[:, None], rc, rc0.float())
     sig_rc = torch.where(ok[:, None], sig_rc, torch.full_like(sig_rc, float(width0_px)))
-    return GaussianFit(rc=rc, sigma_rc=sig_rc, amplitude=amp, width_px=wid, background=bkg, ok=ok)
+    return GaussianFit(rc=rc, sigma_rc=sig_rc, amplitude=amp, width_px=wid, background=loc, ok=ok)

@@ -1,0 +1,117 @@
+"""Extraction (peaks + Gaussian ML refinement), resampling and CRLB on synthetic data: exact cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from stemagent.errors import InputError
+from stemagent.segmentation.crlb import crlb_incoherent, fisher_crlb
+from stemagent.segmentation.extract import find_peaks, refine_gaussians
+from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
+
+
+def _gaussians(shape, rc, amp, sigma, background=0.0):
+    r, c = np.mgrid[0 : shape[0], 0 : shape[1]]
+    img = np.full(shape, background, dtype=np.float64)
+    for (y, x), a in zip(rc, amp):
+        img += a * np.exp(-((r - y) ** 2 + (c - x) ** 2) / (2 * sigma**2))
+    return img
+
+
+def test_refinement_exact_on_isolated_gaussians():
+    rng = np.random.default_rng(0)
+    gy, gx = np.meshgrid(np.arange(14, 90, 24.0), np.arange(14, 90, 24.0))
+    truth = np.stack([gy.ravel(), gx.ravel()], 1) + rng.uniform(-0.5, 0.5, (gy.size, 2))
+    amp = rng.uniform(5, 50, len(truth))
+    img = _gaussians((100, 100), truth, amp, 2.3, background=0.7)
+    start = torch.as_tensor(truth + rng.uniform(-0.7, 0.7, truth.shape), dtype=torch.float32)
+    fit = refine_gaussians(torch.as_tensor(img, dtype=torch.float32)[None], torch.zeros(len(truth), dtype=torch.long), start, 2.0, iterations=10)
+    assert fit.ok.all()
+    assert np.abs(fit.rc.numpy() - truth).max() < 2e-3  # px
+    assert np.allclose(fit.amplitude.numpy(), amp, rtol=2e-3)
+    assert np.allclose(fit.width_px.numpy(), 2.3, rtol=2e-3)
+    assert np.allclose(fit.background.numpy(), 0.7, atol=5e-3)
+    assert (fit.sigma_rc.numpy() > 0).all()
+
+
+def test_refinement_models_neighbours_and_batches():
+    # two overlapping spots in one image, an isolated one in a second image of the batch
+    truth0 = np.array([[30.2, 30.6], [30.9, 40.1]])  # 9.5 px apart, sigma 2.2
+    truth1 = np.array([[20.4, 50.3]])
+    imgs = np.stack([_gaussians((64, 64), truth0, [20, 40], 2.2), _gaussians((64, 64), truth1, [30], 2.2)])
+    rc0 = torch.as_tensor(np.concatenate([truth0, truth1]) + 0.4, dtype=torch.float32)
+    fit = refine_gaussians(torch.as_tensor(imgs, dtype=torch.float32), torch.tensor([0, 0, 1]), rc0, 2.2, iterations=12)
+    assert np.abs(fit.rc.numpy() - np.concatenate([truth0, truth1])).max() < 0.02
+
+
+def test_refinement_rejects_empty_sites_and_masked_atoms():
+    img = _gaussians((40, 40), [[20.0, 20.0]], [10.0], 2.0)
+    rc0 = torch.tensor([[20.3, 19.8], [8.0, 8.0]])
+    fit = refine_gaussians(torch.as_tensor(img, dtype=torch.float32)[None], torch.zeros(2, dtype=torch.long), rc0, 2.0, iterations=8, fit_mask=torch.tensor([True, False]))
+    assert fit.ok.tolist() == [True, False]
+    assert torch.equal(fit.rc[1], rc0[1])
+    assert abs(float(fit.rc[0, 0]) - 20.0) < 1e-3
+
+
+def test_find_peaks_positions_and_classes():
+    h = w = 32
+    logits = torch.full((1, 4, h, w), -5.0)
+    logits[:, 0] = 5.0
+    for (r, c), k in [((5, 7), 1), ((20, 12), 3), ((25, 25), 2)]:
+        rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        blob = 12.0 * torch.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 2.0)
+        logits[0, k] = torch.maximum(logits[0, k], blob)
+    peaks = find_peaks(logits, threshold=0.5, min_separation_px=2)
+    got = sorted(zip(peaks.rc.round().long().tolist(), peaks.classes.tolist()))
+    assert got == [([5, 7], 0), ([20, 12], 2), ([25, 25], 1)]
+    assert ((peaks.confidence > 0.5) & (peaks.confidence <= 1.0)).all()
+    assert len(find_peaks(logits, threshold=0.5, min_separation_px=2, valid_shape=(16, 16))) == 1
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.37, 2.0])
+def test_resampling_maps_positions_back(scale):
+    truth = np.array([[40.3, 61.7], [90.55, 30.2], [64.0, 100.4]])
+    img = _gaussians((128, 128), truth, [1, 1, 1], 4.0)
+    out_shape = (int(round(128 * scale)), int(round(128 * scale)))
+    small = resize(torch.as_tensor(img, dtype=torch.float32)[None, None], out_shape)[0, 0].numpy()
+    # locate each spot on the resampled grid (log-parabola on the 3x3 peak) and map back
+    found = []
+    for y, x in scale_rc(torch.as_tensor(truth), (128, 128), out_shape).numpy():
+        r, c = int(round(y)), int(round(x))
+        lg = np.log(np.maximum(small[r - 1 : r + 2, c - 1 : c + 2], 1e-12))
+        dr = 0.5 * (lg[0, 1] - lg[2, 1]) / (lg[0, 1] - 2 * lg[1, 1] + lg[2, 1])
+        dc = 0.5 * (lg[1, 0] - lg[1, 2]) / (lg[1, 0] - 2 * lg[1, 1] + lg[1, 2])
+        found.append([r + dr, c + dc])
+    back = scale_rc(torch.as_tensor(np.asarray(found)), out_shape, (128, 128)).numpy()
+    assert np.abs(back - truth).max() < 0.1  # input pixels
+
+
+def test_model_shape_and_padding():
+    assert model_shape((512, 512), (0.1, 0.1), 0.2) == (256, 256)
+    assert model_shape((300, 200), (0.1, 0.15), 0.2) == (225, 100)  # pixel_A is (x, y)
+    x = torch.zeros(1, 1, 150, 150)
+    assert pad_to_multiple(x, 4).shape[-2:] == (152, 152)
+    with pytest.raises(InputError, match="pixel_size_A"):
+        model_shape((64, 64), (float("nan"), 0.1), 0.2)
+
+
+def test_crlb_of_a_gaussian_spot_is_sigma_over_sqrt_counts():
+    sigma, counts = 3.0, 400.0
+    spacing = 0.25
+    k = np.arange(-40, 40.25, spacing)
+    kr, kc = np.meshgrid(k, k, indexing="ij")
+    psf = np.exp(-(kr**2 + kc**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)  # unit total per pixel grid
+    truth = np.array([[50.3, 49.6]])
+    expected = counts * _gaussians((100, 100), truth, [1.0 / (2 * np.pi * sigma**2)], sigma) + 1e-9
+    bound = crlb_incoherent(expected, truth, np.array([counts]), psf, spacing, radius_px=30)
+    assert np.allclose(bound, sigma / np.sqrt(counts), rtol=0.02)
+    # background adds variance and loosens the bound
+    looser = crlb_incoherent(expected + 1.0, truth, np.array([counts]), psf, spacing, radius_px=30)
+    assert (looser > bound).all()
+
+
+def test_crlb_bad_shapes():
+    with pytest.raises(InputError, match="dmu.shape"):
+        fisher_crlb(np.zeros((3, 2)), np.ones((3, 2)))
+    with pytest.raises(InputError, match="scale.shape"):
+        crlb_incoherent(np.ones((10, 10)), np.zeros((2, 2)), np.ones(3), np.ones((5, 5)), 1.0)
