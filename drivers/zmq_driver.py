@@ -215,7 +215,31 @@ class ZmqDriver:
             raise DriverFault(f"bridge sent an invalid park result: {exc}") from None
 
     async def blank(self) -> None:
-        await self._request("blank")
+        """Blank the beam. With the link down, one try on a fresh socket (blanking is always safe
+        to send), then :class:`DriverFault`; the bridge's own watchdog blanks a silent client's beam."""
+        if self.link_up or self._closed:
+            await self._request("blank")
+            return
+        await self._blank_out_of_band(timeout_s=min(self.request_timeout_s, 1.0))
+
+    async def _blank_out_of_band(self, timeout_s: float) -> None:
+        rid = f"{self._session}-{next(self._ids)}"
+        req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, op="blank")
+        s = self._open_dealer()
+        try:
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):
+                raise DriverFault(f"blank: bridge unreachable at {self.control_endpoint} ({self.fault or 'link down'})")
+            await s.send_multipart(wire.encode_request(req), flags=zmq.NOBLOCK)
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLIN):
+                raise DriverFault(f"blank {rid}: no reply within {timeout_s:.2f} s while the link is down")
+            reply, _ = wire.decode_reply(await s.recv_multipart(flags=zmq.NOBLOCK), self.max_frame_bytes)
+        except (zmq.ZMQError, wire.WireError) as exc:
+            raise DriverFault(f"blank {rid}: failed while the link is down ({exc})") from None
+        finally:
+            s.close(linger=0)
+        if reply.id != rid or not reply.ok:
+            raise DriverFault(f"blank {rid}: not confirmed by the bridge ({reply.error})")
+        log.warning("zmq driver: beam blanked through a fresh socket while the link was down")
 
     async def status(self) -> dict[str, Any]:
         """The bridge's status and this driver's counters (not part of the Driver protocol)."""

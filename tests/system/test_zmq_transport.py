@@ -118,8 +118,8 @@ async def test_lost_bridge_fails_in_flight_command_without_resending_and_reconne
         with pytest.raises(DriverFault, match="not resent"):
             await in_flight
         assert not drv.link_up and drv.fault is not None and drv.stats["unconfirmed_commands"] >= 1
-        with pytest.raises(DriverFault, match="link is down"):
-            await drv.blank()
+        with pytest.raises(DriverFault, match="unreachable"):
+            await drv.blank()  # one out-of-band try; nobody is there
 
         scope2 = FakeMicroscope(seed=1)
         bridge2, task2 = await start_bridge(scope2, bridge.control_endpoint, bridge.frames_endpoint)
@@ -359,5 +359,22 @@ async def test_oversized_request_is_cut_off_by_zeromq_and_the_bridge_goes_on(fak
         assert bridge.stats["requests"] >= 2 and bridge.stats["rejected"] == 0  # never reached the application
     finally:
         raw.close(linger=0)
+        await drv.close()
+        await stop_bridge(bridge, task)
+
+
+async def test_blank_gets_through_on_a_fresh_socket_while_the_link_is_down(fake_microscope: FakeMicroscope) -> None:
+    bridge, task = await start_bridge(fake_microscope)
+    drv = client(bridge, heartbeat_interval_s=30.0)  # the supervisor will not bring the link back during the test
+    try:
+        await drv.connect()
+        await drv.acquire(GEOM)
+        assert not fake_microscope.blanked
+        drv._drop_link("simulated heartbeat loss", report=True)  # the bridge itself is fine
+        await drv.blank()
+        assert fake_microscope.blanked
+        with pytest.raises(DriverFault, match="link is down"):
+            await drv.acquire(GEOM)  # everything else still refuses until the link is back
+    finally:
         await drv.close()
         await stop_bridge(bridge, task)
