@@ -31,7 +31,9 @@ from stemagent.simulators.optics import ProbeOptics
 class ADFModel:
     """Incoherent ADF contrast: ``sigma(Z) = sigma_C_A2 * (Z / 6) ** z_exponent``.
 
-    ``sigma_C_A2``: fraction-of-beam cross-section of one carbon atom into the detector (Å²).
+    ``sigma_C_A2``: fraction-of-beam cross-section of one carbon atom into the detector (Å²);
+    the default is the multislice calibration for an 80-180 mrad detector at 60 keV, 30 mrad
+    (benchmarks/bench_multislice.py: 0.00094 Å², with n = 1.58 for MoS2 in that setting).
     ``background``: fraction of the beam reaching the detector everywhere (e.g. amorphous
     contamination). ``max_grid_A``: render grid spacing limit (pixels coarser than this are
     supersampled). ``pad_A``: margin rendered around the field so atoms outside still spill in.
@@ -41,7 +43,7 @@ class ADFModel:
     """
 
     z_exponent: float = 1.8
-    sigma_C_A2: float = 0.0025
+    sigma_C_A2: float = 0.001
     background: float = 0.0
     max_grid_A: float = 0.2
     pad_A: float = 3.0
