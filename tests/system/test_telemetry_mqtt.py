@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -14,6 +17,7 @@ from stemagent.agent.telemetry import MqttTelemetry
 from stemagent.config import RunConfig, TelemetryConfig
 from stemagent.errors import ConfigError
 
+from mqtt_broker import run_mosquitto
 from transport_fakes import free_port
 
 pytestmark = pytest.mark.system
@@ -92,3 +96,43 @@ async def test_without_a_broker_telemetry_is_off() -> None:
 
     async with open_telemetry(RunConfig()) as sink:
         assert sink is None
+
+
+def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl tool."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=stemagent-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt",
+        "-days", "2", "-extfile", "san.ext")
+    return d / "ca.crt", d / "server.crt", d / "server.key"
+
+
+async def test_username_password_and_tls(tmp_path: Path) -> None:
+    passwd_tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(passwd_tool).exists():
+        pytest.skip("mosquitto_passwd is not installed")
+    ca, cert, key = _tls_files(tmp_path)
+    subprocess.run([passwd_tool, "-b", "-c", str(tmp_path / "passwd"), "agent", "s3cret"], check=True, timeout=30)
+    settings = (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+                f"allow_anonymous false\npassword_file {tmp_path / 'passwd'}\n")
+    with run_mosquitto(tmp_path, settings) as port:
+        good = TelemetryConfig(host="127.0.0.1", port=port, username="agent", password="s3cret", tls=True, tls_ca_file=ca)
+        async with MqttTelemetry(good, run_name="secure", connect_timeout_s=10.0) as sink:
+            sink.publish("status", {"state": "running"})
+        assert sink.stats["published"] == 1
+        wrong_password = good.model_copy(update={"password": "nope"})
+        with pytest.raises(ConfigError, match="telemetry.host"):
+            async with MqttTelemetry(wrong_password, run_name="secure", connect_timeout_s=2.0):
+                pass
+        no_tls = good.model_copy(update={"tls": False})
+        with pytest.raises(ConfigError, match="telemetry.host"):
+            async with MqttTelemetry(no_tls, run_name="secure", connect_timeout_s=2.0):
+                pass
