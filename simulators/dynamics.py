@@ -111,6 +111,7 @@ class BeamDynamics:
     neighbour_cutoff_A: float = 1.75
     _table: np.ndarray | None = field(default=None, init=False, repr=False)
     _table_spacing: float = field(default=0.05, init=False, repr=False)
+    _sigma_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     # --- probe intensity at arbitrary offsets --------------------------------------------
     def probe_density(self, offsets_A: np.ndarray) -> np.ndarray:
@@ -156,7 +157,11 @@ class BeamDynamics:
         return out
 
     def _sigma(self, kind: str, struck_z: int) -> float:
-        return self.cross_sections.at_energy(kind, self.optics.energy_keV, struck_z)
+        key = (kind, int(struck_z))
+        v = self._sigma_cache.get(key)
+        if v is None:
+            v = self._sigma_cache[key] = self.cross_sections.at_energy(kind, self.optics.energy_keV, int(struck_z))
+        return v
 
     def _apply(self, specimen: Specimen, kind: str, struck: int, partner: int, t: float,
                beam: tuple[float, float] | None, during: str) -> Event:
@@ -183,16 +188,18 @@ class BeamDynamics:
         chans = self._channels(specimen, atom_ids)
         drawn: list[tuple[float, str, int, int]] = []
         by_partner: dict[int, list[tuple[float, str, int, int]]] = {}
-        for kind, struck, partner in chans:
-            if struck not in t_of:
-                continue
-            p = -math.expm1(-self._sigma(kind, int(specimen.numbers[struck])) * dose_e_per_A2)
-            if p > 0 and rng.random() < p:
-                item = (t_of[struck], kind, struck, partner)
-                if partner >= 0:
-                    by_partner.setdefault(partner, []).append(item)
-                else:
-                    drawn.append(item)
+        chans = [c for c in chans if c[1] in t_of]
+        if not chans:
+            return []
+        p = -np.expm1(-np.array([self._sigma(k, int(specimen.numbers[a])) for k, a, _ in chans]) * dose_e_per_A2)
+        hit = rng.random(len(chans)) < p
+        for j in np.flatnonzero(hit):
+            kind, struck, partner = chans[j]
+            item = (t_of[struck], kind, struck, partner)
+            if partner >= 0:
+                by_partner.setdefault(partner, []).append(item)
+            else:
+                drawn.append(item)
         for items in by_partner.values():  # one swap per Si per frame: the first neighbour hit
             drawn.append(min(items))
         events: list[Event] = []
