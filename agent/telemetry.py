@@ -156,12 +156,14 @@ class MqttTelemetry:
         self._closing = True
         self._have_output.set()
         if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout=self.publish_timeout_s + 1.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-            except Exception:  # noqa: BLE001
-                log.exception("telemetry: closing failed")
+            # flush what is queued (bounded by the publish timeout), then give up on the rest
+            done, _ = await asyncio.wait({self._task}, timeout=self.publish_timeout_s + 1.0)
+            if not done:
+                log.warning("telemetry: %d documents not delivered at exit", len(self._queue))
+                self._task.cancel()
+            results = await asyncio.gather(self._task, return_exceptions=True)
+            if results and isinstance(results[0], Exception):
+                log.error("telemetry: closing failed: %r", results[0])
 
     def _client(self) -> aiomqtt.Client:
         tls_context = None
@@ -195,13 +197,22 @@ class MqttTelemetry:
                     first = False
                     delay = 0.2
                     self._connected.set()
+                    sender = asyncio.ensure_future(self._send_loop(client))
                     listener = asyncio.ensure_future(self._listen(client))
                     try:
-                        await self._send_loop(client)
+                        # whichever ends first decides: the sender ends only when closing; a
+                        # listener that ends or fails means the connection is gone
+                        done, _ = await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        listener.cancel()
-                        await asyncio.gather(listener, return_exceptions=True)
-                    return
+                        for t in (sender, listener):
+                            t.cancel()
+                        await asyncio.gather(sender, listener, return_exceptions=True)
+                    for t in done:
+                        if t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    if sender in done:
+                        return
+                    raise aiomqtt.MqttError("the broker closed the control subscription")
             except aiomqtt.MqttError as exc:
                 if self._closing:
                     return

@@ -31,16 +31,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.0
 
 
 @contextlib.contextmanager
-def run_mosquitto(workdir: Path, settings: str = "allow_anonymous true\n") -> Iterator[int]:
-    """Start mosquitto on 127.0.0.1:<free port> with ``settings`` for that listener; yield the port."""
+def run_mosquitto(workdir: Path, settings: str = "allow_anonymous true\n", port: int | None = None) -> Iterator[int]:
+    """Start mosquitto on 127.0.0.1:<port> (a free one by default) with ``settings``; yield the port."""
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
+    port = port or free_port()
     conf = workdir / f"mosquitto-{port}.conf"
     # 'user root' keeps a broker started as root from dropping to a user that cannot read tmp files
     user = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(f"{user}persistence false\nper_listener_settings false\nlistener {port} 127.0.0.1\n{settings}")
-    log = open(workdir / f"mosquitto-{port}.log", "wb")
+    log = open(workdir / f"mosquitto-{port}.log", "ab")
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_port(port, proc)

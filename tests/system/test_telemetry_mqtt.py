@@ -136,3 +136,25 @@ async def test_username_password_and_tls(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="telemetry.host"):
             async with MqttTelemetry(no_tls, run_name="secure", connect_timeout_s=2.0):
                 pass
+
+
+async def test_telemetry_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
+    with run_mosquitto(tmp_path) as port:
+        cfg = TelemetryConfig(host="127.0.0.1", port=port)
+        sink = MqttTelemetry(cfg, run_name="rb", reconnect_max_s=0.5)
+        await sink.__aenter__()
+        target = Target(sink)
+        sink.attach(target)
+    try:
+        # the broker is gone; publishing still never blocks or raises
+        sink.publish("frame", {"frame_index": 1})
+        with run_mosquitto(tmp_path, port=port):
+            while sink.stats["reconnects"] < 1:
+                await asyncio.sleep(0.05)  # the client's backoff is on wall time
+            async with aiomqtt.Client("127.0.0.1", port, identifier="op2") as op:
+                await op.subscribe("stemagent/rb/#", qos=1)
+                await op.publish("stemagent/rb/control", json.dumps({"command": "resume", "id": "after"}), qos=1)
+                ack = await next_message(op, "stemagent/rb/ack")
+                assert ack["id"] == "after" and [m.command for m in target.got] == ["resume"]
+    finally:
+        await sink.__aexit__(None, None, None)
