@@ -107,6 +107,7 @@ class MqttTelemetry:
         self._connected = asyncio.Event()
         self._closing = False
         self._target: ControlTarget | None = None
+        self._refused: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {
             "published": 0,
@@ -144,6 +145,8 @@ class MqttTelemetry:
             self._closing = True
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            if self._refused is not None:
+                raise ConfigError("<config>", "telemetry.username", self.cfg.username, f"refused by the broker ({self._refused})")
             raise ConfigError(
                 "<config>",
                 "telemetry.host",
@@ -217,6 +220,9 @@ class MqttTelemetry:
                 if self._closing:
                     return
                 log.error("telemetry: MQTT connection to %s:%s failed: %s", self.cfg.host, self.cfg.port, exc)
+                if first and _refused_credentials(exc):
+                    self._refused = str(exc)  # retrying cannot help: fail the start at once
+                    return
             await asyncio.sleep(delay)
             delay = min(self.reconnect_max_s, delay * 2)
 
@@ -277,6 +283,13 @@ class MqttTelemetry:
         ack = ControlAck(id=msg_id, command=command, accepted=False, state=str(state), detail=detail[:500])
         self.publish("ack", ack.model_dump())
         return ack
+
+
+def _refused_credentials(exc: Exception) -> bool:
+    """CONNACK refusals that retrying cannot fix: bad user name or password, not authorised."""
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return value in (4, 5, 134, 135)  # MQTT 3.1.1 return codes, MQTT 5 reason codes
 
 
 def _explain(exc: BaseException) -> str:

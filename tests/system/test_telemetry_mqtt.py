@@ -129,12 +129,12 @@ async def test_username_password_and_tls(tmp_path: Path) -> None:
             sink.publish("status", {"state": "running"})
         assert sink.stats["published"] == 1
         wrong_password = good.model_copy(update={"password": "nope"})
-        with pytest.raises(ConfigError, match="telemetry.host"):
-            async with MqttTelemetry(wrong_password, run_name="secure", connect_timeout_s=2.0):
+        with pytest.raises(ConfigError, match="telemetry.username.*refused"):  # at once, no retries
+            async with MqttTelemetry(wrong_password, run_name="secure", connect_timeout_s=30.0):
                 pass
         no_tls = good.model_copy(update={"tls": False})
         with pytest.raises(ConfigError, match="telemetry.host"):
-            async with MqttTelemetry(no_tls, run_name="secure", connect_timeout_s=2.0):
+            async with MqttTelemetry(no_tls, run_name="secure", connect_timeout_s=1.0):
                 pass
 
 
