@@ -152,13 +152,14 @@ async def test_file_driver_plays_images_as_frames(tmp_path: Path) -> None:
         await drv.acquire(first.geometry)
 
 
-def test_gatan_dm3(tmp_path: Path) -> None:
-    from dm3_writer import write_dm3
+@pytest.mark.parametrize("version", [3, 4])
+def test_gatan_dm3_dm4(tmp_path: Path, version: int) -> None:
+    from dm_writer import write_dm
 
-    p = tmp_path / "scan.dm3"
+    p = tmp_path / f"scan.dm{version}"
     data = image()
-    write_dm3(p, data, scale=(0.01, 0.02), offset=(-0.5, 1.0),
-              image_tags=[("DigiScan", [("Sample Time", 4.0)]), ("Microscope Info", [("Probe Current (nA)", 0.02)])])
+    write_dm(p, data, scale=(0.01, 0.02), offset=(-0.5, 1.0), version=version,
+             image_tags=[("DigiScan", [("Sample Time", 4.0)]), ("Microscope Info", [("Probe Current (nA)", 0.02)])])
     (acq,) = read_acquisitions(p)
     check_calibration(acq)
     np.testing.assert_array_equal(acq.image, data)
