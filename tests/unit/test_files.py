@@ -167,3 +167,25 @@ def test_gatan_dm3_dm4(tmp_path: Path, version: int) -> None:
     assert acq.beam_current_pA == pytest.approx(20.0)
     frame = FileDriver(p).frame(0)
     assert frame.dose_e_per_A2 > 0 and frame.meta["dose_known"] is True
+
+
+def test_cli_replay_runs_the_pipeline_on_a_dm4_file(tmp_path: Path) -> None:
+    import json as _json
+
+    from dm_writer import write_dm
+    from typer.testing import CliRunner
+
+    from stemagent.agent.cli import app
+    from stemagent.config import MinimalTwinConfig
+    from stemagent.simulators.minimal import MinimalTwinDriver
+
+    n, fov_A = 128, 25.6
+    g = ScanGeometry(fov_A=(fov_A, fov_A), shape_px=(n, n))
+    img = np.asarray(MinimalTwinDriver(MinimalTwinConfig()).noiseless_image(g), dtype=np.float32)
+    p = tmp_path / "graphene.dm4"
+    write_dm(p, img, scale=(fov_A / 10 / n, fov_A / 10 / n), offset=(-fov_A / 20, -fov_A / 20), version=4,
+             image_tags=[("DigiScan", [("Sample Time", 2.0)])])
+    result = CliRunner().invoke(app, ["replay", str(p), "--json", "--log-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    summary = _json.loads(result.output.strip().splitlines()[-1])
+    assert summary["frames"] == 1 and 150 < summary["atoms_per_frame"] < 350
