@@ -42,6 +42,10 @@ and :func:`cramer_rao_bound_A(truth, k) <stemagent.simulators.render.cramer_rao_
 the (sigma_x, sigma_y) bound in Å for visible site ``k``. ``truth.to_arrays()`` gives flat arrays
 for ``.npz`` files.
 
+Domain randomisation: ``kw = sample_conditions(rng, kind)`` draws plausible conditions (dose,
+energy, aperture, residual aberrations, source size, Z exponent, detector, drift, jitter);
+``render_sample(kind, geometry, kw.pop("dose_e_per_A2"), rng, **kw)``.
+
 Other entry points
 ------------------
 - :class:`TwinDriver` (``stemagent.simulators.twin``): the ``Driver`` protocol over a live,
@@ -52,24 +56,35 @@ Other entry points
 ``stemagent.simulators.minimal`` (the foundation's minimal twin) is separate and unchanged.
 """
 
+from stemagent.simulators.dynamics import CrossSections, Event
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.optics import Aberrations, ProbeOptics, electron_wavelength_A
-from stemagent.simulators.render import FrameTruth, cramer_rao_bound_A, render_frame, render_sample
+from stemagent.simulators.perovskites import MarkovMotifChain, MotifChain, WallMotif
+from stemagent.simulators.render import FrameTruth, cramer_rao_bound_A, render_frame, render_sample, sample_conditions
 from stemagent.simulators.scan import DetectorModel, DriftModel
 from stemagent.simulators.specimens import SPECIMEN_KINDS, Specimen, build_specimen
+from stemagent.simulators.twin import GroundTruth, TwinDriver
 
 __all__ = [
     "ADFModel",
     "Aberrations",
+    "CrossSections",
     "DetectorModel",
     "DriftModel",
+    "Event",
     "FrameTruth",
+    "GroundTruth",
+    "MarkovMotifChain",
+    "MotifChain",
     "ProbeOptics",
     "SPECIMEN_KINDS",
     "Specimen",
+    "TwinDriver",
+    "WallMotif",
     "build_specimen",
     "cramer_rao_bound_A",
     "electron_wavelength_A",
     "render_frame",
     "render_sample",
+    "sample_conditions",
 ]

@@ -159,6 +159,14 @@ class Multislice:
                 out[i : i + batch] += np.sum(dp * det, axis=(-2, -1))
         return out / configs
 
+    def adf_image(self, shape: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+        """ADF image ``(rows, cols)`` from a probe raster over the whole periodic cell
+        (pixel ``(r, c)`` at ``((c + 0.5) w / cols, (r + 0.5) h / rows)``)."""
+        rows, cols = shape
+        wx, wy = self.cell.size_A
+        yy, xx = np.meshgrid((np.arange(rows) + 0.5) * wy / rows, (np.arange(cols) + 0.5) * wx / cols, indexing="ij")
+        return self.adf(np.stack([xx.ravel(), yy.ravel()], axis=1), rng=rng).reshape(rows, cols)
+
     def exit_norm(self, probe_position_A: tuple[float, float] = (0.0, 0.0)) -> float:
         """``sum |psi_exit|^2`` for a unit-norm probe (1 means the norm is conserved)."""
         v, dz = self.slices(self.cell.positions_A)

@@ -300,6 +300,40 @@ def render_sample(
     )
 
 
+def sample_conditions(rng: np.random.Generator, specimen_kind: str | None = None) -> dict[str, Any]:
+    """Random but plausible imaging conditions for domain randomisation, as keyword arguments of
+    :func:`render_sample` (plus ``dose_e_per_A2``): beam energy and aperture, small residual
+    aberrations, source size, Z exponent, detector gain/offset/read noise, drift and jitter."""
+    energy = float(rng.choice([60.0, 80.0, 100.0, 200.0, 300.0]))
+    light = specimen_kind in (None, "graphene")
+    return {
+        "dose_e_per_A2": float(10 ** rng.uniform(4.0, 6.5) if light else 10 ** rng.uniform(3.5, 6.0)),
+        "energy_keV": energy,
+        "convergence_mrad": float(rng.uniform(20.0, 35.0)),
+        "aberrations": {
+            "C10_A": float(rng.normal(0.0, 15.0)),
+            "C12_A": float(abs(rng.normal(0.0, 10.0))),
+            "phi12_rad": float(rng.uniform(0.0, np.pi)),
+            "C30_A": float(rng.normal(0.0, 5e3)),
+        },
+        "source_fwhm_A": float(rng.uniform(0.2, 0.8)),
+        "z_exponent": float(rng.uniform(1.5, 1.9)),
+        "detector": DetectorModel(
+            gain=float(10 ** rng.uniform(-0.5, 1.0)),
+            offset=float(rng.uniform(0.0, 10.0)),
+            read_noise=float(rng.uniform(0.0, 2.0)),
+        ),
+        "drift": DriftModel(
+            velocity_A_per_s=tuple(float(v) for v in rng.normal(0.0, 2.0, size=2)),
+            wobble_amplitude_A=float(rng.uniform(0.0, 0.3)),
+            wobble_period_s=float(rng.uniform(0.5, 5.0)),
+            random_walk_A_per_sqrt_s=float(rng.uniform(0.0, 0.1)),
+            seed=int(rng.integers(2**31)),
+        ),
+        "jitter_A": float(rng.uniform(0.0, 0.08)),
+    }
+
+
 def cramer_rao_bound_A(truth: FrameTruth, site: int, step_px: float = 0.05) -> tuple[float, float]:
     """1-sigma Cramér-Rao bound ``(sigma_x, sigma_y)`` in Å on the position of visible site ``site``
     (an index into ``truth.positions_A``), from the Poisson + read-noise likelihood of the image.

@@ -304,7 +304,7 @@ class TwinDriver:
             dose_e_per_A2=float(dose),
             source=self._caps.name,
             detector="HAADF",
-            meta={"events": len(events)},
+            meta={},
         )
 
     def _mixed_state(self, geometry: ScanGeometry, start: float, before_pos: np.ndarray, before_present: np.ndarray,

@@ -68,3 +68,14 @@ def test_column_intensities_converge_with_slice_thickness_and_give_a_plausible_z
     ratio = res[0.5][0] / res[0.5][1]
     n = calibrate_z_exponent(ratio, 42, 16)
     assert 1.4 < n < 2.0  # ADF contrast exponents reported for HAADF are about 1.6-1.9
+
+
+def test_adf_image_over_the_cell_is_brightest_on_the_metal_columns() -> None:
+    cell = mos2_cell().tile(2, 2)
+    ms = Multislice(cell, OPTICS, MultisliceSettings(sampling_A=0.07, slice_thickness_A=1.0, outer_mrad=150.0))
+    img = ms.adf_image((14, 8))
+    assert img.shape == (14, 8) and np.all(img >= 0)
+    r, c = np.unravel_index(np.argmax(img), img.shape)
+    xy = np.array([(c + 0.5) * cell.size_A[0] / 8, (r + 0.5) * cell.size_A[1] / 14])
+    d = np.linalg.norm(cell.positions_A[:, :2] - xy, axis=1)
+    assert cell.numbers[np.argmin(d)] == 42

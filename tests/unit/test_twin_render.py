@@ -134,3 +134,20 @@ def test_fast_renderer_places_sub_pixel_positions_exactly() -> None:
         w = np.clip(row - 0.1 * row.max(), 0, None)
         centroid = (w * c).sum() / w.sum()
         assert centroid == pytest.approx(32.0 + off, abs=0.03)
+
+
+def test_sampled_conditions_render_for_every_specimen() -> None:
+    from stemagent.simulators import sample_conditions
+
+    rng = np.random.default_rng(5)
+    geo = ScanGeometry(fov_A=(16.0, 16.0), shape_px=(64, 64))
+    for kind in SPECIMEN_KINDS:
+        kw = sample_conditions(rng, kind)
+        dose = kw.pop("dose_e_per_A2")
+        image, truth = render_sample(kind, geo, dose, rng, **kw)
+        assert np.all(np.isfinite(image)) and len(truth.labels) > 5
+        # the expected image is the mean the noisy image scatters around
+        resid = (image - truth.expected_image) / np.sqrt(
+            truth.detector.gain * np.maximum(truth.expected_image - truth.detector.offset, 0) + truth.detector.read_noise**2 + 1e-6
+        )
+        assert abs(float(resid.mean())) < 0.1 and 0.7 < float(resid.std()) < 1.3
