@@ -23,7 +23,8 @@ class DriftModel:
     ``velocity_A_per_s``: constant drift; ``wobble_amplitude_A`` / ``wobble_period_s``: two
     sinusoids per axis with random phases and periods within a factor 2 of the period;
     ``random_walk_A_per_sqrt_s``: diffusion of a Brownian path sampled every ``knot_interval_s``
-    and linearly interpolated. Times are on the run's clock, measured from ``origin_s``.
+    and linearly interpolated. Times are on the run's clock, measured from ``origin_s`` (the
+    drift is zero at the origin and before it).
     """
 
     velocity_A_per_s: tuple[float, float] = (0.0, 0.0)
@@ -32,7 +33,7 @@ class DriftModel:
     random_walk_A_per_sqrt_s: float = 0.0
     knot_interval_s: float = 0.05
     seed: int = 0
-    origin_s: float = 0.0
+    origin_s: float | None = None  # None: 0, or set by the TwinDriver to its clock's time at construction
     _knots: np.ndarray = field(default_factory=lambda: np.zeros((1, 2)), init=False, repr=False)
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _wobble: np.ndarray = field(default_factory=lambda: np.zeros((2, 2, 2)), init=False, repr=False)
@@ -58,7 +59,7 @@ class DriftModel:
 
     def displacement_A(self, t_s: np.ndarray | float) -> np.ndarray:
         """Drift ``d(t)`` at times ``t_s`` (any shape ``S``): returns ``S + (2,)`` in Å."""
-        t = np.asarray(t_s, dtype=np.float64) - self.origin_s
+        t = np.maximum(np.asarray(t_s, dtype=np.float64) - (self.origin_s or 0.0), 0.0)
         out = np.empty(t.shape + (2,))
         v = np.asarray(self.velocity_A_per_s, dtype=np.float64)
         out[...] = t[..., None] * v

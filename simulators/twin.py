@@ -136,6 +136,8 @@ class TwinDriver:
             beam_current_pA=self.beam_current_pA,
         )
         drift = drift or DriftModel()
+        if drift.origin_s is None:  # the specimen starts drifting when the twin is built
+            drift.origin_s = self.clock.monotonic()
         self.ground_truth = GroundTruth(specimen=specimen, initial=specimen.copy(), drift=drift)
         self._frame_index = 0
         self._connected = False
