@@ -160,7 +160,13 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
         cy = float(ay.get("offset", 0.0)) * fy + (rows - 1) / 2.0 * sy
     md = sig.get("metadata", {}) or {}
     mapped = _mapped(sig)
-    dwell = _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time")) or _positive(mapped.get("dwell_time"))
+    om = sig.get("original_metadata", {}) or {}
+    velox_scan = om.get("Scan") if isinstance(om.get("Scan"), dict) else {}
+    dwell = (
+        _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time"))
+        or _positive(mapped.get("dwell_time"))
+        or _positive(velox_scan.get("DwellTime"))  # Velox: seconds, as a string
+    )
     current_nA = _positive(_find(md.get("Acquisition_instrument", {}), "beam_current")) or _positive(
         mapped.get("beam_current")
     )

@@ -189,3 +189,17 @@ def test_cli_replay_runs_the_pipeline_on_a_dm4_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = _json.loads(result.output.strip().splitlines()[-1])
     assert summary["frames"] == 1 and 150 < summary["atoms_per_frame"] < 350
+
+
+def test_velox_emd_stack(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from velox_writer import write_velox
+
+    p = tmp_path / "velox.emd"
+    data = (image() * 1000).astype(np.uint16)
+    write_velox(p, np.stack([data, data + 1]), pixel_m=(1e-11, 2e-11), offset_m=(-5e-10, 1e-9), dwell_s=3e-6)
+    acqs = read_acquisitions(p)
+    assert len(acqs) == 2
+    check_calibration(acqs[0])
+    np.testing.assert_array_equal(acqs[1].image, data + 1)
+    assert acqs[0].dwell_s == pytest.approx(3e-6)
