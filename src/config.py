@@ -117,7 +117,7 @@ class TwinConfig(_Model):
     source_fwhm_A: float = Field(0.0, ge=0, le=10.0, description="effective source size (Gaussian FWHM), Å")
     # image formation and detector
     z_exponent: float = Field(1.8, gt=0.5, le=2.5, description="ADF contrast ~ Z^n")
-    sigma_C_A2: float = Field(0.001, gt=0, le=1.0, description="ADF cross-section of one C atom, Å² (multislice: 0.00094 for 80-180 mrad at 60 keV)")
+    sigma_C_A2: float = Field(0.0025, gt=0, le=1.0, description="ADF cross-section of one C atom, Å² (60 keV multislice: ~0.003 for 40-200 mrad, ~0.0008 for 80-180 mrad)")
     background: float = Field(0.0, ge=0, le=1.0, description="fraction of the beam reaching the ADF everywhere")
     beam_current_pA: float = Field(20.0, gt=0, le=1e5)
     detector_gain: float = Field(1.0, gt=0)
