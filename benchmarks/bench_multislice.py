@@ -7,6 +7,7 @@ Prints one JSON object and writes docs/twin_multislice.png:
 - the Z exponent n of the fast mode calibrated from the multislice Mo/S2 column ratio, two ways:
   the isolated-column formula ``42^n / (2 * 16^n) = ratio`` and by matching the fast-mode
   *image* peak ratio (neighbour tails included); plus the absolute cross-section ``sigma_C``;
+- single atoms (C, Si, S, Mo, W) for 80-180 and 40-200 mrad: ``sigma_C`` and n against C;
 - a line profile Mo -> S2 -> Mo, multislice vs the calibrated fast mode (the figure).
 
 Usage: ``python benchmarks/bench_multislice.py``.
@@ -126,6 +127,25 @@ def main() -> dict:
     I_line = fp.adf(line, rng=np.random.default_rng(2))
     geo, img = fast_image(cell, n_img, sigma_c)
     fast_line = sample(geo, img, line)
+    # single atoms: sigma_C and effective exponents against C for two detectors
+    spec = specimen_from_atoms(np.array([[0.0, 0.0]]), [6], u_rms_A=0.07)
+    g1 = ScanGeometry(fov_A=(6.4, 6.4), shape_px=(65, 65))
+    _, t1 = render_frame(spec, g1, 1.0, np.random.default_rng(0), optics=OPTICS,
+                         adf=ADFModel(z_exponent=1.8, sigma_C_A2=1.0), noise=False)
+    unit_peak = float(t1.expected_image.max())
+    singles = {}
+    for det in ((80.0, 180.0), (40.0, 200.0)):
+        I = {}
+        for z in (6, 14, 16, 42, 74):
+            one = Cell(np.array([[6.0, 6.0, 0.0]]), np.array([z]), (12.0, 12.0), np.array([0.07]))
+            m = Multislice(one, OPTICS, MultisliceSettings(sampling_A=0.05, slice_thickness_A=1.0, inner_mrad=det[0],
+                                                           outer_mrad=det[1], frozen_phonons=4))
+            I[z] = float(m.adf(np.array([[6.0, 6.0]]), rng=np.random.default_rng(3))[0])
+        singles[f"{det[0]:.0f}-{det[1]:.0f} mrad"] = {
+            "sigma_C_A2": I[6] / unit_peak,
+            "n_vs_C": {str(z): float(np.log(I[z] / I[6]) / np.log(z / 6)) for z in (14, 16, 42, 74)},
+        }
+    out["single_atoms"] = singles
     out["line_profile_rms_diff_rel_to_Mo_peak"] = float(np.sqrt(np.mean((fast_line - I_line) ** 2)) / I_fp[0])
     out["seconds"] = round(time.perf_counter() - t_start, 1)
 
