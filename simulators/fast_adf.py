@@ -137,12 +137,19 @@ def render_fraction(
     if jitter_px is None or not np.any(jitter_px):
         out = img[r_idx[:, None], c_idx[None, :]] if s > 1 else img[pad_r : pad_r + rows, pad_c : pad_c + cols]
     else:
-        cf = c_idx[None, :] + np.asarray(jitter_px, dtype=np.float64)[:, None] * s
-        cf = np.clip(cf, 0, nxr - 1.001)
-        c0 = np.floor(cf).astype(np.int64)
-        t = (cf - c0).astype(np.float32)
-        rr = r_idx[:, None]
-        out = img[rr, c0] * (1 - t) + img[rr, c0 + 1] * t
+        # each line is the rendered row read from a shifted start: integer part by a strided
+        # window (a contiguous copy per row), fractional part by linear blending
+        shift = np.asarray(jitter_px, dtype=np.float64) * s
+        start = c_idx[0] + shift
+        start = np.clip(start, 0, nxr - 2 - (cols - 1) * s)
+        i0 = np.floor(start).astype(np.int64)
+        f = (start - i0).astype(np.float32)[:, None]
+        width = (cols - 1) * s + 2
+        windows = np.lib.stride_tricks.sliding_window_view(img, width, axis=1)  # (nyr, nxr - width + 1, width)
+        rows_sel = windows[r_idx, i0]  # (rows, width)
+        left = rows_sel[:, 0 : (cols - 1) * s + 1 : s]
+        right = rows_sel[:, 1 : (cols - 1) * s + 2 : s]
+        out = left * (1 - f) + right * f
     out = np.asarray(out, dtype=np.float32)
     np.maximum(out, 0.0, out=out)
     if model.background:

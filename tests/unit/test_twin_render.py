@@ -151,3 +151,24 @@ def test_sampled_conditions_render_for_every_specimen() -> None:
             truth.detector.gain * np.maximum(truth.expected_image - truth.detector.offset, 0) + truth.detector.read_noise**2 + 1e-6
         )
         assert abs(float(resid.mean())) < 0.1 and 0.7 < float(resid.std()) < 1.3
+
+
+@pytest.mark.parametrize("pixel_A", [0.1, 0.5])  # 0.5 Å pixels are rendered supersampled
+def test_line_jitter_shifts_each_scan_line_by_its_ground_truth_amount(pixel_A: float) -> None:
+    spec = specimen_from_atoms(np.array([[0.0, 0.0]]), [74])
+    n = 41 if pixel_A == 0.1 else 17
+    geo = ScanGeometry(fov_A=(n * pixel_A, n * pixel_A), shape_px=(n, n))
+    jitter = np.where(np.arange(n) % 2 == 0, 0.2, -0.15)
+    _, still = render_frame(spec, geo, 100.0, np.random.default_rng(0), noise=False)
+    _, shaken = render_frame(spec, geo, 100.0, np.random.default_rng(0), noise=False, jitter_A=jitter)
+    np.testing.assert_allclose(shaken.jitter_A, jitter)
+    c = np.arange(n)
+    centre = n // 2
+    for r in range(centre - 2, centre + 3):
+        a = still.expected_image[r].astype(np.float64)
+        b = shaken.expected_image[r].astype(np.float64)
+        ca = (a * c).sum() / a.sum()
+        cb = (b * c).sum() / b.sum()
+        assert cb - ca == pytest.approx(-jitter[r] / pixel_A, abs=0.05 if pixel_A == 0.1 else 0.03)
+    # the truth's pixel position of the atom includes its row's jitter
+    assert shaken.pixels_rc[0, 1] == pytest.approx(still.pixels_rc[0, 1] - jitter[centre] / pixel_A)
