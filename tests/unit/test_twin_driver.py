@@ -207,3 +207,19 @@ def test_scan_dose_drives_events_in_the_field_only() -> None:
     assert np.all(geo.contains(xy))
     times = np.array([e.time_s for e in ev])
     assert np.all((times >= frame.start_time_s) & (times <= frame.end_time_s))
+
+
+def test_knock_on_makes_vacancies_at_high_energy_only() -> None:
+    from stemagent.simulators.optics import ProbeOptics
+
+    made = {}
+    for energy in (60.0, 120.0):
+        spec = graphene(size_A=(30.0, 30.0), rng=np.random.default_rng(0), n_si=0, vacancy_per_nm2=0.0)
+        twin = TwinDriver(spec, rng=4, optics=ProbeOptics(energy_keV=energy), beam_current_pA=100.0,
+                          park_sample_interval_s=0.1)
+        target = spec.positions_A[np.argmin(np.linalg.norm(spec.positions_A[:, :2], axis=1)), :2]
+        asyncio.run(twin.park(tuple(target), 5.0))
+        ev = [e for e in twin.ground_truth.events if e.kind == "knock_on"]
+        made[energy] = len(ev)
+        assert np.sum(spec.site_labels() == spec.class_names.index("vacancy")) == len(ev)
+    assert made[60.0] == 0 and made[120.0] >= 1
