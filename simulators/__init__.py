@@ -49,7 +49,21 @@ energy, aperture, residual aberrations, source size, Z exponent, detector, drift
 Other entry points
 ------------------
 - :class:`TwinDriver` (``stemagent.simulators.twin``): the ``Driver`` protocol over a live,
-  evolving specimen; its ground truth is ``driver.ground_truth`` (a :class:`GroundTruth`).
+  evolving specimen::
+
+      TwinDriver(specimen, *, clock=None (VirtualClock), rng=0, optics=None, adf=None,
+                 detector=None, drift=None, jitter_A=0.0, beam_current_pA=20.0,
+                 cross_sections=None, dynamics=True, park_sample_interval_s=1e-3,
+                 max_fov_A=512.0, max_shape_px=(2048, 2048), min_dwell_s=1e-7, max_dwell_s=1e-2)
+
+  or ``stemagent.simulators.factory.twin_from_config(TwinConfig, clock, seed)`` (what
+  ``build_driver`` does for ``driver.kind: twin``). Frames are paced on the injected clock by
+  deadlines ``start + i * frame_time``; ``park`` returns the ADF signal sampled every
+  ``park_sample_interval_s`` (a Si hop is a step). ``driver.beam_blanked`` tells whether the
+  beam is blanked. Ground truth, never through the protocol: ``driver.ground_truth`` (a
+  :class:`GroundTruth`): ``.specimen`` (live), ``.initial``, ``.events`` (time, kind, atoms,
+  positions before/after, beam position, during scan/park/idle), ``.drift_at(t)``,
+  ``.positions_at(t)``, ``.frame_truth(frame.index)`` (a :class:`FrameTruth`), ``.beam_log``.
 - :mod:`.specimens`, :mod:`.perovskites` (``MotifChain`` for domain walls), :mod:`.optics`,
   :mod:`.fast_adf`, :mod:`.multislice`, :mod:`.scan`, :mod:`.dynamics`.
 
