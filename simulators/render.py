@@ -125,6 +125,30 @@ def _composition(numbers: np.ndarray, site_of: np.ndarray, sites: np.ndarray, n_
     return np.asarray([parts.get(s, "") for s in sites.tolist()], dtype="<U8")
 
 
+def _stacked_columns(
+    site: np.ndarray, xy: np.ndarray, sig: np.ndarray, u: np.ndarray, n_sites: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Group atoms into their sites' columns when every atom sits exactly at its column's (x, y)
+    and columns hold several atoms: ``(column of each atom, column xy, summed cross-section,
+    cross-section-weighted u)``; None when grouping would not help or would not be exact."""
+    if len(site) < 2:
+        return None
+    first = np.full(n_sites, -1, dtype=np.int64)
+    first[site[::-1]] = np.arange(len(site))[::-1]  # index of one atom per site
+    used = np.flatnonzero(first >= 0)
+    if len(used) * 1.5 > len(site):
+        return None
+    col_of_site = np.full(n_sites, -1, dtype=np.int64)
+    col_of_site[used] = np.arange(len(used))
+    col = col_of_site[site]
+    col_xy = xy[first[used]]
+    if np.max(np.abs(xy - col_xy[col])) > 1e-9:
+        return None
+    w = np.bincount(col, weights=sig, minlength=len(used))
+    wu = np.bincount(col, weights=sig * u, minlength=len(used)) / np.maximum(w, 1e-300)
+    return col, col_xy, w, wu
+
+
 def frame_bounds(geometry: ScanGeometry, drift: DriftModel, start_s: float, margin_A: float) -> tuple[tuple[float, float], tuple[float, float]]:
     """Sample-frame box that can be seen during the frame (corners, drift range, margin)."""
     rows, cols = geometry.shape_px
@@ -171,17 +195,27 @@ def render_frame(
     ids = specimen.in_box(lo, hi)
     xy = specimen.positions_A[ids, :2].copy()
     numbers = specimen.numbers[ids]
-    rc_atoms, _ = atom_scan_pixels(geometry, xy, start_s, drift)  # unjittered (jitter applied per line)
+    sig_atoms = adf.cross_section_A2(numbers)
+    u_atoms = specimen.u_rms_A[ids]
+    columns = _stacked_columns(specimen.site_of_atom[ids], xy, sig_atoms, u_atoms, specimen.n_sites)
+    if columns is not None:
+        # atoms stacked along the beam share (x, y): map and splat each column once
+        col_of_atom, col_xy, col_sig, col_u = columns
+        rc_cols, _ = atom_scan_pixels(geometry, col_xy, start_s, drift)
+        rc_atoms = rc_cols[col_of_atom]
+    else:
+        rc_atoms, _ = atom_scan_pixels(geometry, xy, start_s, drift)  # unjittered (jitter applied per line)
+        rc_cols, col_sig, col_u = rc_atoms, sig_atoms, u_atoms
     if render_atoms is None:
-        rc_img, z_img, u_img = rc_atoms, numbers, specimen.u_rms_A[ids]
+        rc_img, sig_img, u_img = rc_cols, col_sig, col_u
     else:
         rc_img, _ = atom_scan_pixels(geometry, render_atoms[0], start_s, drift)
-        z_img, u_img = render_atoms[1], render_atoms[2]
+        sig_img, u_img = adf.cross_section_A2(render_atoms[1]), render_atoms[2]
     frac = render_fraction(
         geometry.shape_px,
         geometry.pixel_size_A,
         rc_img,
-        adf.cross_section_A2(z_img),
+        sig_img,
         u_img,
         optics,
         adf,
