@@ -62,20 +62,20 @@ def find_peaks(logits: torch.Tensor, threshold: float = 0.5, min_separation_px: 
         is_peak[:, :, vw:] = False
     idx = torch.nonzero(is_peak)  # (N, 3) b, r, c
     bi, ri, ci = idx[:, 0], idx[:, 1], idx[:, 2]
-    probs = torch.softmax(logits, dim=1)
-    cls_p = F.avg_pool2d(probs[:, 1:], 3, stride=1, padding=1, count_include_pad=False)  # (B, C, H, W)
-    at = cls_p[bi, :, ri, ci]  # (N, C)
-    conf, cls = at.max(dim=1)
-    # 3x3 centroid of the atom probability for a sub-pixel start
-    atom_p = (1.0 - probs[:, 0])[:, None]
-    pad = F.pad(atom_p, (1, 1, 1, 1))[:, 0]
+    # class probabilities only in the 3x3 window of each peak (not over the whole map)
+    padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")
     offs = torch.arange(-1, 2, device=logits.device)
     rr = ri[:, None, None] + 1 + offs[None, :, None]
     cc = ci[:, None, None] + 1 + offs[None, None, :]
-    win = pad[bi[:, None, None], rr, cc]  # (N, 3, 3)
-    tot = win.sum(dim=(1, 2)).clamp_min(1e-12)
-    dr = (win * offs[None, :, None]).sum(dim=(1, 2)) / tot
-    dc = (win * offs[None, None, :]).sum(dim=(1, 2)) / tot
+    win = padded[bi[:, None, None], :, rr, cc]  # (N, 3, 3, C + 1)
+    probs = torch.softmax(win, dim=-1)
+    at = probs[..., 1:].mean(dim=(1, 2))  # (N, C)
+    conf, cls = at.max(dim=1)
+    # 3x3 centroid of the atom probability for a sub-pixel start
+    atom_p = 1.0 - probs[..., 0]  # (N, 3, 3)
+    tot = atom_p.sum(dim=(1, 2)).clamp_min(1e-12)
+    dr = (atom_p * offs[None, :, None]).sum(dim=(1, 2)) / tot
+    dc = (atom_p * offs[None, None, :]).sum(dim=(1, 2)) / tot
     rc = torch.stack([ri.float() + dr, ci.float() + dc], dim=1)
     return Peaks(batch=bi, rc=rc, classes=cls, confidence=conf)
 
@@ -110,6 +110,7 @@ def refine_gaussians(
     max_shift_px: float | None = None,
     fit_width_min_counts: float = 30.0,
     fit_mask: torch.Tensor | None = None,
+    prior_sigma_px: float | None = None,
 ) -> GaussianFit:
     """Joint Poisson ML fit of one Gaussian per atom plus a local constant background per atom.
 
@@ -121,6 +122,11 @@ def refine_gaussians(
     ``fit_width_min_counts`` counts (else held at their start). Atoms with ``fit_mask`` False
     (e.g. empty sites) contribute nothing and keep ``rc0``. A fit that moves an atom by more
     than ``max_shift_px`` (default ``2 width0_px``) or ends with no signal is rejected.
+    ``prior_sigma_px``: a Gaussian prior on each position centred on ``rc0`` (the detector's own
+    estimate, e.g. from lattice context) with this width; the fit is then maximum a posteriori.
+    It matters only where the data are weaker than the prior (a few counts per atom); where the
+    counts are high, the likelihood dominates and the estimate is the ML one. Widths and local
+    backgrounds are fitted only above ``fit_width_min_counts`` counts.
     """
     dev = images.device
     imgs = images.float()
@@ -158,6 +164,9 @@ def refine_gaussians(
     wid = torch.full((n,), float(width0_px), device=dev)
     floor = 1e-4 * float(imgs.mean().clamp_min(1e-6)) + 1e-8
     loc = bkg[batch].clone()  # local background of each atom's window
+    rc0f = rc0.float()
+    prior_prec = 0.0 if prior_sigma_px is None else 1.0 / float(prior_sigma_px) ** 2
+    prior_eye = torch.diag(torch.tensor([prior_prec, prior_prec, 0.0, 0.0, 0.0], device=dev))
     eye = torch.eye(5, device=dev)
     fisher = eye.expand(n, 5, 5)
 
@@ -191,11 +200,14 @@ def refine_gaussians(
         resid = (data - m).reshape(n, 1, -1)
         grad = (jac * winv * resid).sum(dim=2)  # (N, 5)
         fisher = torch.einsum("nkp,nlp->nkl", jac * winv, jac)  # (N, 5, 5)
+        if prior_prec > 0:
+            grad[:, :2] += prior_prec * (rc0f - rc)
+            fisher = fisher + prior_eye
         counts = amp * 2.0 * torch.pi * wid * wid
         fit_w = (counts > fit_width_min_counts).float()
         # hold the width where it is not fitted: zero its row/column, unit diagonal
         one = torch.ones_like(fit_w)
-        mask = torch.stack([one, one, one, fit_w, one], dim=1)
+        mask = torch.stack([one, one, one, fit_w, fit_w], dim=1)
         fisher = fisher * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1.0 - mask)
         grad = grad * mask
         damp = fisher + 1e-3 * torch.diag_embed(torch.diagonal(fisher, dim1=1, dim2=2)) + 1e-9 * eye

@@ -96,6 +96,7 @@ class TrainConfig(BaseModel):
     checkpoint_dir: Path = Path("runs/segmenter-checkpoints")
     out: Path = Path("src/weights/unet_segmenter.pt")
     max_minutes: float | None = Field(None, gt=0.0, description="stop early (and still write everything) after this long")
+    init_from: Path | None = Field(None, description="start from these weights (a state dict of the same architecture)")
     data: DataConfig = Field(default_factory=DataConfig)
 
 
@@ -174,6 +175,8 @@ def train(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg.arch, len(cfg.class_names), **cfg.arch_kwargs)
+    if cfg.init_from is not None:
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     weights = _class_weights(cfg)
@@ -238,6 +241,12 @@ def train(
         "config": json.loads(cfg.model_dump_json()),
         "data": data_description or {},
     }
+    if cfg.init_from is not None:
+        prev = cfg.init_from.with_suffix(".json")
+        card["initialised_from"] = {"weights": str(cfg.init_from)}
+        if prev.is_file():
+            before = json.loads(prev.read_text(encoding="utf-8"))
+            card["initialised_from"].update({"trained": before.get("trained"), "config": before.get("config"), "initialised_from": before.get("initialised_from")})
     write_card(card, cfg.out)
     return card
 
@@ -253,6 +262,9 @@ def write_card(card: dict[str, Any], weights: Path) -> None:
     lines += ["", "## Training", ""]
     lines += [f"- date: {tr['date']}; {tr['steps']} steps x {tr['batch_size']} = {tr['samples_seen']} generated frames; {tr['seconds']} s on {tr['machine']}"]
     lines += [f"- final loss (EMA): {tr['final_loss_ema']}; seed {card['config']['seed']}"]
+    if "initialised_from" in card:
+        prev = card["initialised_from"].get("trained") or {}
+        lines += [f"- continued from `{card['initialised_from']['weights']}` ({prev.get('steps', '?')} steps, {prev.get('seconds', '?')} s, {prev.get('date', '?')}); its config is in the JSON card"]
     lines += ["", "## Data", "", "```json", json.dumps(card.get("data", {}), indent=2), "```"]
     lines += ["", "## Config", "", "```json", json.dumps(card["config"], indent=2), "```"]
     if "metrics" in card:

@@ -114,7 +114,10 @@ class UNetSegmenter:
     ``device``: ``"auto"`` / ``"cpu"`` / ``"cuda"``. ``threshold``: minimum atom probability of
     a peak. ``min_separation_A``: NMS radius. ``refine``: fit Gaussians on the raw frame.
     ``refine_pixel_A``: frames sampled finer than this are summed over integer ``f x f`` blocks
-    for the fit. ``probe_sigma_A``: starting Gaussian width of a column image. ``num_threads``: torch CPU
+    for the fit. ``probe_sigma_A``: starting Gaussian width of a column image.
+    ``position_prior_A``: width of a Gaussian prior centred on the network's position (the
+    network places atoms from lattice context); it steadies the fit where an atom has only a
+    few counts and is negligible against the likelihood where it has many (None: pure ML). ``num_threads``: torch CPU
     threads (None leaves torch's setting).
     """
 
@@ -129,6 +132,7 @@ class UNetSegmenter:
         refine_iterations: int = 4,
         refine_pixel_A: float = 0.2,
         probe_sigma_A: float = 0.35,
+        position_prior_A: float | None = 0.1,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -151,6 +155,7 @@ class UNetSegmenter:
         self.refine_iterations = int(refine_iterations)
         self.refine_pixel_A = float(refine_pixel_A)
         self.probe_sigma_A = float(probe_sigma_A)
+        self.position_prior_A = None if position_prior_A is None else float(position_prior_A)
         self._empty = torch.tensor([c in EMPTY_CLASSES for c in self.class_names], device=self.device)
 
     # --- tensors in, tensors out ---------------------------------------------------------
@@ -202,6 +207,7 @@ class UNetSegmenter:
                 width0 / f,
                 iterations=self.refine_iterations,
                 fit_mask=~self._empty[peaks.classes],
+                prior_sigma_px=None if self.position_prior_A is None else self.position_prior_A / (px * f),
             )
             rc = fit.rc * f + 0.5 * (f - 1)
             sigma_rc, refined = fit.sigma_rc * f, fit.ok
@@ -217,6 +223,8 @@ class UNetSegmenter:
         img = check_image(image, "image")
         pa = (float(pixel_A), float(pixel_A)) if np.isscalar(pixel_A) else (float(pixel_A[0]), float(pixel_A[1]))  # type: ignore[index]
         self._check_size(img.shape, pa, "image.shape")
+        if float(np.ptp(img)) == 0.0:  # no contrast: nothing to find
+            return {"batch": np.zeros(0, np.int64), "rc": np.zeros((0, 2)), "classes": np.zeros(0, np.int64), "confidence": np.zeros(0), "sigma_rc": np.zeros((0, 2)), "refined": np.zeros(0, bool)}
         t = torch.as_tensor(img, dtype=torch.float32).to(self.device)[None]
         out = self.find_tensors(t, pa)
         return {k: v.cpu().numpy() for k, v in out.items()}
@@ -241,6 +249,15 @@ class UNetSegmenter:
         for (shape, pixel_A), idx in groups.items():
             imgs = [check_image(frames[i].image, f"frames[{i}].image") for i in idx]
             self._check_size(shape, pixel_A, f"frames[{idx[0]}].image.shape")
+            # a frame without contrast (blanked beam, dead detector) has no atoms to find
+            blank = [j for j, im in enumerate(imgs) if float(np.ptp(im)) == 0.0]
+            for j in blank:
+                i = idx[j]
+                out[i] = self._atoms(frames[i], np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 2)), 1.0, 1.0)
+            if len(blank) == len(idx):
+                continue
+            idx = [i for j, i in enumerate(idx) if j not in blank]
+            imgs = [im for j, im in enumerate(imgs) if j not in blank]
             t = torch.as_tensor(np.stack(imgs), dtype=torch.float32).to(self.device)
             res = self.find_tensors(t, pixel_A)
             host = {k: v.cpu().numpy() for k, v in res.items()}
