@@ -153,7 +153,7 @@ class LoGSegmenterConfig(_Model):
 
     kind: Literal["log"] = "log"
     sigma_A: float = Field(0.45, gt=0.01, le=10.0, description="expected atom width (Gaussian sigma), Å")
-    threshold: float = Field(0.1, ge=0.0, le=1.0, description="minimum LoG response relative to the frame's maximum")
+    threshold: float = Field(0.1, ge=0.0, le=1.0, description="minimum LoG response relative to the frame's 99.5th percentile")
     min_separation_A: float = Field(1.0, gt=0.0, description="minimum distance between atoms, Å")
     refine: Literal["none", "centroid", "gaussian"] = "gaussian"
 
