@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
-DEMO_CONFIG ?= configs/demo-minimal-twin.yaml
+DEMO_CONFIG ?= configs/twin-graphene-si.yaml
 
 .PHONY: demo test install install-test broker clean bench
 

@@ -81,16 +81,23 @@ def run(
             agent = await build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), telemetry=telemetry)
             if telemetry is not None and hasattr(telemetry, "attach"):
                 telemetry.attach(agent)
-            return await agent.run()
+            summary = await agent.run()
+            return summary, score_against_twin(summary.log_path, agent.driver)
 
     try:
-        summary = asyncio.run(go())
+        summary, score = asyncio.run(go())
     except (InputError, ConfigError, ValueError) as exc:  # raised while building the run's parts
         fail(str(exc))
     if json_out:
-        print(json.dumps(summary.to_dict()))
+        print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
     else:
         print_summary(summary, f"run {cfg.name}")
+        if score:
+            console.print(
+                f"atoms vs the twin's ground truth ({score['frames_scored']} frames, match radius {score['match_radius_A']} Å): "
+                f"F1 {score['f1']:.3f}, precision {score['precision']:.3f}, recall {score['recall']:.3f}, "
+                f"position RMSE {score['rmse_A']:.3f} Å"
+            )
         console.print(f"run log: [bold]{summary.log_path}[/]")
     if summary.state != "stopped":
         raise typer.Exit(1)
@@ -167,6 +174,17 @@ def train_segmenter(
     except (InputError, ConfigError) as exc:
         fail(str(exc))
     console.print(f"weights: [bold]{card['config']['out']}[/] ({card['trained']['steps']} steps, {card['trained']['seconds']} s)")
+
+
+def score_against_twin(log_path: str, driver: Any) -> dict[str, Any] | None:
+    """Detection scores against the twin's ground truth, when the driver is the physical twin."""
+    truth = getattr(driver, "ground_truth", None)
+    if truth is None or not hasattr(truth, "frame_truth"):
+        return None
+    from stemagent.runlog import RunLog
+    from stemagent.simulators.scoring import score_run
+
+    return score_run(RunLog.open(log_path), truth)
 
 
 def compare_atoms(a: Any, b: Any) -> tuple[int, int]:

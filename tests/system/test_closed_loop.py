@@ -245,3 +245,13 @@ async def test_log_failure_mid_run_still_blanks_and_closes(tmp_path):
     log = RunLog.open(summary.log_path)
     assert len(log.atoms()) == 2  # what was logged before the failure is intact
     assert log.stop["exit_status"] == "fail"
+
+
+def test_cli_run_on_the_physical_twin_scores_against_ground_truth(tmp_path):
+    cfg = ROOT / "configs" / "twin-graphene-si.yaml"
+    r = _cli("run", "--config", str(cfg), "--max-frames", "5", "--log-dir", str(tmp_path), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    score = out["vs_ground_truth"]
+    assert score["frames_scored"] == 5
+    assert score["f1"] > 0.98 and score["rmse_A"] < 0.15
