@@ -30,7 +30,7 @@ from stemagent.driver import Driver, DriverFault, EndOfData
 from stemagent.errors import StemAgentError
 from stemagent.runlog import RunLogWriter
 from stemagent.stages import Observation, Policy, Segmenter
-from stemagent.types import Blank, BeamCommand, Decision, Frame, Park, ScanGeometry, ScanRegion
+from stemagent.types import BeamCommand, Decision, Frame, Park, ScanGeometry, ScanRegion
 
 log = logging.getLogger("stemagent.agent")
 

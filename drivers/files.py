@@ -27,12 +27,13 @@ import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 
-from stemagent.clock import Clock, VirtualClock
-from stemagent.driver import DriverFault, EndOfData
+from stemagent.clock import Clock
+from stemagent.driver import DriverFault
+from stemagent.drivers.playback import PlaybackDriver
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
 
@@ -258,7 +259,7 @@ def _rsciio_reader(suffix: str) -> Any:
     return file_reader
 
 
-class FileDriver:
+class FileDriver(PlaybackDriver):
     """Plays the images of one or more acquisition files back as frames, in order.
 
     Like the run-log replay, the requested geometry is ignored (the file is what the
@@ -278,31 +279,18 @@ class FileDriver:
         dwell_s: float = 1e-6,
         beam_current_pA: float | None = None,
     ) -> None:
-        if pace not in ("fast", "recorded"):
-            raise InputError("pace", pace, "must be 'fast' or 'recorded'")
+        super().__init__(pace=pace, clock=clock)
         plist = [paths] if isinstance(paths, (str, Path)) else list(paths)
         self.paths = [Path(p) for p in plist]
         self.acquisitions = [a for p in self.paths for a in read_acquisitions(p, pixel_size_A)]
-        self.pace = pace
-        self.clock: Clock = clock if clock is not None else VirtualClock()
         self.default_dwell_s = dwell_s
         self.beam_current_pA = beam_current_pA
         self._next = 0
         self._t_s = 0.0
-        self.connected = False
-        self.beam_blanked = True
-        self.mismatched_geometries = 0
 
     @property
     def n_frames(self) -> int:
         return len(self.acquisitions)
-
-    async def connect(self) -> None:
-        self.connected = True
-
-    async def close(self) -> None:
-        self.connected = False
-        self.beam_blanked = True
 
     async def capabilities(self) -> Capabilities:
         geoms = [a.geometry(self.default_dwell_s) for a in self.acquisitions]
@@ -336,10 +324,7 @@ class FileDriver:
         )
 
     async def acquire(self, geometry: ScanGeometry) -> Frame:
-        if not self.connected:
-            raise DriverFault("file driver is not connected")
-        if self._next >= len(self.acquisitions):
-            raise EndOfData(f"all {len(self.acquisitions)} images of {', '.join(map(str, self.paths))} replayed")
+        self._check_next(self._next, len(self.acquisitions), ", ".join(map(str, self.paths)))
         i = self._next
         self._next += 1
         g = self.acquisitions[i].geometry(self.default_dwell_s)
@@ -347,22 +332,7 @@ class FileDriver:
             await self.clock.sleep(g.frame_time_s)
         frame = self.frame(i, start_s=self._t_s)
         self._t_s += g.frame_time_s
-        if frame.geometry != geometry:
-            self.mismatched_geometries += 1
-        self.beam_blanked = False
-        return frame
-
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        i = 0
-        while n_frames is None or i < n_frames:
-            try:
-                yield await self.acquire(geometry)
-            except EndOfData:
-                return
-            i += 1
+        return self._deliver(frame, geometry)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         raise DriverFault("a file of images cannot park the beam")
-
-    async def blank(self) -> None:
-        self.beam_blanked = True

@@ -10,45 +10,31 @@ is raised.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator
-
 import numpy as np
 
-from stemagent.clock import Clock, VirtualClock
-from stemagent.driver import Driver, DriverFault, EndOfData
+from stemagent.clock import Clock
+from stemagent.driver import Driver, EndOfData
+from stemagent.drivers.playback import PlaybackDriver
 from stemagent.runlog import RunLog
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 
-class ReplayDriver:
+class ReplayDriver(PlaybackDriver):
     name = "replay"
 
     def __init__(self, path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> None:
-        if pace not in ("fast", "recorded"):
-            raise ValueError(f"pace={pace!r}: must be 'fast' or 'recorded'")
+        super().__init__(pace=pace, clock=clock)
         self.log = RunLog.open(path)
-        self.pace = pace
-        self.clock: Clock = clock if clock is not None else VirtualClock()
         self._frames = self.log.event_data("frames")
         self._parks = self.log.event_data("parks")
         self._next_frame = 0
         self._next_park = 0
         self._t0_clock: float | None = None
         self._t0_log: float | None = None
-        self.connected = False
-        self.beam_blanked = True
-        self.mismatched_geometries = 0
 
     @property
     def n_frames(self) -> int:
         return len(self._frames)
-
-    async def connect(self) -> None:
-        self.connected = True
-
-    async def close(self) -> None:
-        self.connected = False
-        self.beam_blanked = True
 
     async def capabilities(self) -> Capabilities:
         if self._frames:
@@ -77,27 +63,12 @@ class ReplayDriver:
         await self.clock.sleep(due - self.clock.monotonic())
 
     async def acquire(self, geometry: ScanGeometry) -> Frame:
-        if not self.connected:
-            raise DriverFault("replay driver is not connected")
-        if self._next_frame >= len(self._frames):
-            raise EndOfData(f"all {len(self._frames)} frames of {self.log.path} replayed")
+        self._check_next(self._next_frame, len(self._frames), str(self.log.path))
         data = self._frames[self._next_frame]
         self._next_frame += 1
         frame = self.log.frame_from_data(data)
-        if frame.geometry != geometry:
-            self.mismatched_geometries += 1
         await self._pace_to(frame.end_time_s)
-        self.beam_blanked = False
-        return frame
-
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        i = 0
-        while n_frames is None or i < n_frames:
-            try:
-                yield await self.acquire(geometry)
-            except EndOfData:
-                return
-            i += 1
+        return self._deliver(frame, geometry)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         if self._next_park >= len(self._parks):
@@ -112,9 +83,6 @@ class ReplayDriver:
             sample_interval_s=float(d["sample_interval_s"]),
             signal=np.asarray(d["signal"], dtype=np.float32),
         )
-
-    async def blank(self) -> None:
-        self.beam_blanked = True
 
 
 def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> Driver:

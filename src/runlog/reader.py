@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stemagent.errors import InputError
-from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, FRAMES_STORE, LOG_FORMAT_VERSION
+from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, LOG_FORMAT_VERSION
 from stemagent.types import Atoms, Frame, ScanGeometry
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from scipy.spatial import cKDTree
 
 from stemagent.agent.control import ControlMessage
@@ -19,7 +18,6 @@ from stemagent.config import config_from_dict, load_config
 from stemagent.driver import DriverFault
 from stemagent.runlog import RunLog
 from stemagent.simulators.minimal import MinimalTwinDriver
-from stemagent.types import ScanRegion
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo-minimal-twin.yaml"
