@@ -164,7 +164,7 @@ class UNetSegmenterConfig(_Model):
     kind: Literal["unet"] = "unet"
     weights: Path | None = Field(None, description="state dict (.pt) with its .json model card; None = the shipped weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="minimum atom probability of a peak")
+    threshold: float = Field(0.3, gt=0.0, lt=1.0, description="minimum atom probability of a peak")
     min_separation_A: float = Field(0.6, gt=0.0, description="non-maximum suppression radius, Å")
     refine: bool = Field(True, description="Poisson ML Gaussian fit on the raw frame")
     refine_pixel_A: float = Field(0.2, gt=0.0, description="frames finer than this are binned for the fit, Å/px")

@@ -53,7 +53,9 @@ def find_peaks(logits: torch.Tensor, threshold: float = 0.5, min_separation_px: 
     b, _, h, w = logits.shape
     atom_logit = torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]  # (B, H, W)
     k = 2 * int(min_separation_px) + 1
-    pooled = F.max_pool2d(atom_logit[:, None], k, stride=1, padding=k // 2)[:, 0]
+    # separable k x k max-pool (two 1-D passes: same result, about half the cost on CPU)
+    pooled = F.max_pool2d(atom_logit[:, None], (k, 1), stride=1, padding=(k // 2, 0))
+    pooled = F.max_pool2d(pooled, (1, k), stride=1, padding=(0, k // 2))[:, 0]
     thr = float(torch.logit(torch.tensor(min(max(threshold, 1e-6), 1 - 1e-6))))
     is_peak = (atom_logit >= pooled) & (atom_logit > thr)
     if valid_shape is not None:
@@ -152,8 +154,8 @@ def refine_gaussians(
     flat = (batch[:, None, None] * (h * w) + wr_c * w + wc_c).expand(-1, offs.numel(), offs.numel()).reshape(n, -1)
     data = imgs.reshape(-1)[flat].reshape(n, offs.numel(), offs.numel())  # (N, S, S)
     inside = inside * use[:, None, None].float()
-    pr = wr.float()  # pixel row of each window pixel
-    pc = wc.float()
+    prow = wr[:, :, 0].float()  # (N, S) pixel row of each window row
+    pcol = wc[:, 0, :].float()  # (N, S) pixel column of each window column
 
     # starting values
     sub = imgs.reshape(nb, -1)[:, :: max(1, (h * w) // 65536)]
@@ -162,7 +164,7 @@ def refine_gaussians(
     centre = data[:, rad, rad]
     amp = (centre - bkg[batch]).clamp_min(1e-3 * (imgs.mean() + 1e-6))
     wid = torch.full((n,), float(width0_px), device=dev)
-    floor = 1e-4 * float(imgs.mean().clamp_min(1e-6)) + 1e-8
+    floor = 1e-4 * imgs.mean().clamp_min(1e-6) + 1e-8  # a tensor: no device sync
     loc = bkg[batch].clone()  # local background of each atom's window
     rc0f = rc0.float()
     prior_prec = 0.0 if prior_sigma_px is None else 1.0 / float(prior_sigma_px) ** 2
@@ -170,42 +172,57 @@ def refine_gaussians(
     eye = torch.eye(5, device=dev)
     fisher = eye.expand(n, 5, 5)
 
-    def atom_terms(rc_: torch.Tensor, amp_: torch.Tensor, wid_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        dr = pr - rc_[:, 0, None, None]
-        dc = pc - rc_[:, 1, None, None]
-        d2 = dr * dr + dc * dc
-        s2 = (wid_ * wid_)[:, None, None]
-        g = torch.exp(-0.5 * d2 / s2) * inside
-        return g, dr, dc, d2
+    def moments(fields: torch.Tensor, dr: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+        """``sum_p f(p) dr^a dc^b`` for a, b in 0..4: ``(N, K, S, S) -> (N, K, 5, 5)``.
+
+        The window is a grid, so ``dr`` depends on the row and ``dc`` on the column only and
+        the moments are two small batched matrix products.
+        """
+        r2, c2 = dr * dr, dc * dc
+        rp = torch.stack([torch.ones_like(dr), dr, r2, r2 * dr, r2 * r2], dim=2)  # (N, S, 5)
+        cp = torch.stack([torch.ones_like(dc), dc, c2, c2 * dc, c2 * c2], dim=2)
+        return rp.transpose(1, 2)[:, None] @ fields @ cp[:, None]
 
     for _ in range(iterations):
-        g, dr, dc, d2 = atom_terms(rc, amp, wid)
-        contrib = amp[:, None, None] * g
+        dr = prow - rc[:, 0, None]  # (N, S)
+        dc = pcol - rc[:, 1, None]
+        s2 = wid * wid
+        g = torch.exp(-0.5 * dr * dr / s2[:, None])[:, :, None] * torch.exp(-0.5 * dc * dc / s2[:, None])[:, None, :]
+        contrib = amp[:, None, None] * g * inside  # (N, S, S): this atom's image in its window
         canvas = torch.zeros(nb * h * w, device=dev)
         canvas.index_add_(0, flat.reshape(-1), contrib.reshape(-1))
-        atoms_win = canvas[flat].reshape(n, offs.numel(), offs.numel())
-        m = (atoms_win + loc[:, None, None]).clamp_min(floor)
-        s2 = (wid * wid)[:, None, None]
-        jac = torch.stack(
-            [
-                contrib * dr / s2,  # d/d row
-                contrib * dc / s2,  # d/d col
-                contrib,  # d/d log amplitude
-                contrib * d2 / s2,  # d/d log width
-                inside,  # d/d local background
-            ],
-            dim=1,
-        ).reshape(n, 5, -1)  # (N, 5, P)
-        winv = (inside / m).reshape(n, 1, -1)
-        resid = (data - m).reshape(n, 1, -1)
-        grad = (jac * winv * resid).sum(dim=2)  # (N, 5)
-        fisher = torch.einsum("nkp,nlp->nkl", jac * winv, jac)  # (N, 5, 5)
+        m = (canvas[flat].reshape(contrib.shape) + loc[:, None, None]).clamp_min(floor)
+        wgt = inside / m  # Poisson weights 1 / mu
+        e = (data - m) * wgt
+        # Jacobian of this atom's window: contrib * f_k with f = (dr/s2, dc/s2, 1, d2/s2), and 1 for
+        # the background. Fisher and score follow from weighted moments of dr, dc.
+        mom = moments(torch.stack([contrib * contrib * wgt, contrib * wgt, contrib * e], dim=1), dr, dc)  # (N, 3, 5, 5)
+        q, v, u = mom[:, 0], mom[:, 1], mom[:, 2]
+        i2 = 1.0 / s2
+        i4 = i2 * i2
+        fisher = torch.empty(n, 5, 5, device=dev)
+        fisher[:, 0, 0] = q[:, 2, 0] * i4
+        fisher[:, 0, 1] = fisher[:, 1, 0] = q[:, 1, 1] * i4
+        fisher[:, 0, 2] = fisher[:, 2, 0] = q[:, 1, 0] * i2
+        fisher[:, 0, 3] = fisher[:, 3, 0] = (q[:, 3, 0] + q[:, 1, 2]) * i4
+        fisher[:, 1, 1] = q[:, 0, 2] * i4
+        fisher[:, 1, 2] = fisher[:, 2, 1] = q[:, 0, 1] * i2
+        fisher[:, 1, 3] = fisher[:, 3, 1] = (q[:, 2, 1] + q[:, 0, 3]) * i4
+        fisher[:, 2, 2] = q[:, 0, 0]
+        fisher[:, 2, 3] = fisher[:, 3, 2] = (q[:, 2, 0] + q[:, 0, 2]) * i2
+        fisher[:, 3, 3] = (q[:, 4, 0] + 2.0 * q[:, 2, 2] + q[:, 0, 4]) * i4
+        fisher[:, 0, 4] = fisher[:, 4, 0] = v[:, 1, 0] * i2
+        fisher[:, 1, 4] = fisher[:, 4, 1] = v[:, 0, 1] * i2
+        fisher[:, 2, 4] = fisher[:, 4, 2] = v[:, 0, 0]
+        fisher[:, 3, 4] = fisher[:, 4, 3] = (v[:, 2, 0] + v[:, 0, 2]) * i2
+        fisher[:, 4, 4] = wgt.sum(dim=(1, 2))
+        grad = torch.stack([u[:, 1, 0] * i2, u[:, 0, 1] * i2, u[:, 0, 0], (u[:, 2, 0] + u[:, 0, 2]) * i2, e.sum(dim=(1, 2))], dim=1)
         if prior_prec > 0:
             grad[:, :2] += prior_prec * (rc0f - rc)
             fisher = fisher + prior_eye
         counts = amp * 2.0 * torch.pi * wid * wid
         fit_w = (counts > fit_width_min_counts).float()
-        # hold the width where it is not fitted: zero its row/column, unit diagonal
+        # hold width and background where they are not fitted: zero row/column, unit diagonal
         one = torch.ones_like(fit_w)
         mask = torch.stack([one, one, one, fit_w, fit_w], dim=1)
         fisher = fisher * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1.0 - mask)

@@ -126,7 +126,7 @@ class UNetSegmenter:
         weights: str | Path | None = None,
         device: str | torch.device = "auto",
         *,
-        threshold: float = 0.5,
+        threshold: float = 0.3,
         min_separation_A: float = 0.6,
         refine: bool = True,
         refine_iterations: int = 4,

@@ -114,9 +114,9 @@ def test_blank_frame_gives_no_atoms(seg):
 def test_config_and_factory_build_it():
     from stemagent.agent.factory import build_segmenter
 
-    cfg = config_from_dict({"pipeline": {"segmenter": {"kind": "unet", "device": "cpu", "threshold": 0.4}}})
+    cfg = config_from_dict({"pipeline": {"segmenter": {"kind": "unet", "device": "cpu", "threshold": 0.45}}})
     s = build_segmenter(cfg)
-    assert isinstance(s, UNetSegmenter) and s.threshold == 0.4 and s.device.type == "cpu"
+    assert isinstance(s, UNetSegmenter) and s.threshold == 0.45 and s.device.type == "cpu"
 
 
 @pytest.mark.parametrize("net,multiple", [(DilatedUNet(7), 4), (DefaultUNet(7), 8)])
