@@ -151,11 +151,15 @@ def load_train_config(path: str | Path) -> TrainConfig:
     except yaml.YAMLError:
         raise ConfigError(str(p), "<yaml>", "", "is not valid YAML") from None
     try:
-        return TrainConfig.model_validate(data)
+        cfg = TrainConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(v) for v in err.get("loc", ())) or "<top level>"
         raise ConfigError(str(p), loc, err.get("input"), err.get("msg", "is invalid")) from None
+    for k in cfg.data.specimens:
+        if k not in LABEL_OFFSET:
+            raise ConfigError(str(p), "data.specimens", k, f"is not a trainable specimen (one of {sorted(LABEL_OFFSET)})")
+    return cfg
 
 
 def run_training(cfg: TrainConfig, *, show_progress: bool = True, evaluate_frames: int = 2) -> dict[str, Any]:
