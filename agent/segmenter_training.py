@@ -132,7 +132,7 @@ def evaluate(segmenter: Any, seed: int, n_per_cell: int = 2, doses: tuple[float,
                 atoms = segmenter.find(frame)
                 keep_t = truth.geometry.contains(truth.positions_A, border_A)
                 keep_p = truth.geometry.contains(atoms.positions_A, border_A)
-                m = match(atoms.positions_A[keep_p], atoms.classes[keep_p], truth.positions_A[keep_t], truth.labels[keep_t] + LABEL_OFFSET[kind])
+                m = match(atoms.positions_A, atoms.classes, truth.positions_A, truth.labels + LABEL_OFFSET[kind], count_pred=keep_p, count_true=keep_t)
                 total = m if total is None else total.add(m)
             assert total is not None
             names = segmenter.class_names

@@ -42,12 +42,20 @@ class Peaks:
         return int(self.batch.shape[0])
 
 
-def find_peaks(logits: torch.Tensor, threshold: float = 0.5, min_separation_px: int = 2, valid_shape: tuple[int, int] | None = None) -> Peaks:
+def find_peaks(
+    logits: torch.Tensor,
+    threshold: float = 0.5,
+    min_separation_px: int = 2,
+    valid_shape: tuple[int, int] | None = None,
+    class_bias: torch.Tensor | None = None,
+) -> Peaks:
     """Peaks of ``logits`` ``(B, C + 1, H, W)`` (channel 0 background).
 
     A pixel is a peak when its atom logit is the maximum of its ``(2 s + 1)^2`` neighbourhood
     (``s = min_separation_px``) and its atom probability exceeds ``threshold``. Only the top-left
-    ``valid_shape`` region is searched (the rest is padding).
+    ``valid_shape`` region is searched (the rest is padding). ``class_bias`` ``(C,)`` is
+    subtracted from the class logits before the class is chosen, e.g. ``log w_k`` to undo the
+    class weights of a weighted cross-entropy (which inflate the odds of class ``k`` by ``w_k``).
     """
     logits = logits.float()
     b, _, h, w = logits.shape
@@ -71,7 +79,9 @@ def find_peaks(logits: torch.Tensor, threshold: float = 0.5, min_separation_px: 
     cc = ci[:, None, None] + 1 + offs[None, None, :]
     win = padded[bi[:, None, None], :, rr, cc]  # (N, 3, 3, C + 1)
     probs = torch.softmax(win, dim=-1)
-    at = probs[..., 1:].mean(dim=(1, 2))  # (N, C)
+    cls_logits = win[..., 1:] if class_bias is None else win[..., 1:] - class_bias.to(win.dtype)
+    at = torch.softmax(cls_logits, dim=-1) * (1.0 - probs[..., :1])  # P(atom) x P(class | atom)
+    at = at.mean(dim=(1, 2))  # (N, C)
     conf, cls = at.max(dim=1)
     # 3x3 centroid of the atom probability for a sub-pixel start
     atom_p = 1.0 - probs[..., 0]  # (N, 3, 3)

@@ -43,8 +43,23 @@ class MatchResult:
         )
 
 
-def match(pred_xy: np.ndarray, pred_cls: np.ndarray, true_xy: np.ndarray, true_cls: np.ndarray, radius_A: float = 0.5) -> MatchResult:
-    """One-to-one matching of predictions to truths within ``radius_A`` (see module docstring)."""
+def match(
+    pred_xy: np.ndarray,
+    pred_cls: np.ndarray,
+    true_xy: np.ndarray,
+    true_cls: np.ndarray,
+    radius_A: float = 0.5,
+    count_pred: np.ndarray | None = None,
+    count_true: np.ndarray | None = None,
+) -> MatchResult:
+    """One-to-one matching of predictions to truths within ``radius_A`` (see module docstring).
+
+    ``count_pred`` / ``count_true`` (boolean masks, default all): everything takes part in the
+    matching, but only these are counted. Used to exclude a border without creating spurious
+    errors from an atom just inside and its detection just outside (or the reverse): a pair
+    counts as a true positive when its truth is counted; an unmatched prediction is a false
+    positive only when it is counted.
+    """
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
     true_xy = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
     pred_cls = np.asarray(pred_cls, dtype=np.int64).reshape(-1)
@@ -70,12 +85,19 @@ def match(pred_xy: np.ndarray, pred_cls: np.ndarray, true_xy: np.ndarray, true_c
             a, b = linear_sum_assignment(cost)
             keep = cost[a, b] <= radius_A
             pi, ti = ur[a[keep]], uc[b[keep]]
+    cp = np.ones(len(pred_xy), bool) if count_pred is None else np.asarray(count_pred, bool).reshape(-1)
+    ct = np.ones(len(true_xy), bool) if count_true is None else np.asarray(count_true, bool).reshape(-1)
     res = MatchResult(pi, ti)
     same = pred_cls[pi] == true_cls[ti]
     for k in np.union1d(np.unique(pred_cls), np.unique(true_cls)):
         k = int(k)
-        tp = int(np.sum(same & (true_cls[ti] == k)))
-        res.tp[k] = tp
-        res.fp[k] = int(np.sum(pred_cls == k)) - tp
-        res.fn[k] = int(np.sum(true_cls == k)) - tp
+        pair_k = same & (true_cls[ti] == k)
+        res.tp[k] = int(np.sum(pair_k & ct[ti]))
+        # predictions of class k that are not the prediction of a class-k pair
+        in_pair = np.zeros(len(pred_xy), bool)
+        in_pair[pi[pair_k]] = True
+        res.fp[k] = int(np.sum((pred_cls == k) & cp & ~in_pair))
+        truth_in_pair = np.zeros(len(true_xy), bool)
+        truth_in_pair[ti[pair_k]] = True
+        res.fn[k] = int(np.sum((true_cls == k) & ct & ~truth_in_pair))
     return res

@@ -78,6 +78,17 @@ def normalize_images(x: torch.Tensor) -> torch.Tensor:
     return y / mean.reshape(b, 1, 1, 1)
 
 
+def class_log_weights(card: dict[str, Any]) -> torch.Tensor:
+    """``log w_k`` of the atom classes' weights in the training loss (from the model card)."""
+    names = list(card["class_names"])
+    w = (card.get("config") or {}).get("class_weights")
+    if w is None:  # the trainer's default: rare classes 4, others 2 (background 1)
+        w = [1.0] + [4.0 if c in ("Si", "vacancy", "substituted", "column-vacancy") else 2.0 for c in names]
+    if len(w) != len(names) + 1:
+        raise InputError("model_card.config.class_weights", w, f"needs {len(names) + 1} values (background first)")
+    return torch.log(torch.tensor(w[1:], dtype=torch.float32))
+
+
 def load_card(weights: Path) -> dict[str, Any]:
     card_path = weights.with_suffix(".json")
     try:
@@ -117,7 +128,9 @@ class UNetSegmenter:
     for the fit. ``probe_sigma_A``: starting Gaussian width of a column image.
     ``position_prior_A``: width of a Gaussian prior centred on the network's position (the
     network places atoms from lattice context); it steadies the fit where an atom has only a
-    few counts and is negligible against the likelihood where it has many (None: pure ML). ``num_threads``: torch CPU
+    few counts and is negligible against the likelihood where it has many (None: pure ML).
+    ``correct_class_weights``: undo the training loss's class weights (from the model card) when
+    choosing each atom's class, so rare classes are not over-called where the data are ambiguous. ``num_threads``: torch CPU
     threads (None leaves torch's setting).
     """
 
@@ -133,6 +146,7 @@ class UNetSegmenter:
         refine_pixel_A: float = 0.2,
         probe_sigma_A: float = 0.35,
         position_prior_A: float | None = 0.1,
+        correct_class_weights: bool = True,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -157,6 +171,7 @@ class UNetSegmenter:
         self.probe_sigma_A = float(probe_sigma_A)
         self.position_prior_A = None if position_prior_A is None else float(position_prior_A)
         self._empty = torch.tensor([c in EMPTY_CLASSES for c in self.class_names], device=self.device)
+        self._class_bias = class_log_weights(self.card).to(self.device) if correct_class_weights else None
 
     # --- tensors in, tensors out ---------------------------------------------------------
     @torch.inference_mode()
@@ -187,7 +202,7 @@ class UNetSegmenter:
         h, w = images.shape[-2:]
         logits, shape = self.logits(images, pixel_A)
         sep_px = max(1, int(round(self.min_separation_A / self.model_pixel_A)))
-        peaks = find_peaks(logits, self.threshold, sep_px, valid_shape=shape)
+        peaks = find_peaks(logits, self.threshold, sep_px, valid_shape=shape, class_bias=self._class_bias)
         rc = scale_rc(peaks.rc, shape, (h, w))
         px = float(np.mean(pixel_A))
         width0 = self.probe_sigma_A / px

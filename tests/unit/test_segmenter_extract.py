@@ -115,3 +115,18 @@ def test_crlb_bad_shapes():
         fisher_crlb(np.zeros((3, 2)), np.ones((3, 2)))
     with pytest.raises(InputError, match="scale.shape"):
         crlb_incoherent(np.ones((10, 10)), np.zeros((2, 2)), np.ones(3), np.ones((5, 5)), 1.0)
+
+
+def test_match_counts_per_class_and_border():
+    from stemagent.segmentation.metrics import match
+
+    true_xy = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [6.0, 0.0]])
+    true_cls = np.array([0, 0, 1, 1])
+    pred_xy = np.array([[0.1, 0.0], [2.0, 0.3], [4.2, 0.1], [9.0, 9.0]])
+    pred_cls = np.array([0, 1, 1, 0])  # one misclassified, one spurious, one missed
+    m = match(pred_xy, pred_cls, true_xy, true_cls, radius_A=0.5)
+    assert (m.tp[0], m.fp[0], m.fn[0]) == (1, 1, 1)
+    assert (m.tp[1], m.fp[1], m.fn[1]) == (1, 1, 1)
+    # an atom just inside the border whose detection lies just outside is not an error
+    m2 = match(np.array([[0.3, 0.0]]), np.array([0]), np.array([[0.0, 0.0]]), np.array([0]), count_pred=np.array([False]), count_true=np.array([True]))
+    assert (m2.tp[0], m2.fp[0], m2.fn[0]) == (1, 0, 0)
