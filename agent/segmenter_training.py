@@ -1,7 +1,7 @@
 """Wiring the digital twin into segmenter training and scoring (used by ``stemagent train-segmenter``).
 
 Core's :mod:`stemagent.segmentation.train` takes any sample source; this module supplies one
-that draws fresh twin frames (:func:`stemagent.simulators.render.render_sample`) over wide
+that draws fresh twin frames (:func:`stemagent.simulators.render_sample`, the twin's training-data API) over wide
 ranges of dose, optics, drift, sampling, detector and specimen, and maps each specimen's
 labels onto the model's unified classes.
 """
@@ -45,8 +45,8 @@ def twin_frame(
     specimen_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """One twin frame ``(image, truth)``. ``clean``: perfect optics, no drift/jitter, counting detector."""
-    from stemagent.simulators.render import render_sample
-    from stemagent.simulators.scan import DetectorModel, DriftModel
+    from stemagent.simulators import render_sample
+    from stemagent.simulators import DetectorModel, DriftModel
 
     d = data or DataConfig()
     rot = float(rng.uniform(0, 2 * math.pi))
@@ -168,7 +168,7 @@ def run_training(cfg: TrainConfig, *, show_progress: bool = True, evaluate_frame
 
     source = TwinSource(cfg)
     description = {
-        "source": "stemagent.simulators.render.render_sample (fresh random specimen per sample)",
+        "source": "stemagent.simulators.render_sample (fresh random specimen per sample)",
         "crop_A": cfg.crop_A,
         "distribution": cfg.data.model_dump(mode="json"),
         "labels": {k: f"specimen labels + {v}" for k, v in LABEL_OFFSET.items()},

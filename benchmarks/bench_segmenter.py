@@ -132,7 +132,7 @@ def main() -> None:
                 heavy_sites = np.flatnonzero(np.asarray(names)[truth.labels + LABEL_OFFSET[kind]] == HEAVY[kind])
                 crlb = column_crlb_A(truth, heavy_sites) if len(heavy_sites) else np.zeros((0, 2))
                 if len(heavy_sites) and len(crlb_check) < 6:
-                    from stemagent.simulators.render import cramer_rao_bound_A
+                    from stemagent.simulators import cramer_rao_bound_A
 
                     ref = np.asarray(cramer_rao_bound_A(truth, int(heavy_sites[0])))
                     crlb_check.append(float(np.mean(ref / crlb[0][::-1])))
