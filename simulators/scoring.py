@@ -18,6 +18,11 @@ from stemagent.segmentation.metrics import match
 from stemagent.types import ScanGeometry
 
 
+def _is_vacancy(class_name: str) -> bool:
+    """Vacancy classes ("vacancy", "column-vacancy", ...) mark empty sites, not atoms."""
+    return "vacancy" in class_name
+
+
 def _inside(geometry: ScanGeometry, rc: np.ndarray, margin_A: float) -> np.ndarray:
     rows, cols = geometry.shape_px
     px = float(np.mean(geometry.pixel_size_A))
@@ -37,11 +42,11 @@ def score_run(log: RunLog, ground_truth: Any, radius_A: float = 0.5, margin_A: f
         frames += 1
         g = truth.geometry
         names = truth.class_names
-        real = np.array([names[k] != "vacancy" for k in truth.labels], dtype=bool)
+        real = np.array([not _is_vacancy(names[k]) for k in truth.labels], dtype=bool)
         t_rc = truth.pixels_rc[real]
         t_rc = t_rc[_inside(g, t_rc, margin_A)]
         true_xy = g.pixel_to_sample(t_rc) if len(t_rc) else np.zeros((0, 2))
-        keep = np.array([atoms.class_names[k] != "vacancy" for k in atoms.classes], dtype=bool)
+        keep = np.array([not _is_vacancy(atoms.class_names[k]) for k in atoms.classes], dtype=bool)
         p_xy = atoms.positions_A[keep]
         p_xy = p_xy[_inside(g, g.sample_to_pixel(p_xy), margin_A)] if len(p_xy) else p_xy
         res = match(p_xy, np.zeros(len(p_xy)), true_xy, np.zeros(len(true_xy)), radius_A)

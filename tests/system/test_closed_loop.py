@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.spatial import cKDTree
 
 from stemagent.agent.control import ControlMessage
@@ -253,3 +254,19 @@ def test_cli_run_on_the_physical_twin_scores_against_ground_truth(tmp_path):
     score = out["vs_ground_truth"]
     assert score["frames_scored"] == 5
     assert score["f1"] > 0.98 and score["rmse_A"] < 0.15
+
+
+@pytest.mark.parametrize("name", ["twin-graphene-si", "twin-mos2-survey"])
+async def test_unet_closed_loop_on_the_twin_matches_ground_truth(tmp_path, name):
+    from stemagent.simulators.scoring import score_run
+
+    cfg = config_from_dict({**load_config(ROOT / "configs" / f"{name}.yaml").model_dump(mode="json"), "max_frames": 3})
+    assert cfg.pipeline.segmenter.kind == "unet"
+    agent = await build_agent(cfg, run_dir=tmp_path / "run")
+    summary = await agent.run()
+    log = RunLog.open(summary.log_path)
+    score = score_run(log, agent.driver.ground_truth)
+    assert score["frames_scored"] == 3
+    assert score["f1"] > 0.99 and score["rmse_A"] < 0.1
+    names = log.atoms()[0].class_names
+    assert "vacancy" in names or "column-vacancy" in names  # the U-Net's classes are logged
