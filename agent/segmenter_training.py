@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from stemagent.config import load_model
 from stemagent.errors import ConfigError
 from stemagent.segmentation.metrics import match
 from stemagent.segmentation.train import DataConfig, TrainConfig, TrainingSample, train, write_card
@@ -141,21 +141,8 @@ def evaluate(segmenter: Any, seed: int, n_per_cell: int = 2, doses: tuple[float,
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    from pydantic import ValidationError
-
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
-    except yaml.YAMLError:
-        raise ConfigError(str(p), "<yaml>", "", "is not valid YAML") from None
-    try:
-        cfg = TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(v) for v in err.get("loc", ())) or "<top level>"
-        raise ConfigError(str(p), loc, err.get("input"), err.get("msg", "is invalid")) from None
+    cfg = load_model(p, TrainConfig)
     for k in cfg.data.specimens:
         if k not in LABEL_OFFSET:
             raise ConfigError(str(p), "data.specimens", k, f"is not a trainable specimen (one of {sorted(LABEL_OFFSET)})")

@@ -394,21 +394,10 @@ class Bridge:
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
-    import yaml  # only needed to read the file
+    from stemagent.config import load_model  # reads the YAML; errors name file, field and value
 
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
-    except yaml.YAMLError:
-        raise ConfigError(str(p), "<yaml>", "", "is not valid YAML") from None
-    try:
-        cfg = BridgeConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err.get("loc", ())) or "<top level>"
-        raise ConfigError(str(p), field, err.get("input"), err.get("msg", "is invalid")) from None
+    cfg = load_model(p, BridgeConfig)
     if cfg.driver is not None and cfg.adapter is not None:
         raise ConfigError(str(p), "driver/adapter", cfg.adapter, "give either 'driver' or 'adapter', not both")
     if cfg.driver is None and cfg.adapter is None:

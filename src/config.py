@@ -12,7 +12,7 @@ Core only describes configurations; building objects from them is done in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -293,12 +293,16 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     return cur
 
 
-def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
-    """Validate a mapping as a :class:`RunConfig`; the first problem becomes a :class:`ConfigError`."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_model(model: type[M], data: Any, source: str = "<dict>") -> M:
+    """Validate a mapping as ``model``; the first problem becomes a one-line :class:`ConfigError`
+    naming ``source``, the field (as written in the file) and the value."""
     if not isinstance(data, dict):
         raise ConfigError(source, "<top level>", type(data).__name__, "must be a mapping of sections")
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err.get("loc", ()))
@@ -314,16 +318,21 @@ def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             clean = clean + ("kind",)
             value = value.get("kind", "<missing>") if isinstance(value, dict) else value
-            expected = (err.get("ctx") or {}).get("expected_tags") or _union_tags(clean, data)
+            expected = (err.get("ctx") or {}).get("expected_tags") or _union_tags(model, clean)
             problem = f"is not a known kind (expected one of {expected})"
         else:
             problem = err.get("msg", "is invalid")
         raise ConfigError(source, _describe(clean) or "<top level>", value, problem) from None
 
 
-def _union_tags(loc: tuple[Any, ...], data: Any) -> str:
+def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a mapping as a :class:`RunConfig`; the first problem becomes a :class:`ConfigError`."""
+    return validate_model(RunConfig, data, source)
+
+
+def _union_tags(root: type[BaseModel], loc: tuple[Any, ...]) -> str:
     """The kinds a union section accepts, read off the models (for the error message)."""
-    model: Any = RunConfig
+    model: Any = root
     ann: Any = None
     for p in loc:
         fields = getattr(model, "model_fields", {})
@@ -354,8 +363,8 @@ def _is_tag(data: Any, parent_loc: tuple[Any, ...], p: Any) -> bool:
     return isinstance(cur, dict) and isinstance(p, str) and p not in cur and cur.get("kind") == p
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; every failure is a one-line :class:`ConfigError`."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of ``path`` (an empty file is ``{}``); failures are one-line :class:`ConfigError`s."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -367,6 +376,14 @@ def load_config(path: str | Path) -> RunConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         raise ConfigError(str(p), where, getattr(exc, "problem", None) or "", "is not valid YAML") from None
-    if data is None:
-        data = {}
-    return config_from_dict(data, source=str(p))
+    return {} if data is None else data
+
+
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file and validate it as ``model`` (any of the project's config models)."""
+    return validate_model(model, read_yaml(path), source=str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; every failure is a one-line :class:`ConfigError`."""
+    return load_model(path, RunConfig)
