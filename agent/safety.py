@@ -59,18 +59,25 @@ class SafetyGate:
         return np.clip(ij[:, 1], 0, n - 1), np.clip(ij[:, 0], 0, n - 1)
 
     def _scan_footprint(self, cmd: ScanRegion) -> tuple[np.ndarray, np.ndarray]:
-        """Dose-map cells covered by a scan (cell centres inside the scanned area)."""
-        n = self.dose_map.shape[0]
-        c = np.asarray(self.config.area_center_A)
-        lo = c - self.config.area_half_width_A
-        steps = (np.arange(n) + 0.5) * self.cell_A
-        xx, yy = np.meshgrid(lo[0] + steps, lo[1] + steps)
-        pts = np.stack([xx.ravel(), yy.ravel()], axis=1)
-        inside = cmd.geometry.contains(pts).reshape(n, n)
+        """Dose-map cells covered by a scan (cell centres inside the scanned area).
+
+        Only cells within the scan's bounding box are tested, so the cost follows the field's
+        size, not the size of the allowed area.
+        """
+        g = cmd.geometry
+        rows, cols = g.shape_px
+        corners = g.pixel_to_sample(np.array([[0, 0], [0, cols - 1], [rows - 1, 0], [rows - 1, cols - 1]]))
+        r_lo, c_lo = self._cells(corners.min(axis=0))
+        r_hi, c_hi = self._cells(corners.max(axis=0))
+        lo = np.asarray(self.config.area_center_A) - self.config.area_half_width_A
+        r_idx = np.arange(r_lo[0], r_hi[0] + 1)
+        c_idx = np.arange(c_lo[0], c_hi[0] + 1)
+        cc, rr = np.meshgrid(c_idx, r_idx)
+        pts = np.stack([lo[0] + (cc.ravel() + 0.5) * self.cell_A, lo[1] + (rr.ravel() + 0.5) * self.cell_A], axis=1)
+        inside = g.contains(pts)
         if not inside.any():  # a field smaller than a cell still doses the cell it sits in
-            r, cc = self._cells(np.asarray(cmd.geometry.center_A))
-            inside[r, cc] = True
-        return np.nonzero(inside)
+            return self._cells(np.asarray(g.center_A))
+        return rr.ravel()[inside], cc.ravel()[inside]
 
     def _dose_of(self, cmd: BeamCommand) -> tuple[tuple[np.ndarray, np.ndarray], float]:
         if isinstance(cmd, ScanRegion):

@@ -18,7 +18,7 @@ from scipy import ndimage
 from stemagent.clock import Clock, VirtualClock
 from stemagent.config import MinimalTwinConfig
 from stemagent.driver import DriverFault
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent.types import ELECTRON_CHARGE_C, Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
 
 
 def honeycomb_positions(lattice_A: float, size_A: float) -> np.ndarray:
@@ -137,7 +137,7 @@ class MinimalTwinDriver:
         interval = dwell_s / n
         g = ScanGeometry(center_A=tuple(position_A), fov_A=(0.1, 0.1), shape_px=(1, 1), dwell_s=interval)  # type: ignore[arg-type]
         level = float(self.noiseless_image(g)[0, 0])
-        electrons = self.config.beam_current_pA * 1e-12 * interval / 1.602176634e-19
+        electrons = self.config.beam_current_pA * 1e-12 * interval / ELECTRON_CHARGE_C
         signal = self._rng.poisson(electrons * level, size=n).astype(np.float32)
         await self.clock.sleep(start + dwell_s - self.clock.monotonic())
         self._busy_until_s = start + dwell_s
@@ -147,7 +147,7 @@ class MinimalTwinDriver:
             start_time_s=start,
             sample_interval_s=interval,
             signal=signal,
-            dose_e_per_A2=self.config.beam_current_pA * 1e-12 * dwell_s / 1.602176634e-19,  # per Å² of a ~1 Å² probe
+            dose_e_per_A2=dose_e_per_A2(self.config.beam_current_pA, dwell_s, 1.0),  # spread over a ~1 Å² probe
         )
 
     async def blank(self) -> None:
