@@ -1,4 +1,4 @@
-"""Atom finding vs dose: our U-Net, the default-layout U-Net and the classical LoG finder.
+"""Atom finding vs dose: our U-Net, the default-layout U-Net, the classical LoG finder and the ideal-observer bound.
 
 Held-out twin frames (512 x 512 at 0.1 Å/px, seeds never used in training): graphene with Si
 dopants and vacancies, and MoS2 with chalcogen substitutions and vacancies (defect densities
@@ -9,6 +9,12 @@ Per method and dose: detection F1 per class (one-to-one matching within 0.5 Å, 
 excluded from the counts but not from the matching), class-agnostic F1 over occupied sites, position RMSE of the heavier species
 (Si in graphene, metal in MoS2) against the Cramér-Rao bound of the same columns, and latency
 (median of repeated ``find`` on one 512 x 512 frame, network + extraction).
+
+The row "ideal observer (oracle bound)" is computed on the same frames: per site, the Poisson
+likelihood of each class given the true positions and every other site's species
+(:mod:`stemagent.segmentation.ideal_observer`); ``f1_per_class`` is the best F1 over thresholds
+of the posterior ``P(class | image)`` (an upper bound for any detector), ``f1_map_per_class`` the
+F1 of its MAP decision. ``--no-networks`` computes only that row (no U-Nets, LoG or latency).
 
 Prints one JSON document; ``--figure`` writes F1 and RMSE/CRLB vs dose.
 
@@ -29,27 +35,77 @@ import torch
 from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame
 from stemagent.segmentation.classical import LoGFinder
 from stemagent.segmentation.crlb import crlb_incoherent
+from stemagent.segmentation.ideal_observer import f1_scores, max_f1_over_thresholds, oracle_posteriors
 from stemagent.segmentation.metrics import match
-from stemagent.segmentation.unet_segmenter import UNetSegmenter
+from stemagent.segmentation.unet_segmenter import CLASS_NAMES, UNetSegmenter
 from stemagent.types import Frame
 
 HEAVY = {"graphene": "Si", "mos2": "metal"}
 EMPTY = {"graphene": ("vacancy",), "mos2": ()}
+ORACLE = "ideal observer (oracle bound)"
 DEFECTS = {"graphene": {"si_per_nm2": 0.5, "vacancy_per_nm2": 0.3}, "mos2": {"vacancy_fraction": 0.05, "substitution_fraction": 0.05}}
 
 
-def column_crlb_A(truth: Any, sites: np.ndarray) -> np.ndarray:
-    """Per-axis CRLB (Å) ``(n, 2)`` of the given visible sites (core crlb on the twin's PSF)."""
+def twin_psf(truth: Any) -> tuple[np.ndarray, float]:
+    """The twin's unit-column image (1/Å², 0.02 Å samples, 8 Å wide) and its sample spacing in frame pixels."""
     from stemagent.simulators.fast_adf import psf
 
     spacing_A = 0.02
     u = 0.08 if truth.specimen_kind == "graphene" else 0.07
     p = psf(truth.optics, u, spacing_A=spacing_A, size_A=8.0)
+    return p, spacing_A / truth.geometry.pixel_size_A[0]
+
+
+def column_crlb_A(truth: Any, sites: np.ndarray) -> np.ndarray:
+    """Per-axis CRLB (Å) ``(n, 2)`` of the given visible sites (core crlb on the twin's PSF)."""
+    p, spacing_px = twin_psf(truth)
     px = truth.geometry.pixel_size_A[0]
     # single-atom columns (Si, metal): cross-section of the column's summed Z is that atom's
     scale = truth.electrons_per_pixel * truth.adf.cross_section_A2(truth.numbers[sites]) * truth.detector.gain * truth.detector.efficiency
-    sig = crlb_incoherent(truth.expected_image, truth.pixels_rc[sites], scale, p, spacing_A / px)
+    sig = crlb_incoherent(truth.expected_image, truth.pixels_rc[sites], scale, p, spacing_px)
     return sig * px
+
+
+def oracle_sites(image: np.ndarray, truth: Any, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal-observer posteriors ``(n, C)`` over the segmenter's classes and labels ``(n,)`` of the
+    sites inside the 1 Å border (the sites the other methods are scored on)."""
+    from stemagent.simulators.elements import atomic_number
+
+    p, spacing_px = twin_psf(truth)
+    r = oracle_posteriors(image, truth, p, spacing_px, atomic_number)
+    keep = truth.geometry.contains(truth.positions_A, 1.0)
+    post = np.zeros((int(keep.sum()), len(CLASS_NAMES)))
+    off = LABEL_OFFSET[kind]
+    post[:, off : off + len(r.class_names)] = r.posterior[keep]
+    return post, r.labels[keep] + off
+
+
+def oracle_row(kind: str, dose: float, post: np.ndarray, labels: np.ndarray, names: tuple[str, ...], crlb: np.ndarray) -> dict[str, Any]:
+    """The bound's result row (pooled over the cell's frames); RMSE left null, CRLB given."""
+    map_f1, max_f1 = f1_scores(post, labels)
+    present = [c for c in range(len(names)) if np.any(labels == c)]
+    pred = np.argmax(post, axis=1)
+    empty = np.isin(np.asarray(names), EMPTY[kind])
+    occupied = ~empty[labels]
+    any_f1 = max_f1_over_thresholds(1.0 - post[:, empty].sum(axis=1), occupied)
+    crlb_rms = float(np.sqrt(np.mean(crlb**2))) if len(crlb) else float("nan")
+    return {
+        "method": ORACLE,
+        "specimen": kind,
+        "dose_e_per_A2": dose,
+        "f1_per_class": {names[c]: round(float(max_f1[c]), 4) for c in present},
+        "f1_map_per_class": {names[c]: round(float(map_f1[c]), 4) for c in present},
+        "counts_tp_fp_fn": {
+            names[c]: [int(np.sum((pred == c) & (labels == c))), int(np.sum((pred == c) & (labels != c))), int(np.sum((pred != c) & (labels == c)))]
+            for c in present
+        },
+        "f1_any_atom": round(any_f1, 4),
+        "heavy_species": HEAVY[kind],
+        "heavy_n": len(crlb),
+        "heavy_rmse_A": None,
+        "heavy_crlb_A": round(crlb_rms, 4),
+        "rmse_over_crlb": None,
+    }
 
 
 def score(atoms: Any, truth: Any, kind: str, names: tuple[str, ...], classed: bool, crlb: np.ndarray, heavy_sites: np.ndarray) -> dict[str, Any]:
@@ -112,18 +168,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--figure", default=None)
     ap.add_argument("--markdown", default=None, help="also write the result table (markdown) here")
+    ap.add_argument("--no-networks", action="store_true", help="only the ideal-observer bound (no U-Nets, LoG or latency)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    methods: dict[str, Any] = {"unet (ours)": UNetSegmenter(device="cpu")}
-    try:
-        methods["default U-Net 16-32-64-128"] = UNetSegmenter(args.baseline, device="cpu")
-    except Exception as exc:  # noqa: BLE001 - report and go on without it
-        print(json.dumps({"warning": f"baseline not loaded: {exc}"}))
-    methods["LoG (classical)"] = LoGFinder(sigma_A=0.4, threshold=0.1, min_separation_A=1.0)
-    names = methods["unet (ours)"].class_names
+    methods: dict[str, Any] = {}
+    names: tuple[str, ...] = CLASS_NAMES
+    if not args.no_networks:
+        methods["unet (ours)"] = UNetSegmenter(device="cpu")
+        try:
+            methods["default U-Net 16-32-64-128"] = UNetSegmenter(args.baseline, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - report and go on without it
+            print(json.dumps({"warning": f"baseline not loaded: {exc}"}))
+        methods["LoG (classical)"] = LoGFinder(sigma_A=0.4, threshold=0.1, min_separation_A=1.0)
+        names = methods["unet (ours)"].class_names
+        if tuple(names) != CLASS_NAMES:
+            raise SystemExit(f"segmenter class names {names} differ from {CLASS_NAMES}: the bound's rows would not line up")
     rng = np.random.default_rng(args.seed)
     acc: dict[tuple[str, str, float], dict[str, Any]] = {}
     crlb_check: list[float] = []
+    oracle: dict[tuple[str, float], dict[str, list[np.ndarray]]] = {}
     for kind in args.kinds:
         for dose in args.doses:
             for _ in range(args.frames):
@@ -136,6 +199,12 @@ def main() -> None:
 
                     ref = np.asarray(cramer_rao_bound_A(truth, int(heavy_sites[0])))
                     crlb_check.append(float(np.mean(ref / crlb[0][::-1])))
+                # the bound on the same frame (draws nothing from rng)
+                post, lab = oracle_sites(image, truth, kind)
+                o = oracle.setdefault((kind, dose), {"post": [], "labels": [], "crlb": []})
+                o["post"].append(post)
+                o["labels"].append(lab)
+                o["crlb"].append(crlb[truth.geometry.contains(truth.positions_A[heavy_sites], 1.0)] if len(heavy_sites) else np.zeros((0, 2)))
                 for mname, seg in methods.items():
                     atoms = seg.find(frame)
                     r = score(atoms, truth, kind, names, classed=not isinstance(seg, LoGFinder), crlb=crlb, heavy_sites=heavy_sites)
@@ -160,16 +229,19 @@ def main() -> None:
                 "counts_tp_fp_fn": {k: [int(x) for x in v] for k, v in a["counts"].items()},
                 "f1_any_atom": round(f1(*a["any"]), 4),
                 "heavy_species": HEAVY[kind],
-                "heavy_n": int(len(err)),
+                "heavy_n": len(err),
                 "heavy_rmse_A": round(rmse, 4),
                 "heavy_crlb_A": round(crlb_rms, 4),
                 "rmse_over_crlb": round(rmse / crlb_rms, 3) if crlb_rms > 0 else None,
             }
         )
+    for (kind, dose), o in oracle.items():
+        rows.append(oracle_row(kind, dose, np.concatenate(o["post"]), np.concatenate(o["labels"]), names, np.concatenate(o["crlb"])))
+    latency: dict[str, float] = {}
     # latency on one 512 x 512 graphene frame at 1e4
     image, truth = twin_frame("graphene", 512, 0.1, 1e4, np.random.default_rng(args.seed + 1), clean=True)
     frame = Frame(image=image, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=1e4)
-    latency = {m: round(latency_ms(s, frame, args.repeats), 1) for m, s in methods.items()}
+    latency.update({m: round(latency_ms(s, frame, args.repeats), 1) for m, s in methods.items()})
     # the default layout run the usual way, on the frame at its native 0.1 Å/px (network only)
     if "default U-Net 16-32-64-128" in methods:
         net = methods["default U-Net 16-32-64-128"].model
@@ -207,22 +279,26 @@ def markdown(doc: dict[str, Any]) -> str:
         "| specimen | dose (e/Å²) | method | F1 per class | F1 any atom | heavy RMSE (Å) | CRLB (Å) | RMSE/CRLB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    order = {"unet (ours)": 0, "default U-Net 16-32-64-128": 1, "LoG (classical)": 2}
+    order = {"unet (ours)": 0, "default U-Net 16-32-64-128": 1, "LoG (classical)": 2, ORACLE: 3}
     rows = sorted(doc["results"], key=lambda r: (r["specimen"], r["dose_e_per_A2"], order.get(r["method"], 9)))
     for r in rows:
-        per = ", ".join(f"{k} {v:.3f}" for k, v in r["f1_per_class"].items()) or "(no classes)"
+        maps = r.get("f1_map_per_class", {})
+        per = ", ".join(f"{k} {v:.3f}" + (f" (MAP {maps[k]:.3f})" if k in maps else "") for k, v in r["f1_per_class"].items()) or "(no classes)"
         ratio = f"{r['rmse_over_crlb']:.2f}" if r["rmse_over_crlb"] is not None else "-"
+        rmse = f"{r['heavy_rmse_A']:.4f}" if r["heavy_rmse_A"] is not None else "-"
         lines.append(
             f"| {r['specimen']} | {r['dose_e_per_A2']:.0e} | {r['method']} | {per} | {r['f1_any_atom']:.4f} | "
-            f"{r['heavy_rmse_A']:.4f} ({r['heavy_species']}, n={r['heavy_n']}) | {r['heavy_crlb_A']:.4f} | {ratio} |"
+            f"{rmse} ({r['heavy_species']}, n={r['heavy_n']}) | {r['heavy_crlb_A']:.4f} | {ratio} |"
         )
     lat = doc["latency_ms_512px_cpu"]
-    lines += ["", "| latency, one 512x512 frame, CPU | ms |", "|---|---|"] + [f"| {k} | {v} |" for k, v in lat.items()]
+    if lat:
+        lines += ["", "| latency, one 512x512 frame, CPU | ms |", "|---|---|"] + [f"| {k} | {v} |" for k, v in lat.items()]
     return "\n".join(lines) + "\n"
 
 
 def figure(doc: dict[str, Any], path: str) -> None:
-    """Top: 1 - F1 vs dose (any atom; worst class for the classifying U-Nets). Bottom: RMSE / CRLB."""
+    """Top: 1 - F1 vs dose (any atom; worst class for the classifying U-Nets and the ideal-observer
+    bound, dashed black). Bottom: RMSE / CRLB."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,14 +321,20 @@ def figure(doc: dict[str, Any], path: str) -> None:
                 worst = [min(r["f1_per_class"].values()) for r in rs]
                 axes[0, j].plot(d, [max(1 - v, floor) for v in worst], "--s", color=col, alpha=0.6, label=f"{m}: worst class")
             axes[1, j].plot(d, [r["rmse_over_crlb"] if r["rmse_over_crlb"] is not None else np.nan for r in rs], "-o", color=col, label=m)
+        rs = sorted([r for r in doc["results"] if r["specimen"] == kind and r["method"] == ORACLE], key=lambda r: r["dose_e_per_A2"])
+        if rs and r_has_classes(rs):
+            worst = [min(r["f1_per_class"].values()) for r in rs]
+            axes[0, j].plot([r["dose_e_per_A2"] for r in rs], [max(1 - v, floor) for v in worst], "--", color="k", label="ideal observer (bound)")
+            heavy = heavy or rs[0]["heavy_species"]
         axes[0, j].axhline(0.005, color="grey", lw=0.8, ls=":")
         axes[0, j].axhline(0.02, color="grey", lw=0.8, ls="--")
         axes[1, j].axhline(1.5, color="grey", lw=0.8, ls="--")
         axes[1, j].axhline(1.0, color="k", lw=0.8)
         axes[0, j].set(xscale="log", yscale="log", ylim=(floor * 0.8, 1.0), xlabel="dose (e/Å²)", ylabel="1 - F1 (match 0.5 Å)", title=f"{kind}: detection errors (targets 0.005 @1e4, 0.02 @1e3)")
         axes[1, j].set(xscale="log", yscale="log", xlabel="dose (e/Å²)", ylabel="RMSE / CRLB", title=f"{kind}: position precision of {heavy} (target 1.5)")
-        axes[0, j].legend(fontsize=7)
-        axes[1, j].legend(fontsize=7)
+        for ax in axes[:, j]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
