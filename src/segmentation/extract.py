@@ -30,13 +30,15 @@ class Peaks:
 
     ``batch`` ``(N,)`` which image; ``rc`` ``(N, 2)`` fractional (row, col) on the map grid;
     ``classes`` ``(N,)`` atom class index (0-based, background excluded); ``confidence`` ``(N,)``
-    the 3x3-averaged probability of that class.
+    the 3x3-averaged probability of that class; ``class_probs`` ``(N, C)`` the 3x3-averaged
+    probability of every atom class (``P(atom) P(class | atom)``; ``confidence`` is its maximum).
     """
 
     batch: torch.Tensor
     rc: torch.Tensor
     classes: torch.Tensor
     confidence: torch.Tensor
+    class_probs: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.batch.shape[0])
@@ -89,7 +91,7 @@ def find_peaks(
     dr = (atom_p * offs[None, :, None]).sum(dim=(1, 2)) / tot
     dc = (atom_p * offs[None, None, :]).sum(dim=(1, 2)) / tot
     rc = torch.stack([ri.float() + dr, ci.float() + dc], dim=1)
-    return Peaks(batch=bi, rc=rc, classes=cls, confidence=conf)
+    return Peaks(batch=bi, rc=rc, classes=cls, confidence=conf, class_probs=at)
 
 
 @dataclass

@@ -10,7 +10,10 @@ Frame path (all torch, on ``device``; on a GPU the data leave it only as the fin
 5. peak positions are mapped back to frame pixels and refined by a joint Poisson ML Gaussian
    fit on the raw frame (:func:`~stemagent.segmentation.extract.refine_gaussians`), which also
    gives each atom's position uncertainty;
-6. pixel positions become sample-frame positions (Å) through the frame's
+6. each column's class within its sublattice is re-decided from its fitted intensity where the
+   network hesitates and the composition levels are well separated
+   (:func:`~stemagent.segmentation.intensity.classify_by_intensity`, per frame, on the host);
+7. pixel positions become sample-frame positions (Å) through the frame's
    :class:`~stemagent.types.ScanGeometry`.
 
 Weights are a ``state_dict`` (``.pt``) loaded with ``torch.load(weights_only=True)`` (no
@@ -32,6 +35,7 @@ from torch.nn import functional as F
 from stemagent.errors import InputError
 from stemagent.segmentation.classical import check_image
 from stemagent.segmentation.extract import find_peaks, refine_gaussians
+from stemagent.segmentation.intensity import DEFAULT_FAMILIES, classify_by_intensity
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 from stemagent.segmentation.unet import build_model, fuse_batchnorm
 from stemagent.types import Atoms, Frame
@@ -130,7 +134,11 @@ class UNetSegmenter:
     network places atoms from lattice context); it steadies the fit where an atom has only a
     few counts and is negligible against the likelihood where it has many (None: pure ML).
     ``correct_class_weights``: undo the training loss's class weights (from the model card) when
-    choosing each atom's class, so rare classes are not over-called where the data are ambiguous. ``num_threads``: torch CPU
+    choosing each atom's class, so rare classes are not over-called where the data are ambiguous.
+    ``intensity_classes``: re-decide classes from fitted column intensities (needs ``refine``);
+    columns closer than ``intensity_margin_A`` to the frame's edge are left to the network (their
+    neighbours outside the frame are not fitted, which biases the intensity); what the mixture
+    did on the last frame is in ``last_intensity_report``. ``num_threads``: torch CPU
     threads (None leaves torch's setting).
     """
 
@@ -147,6 +155,8 @@ class UNetSegmenter:
         probe_sigma_A: float = 0.35,
         position_prior_A: float | None = 0.1,
         correct_class_weights: bool = True,
+        intensity_classes: bool = True,
+        intensity_margin_A: float = 2.0,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -172,6 +182,11 @@ class UNetSegmenter:
         self.position_prior_A = None if position_prior_A is None else float(position_prior_A)
         self._empty = torch.tensor([c in EMPTY_CLASSES for c in self.class_names], device=self.device)
         self._class_bias = class_log_weights(self.card).to(self.device) if correct_class_weights else None
+        self.intensity_classes = bool(intensity_classes) and self.refine
+        self.intensity_margin_A = float(intensity_margin_A)
+        self.intensity_options: dict[str, Any] = {}
+        #: what the intensity mixture did on the last frame, per family ("mixture" or why not)
+        self.last_intensity_report: dict[str, str] = {}
 
     # --- tensors in, tensors out ---------------------------------------------------------
     @torch.inference_mode()
@@ -197,7 +212,11 @@ class UNetSegmenter:
         """Atoms of ``(B, H, W)`` raw images of one sampling, as device tensors.
 
         Returns ``batch`` ``(N,)``, ``rc`` ``(N, 2)`` frame pixels, ``classes`` ``(N,)``,
-        ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool.
+        ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool,
+        ``intensity`` ``(N,)`` integrated counts of each fitted column (0 where not fitted),
+        ``atom_probability`` ``(N,)`` the network's probability that there is an atom (any class),
+        ``class_probs`` ``(N, C)`` its probability of each class, ``edge_A`` ``(N,)`` distance from
+        the frame's nearest edge (Å).
         """
         h, w = images.shape[-2:]
         logits, shape = self.logits(images, pixel_A)
@@ -226,11 +245,30 @@ class UNetSegmenter:
             )
             rc = fit.rc * f + 0.5 * (f - 1)
             sigma_rc, refined = fit.sigma_rc * f, fit.ok
+            intensity = torch.where(fit.ok, fit.amplitude * (2.0 * torch.pi) * fit.width_px**2, torch.zeros_like(fit.amplitude))
         else:
             # without a fit: half a model pixel, uniform error
             sigma_rc = torch.full_like(rc, 0.5 * self.model_pixel_A / px / np.sqrt(3.0))
             refined = torch.zeros(len(peaks), dtype=torch.bool, device=rc.device)
-        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined}
+            intensity = torch.zeros(len(peaks), device=rc.device)
+        # distance of each atom from the frame's nearest edge (Å): fits there miss the neighbours outside
+        size = torch.tensor([h - 1, w - 1], dtype=rc.dtype, device=rc.device)
+        edge_A = (torch.minimum(rc, size - rc) * torch.tensor([pixel_A[1], pixel_A[0]], dtype=rc.dtype, device=rc.device)).min(dim=1).values
+        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "atom_probability": peaks.class_probs.sum(dim=1), "class_probs": peaks.class_probs, "edge_A": edge_A}
+
+    def _intensity_classes(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One frame's atoms with classes re-decided from fitted column intensities (in place)."""
+        if not self.intensity_classes or len(host["classes"]) == 0:
+            return host
+        # near the frame's edge the neighbours outside are not fitted and the intensity is biased
+        interior = host["refined"] & (host["edge_A"] >= self.intensity_margin_A)
+        res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"], **self.intensity_options)
+        self.last_intensity_report = res.families
+        host["classes"] = res.classes
+        # confidence: the network's atom probability x the mixture's class probability
+        atom_p = host["atom_probability"] if "atom_probability" in host else host["confidence"]
+        host["confidence"] = np.where(res.decided, atom_p * res.class_posterior, host["confidence"])
+        return host
 
     # --- numpy / frames --------------------------------------------------------------------
     def find_pixels(self, image: np.ndarray, pixel_A: float | tuple[float, float]) -> dict[str, np.ndarray]:
@@ -242,7 +280,7 @@ class UNetSegmenter:
             return {"batch": np.zeros(0, np.int64), "rc": np.zeros((0, 2)), "classes": np.zeros(0, np.int64), "confidence": np.zeros(0), "sigma_rc": np.zeros((0, 2)), "refined": np.zeros(0, bool)}
         t = torch.as_tensor(img, dtype=torch.float32).to(self.device)[None]
         out = self.find_tensors(t, pa)
-        return {k: v.cpu().numpy() for k, v in out.items()}
+        return self._intensity_classes({k: v.cpu().numpy() for k, v in out.items()})
 
     def _check_size(self, shape: tuple[int, ...], pixel_A: tuple[float, float], field: str) -> None:
         ms = model_shape((int(shape[0]), int(shape[1])), pixel_A, self.model_pixel_A)
@@ -279,7 +317,8 @@ class UNetSegmenter:
             px, py = pixel_A
             for j, i in enumerate(idx):
                 sel = host["batch"] == j
-                out[i] = self._atoms(frames[i], host["rc"][sel], host["classes"][sel], host["confidence"][sel], host["sigma_rc"][sel], px, py)
+                one = self._intensity_classes({k: v[sel] for k, v in host.items()})
+                out[i] = self._atoms(frames[i], one["rc"], one["classes"], one["confidence"], one["sigma_rc"], px, py)
         return [a for a in out if a is not None]
 
     def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float) -> Atoms:
