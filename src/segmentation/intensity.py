@@ -208,7 +208,10 @@ def classify_by_intensity(
         # only move between two classes whose levels stand apart
         sd = np.sqrt(var)
         present = mass >= 1.0
-        sep = np.full((len(class_names), len(class_names)), np.inf)
+        # (0, i.e. never, for a class with no level here: its anchor had too few members)
+        has = np.zeros(len(class_names), bool)
+        has[lcls[present]] = True
+        sep = np.where(has[:, None] & has[None, :], np.inf, 0.0)
         for a in range(len(lv)):
             for b in range(len(lv)):
                 if lcls[a] != lcls[b] and present[a] and present[b]:
@@ -233,7 +236,7 @@ def classify_by_intensity(
         allowed = sep[cls[idx], new] >= min_separation_sd
         if class_probs is not None and keep_above < 1.0:
             # the network's confident calls stand: the intensity arbitrates where it hesitates
-            fam_cols = np.unique(lcls)
+            fam_cols = np.array(sorted(class_names.index(c) for c in fam.classes))
             cp = np.asarray(class_probs, dtype=np.float64)[idx][:, fam_cols]
             own = cp[np.arange(len(idx)), np.searchsorted(fam_cols, cls[idx])] / np.maximum(cp.sum(axis=1), 1e-12)
             allowed &= own < keep_above

@@ -262,7 +262,12 @@ class UNetSegmenter:
             return host
         # near the frame's edge the neighbours outside are not fitted and the intensity is biased
         interior = host["refined"] & (host["edge_A"] >= self.intensity_margin_A)
-        res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"], **self.intensity_options)
+        try:
+            res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"], **self.intensity_options)
+        except (ValueError, IndexError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            # a refinement stage must not lose the frame: keep the network's classes, say why
+            self.last_intensity_report = {"error": f"{type(exc).__name__}: {exc}"}
+            return host
         self.last_intensity_report = res.families
         host["classes"] = res.classes
         # confidence: the network's atom probability x the mixture's class probability

@@ -111,3 +111,20 @@ def test_segmenter_on_a_twin_frame_corrects_the_networks_classes() -> None:
             assert seg.last_intensity_report["tmd-chalcogen"].startswith("mixture")
     # seeded frame: the network alone makes 6 class errors here, with the intensities 2
     assert errors[True] < errors[False], errors
+
+
+def test_a_class_without_its_level_keeps_its_columns() -> None:
+    # graphene with two Si columns: too few to fix the Si intensity, so Si has no level; the
+    # Si calls must stand (no move into or out of a class the mixture cannot model)
+    rng = np.random.default_rng(6)
+    c_idx, si_idx = NAMES.index("C"), NAMES.index("Si")
+    v = np.r_[rng.poisson(25.0, 200), rng.poisson(100.0, 2)].astype(float)
+    net = np.r_[np.full(200, c_idx), np.full(2, si_idx)]
+    probs = np.zeros((202, len(NAMES)))
+    probs[np.arange(202), net] = 0.6
+    probs[:200, si_idx] = 0.4
+    probs[200:, c_idx] = 0.4
+    res = classify_by_intensity(v, net, np.full(202, 0.6), np.ones(202, bool), NAMES, class_probs=probs)
+    assert res.families["graphene"].startswith("mixture")
+    assert np.all(res.classes[200:] == si_idx)
+    assert np.all(res.classes[:200] == c_idx)
