@@ -40,6 +40,7 @@ from stemagent.segmentation.metrics import match
 from stemagent.segmentation.unet_segmenter import CLASS_NAMES, UNetSegmenter
 from stemagent.types import Frame
 
+NET_ONLY = "unet (ours), network classes only"
 HEAVY = {"graphene": "Si", "mos2": "metal"}
 EMPTY = {"graphene": ("vacancy",), "mos2": ()}
 ORACLE = "ideal observer (oracle bound)"
@@ -175,6 +176,8 @@ def main() -> None:
     names: tuple[str, ...] = CLASS_NAMES
     if not args.no_networks:
         methods["unet (ours)"] = UNetSegmenter(device="cpu")
+        # the same network without the intensity-mixture class decision (the stage's baseline)
+        methods[NET_ONLY] = UNetSegmenter(device="cpu", intensity_classes=False)
         try:
             methods["default U-Net 16-32-64-128"] = UNetSegmenter(args.baseline, device="cpu")
         except Exception as exc:  # noqa: BLE001 - report and go on without it
@@ -279,7 +282,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "| specimen | dose (e/Å²) | method | F1 per class | F1 any atom | heavy RMSE (Å) | CRLB (Å) | RMSE/CRLB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    order = {"unet (ours)": 0, "default U-Net 16-32-64-128": 1, "LoG (classical)": 2, ORACLE: 3}
+    order = {"unet (ours)": 0, NET_ONLY: 1, "default U-Net 16-32-64-128": 2, "LoG (classical)": 3, ORACLE: 4}
     rows = sorted(doc["results"], key=lambda r: (r["specimen"], r["dose_e_per_A2"], order.get(r["method"], 9)))
     for r in rows:
         maps = r.get("f1_map_per_class", {})
