@@ -23,6 +23,26 @@ from scipy import ndimage
 from stemagent.errors import InputError
 
 
+def window_pixels(centers_rc: np.ndarray, shape: tuple[int, int], radius_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel rows, cols ``(N, S, S)`` of the square window around each rounded centre, and the in-image mask."""
+    offs = np.arange(-radius_px, radius_px + 1)
+    base = np.rint(centers_rc).astype(np.int64)
+    pr = base[:, 0, None, None] + offs[None, :, None] + 0 * offs[None, None, :]
+    pc = base[:, 1, None, None] + 0 * offs[None, :, None] + offs[None, None, :]
+    inside = (pr >= 0) & (pr < shape[0]) & (pc >= 0) & (pc < shape[1])
+    return pr, pc, inside
+
+
+def sample_centered(array: np.ndarray, spacing_px: float, centers_rc: np.ndarray, pr: np.ndarray, pc: np.ndarray) -> np.ndarray:
+    """A centred image (e.g. the PSF, sampled every ``spacing_px`` frame pixels) placed at each
+    fractional centre and read at window pixels ``(N, S, S)`` (cubic interpolation, 0 outside)."""
+    half = (np.asarray(array.shape) - 1) / 2.0
+    ar = (pr - centers_rc[:, 0, None, None]) / spacing_px + half[0]
+    ac = (pc - centers_rc[:, 1, None, None]) / spacing_px + half[1]
+    vals = ndimage.map_coordinates(array, np.stack([ar.reshape(-1), ac.reshape(-1)]), order=3, mode="constant")
+    return vals.reshape(pr.shape)
+
+
 def fisher_crlb(dmu: np.ndarray, variance: np.ndarray) -> np.ndarray:
     """Bounds ``(N, K)`` from derivatives ``dmu`` ``(N, K, P)`` and pixel variances ``(N, P)``."""
     dmu = np.asarray(dmu, dtype=np.float64)
@@ -69,17 +89,9 @@ def crlb_incoherent(
     half = (np.asarray(p.shape) - 1) / 2.0
     rad = int(radius_px if radius_px is not None else np.floor(min(half) * psf_spacing_px))
     h, w = mu.shape
-    offs = np.arange(-rad, rad + 1)
-    base = np.rint(rc).astype(np.int64)
-    pr = base[:, 0, None, None] + offs[None, :, None] + 0 * offs[None, None, :]  # (N, S, S)
-    pc = base[:, 1, None, None] + 0 * offs[None, :, None] + offs[None, None, :]
-    inside = (pr >= 0) & (pr < h) & (pc >= 0) & (pc < w)
-    # PSF array coordinates of each window pixel relative to its column
-    ar = (pr - rc[:, 0, None, None]) / psf_spacing_px + half[0]
-    ac = (pc - rc[:, 1, None, None]) / psf_spacing_px + half[1]
-    coords = np.stack([ar.reshape(-1), ac.reshape(-1)])
-    dr = ndimage.map_coordinates(g_r, coords, order=3, mode="constant").reshape(pr.shape)
-    dc = ndimage.map_coordinates(g_c, coords, order=3, mode="constant").reshape(pr.shape)
+    pr, pc, inside = window_pixels(rc, (h, w), rad)
+    dr = sample_centered(g_r, psf_spacing_px, rc, pr, pc)
+    dc = sample_centered(g_c, psf_spacing_px, rc, pr, pc)
     # moving the column by +d shifts its image: d mu / d r_j = -scale * d psf / d (pixel - r_j)
     dmu = -s[:, None, None, None] * np.stack([dr, dc], axis=1)  # (N, 2, S, S)
     dmu = dmu * inside[:, None]

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+from scipy.special import logsumexp
 
 from stemagent.errors import InputError
+from stemagent.segmentation.crlb import sample_centered, window_pixels
 
 # per specimen kind: class name (as in the twin's truth.class_names) -> compositions it covers
 CLASS_COMPOSITIONS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -46,25 +47,6 @@ CLASS_COMPOSITIONS: dict[str, dict[str, tuple[str, ...]]] = {
 # classes whose sites are told apart from the rest by position alone (their own family, trivial)
 FIXED_CLASSES = ("metal",)
 ABSENT_COUNT = 1e-3  # pseudo-count of a composition or class absent from the frame
-
-
-def _window(centers_rc: np.ndarray, shape: tuple[int, int], radius_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel rows, cols ``(N, S, S)`` of the square window around each rounded centre, and the in-image mask."""
-    offs = np.arange(-radius_px, radius_px + 1)
-    base = np.rint(centers_rc).astype(np.int64)
-    pr = base[:, 0, None, None] + offs[None, :, None] + 0 * offs[None, None, :]
-    pc = base[:, 1, None, None] + 0 * offs[None, :, None] + offs[None, None, :]
-    inside = (pr >= 0) & (pr < shape[0]) & (pc >= 0) & (pc < shape[1])
-    return pr, pc, inside
-
-
-def _psf_at(psf: np.ndarray, psf_spacing_px: float, centers_rc: np.ndarray, pr: np.ndarray, pc: np.ndarray) -> np.ndarray:
-    """The PSF centred at each (fractional) centre, sampled at window pixels ``(N, S, S)`` (cubic)."""
-    half = (np.asarray(psf.shape) - 1) / 2.0
-    ar = (pr - centers_rc[:, 0, None, None]) / psf_spacing_px + half[0]
-    ac = (pc - centers_rc[:, 1, None, None]) / psf_spacing_px + half[1]
-    vals = ndimage.map_coordinates(psf, np.stack([ar.reshape(-1), ac.reshape(-1)]), order=3, mode="constant")
-    return vals.reshape(pr.shape)
 
 
 def _checked(centers_rc: Any, psf: Any, psf_spacing_px: float, radius_px: int | None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -127,8 +109,8 @@ def site_loglik(
     h, w = mu.shape
     for lo in range(0, n, max(1, int(chunk_sites))):
         sl = slice(lo, min(n, lo + max(1, int(chunk_sites))))
-        pr, pc, inside = _window(rc[sl], (h, w), rad)
-        g = _psf_at(p, psf_spacing_px, rc[sl], pr, pc) * inside
+        pr, pc, inside = window_pixels(rc[sl], (h, w), rad)
+        g = sample_centered(p, psf_spacing_px, rc[sl], pr, pc) * inside
         r_, c_ = np.clip(pr, 0, h - 1), np.clip(pc, 0, w - 1)
         yy = y[r_, c_] * inside
         base = mu[r_, c_] - s[sl, None, None] * g
@@ -153,8 +135,8 @@ def incoherent_image(
     if wts.shape != (len(rc),):
         raise InputError("weights.shape", wts.shape, f"must be ({len(rc)},), one per site")
     out = np.zeros(shape)
-    pr, pc, inside = _window(rc, shape, rad)
-    g = _psf_at(p, psf_spacing_px, rc, pr, pc) * wts[:, None, None]
+    pr, pc, inside = window_pixels(rc, shape, rad)
+    g = sample_centered(p, psf_spacing_px, rc, pr, pc) * wts[:, None, None]
     np.add.at(out, (pr[inside], pc[inside]), g[inside])
     return out
 
@@ -176,15 +158,8 @@ def class_loglik(loglik: np.ndarray, hyp_class: np.ndarray, hyp_weight: np.ndarr
     for c in np.unique(cls):
         sel = cls == c
         lw = np.log(wt[sel] / np.sum(wt[sel]))
-        out[:, c] = _logsumexp(ll[:, sel] + lw[None, :])
+        out[:, c] = logsumexp(ll[:, sel] + lw[None, :], axis=1)
     return out
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=1)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return m_safe + np.log(np.sum(np.exp(x - m_safe[:, None]), axis=1))
 
 
 def posteriors(class_ll: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -197,7 +172,7 @@ def posteriors(class_ll: np.ndarray, prior: np.ndarray) -> np.ndarray:
         raise InputError("prior", np.asarray(prior).tolist(), "must be non-negative")
     with np.errstate(divide="ignore"):
         z = ll + np.log(pr)
-    z = z - _logsumexp(z)[:, None]
+    z = z - logsumexp(z, axis=1)[:, None]
     return np.exp(z)
 
 

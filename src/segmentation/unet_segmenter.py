@@ -184,7 +184,6 @@ class UNetSegmenter:
         self._class_bias = class_log_weights(self.card).to(self.device) if correct_class_weights else None
         self.intensity_classes = bool(intensity_classes) and self.refine
         self.intensity_margin_A = float(intensity_margin_A)
-        self.intensity_options: dict[str, Any] = {}
         #: what the intensity mixture did on the last frame, per family ("mixture" or why not)
         self.last_intensity_report: dict[str, str] = {}
 
@@ -214,8 +213,8 @@ class UNetSegmenter:
         Returns ``batch`` ``(N,)``, ``rc`` ``(N, 2)`` frame pixels, ``classes`` ``(N,)``,
         ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool,
         ``intensity`` ``(N,)`` integrated counts of each fitted column (0 where not fitted),
-        ``atom_probability`` ``(N,)`` the network's probability that there is an atom (any class),
-        ``class_probs`` ``(N, C)`` its probability of each class, ``edge_A`` ``(N,)`` distance from
+        ``class_probs`` ``(N, C)`` the network's probability of each class (their sum is that of
+        an atom), ``edge_A`` ``(N,)`` distance from
         the frame's nearest edge (Å).
         """
         h, w = images.shape[-2:]
@@ -254,7 +253,7 @@ class UNetSegmenter:
         # distance of each atom from the frame's nearest edge (Å): fits there miss the neighbours outside
         size = torch.tensor([h - 1, w - 1], dtype=rc.dtype, device=rc.device)
         edge_A = (torch.minimum(rc, size - rc) * torch.tensor([pixel_A[1], pixel_A[0]], dtype=rc.dtype, device=rc.device)).min(dim=1).values
-        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "atom_probability": peaks.class_probs.sum(dim=1), "class_probs": peaks.class_probs, "edge_A": edge_A}
+        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "class_probs": peaks.class_probs, "edge_A": edge_A}
 
     def _intensity_classes(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One frame's atoms with classes re-decided from fitted column intensities (in place)."""
@@ -263,7 +262,7 @@ class UNetSegmenter:
         # near the frame's edge the neighbours outside are not fitted and the intensity is biased
         interior = host["refined"] & (host["edge_A"] >= self.intensity_margin_A)
         try:
-            res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"], **self.intensity_options)
+            res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"])
         except (ValueError, IndexError, FloatingPointError, np.linalg.LinAlgError) as exc:
             # a refinement stage must not lose the frame: keep the network's classes, say why
             self.last_intensity_report = {"error": f"{type(exc).__name__}: {exc}"}
@@ -271,7 +270,7 @@ class UNetSegmenter:
         self.last_intensity_report = res.families
         host["classes"] = res.classes
         # confidence: the network's atom probability x the mixture's class probability
-        atom_p = host["atom_probability"] if "atom_probability" in host else host["confidence"]
+        atom_p = host["class_probs"].sum(axis=1)
         host["confidence"] = np.where(res.decided, atom_p * res.class_posterior, host["confidence"])
         return host
 
