@@ -13,6 +13,10 @@ it until the final ``(N, ...)`` atom arrays are read back.
    (scatter-add), so each atom's update sees its neighbours' tails instead of being pulled by
    them. The per-atom 4x4 Fisher matrices are solved in one batched call; their inverse gives
    the per-atom position uncertainty. Exact on noiseless Gaussians.
+3. :func:`aperture_counts`: the raw counts in a disk around every site (fitted or not, e.g. an
+   empty site), with what the fitted model of all *other* atoms plus the background predicts
+   there and the share of the site's own image the disk captures: the inputs of a Poisson
+   composition model of each site (:mod:`~stemagent.segmentation.intensity`).
 """
 
 from __future__ import annotations
@@ -256,3 +260,86 @@ def refine_gaussians(
     rc = torch.where(ok[:, None], rc, rc0.float())
     sig_rc = torch.where(ok[:, None], sig_rc, torch.full_like(sig_rc, float(width0_px)))
     return GaussianFit(rc=rc, sigma_rc=sig_rc, amplitude=amp, width_px=wid, background=loc, ok=ok)
+
+
+@dataclass
+class ApertureCounts:
+    """Result of :func:`aperture_counts` (tensors on the images' device): the pixels of a disk
+    around each site, as ``(N, S, S)`` windows that are zero outside the disk. ``counts`` the raw
+    counts; ``others`` what the fitted model of every other atom plus the image's background
+    predicts there; ``psf`` the share of a column's integrated image that falls on each pixel
+    (a Gaussian of the image's median fitted width, centred on the site); ``mask`` 1 inside
+    the disk and the frame."""
+
+    counts: torch.Tensor
+    others: torch.Tensor
+    psf: torch.Tensor
+    mask: torch.Tensor
+
+
+def _gaussian_windows(rc: torch.Tensor, batch: torch.Tensor, shape: tuple[int, int], rad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(flat index (N, S, S), inside (N, S, S), dr (N, S, 1), dc (N, 1, S))`` of square windows
+    of half-size ``rad`` anchored at the rounded ``rc``; ``dr``/``dc`` are pixel offsets from ``rc``."""
+    h, w = shape
+    offs = torch.arange(-rad, rad + 1, device=rc.device)
+    anchor = torch.round(rc).long()
+    wr = anchor[:, 0, None, None] + offs[None, :, None]
+    wc = anchor[:, 1, None, None] + offs[None, None, :]
+    inside = (wr >= 0) & (wr < h) & (wc >= 0) & (wc < w)
+    flat = batch[:, None, None] * (h * w) + wr.clamp(0, h - 1) * w + wc.clamp(0, w - 1)
+    return flat, inside, wr.float() - rc[:, 0, None, None], wc.float() - rc[:, 1, None, None]
+
+
+def aperture_counts(
+    images: torch.Tensor,
+    batch: torch.Tensor,
+    rc: torch.Tensor,
+    fit: GaussianFit,
+    width0_px: float,
+    aperture_px: float,
+) -> ApertureCounts:
+    """The pixels within ``aperture_px`` of each site with the model's share of their counts.
+
+    ``images`` ``(B, H, W)`` the counts :func:`refine_gaussians` was run on, ``batch`` ``(N,)``
+    and ``rc`` ``(N, 2)`` the sites (pixels of ``images``), ``fit`` its result for the same
+    sites (atoms with ``fit.ok`` False, e.g. empty sites, add nothing to the model),
+    ``width0_px`` the column width where an image has no fitted atom. The background of an
+    image is the median of its atoms' fitted local backgrounds. Counts are Poisson (times the
+    detector's gain): a site holding atoms of integrated intensity ``c`` has pixel counts
+    ``Poisson(others + c * psf)``, which is what a composition model of the sites needs
+    (:func:`~stemagent.segmentation.intensity.classify_by_counts`).
+    """
+    dev = images.device
+    nb, h, w = images.shape
+    n = int(rc.shape[0])
+    rad_a = max(1, math.ceil(float(aperture_px)))
+    if n == 0:
+        z = torch.zeros(0, 2 * rad_a + 1, 2 * rad_a + 1, device=dev)
+        return ApertureCounts(z, z, z, z)
+    imgs = images.float().reshape(-1)
+    rc = rc.float()
+    ok = fit.ok
+    # the model image of every fitted atom (windows wide enough for their tails)
+    rad_m = max(2, math.ceil(3.5 * float(width0_px)))
+    flat_m, inside_m, dr_m, dc_m = _gaussian_windows(fit.rc.float(), batch, (h, w), rad_m)
+    wid = fit.width_px[:, None, None]
+    own_m = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (dr_m * dr_m + dc_m * dc_m) / (wid * wid)) * inside_m
+    canvas = torch.zeros(nb * h * w, device=dev)
+    canvas.index_add_(0, flat_m.reshape(-1), own_m.reshape(-1))
+    # per image: median fitted background and width of its atoms (no host sync)
+    mine = ok[None, :] & (batch[None, :] == torch.arange(nb, device=dev)[:, None])  # (B, N)
+    bg_img = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.background[None, :], float("nan")), dim=1).values, nan=0.0)
+    w_img = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.width_px[None, :], float("nan")), dim=1).values, nan=float(width0_px))
+    # the disks around the sites
+    flat_a, inside_a, dr_a, dc_a = _gaussian_windows(rc, batch, (h, w), rad_a)
+    mask = ((dr_a * dr_a + dc_a * dc_a <= float(aperture_px) ** 2) & inside_a).float()
+    counts = imgs[flat_a] * mask
+    # the site's own model (its fitted Gaussian at its fitted position) is not an "other"
+    drs = dr_a + (rc[:, 0] - fit.rc[:, 0].float())[:, None, None]
+    dcs = dc_a + (rc[:, 1] - fit.rc[:, 1].float())[:, None, None]
+    own = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (drs * drs + dcs * dcs) / (wid * wid))
+    others = ((canvas[flat_a] - own).clamp_min(0.0) + bg_img[batch][:, None, None]) * mask
+    # every column of a frame is imaged by the same probe: one width per image
+    ws = w_img[batch][:, None, None]
+    psf = torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) * mask
+    return ApertureCounts(counts=counts, others=others, psf=psf, mask=mask)

@@ -1,33 +1,27 @@
-"""Column classes from fitted column intensities: a per-frame mixture over composition levels.
+"""Site classes from the counts around each site: a per-frame Poisson mixture over compositions.
 
 In an incoherent (ADF) image a column's integrated intensity is, to a good approximation, the
 sum of its atoms' intensities. A chalcogen column of a TMD holds two atoms, so its intensity
 takes one of a few *levels*: ``2X`` (S2), ``X + Y`` (S + Se), ``2Y``, ``X`` (one atom missing),
 ``Y`` and ``0``, where ``X`` and ``Y`` are the single-atom intensities of the host and the
-substituent. Graphene sites are ``A`` (C) or ``B`` (Si). Which level a column sits on is what
-its class means, and the fitted intensity measures it directly (this is how atom counting by
-statistical parameter estimation works on real data).
+substituent. A graphene site is ``A`` (C), ``B`` (Si) or empty. Which level a site sits on is
+what its class means, and the counts around it measure it directly (this is how atom counting
+by statistical parameter estimation works on real data).
 
-:func:`classify_by_intensity` works per frame and per *family* of classes that share a
-sublattice:
+:func:`classify_by_counts` works per frame and per *family* of classes that share a sublattice.
+Each site's pixel counts are Poisson with a mean of what its neighbours' fitted images and the
+background put there plus the level's intensity times the probe's shape; the level weights,
+the intensities, an unmodelled background and the detector gain are fitted to the frame by EM,
+started from the network's own members of the family's *anchor* classes, so nothing about the
+dose, the detector or the calibration is assumed. The class of each site is then the one of
+highest posterior, the frame's level weights being the prior. This is the ideal observer's
+decision with everything it knows (the probe, the neighbours, the intensities, the class
+frequencies) estimated from the frame itself; it holds at a few counts per site, where the
+network's own class odds (learnt over a training set with other defect densities) do not.
 
-1. the single-atom intensities come from the network's own confident members of the
-   family's *anchor* classes (e.g. ``median(chalcogen) = 2X``, ``median(substituted) = X + Y``),
-   solved by least squares, so nothing about the dose, detector or calibration is assumed;
-2. the levels of every composition follow; a Gaussian mixture in the square-root domain
-   (where Poisson counts have a constant variance) with one component per level, shared
-   variance, is refined by a few EM steps (weights and variance; the level of a component
-   with enough members moves to its members' mean);
-3. each column's class posterior is the network's class probability times the likelihood of
-   the class's levels (Student-t, robust scale: fits near a defect or the frame's edge can be
-   off by tens of per cent, and one such column must not overrule the network).
-
-The network still decides where columns are and which family (sublattice) a column belongs to;
-the class within the family is re-decided only where the network hesitates (its own class
-below ``keep_above`` of the family's probability) and only between classes whose nearest levels
-stand at least ``min_separation_sd`` apart: at low dose the levels overlap and the network's
-call, which also sees the lattice context, is kept. On held-out twin frames (BENCHMARKS.md,
-"Atom finding") this corrects most of the network's column-vacancy errors at 1e4-1e5 e/Å².
+The network still decides where the sites are and which family (sublattice) each is on.
+On held-out twin frames (BENCHMARKS.md, "Atom finding") this brings MoS2 at 1e4 e/Å² and
+graphene carbon at 1e3 e/Å² to their targets.
 """
 
 from __future__ import annotations
@@ -44,7 +38,7 @@ class Family:
     """Classes on one sublattice and the compositions that define them.
 
     ``levels``: ``(class name, composition)`` pairs, a composition being a tuple of atom symbols
-    of the family's own alphabet (e.g. ``("X", "X")``); ``()`` is an empty column.
+    of the family's own alphabet (e.g. ``("X", "X")``); ``()`` is an empty site.
     ``anchors``: the classes whose network-called members fix the atom intensities; an anchor
     class's members are taken to sit on its first level in ``levels``.
     """
@@ -61,10 +55,9 @@ class Family:
         return tuple(sorted({s for _, comp in self.levels for s in comp}))
 
 
-#: Families of the shipped segmenter's classes. Graphene's empty site ("vacancy") is not fitted
-#: (there is no atom to measure), so only C and Si are re-decided there.
+#: Families of the shipped segmenter's classes.
 DEFAULT_FAMILIES: tuple[Family, ...] = (
-    Family("graphene", levels=(("C", ("A",)), ("Si", ("B",))), anchors=("C", "Si")),
+    Family("graphene", levels=(("C", ("A",)), ("Si", ("B",)), ("vacancy", ())), anchors=("C", "Si")),
     Family(
         "tmd-chalcogen",
         levels=(
@@ -83,9 +76,9 @@ DEFAULT_FAMILIES: tuple[Family, ...] = (
 @dataclass
 class IntensityResult:
     """``classes`` ``(N,)`` and ``class_posterior`` ``(N,)`` (probability of the chosen class
-    from the mixture; the network's value where the atom was not re-decided), ``decided``
-    ``(N,)`` True where the mixture decided, ``families`` per family name: ``"mixture"`` or
-    the reason it was left to the network."""
+    from the mixture; the network's value where the site was not re-decided), ``decided``
+    ``(N,)`` True where the mixture decided, ``families`` per family name: what the mixture
+    found (intensities, level weights, background, gain) or why it was left to the network."""
 
     classes: np.ndarray
     class_posterior: np.ndarray
@@ -93,8 +86,9 @@ class IntensityResult:
     families: dict[str, str]
 
 
-def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, confidence: np.ndarray, min_members: int) -> dict[str, float] | None:
-    """Single-atom intensity of each symbol from the anchors' medians (least squares)."""
+def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, min_members: int) -> dict[str, float] | None:
+    """Starting single-atom intensity of each symbol: least squares on the 10 %-trimmed means
+    of the anchors' members' intensity estimates (a median of a few counts is too coarse)."""
     symbols = fam.symbols()
     comp_of: dict[str, tuple[str, ...]] = {}
     for c, comp in fam.levels:  # an anchor class's main level is its first
@@ -104,12 +98,10 @@ def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, 
         sel = net_names == cls
         if int(sel.sum()) < min_members:
             continue
-        # the confident half of the members (at least min_members)
-        conf = confidence[sel]
-        cut = np.quantile(conf, 0.5) if int(sel.sum()) >= 2 * min_members else -np.inf
-        v = values[sel][conf >= cut]
+        v = np.sort(values[sel])
+        cut = len(v) // 10
         rows.append([comp_of[cls].count(s) for s in symbols])
-        rhs.append(float(np.median(v)))
+        rhs.append(float(v[cut : len(v) - cut].mean()))
     if not rows:
         return None
     a = np.asarray(rows, dtype=np.float64)
@@ -118,137 +110,162 @@ def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, 
     return {s: float(x) for s, x, k in zip(symbols, sol, known) if k and x > 0}
 
 
-def classify_by_intensity(
-    intensity: np.ndarray,
+def classify_by_counts(
+    counts: np.ndarray,
+    others: np.ndarray,
+    psf: np.ndarray,
+    mask: np.ndarray,
     classes: np.ndarray,
-    confidence: np.ndarray,
-    fitted: np.ndarray,
+    usable: np.ndarray,
     class_names: tuple[str, ...],
     families: tuple[Family, ...] = DEFAULT_FAMILIES,
     *,
+    class_probs: np.ndarray | None = None,
+    network_weight: float = 0.5,
     min_columns: int = 30,
     min_members: int = 3,
-    min_separation_sd: float = 4.0,
-    iterations: int = 12,
-    class_probs: np.ndarray | None = None,
-    student_nu: float = 4.0,
-    keep_above: float = 0.9,
+    iterations: int = 15,
+    min_weight: float = 1e-3,
+    free_level_members: float = 10.0,
 ) -> IntensityResult:
-    """Re-decide the class of each fitted column within its family from its integrated intensity.
+    """Re-decide each site's class within its family from the pixel counts around it.
 
-    ``intensity`` ``(N,)``: integrated counts of each column's fitted image (e.g. Gaussian
-    amplitude x 2 pi width^2); ``classes`` ``(N,)`` the network's classes (indices into
-    ``class_names``); ``confidence`` ``(N,)`` its probability; ``fitted`` ``(N,)`` bool, False
-    for columns whose fit failed (they keep the network's class). All of one frame.
+    ``counts``, ``others``, ``psf``, ``mask`` ``(N, P)``: the ``P`` pixels of a window around
+    each of the ``N`` sites (e.g. from :func:`~stemagent.segmentation.extract.aperture_counts`):
+    raw counts, what the neighbours' fitted images and the background put there, the share of a
+    column's integrated image on each pixel, and 1 for pixels that count. The counts of site
+    ``i`` on composition level ``l`` are modelled as ``g x Poisson(lam / g)`` per pixel with
+    ``lam = others + e + c_l psf``: ``c_l`` the integrated intensity of the level's atoms (a
+    sum of single-atom intensities, one per symbol), ``e`` a constant the neighbours' model
+    misses (e.g. a background the fit could not see at a few counts per pixel) and ``g`` the
+    detector's gain (counts per electron; 1 for a counting detector), which also absorbs any
+    extra scatter. This is the ideal observer's likelihood with the probe, the neighbours and
+    the intensities estimated from the frame: it weighs each pixel by what it tells (a vacancy's
+    counts come from its neighbours' tails at the rim, an atom's from the centre), and it is
+    Poisson, so it holds at a few counts per site (at 1e3 e/Å² a carbon atom gives about 2).
 
-    ``class_probs`` ``(N, C)``: the network's probability of every class; it is the prior of the
-    decision (posterior = prior x intensity likelihood of the class's levels, Student-t with
-    ``student_nu`` degrees of freedom so that one badly fitted column cannot carry it). Without
-    it the prior is flat. A column moves to another class only if the nearest levels of the two
-    classes are at least ``min_separation_sd`` apart and the network gave its own class less
-    than ``keep_above`` of the family's probability (its confident calls stand).
-    ``min_columns``: fewer fitted columns in a family leave it to the network; ``min_members``:
-    members an anchor class needs to fix an atom intensity; ``iterations``: EM steps.
+    Per frame and family the level weights, the single-atom intensities, ``e`` and ``g`` are
+    fitted by EM, started from the network's members of the anchor classes, so nothing about
+    dose, detector or specimen is assumed. Every usable member of the family then takes the
+    class of highest posterior: the frame's level weights are the prior, times the network's
+    class probabilities to the power ``network_weight`` (they restate much of the same counts,
+    hence below 1, but they also see the lattice around a site). The network still decides
+    where sites are and which family (sublattice) a site is on. ``usable`` False (e.g. sites
+    at the frame's edge, whose neighbours outside are not modelled) keep the network's class.
     """
-    v = np.asarray(intensity, dtype=np.float64).reshape(-1)
+    x_all = np.asarray(counts, dtype=np.float64)
+    n = len(x_all)
+    x_all = x_all.reshape(n, -1)
+    b_all = np.asarray(others, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
+    p_all = np.asarray(psf, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
+    m_all = np.asarray(mask, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
     cls = np.asarray(classes).reshape(-1).astype(np.int64)
-    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    ok = np.asarray(fitted, dtype=bool).reshape(-1)
-    n = len(v)
-    for field, arr in (("classes", cls), ("confidence", conf), ("fitted", ok)):
+    ok = np.asarray(usable, dtype=bool).reshape(-1)
+    for field, arr in (("others", b_all), ("psf", p_all), ("mask", m_all)):
+        if arr.shape != x_all.shape:
+            raise InputError(f"{field}.shape", arr.shape, f"must be {x_all.shape}, like counts")
+    for field, arr in (("classes", cls), ("usable", ok)):
         if len(arr) != n:
-            raise InputError(f"{field}.shape", arr.shape, f"must be ({n},), one per column like intensity")
+            raise InputError(f"{field}.shape", arr.shape, f"must be ({n},), one per site like counts")
     if n and (cls.min() < 0 or cls.max() >= len(class_names)):
         raise InputError("classes", int(cls.max() if cls.max() >= len(class_names) else cls.min()), f"must index class_names ({len(class_names)} classes)")
     names = np.asarray(class_names)
     out_cls = cls.copy()
-    out_p = conf.copy()
+    probs = None if class_probs is None else np.asarray(class_probs, dtype=np.float64).reshape(n, len(class_names))
+    out_p = probs[np.arange(n), cls] if probs is not None else np.ones(n)
     decided = np.zeros(n, dtype=bool)
     report: dict[str, str] = {}
     net_names = names[cls] if n else np.zeros(0, dtype=names.dtype)
+    finite = np.isfinite(x_all).all(axis=1) & np.isfinite(b_all).all(axis=1) & np.isfinite(p_all).all(axis=1)
     for fam in families:
         if any(c not in class_names for c in fam.classes):
             report[fam.name] = "classes not in this model"
             continue
-        member = np.isin(net_names, fam.classes) & ok & np.isfinite(v)
+        member = np.isin(net_names, fam.classes) & ok & finite & ((p_all * m_all).sum(axis=1) > 0)
         if int(member.sum()) < min_columns:
-            report[fam.name] = f"too few fitted columns ({int(member.sum())} < {min_columns})"
+            report[fam.name] = f"too few usable sites ({int(member.sum())} < {min_columns})"
             continue
-        vf = np.maximum(v[member], 0.0)
-        atom = _anchor_intensities(fam, vf, net_names[member], conf[member], min_members)
+        # pixels in float32 (the per-pixel pass dominates the cost), totals in float64
+        m = m_all[member].astype(np.float32)
+        x = (np.maximum(x_all[member], 0.0) * m).astype(np.float32)
+        b = (np.maximum(b_all[member], 0.0) * m).astype(np.float32)
+        q = (np.maximum(p_all[member], 0.0) * m).astype(np.float32)
+        tot_x, tot_b, tot_q = x.sum(axis=1, dtype=np.float64), b.sum(axis=1, dtype=np.float64), q.sum(axis=1, dtype=np.float64)
+        # per-site intensity estimates of the anchors' members start the single-atom intensities
+        atom = _anchor_intensities(fam, (tot_x - tot_b) / tot_q, net_names[member], min_members)
         if atom is None:
             report[fam.name] = "no anchor class with enough members"
             continue
-        # levels whose atoms are all known
+        symbols = sorted(atom)
         lv = [(c, comp) for c, comp in fam.levels if all(s in atom for s in comp)]
         lcls = np.array([class_names.index(c) for c, _ in lv])
-        level_counts = np.array([sum(atom[s] for s in comp) for _, comp in lv])
-        x = np.sqrt(vf + 0.375)
-        mu = np.sqrt(level_counts + 0.375)
-        # starting spread: that of the largest anchor class's members (robust), Poisson at least
-        big_anchor = max(fam.anchors, key=lambda c: int(np.sum(net_names[member] == c)))
-        xa = x[net_names[member] == big_anchor]
-        var = max(0.25, (1.4826 * float(np.median(np.abs(xa - np.median(xa))))) ** 2) if len(xa) else 0.25
-        # start from the network's own class shares, spread evenly over a class's levels
+        # a site the network put in a class with no level here (its anchor had too few members
+        # to fix the atom's intensity) keeps its class, and nothing moves into such a class
+        keep = ~np.isin(cls[member], lcls)
+        if keep.any():
+            member[np.flatnonzero(member)[keep]] = False
+            m, x, b, q = m[~keep], x[~keep], b[~keep], q[~keep]
+            tot_x, tot_b, tot_q = tot_x[~keep], tot_b[~keep], tot_q[~keep]
+        comp = np.array([[k.count(s) for s in symbols] for _, k in lv], dtype=np.float64)  # (L, S)
+        cs = np.array([max(atom[s], 1e-3) for s in symbols])
         share = np.array([np.mean(net_names[member] == c) for c, _ in lv]) / np.bincount(lcls, minlength=len(class_names))[lcls]
-        pi = np.clip(share, 1e-3, None)
+        pi = np.clip(share, min_weight, None)
         pi /= pi.sum()
+        gain = 1.0
+        level = comp @ cs  # (L,) integrated intensity of each level
+        tot_m = m.sum(axis=1, dtype=np.float64)
+        extra = 0.01 * float(cs.min() * tot_q.mean() / tot_m.mean())  # per pixel, refined below
         for _ in range(iterations):
-            logr = np.log(pi)[None, :] - 0.5 * (x[:, None] - mu[None, :]) ** 2 / var
-            logr -= logr.max(axis=1, keepdims=True)
-            r = np.exp(logr)
-            r /= r.sum(axis=1, keepdims=True)
-            mass = r.sum(axis=0)
-            pi = np.clip(mass / len(x), 1e-3, None)
-            pi /= pi.sum()
-            big = mass >= 10.0
-            mu = np.where(big, (r * x[:, None]).sum(axis=0) / np.maximum(mass, 1e-12), mu)
-            var = max(float((r * (x[:, None] - mu[None, :]) ** 2).sum() / len(x)), 0.05)
-        # how far apart (in sd) the nearest levels of each pair of classes are; a column may
-        # only move between two classes whose levels stand apart
-        sd = np.sqrt(var)
-        present = mass >= 1.0
-        # (0, i.e. never, for a class with no level here: its anchor had too few members)
-        has = np.zeros(len(class_names), bool)
-        has[lcls[present]] = True
-        sep = np.where(has[:, None] & has[None, :], np.inf, 0.0)
-        for a in range(len(lv)):
-            for b in range(len(lv)):
-                if lcls[a] != lcls[b] and present[a] and present[b]:
-                    sep[lcls[a], lcls[b]] = min(sep[lcls[a], lcls[b]], abs(mu[a] - mu[b]) / sd)
-        # final level likelihoods: Student-t (heavy tails: a badly fitted column cannot
-        # overrule a confident network), robust scale from the residuals to the nearest level
-        near = np.abs(x[:, None] - mu[None, :]).min(axis=1)
-        scale = max(1.4826 * float(np.median(near)) * 1.2, 0.5)
-        tlike = (1.0 + ((x[:, None] - mu[None, :]) / scale) ** 2 / student_nu) ** (-(student_nu + 1.0) / 2.0)
-        lv_w = pi / np.bincount(lcls, weights=pi, minlength=len(class_names))[lcls]  # share within class
-        like = np.zeros((len(x), len(class_names)))
-        np.add.at(like.T, lcls, (tlike * lv_w[None, :]).T)
-        # the network's class probabilities are the prior; outside the family nothing is possible
-        prior = np.clip(np.asarray(class_probs, dtype=np.float64)[member], 1e-6, None) if class_probs is not None else np.ones_like(like)
-        post = like * prior
-        in_fam = np.zeros(len(class_names), bool)
-        in_fam[np.unique(lcls)] = True
-        post[:, ~in_fam] = 0.0
-        post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
+            # the parameters come from the sites' totals (the EM of a Poisson mixture of linear
+            # models); only the final decision below weighs the pixels one by one
+            lam = np.maximum(tot_b[:, None] + extra * tot_m[:, None] + level[None, :] * tot_q[:, None], 1e-9)  # (N, L)
+            logr = (tot_x[:, None] * np.log(lam) - lam) / gain + np.log(pi)[None, :]
+            r = np.exp(logr - np.logaddexp.reduce(logr, axis=1, keepdims=True))
+            pi_new = np.clip(r.mean(axis=0), min_weight, None)
+            pi_new /= pi_new.sum()
+            ratio = tot_x[:, None] / lam
+            # EM update of each level's intensity (multiplicative, stays positive). A level with
+            # enough members is measured on its own (ADF column intensities are not quite
+            # additive: channelling makes a column of two atoms a little less than their sum);
+            # the single-atom intensities are fitted to those levels and fix the rarer ones
+            num = (r * ratio * tot_q[:, None]).sum(axis=0)
+            den = (r * tot_q[:, None]).sum(axis=0)
+            free = (r.sum(axis=0) >= free_level_members) & (den > 0) & (comp.sum(axis=1) > 0)
+            level_new = np.where(free, level * num / np.maximum(den, 1e-12), level)
+            if free.any():
+                sol, *_ = np.linalg.lstsq(comp[free], level_new[free], rcond=None)
+                held = comp[free].sum(axis=0) > 0  # symbols no free level measures keep their value
+                cs = np.where(held & (sol > 0), sol, cs)
+            level_new = np.where(free, level_new, comp @ cs)
+            extra *= float((r * ratio * tot_m[:, None]).sum() / tot_m.sum())
+            # over-dispersion only: at a few counts per site the mixture cannot tell a gain
+            # below 1 from its own spread, and assuming more noise than there is is the safe side
+            gain = float(np.clip((r * (tot_x[:, None] - lam) ** 2 / lam).sum() / len(x), 1.0, 100.0))
+            converged = np.abs(pi_new - pi).max() < 1e-3 and np.abs(level_new - level).max() <= 1e-3 * level.max()
+            pi, level = pi_new, level_new
+            if converged:
+                break
+        # the decision: the Poisson likelihood of every pixel on every level (the sum of the
+        # means is linear in the level, the log term needs the pixels)
+        lam_px = b[:, None, :] + np.float32(extra) + level.astype(np.float32)[None, :, None] * q[:, None, :]  # (N, L, P)
+        loglik = np.einsum("np,nlp->nl", x, np.log(np.maximum(lam_px, np.float32(1e-9)))).astype(np.float64)
+        loglik -= tot_b[:, None] + extra * tot_m[:, None] + level[None, :] * tot_q[:, None]
+        logpost = loglik / gain + np.log(pi)[None, :]
+        cpost = np.full((len(x), len(class_names)), -np.inf)
+        for k in np.unique(lcls):
+            cpost[:, k] = np.logaddexp.reduce(logpost[:, lcls == k], axis=1)
+        if probs is not None and network_weight > 0:
+            cpost = cpost + network_weight * np.log(np.clip(probs[member], 1e-9, None))
+        cpost -= np.logaddexp.reduce(cpost, axis=1, keepdims=True)
         idx = np.flatnonzero(member)
-        new = post.argmax(axis=1)
-        allowed = sep[cls[idx], new] >= min_separation_sd
-        if class_probs is not None and keep_above < 1.0:
-            # the network's confident calls stand: the intensity arbitrates where it hesitates
-            fam_cols = np.array(sorted(class_names.index(c) for c in fam.classes))
-            cp = np.asarray(class_probs, dtype=np.float64)[idx][:, fam_cols]
-            own = cp[np.arange(len(idx)), np.searchsorted(fam_cols, cls[idx])] / np.maximum(cp.sum(axis=1), 1e-12)
-            allowed &= own < keep_above
-        allowed |= new == cls[idx]
-        out_cls[idx] = np.where(allowed, new, cls[idx])
-        out_p[idx] = np.where(allowed, post.max(axis=1), conf[idx])
-        decided[idx] = allowed
-        blocked = sorted({f"{class_names[a]}/{class_names[b]} {sep[a, b]:.1f} sd" for a, b in zip(*np.nonzero(sep < min_separation_sd)) if a < b})
+        out_cls[idx] = cpost.argmax(axis=1)
+        out_p[idx] = np.exp(cpost.max(axis=1))
+        decided[idx] = True
         report[fam.name] = (
-            "mixture: "
-            + ", ".join(f"{c}{''.join(comp) or '0'}={m * m - 0.375:.0f}({w:.3f})" for (c, comp), m, w in zip(lv, mu, pi))
-            + (f"; not separated, left to the network: {', '.join(blocked)}" if blocked else "")
-            + f"; closest classes {float(sep[np.isfinite(sep)].min()) if np.isfinite(sep).any() else float('inf'):.1f} sd"
+            "counts mixture: "
+            + ", ".join(f"{s}={c:.3g}" for s, c in zip(symbols, cs))
+            + "; levels (intensity, weight) "
+            + ", ".join(f"{c}{''.join(k) or '0'}=({v:.3g}, {w:.3f})" for (c, k), v, w in zip(lv, level, pi))
+            + f"; unmodelled background {extra:.3g}/px; gain {gain:.2f}"
         )
     return IntensityResult(classes=out_cls, class_posterior=out_p, decided=decided, families=report)

@@ -10,9 +10,10 @@ Frame path (all torch, on ``device``; on a GPU the data leave it only as the fin
 5. peak positions are mapped back to frame pixels and refined by a joint Poisson ML Gaussian
    fit on the raw frame (:func:`~stemagent.segmentation.extract.refine_gaussians`), which also
    gives each atom's position uncertainty;
-6. each column's class within its sublattice is re-decided from its fitted intensity where the
-   network hesitates and the composition levels are well separated
-   (:func:`~stemagent.segmentation.intensity.classify_by_intensity`, per frame, on the host);
+6. each site's class within its sublattice is re-decided from the counts around it by a
+   per-frame Poisson mixture over compositions (C / Si / empty; S2 / S+Se / S / ...), with the
+   neighbours' fitted images subtracted (:func:`~stemagent.segmentation.extract.aperture_counts`
+   on the device, :func:`~stemagent.segmentation.intensity.classify_by_counts` on the host);
 7. pixel positions become sample-frame positions (Å) through the frame's
    :class:`~stemagent.types.ScanGeometry`.
 
@@ -34,8 +35,8 @@ from torch.nn import functional as F
 
 from stemagent.errors import InputError
 from stemagent.segmentation.classical import check_image
-from stemagent.segmentation.extract import find_peaks, refine_gaussians
-from stemagent.segmentation.intensity import DEFAULT_FAMILIES, classify_by_intensity
+from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
+from stemagent.segmentation.intensity import DEFAULT_FAMILIES, classify_by_counts
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 from stemagent.segmentation.unet import build_model, fuse_batchnorm
 from stemagent.types import Atoms, Frame
@@ -135,11 +136,12 @@ class UNetSegmenter:
     few counts and is negligible against the likelihood where it has many (None: pure ML).
     ``correct_class_weights``: undo the training loss's class weights (from the model card) when
     choosing each atom's class, so rare classes are not over-called where the data are ambiguous.
-    ``intensity_classes``: re-decide classes from fitted column intensities (needs ``refine``);
-    columns closer than ``intensity_margin_A`` to the frame's edge are left to the network (their
-    neighbours outside the frame are not fitted, which biases the intensity); what the mixture
-    did on the last frame is in ``last_intensity_report``. ``num_threads``: torch CPU
-    threads (None leaves torch's setting).
+    ``intensity_classes``: re-decide each site's class within its sublattice from the counts
+    within ``class_aperture_A`` of it (needs ``refine``), the network's class probabilities
+    weighing in to the power ``class_network_weight``; sites closer than ``intensity_margin_A``
+    to the frame's edge are left to the network (their neighbours outside the frame are not
+    fitted, which biases the counts); what the mixture found on the last frame is in
+    ``last_intensity_report``. ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
     def __init__(
@@ -150,13 +152,15 @@ class UNetSegmenter:
         threshold: float = 0.3,
         min_separation_A: float = 0.6,
         refine: bool = True,
-        refine_iterations: int = 4,
+        refine_iterations: int = 3,
         refine_pixel_A: float = 0.2,
         probe_sigma_A: float = 0.35,
         position_prior_A: float | None = 0.1,
         correct_class_weights: bool = True,
         intensity_classes: bool = True,
         intensity_margin_A: float = 2.0,
+        class_aperture_A: float = 0.8,
+        class_network_weight: float = 0.5,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -165,6 +169,10 @@ class UNetSegmenter:
             raise InputError("min_separation_A", min_separation_A, "must be positive")
         if not probe_sigma_A > 0:
             raise InputError("probe_sigma_A", probe_sigma_A, "must be positive")
+        if not class_aperture_A > 0:
+            raise InputError("class_aperture_A", class_aperture_A, "must be positive")
+        if not class_network_weight >= 0:
+            raise InputError("class_network_weight", class_network_weight, "must be zero or positive")
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
@@ -184,6 +192,8 @@ class UNetSegmenter:
         self._class_bias = class_log_weights(self.card).to(self.device) if correct_class_weights else None
         self.intensity_classes = bool(intensity_classes) and self.refine
         self.intensity_margin_A = float(intensity_margin_A)
+        self.class_aperture_A = float(class_aperture_A)
+        self.class_network_weight = float(class_network_weight)
         #: what the intensity mixture did on the last frame, per family ("mixture" or why not)
         self.last_intensity_report: dict[str, str] = {}
 
@@ -214,8 +224,10 @@ class UNetSegmenter:
         ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool,
         ``intensity`` ``(N,)`` integrated counts of each fitted column (0 where not fitted),
         ``class_probs`` ``(N, C)`` the network's probability of each class (their sum is that of
-        an atom), ``edge_A`` ``(N,)`` distance from
-        the frame's nearest edge (Å).
+        an atom), ``edge_A`` ``(N,)`` distance from the frame's nearest edge (Å), and with
+        ``intensity_classes`` the pixels around each site for the class decision, ``(N, P)``
+        each: ``pixel_counts``, ``pixel_others``, ``pixel_psf``, ``pixel_mask`` (see
+        :class:`~stemagent.segmentation.extract.ApertureCounts`).
         """
         h, w = images.shape[-2:]
         logits, shape = self.logits(images, pixel_A)
@@ -224,6 +236,7 @@ class UNetSegmenter:
         rc = scale_rc(peaks.rc, shape, (h, w))
         px = float(np.mean(pixel_A))
         width0 = self.probe_sigma_A / px
+        site: dict[str, torch.Tensor] = {}
         if self.refine and len(peaks):
             # fit on the raw counts, summed over f x f pixels when the frame is finely sampled
             # (sums of counts are still Poisson; the information lost is ~1 % when the pixel
@@ -242,6 +255,9 @@ class UNetSegmenter:
                 fit_mask=~self._empty[peaks.classes],
                 prior_sigma_px=None if self.position_prior_A is None else self.position_prior_A / (px * f),
             )
+            if self.intensity_classes:
+                ap = aperture_counts(data, peaks.batch, fit.rc, fit, width0 / f, self.class_aperture_A / (px * f))
+                site = {"pixel_counts": ap.counts.flatten(1), "pixel_others": ap.others.flatten(1), "pixel_psf": ap.psf.flatten(1), "pixel_mask": ap.mask.flatten(1)}
             rc = fit.rc * f + 0.5 * (f - 1)
             sigma_rc, refined = fit.sigma_rc * f, fit.ok
             intensity = torch.where(fit.ok, fit.amplitude * (2.0 * torch.pi) * fit.width_px**2, torch.zeros_like(fit.amplitude))
@@ -253,16 +269,20 @@ class UNetSegmenter:
         # distance of each atom from the frame's nearest edge (Å): fits there miss the neighbours outside
         size = torch.tensor([h - 1, w - 1], dtype=rc.dtype, device=rc.device)
         edge_A = (torch.minimum(rc, size - rc) * torch.tensor([pixel_A[1], pixel_A[0]], dtype=rc.dtype, device=rc.device)).min(dim=1).values
-        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "class_probs": peaks.class_probs, "edge_A": edge_A}
+        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "class_probs": peaks.class_probs, "edge_A": edge_A, **site}
 
     def _intensity_classes(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One frame's atoms with classes re-decided from fitted column intensities (in place)."""
+        """One frame's atoms with classes re-decided from the counts around them (in place)."""
         if not self.intensity_classes or len(host["classes"]) == 0:
             return host
-        # near the frame's edge the neighbours outside are not fitted and the intensity is biased
-        interior = host["refined"] & (host["edge_A"] >= self.intensity_margin_A)
+        # every site of a family, fitted or not (an empty site has counts too), except near the
+        # frame's edge, where the neighbours outside are not fitted and the counts are biased
+        usable = host["edge_A"] >= self.intensity_margin_A
         try:
-            res = classify_by_intensity(host["intensity"], host["classes"], host["confidence"], interior, self.class_names, DEFAULT_FAMILIES, class_probs=host["class_probs"])
+            res = classify_by_counts(
+                host["pixel_counts"], host["pixel_others"], host["pixel_psf"], host["pixel_mask"], host["classes"], usable, self.class_names, DEFAULT_FAMILIES,
+                class_probs=host["class_probs"], network_weight=self.class_network_weight,
+            )
         except (ValueError, IndexError, FloatingPointError, np.linalg.LinAlgError) as exc:
             # a refinement stage must not lose the frame: keep the network's classes, say why
             self.last_intensity_report = {"error": f"{type(exc).__name__}: {exc}"}

@@ -6,7 +6,7 @@ import torch
 
 from stemagent.errors import InputError
 from stemagent.segmentation.crlb import crlb_incoherent, fisher_crlb
-from stemagent.segmentation.extract import find_peaks, refine_gaussians
+from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 
 
@@ -130,3 +130,37 @@ def test_match_counts_per_class_and_border():
     # an atom just inside the border whose detection lies just outside is not an error
     m2 = match(np.array([[0.3, 0.0]]), np.array([0]), np.array([[0.0, 0.0]]), np.array([0]), count_pred=np.array([False]), count_true=np.array([True]))
     assert (m2.tp[0], m2.fp[0], m2.fn[0]) == (1, 0, 0)
+
+
+def test_aperture_counts_split_a_noiseless_image_into_site_and_neighbours():
+    # two images, close neighbours, a constant background and an empty site: the counts in
+    # each disk are exactly the neighbours' share plus the site's own intensity times its psf
+    h = w = 64
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    rc = torch.tensor([[20.3, 20.7], [20.2, 24.9], [40.0, 40.0], [30.6, 12.4]])
+    amp = torch.tensor([10.0, 30.0, 5.0, 0.0])
+    batch = torch.tensor([0, 0, 1, 1])
+    width = 1.6
+    img = torch.full((2, h, w), 2.0)
+    for i in range(4):
+        img[batch[i]] += amp[i] * torch.exp(-0.5 * ((yy - rc[i, 0]) ** 2 + (xx - rc[i, 1]) ** 2) / width**2)
+    fit = refine_gaussians(img, batch, rc + 0.2, width, iterations=10, fit_mask=amp > 0)
+    assert fit.ok.tolist() == [True, True, True, False]
+    ap = aperture_counts(img, batch, fit.rc, fit, width, 3.0)
+    intensity = amp * 2 * np.pi * width**2  # integrated counts of each site
+    model = ap.others + intensity[:, None, None] * ap.psf
+    # (the model of a neighbour ends 3.5 widths out: its tail beyond is 0.1 % of its peak)
+    assert torch.allclose(model, ap.counts, rtol=1e-2, atol=0.05)
+    assert float((model - ap.counts).abs().sum()) < 5e-3 * float(ap.counts.sum())
+    # the empty site's counts are all background; the close pair sees each other's tails
+    assert float(ap.others[3].sum()) == pytest.approx(float(ap.counts[3].sum()), rel=1e-3)
+    assert float(ap.others[0].sum()) > float(2.0 * ap.mask[0].sum()) + 1.0
+    # the disk: the pixels within 3 px of each site (about pi 3^2), all inside the frame
+    assert torch.all((ap.mask.sum(dim=(1, 2)) >= 25) & (ap.mask.sum(dim=(1, 2)) <= 33))
+
+
+def test_aperture_counts_of_no_sites():
+    img = torch.ones(1, 16, 16)
+    fit = refine_gaussians(img, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), 1.5)
+    ap = aperture_counts(img, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), fit, 1.5, 2.0)
+    assert ap.counts.shape == (0, 5, 5)
