@@ -275,6 +275,8 @@ class ApertureCounts:
     others: torch.Tensor
     psf: torch.Tensor
     mask: torch.Tensor
+    gain: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
 
 def _gaussian_windows(rc: torch.Tensor, batch: torch.Tensor, shape: tuple[int, int], rad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,10 +306,11 @@ def aperture_counts(
     and ``rc`` ``(N, 2)`` the sites (pixels of ``images``), ``fit`` its result for the same
     sites (atoms with ``fit.ok`` False, e.g. empty sites, add nothing to the model),
     ``width0_px`` the column width where an image has no fitted atom. The background of an
-    image is the median of its atoms' fitted local backgrounds. Counts are Poisson (times the
-    detector's gain): a site holding atoms of integrated intensity ``c`` has pixel counts
-    ``Poisson(others + c * psf)``, which is what a composition model of the sites needs
-    (:func:`~stemagent.segmentation.intensity.classify_by_counts`).
+    image is the median of its atoms' fitted local backgrounds. Counts are turned into electrons
+    with the detector's gain and offset estimated from the fit's residuals
+    (:func:`detector_response`), so a site holding atoms of integrated intensity ``c``
+    (electrons) has pixel counts ``Poisson(others + c * psf)``, which is what a composition
+    model of the sites needs (:func:`~stemagent.segmentation.intensity.classify_by_counts`).
     """
     dev = images.device
     nb, h, w = images.shape
@@ -342,4 +345,33 @@ def aperture_counts(
     # every column of a frame is imaged by the same probe: one width per image
     ws = w_img[batch][:, None, None]
     psf = torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) * mask
-    return ApertureCounts(counts=counts, others=others, psf=psf, mask=mask)
+    # from detector counts to electrons: see detector_response
+    gain, offset = detector_response(images, canvas.reshape(nb, h, w) + bg_img[:, None, None], rad_m)
+    g, o = gain[batch][:, None, None], offset[batch][:, None, None]
+    counts = (counts - o * mask) / g
+    others = ((others - o * mask) / g).clamp_min(0.0)
+    return ApertureCounts(counts=counts, others=others, psf=psf, mask=mask, gain=gain, offset=offset)
+
+
+def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(gain, offset)`` of a detector, from how the noise grows with the signal.
+
+    For counts ``y = offset + gain * n + read noise`` with ``n`` Poisson electrons, the variance
+    is ``gain * mean + (read^2 - gain * offset)``: a straight line in the mean (the photon
+    transfer curve). Regressing the squared residuals of the fitted ``model`` ``(B, H, W)`` on
+    the model, away from ``border_px`` of the edge, gives the gain as its slope and
+    ``offset = -intercept / gain``; ``(y - offset) / gain`` is then Poisson in its first two
+    moments (read noise becomes a small extra background). A counting detector gives
+    ``(1, 0)``. Where the slope is not positive the image is left as it is ``(1, 0)``.
+    """
+    b = int(border_px)
+    y = images.float()[:, b:-b or None, b:-b or None].flatten(1)
+    mu = model.float()[:, b:-b or None, b:-b or None].flatten(1)
+    r2 = (y - mu) ** 2
+    mu_c = mu - mu.mean(dim=1, keepdim=True)
+    slope = (mu_c * r2).mean(dim=1) / (mu_c * mu_c).mean(dim=1).clamp_min(1e-12)
+    intercept = r2.mean(dim=1) - slope * mu.mean(dim=1)
+    good = torch.isfinite(slope) & torch.isfinite(intercept) & (slope > 1e-6)
+    gain = torch.where(good, slope, torch.ones_like(slope))
+    offset = torch.where(good, -intercept / gain, torch.zeros_like(slope))
+    return gain, offset

@@ -6,7 +6,7 @@ import torch
 
 from stemagent.errors import InputError
 from stemagent.segmentation.crlb import crlb_incoherent, fisher_crlb
-from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
+from stemagent.segmentation.extract import aperture_counts, detector_response, find_peaks, refine_gaussians
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 
 
@@ -147,14 +147,17 @@ def test_aperture_counts_split_a_noiseless_image_into_site_and_neighbours():
     fit = refine_gaussians(img, batch, rc + 0.2, width, iterations=10, fit_mask=amp > 0)
     assert fit.ok.tolist() == [True, True, True, False]
     ap = aperture_counts(img, batch, fit.rc, fit, width, 3.0)
+    # back from electrons to detector counts with the gain and offset it read from the residuals
+    g, o = ap.gain[batch][:, None, None], ap.offset[batch][:, None, None]
+    counts, others = ap.counts * g + o * ap.mask, ap.others * g + o * ap.mask
     intensity = amp * 2 * np.pi * width**2  # integrated counts of each site
-    model = ap.others + intensity[:, None, None] * ap.psf
+    model = others + intensity[:, None, None] * ap.psf
     # (the model of a neighbour ends 3.5 widths out: its tail beyond is 0.1 % of its peak)
-    assert torch.allclose(model, ap.counts, rtol=1e-2, atol=0.05)
-    assert float((model - ap.counts).abs().sum()) < 5e-3 * float(ap.counts.sum())
+    assert torch.allclose(model, counts, rtol=1e-2, atol=0.05)
+    assert float((model - counts).abs().sum()) < 5e-3 * float(counts.sum())
     # the empty site's counts are all background; the close pair sees each other's tails
-    assert float(ap.others[3].sum()) == pytest.approx(float(ap.counts[3].sum()), rel=1e-3)
-    assert float(ap.others[0].sum()) > float(2.0 * ap.mask[0].sum()) + 1.0
+    assert float(others[3].sum()) == pytest.approx(float(counts[3].sum()), rel=1e-3)
+    assert float(others[0].sum()) > float(2.0 * ap.mask[0].sum()) + 1.0
     # the disk: the pixels within 3 px of each site (about pi 3^2), all inside the frame
     assert torch.all((ap.mask.sum(dim=(1, 2)) >= 25) & (ap.mask.sum(dim=(1, 2)) <= 33))
 
@@ -164,3 +167,18 @@ def test_aperture_counts_of_no_sites():
     fit = refine_gaussians(img, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), 1.5)
     ap = aperture_counts(img, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), fit, 1.5, 2.0)
     assert ap.counts.shape == (0, 5, 5)
+
+
+@pytest.mark.parametrize(("gain", "offset", "read"), [(1.0, 0.0, 0.0), (2.5, 20.0, 0.5), (0.6, 5.0, 0.2)])
+def test_detector_response_reads_gain_and_offset_from_the_noise(gain, offset, read):
+    # counts = offset + gain x Poisson(electrons) + read noise, around a known mean image
+    rng = np.random.default_rng(7)
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w]
+    electrons = 0.5 + sum(40.0 * np.exp(-0.5 * ((yy - r) ** 2 + (xx - c) ** 2) / 1.6**2) for r in range(8, h, 7) for c in range(8, w, 7))
+    counts = offset + gain * rng.poisson(electrons) + rng.normal(0.0, read, (h, w))
+    g, o = detector_response(torch.tensor(counts[None], dtype=torch.float32), torch.tensor((offset + gain * electrons)[None], dtype=torch.float32), 4)
+    assert float(g[0]) == pytest.approx(gain, rel=0.05)
+    # the offset it reads is the one that makes (counts - offset) / gain Poisson to two moments:
+    # read noise shows as read^2 / gain less offset
+    assert float(o[0]) == pytest.approx(offset - read**2 / gain, abs=0.05 * gain + 0.05)

@@ -122,14 +122,26 @@ def test_bad_inputs_name_the_field() -> None:
         classify_by_counts(counts, others, psf, mask, np.array([0, 9, 0, 0]), np.ones(4, bool), NAMES)
 
 
-@pytest.mark.parametrize(("kind", "dose", "options"), [("mos2", 1e4, {"vacancy_fraction": 0.08, "substitution_fraction": 0.05}), ("graphene", 1e3, {"si_per_nm2": 0.5, "vacancy_per_nm2": 0.3})])
-def test_segmenter_on_twin_frames_makes_fewer_class_errors_with_the_counts(kind: str, dose: float, options: dict) -> None:
+@pytest.mark.parametrize(
+    ("kind", "dose", "options", "detector"),
+    [
+        ("mos2", 1e4, {"vacancy_fraction": 0.08, "substitution_fraction": 0.05}, None),
+        ("graphene", 1e3, {"si_per_nm2": 0.5, "vacancy_per_nm2": 0.3}, None),
+        # an analog detector: 0.5 counts per electron on a 20-count offset, with read noise (taken
+        # as counts, the offset's 20 per pixel would pass for Poisson noise: 48 errors, not 4)
+        ("mos2", 1e4, {"vacancy_fraction": 0.08, "substitution_fraction": 0.05}, (0.5, 20.0, 0.3)),
+    ],
+)
+def test_segmenter_on_twin_frames_makes_fewer_class_errors_with_the_counts(kind: str, dose: float, options: dict, detector: tuple[float, float, float] | None) -> None:
     from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame
     from stemagent.segmentation.metrics import match
     from stemagent.segmentation.unet_segmenter import UNetSegmenter
     from stemagent.types import Frame
 
     image, truth = twin_frame(kind, 384, 0.1, dose, np.random.default_rng(11), clean=True, specimen_options=options)
+    if detector is not None:
+        gain, offset, read = detector
+        image = (offset + gain * image + np.random.default_rng(12).normal(0.0, read, image.shape)).astype(np.float32)
     frame = Frame(image=image, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=dose)
     labels = truth.labels + LABEL_OFFSET[kind]
     keep = truth.geometry.contains(truth.positions_A, 1.0)
