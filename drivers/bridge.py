@@ -380,11 +380,12 @@ class Bridge:
         if self._monotonic() - self._last_client_s <= self.client_timeout_s:
             return
         log.error("bridge: no client message for %.1f s; blanking the beam", self.client_timeout_s)
-        self.stats["watchdog_blanks"] += 1
         await self._cancel_device_work()
         try:
             await asyncio.wait_for(self.driver.blank(), timeout=10.0)
             self._beam_maybe_on = False
+            # counted once the beam is blanked (a reader of the count may rely on it)
+            self.stats["watchdog_blanks"] += 1
         except Exception:  # noqa: BLE001
             log.exception("bridge: watchdog blank failed")
             self._last_client_s = self._monotonic()  # try again after another timeout
