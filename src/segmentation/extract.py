@@ -268,8 +268,8 @@ class ApertureCounts:
     around each site, as ``(N, S, S)`` windows that are zero outside the disk. ``counts`` the raw
     counts; ``others`` what the fitted model of every other atom plus the image's background
     predicts there; ``psf`` the share of a column's integrated image that falls on each pixel
-    (a Gaussian of the image's median fitted width, centred on the site); ``mask`` 1 inside
-    the disk and the frame."""
+    (a Gaussian of the image's median fitted width, centred on the site, plus its wings);
+    ``mask`` 1 inside the disk and the frame."""
 
     counts: torch.Tensor
     others: torch.Tensor
@@ -305,8 +305,10 @@ def aperture_counts(
     ``images`` ``(B, H, W)`` the counts :func:`refine_gaussians` was run on, ``batch`` ``(N,)``
     and ``rc`` ``(N, 2)`` the sites (pixels of ``images``), ``fit`` its result for the same
     sites (atoms with ``fit.ok`` False, e.g. empty sites, add nothing to the model),
-    ``width0_px`` the column width where an image has no fitted atom. The background of an
-    image is the median of its atoms' fitted local backgrounds. Counts are turned into electrons
+    ``width0_px`` the column width where an image has no fitted atom. The background is the
+    image's vacuum level plus the wings of the atoms around (see the comment in the code), so
+    an empty site is not charged with the wings its missing atom would have had. Counts are
+    turned into electrons
     with the detector's gain and offset estimated from the fit's residuals
     (:func:`detector_response`), so a site holding atoms of integrated intensity ``c``
     (electrons) has pixel counts ``Poisson(others + c * psf)``, which is what a composition
@@ -329,28 +331,65 @@ def aperture_counts(
     own_m = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (dr_m * dr_m + dc_m * dc_m) / (wid * wid)) * inside_m
     canvas = torch.zeros(nb * h * w, device=dev)
     canvas.index_add_(0, flat_m.reshape(-1), own_m.reshape(-1))
-    # per image: median fitted background and width of its atoms (no host sync)
+    # per image: median fitted width of its atoms (no host sync)
     mine = ok[None, :] & (batch[None, :] == torch.arange(nb, device=dev)[:, None])  # (B, N)
-    bg_img = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.background[None, :], float("nan")), dim=1).values, nan=0.0)
     w_img = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.width_px[None, :], float("nan")), dim=1).values, nan=float(width0_px))
+    # A probe's image is a core and wings (an Airy pattern's rings, source size, thermal blur)
+    # that the fit's Gaussian core leaves to each atom's local constant background. Around an
+    # empty site those wings are weaker than around an atom (its own are missing), so the
+    # background is modelled as vacuum + a share of every atom's intensity spread over its fit
+    # window: the fitted local backgrounds, regressed on the atom intensity around them, give
+    # the vacuum level (intercept) and the wing share (slope).
+    intensity = fit.amplitude * (2.0 * math.pi) * fit.width_px**2 * ok.float()
+    area = float((2 * rad_m + 1) ** 2)
+    centre = batch * (h * w) + fit.rc[:, 0].round().long().clamp(0, h - 1) * w + fit.rc[:, 1].round().long().clamp(0, w - 1)
+    k = 2 * rad_m + 1  # each atom's intensity / area over its fit window: a box sum of point masses
+    wings = torch.zeros(nb * h * w, device=dev).index_add_(0, centre, intensity / area).reshape(nb, 1, h, w)
+    wings = F.avg_pool2d(wings, (k, 1), stride=1, padding=(rad_m, 0), count_include_pad=True)
+    wings = (F.avg_pool2d(wings, (1, k), stride=1, padding=(0, rad_m), count_include_pad=True) * float(k * k)).reshape(-1)
+    density = wings[centre]  # (N,) atom intensity per pixel around each atom, its own included
+    median_bg = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.background[None, :], float("nan")), dim=1).values, nan=0.0)
+    vacuum, share = _wing_regression(fit.background, density, mine & (intensity > 30.0), median_bg)
     # the disks around the sites
     flat_a, inside_a, dr_a, dc_a = _gaussian_windows(rc, batch, (h, w), rad_a)
     mask = ((dr_a * dr_a + dc_a * dc_a <= float(aperture_px) ** 2) & inside_a).float()
     counts = imgs[flat_a] * mask
-    # the site's own model (its fitted Gaussian at its fitted position) is not an "other"
+    # the site's own model (its fitted Gaussian at its fitted position, its wings) is not an "other"
     drs = dr_a + (rc[:, 0] - fit.rc[:, 0].float())[:, None, None]
     dcs = dc_a + (rc[:, 1] - fit.rc[:, 1].float())[:, None, None]
     own = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (drs * drs + dcs * dcs) / (wid * wid))
-    others = ((canvas[flat_a] - own).clamp_min(0.0) + bg_img[batch][:, None, None]) * mask
-    # every column of a frame is imaged by the same probe: one width per image
+    sb = share[batch][:, None, None]
+    wing_others = (wings[flat_a] - (intensity / area)[:, None, None]).clamp_min(0.0)
+    others = ((canvas[flat_a] - own).clamp_min(0.0) + sb * wing_others + vacuum[batch][:, None, None]) * mask
+    # every column of a frame is imaged by the same probe: one width per image, and its wings
     ws = w_img[batch][:, None, None]
-    psf = torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) * mask
+    psf = (torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) + sb / area) * mask
     # from detector counts to electrons: see detector_response
-    gain, offset = detector_response(images, canvas.reshape(nb, h, w) + bg_img[:, None, None], rad_m)
+    model = (canvas + share.repeat_interleave(h * w) * wings).reshape(nb, h, w) + vacuum[:, None, None]
+    gain, offset = detector_response(images, model, rad_m)
     g, o = gain[batch][:, None, None], offset[batch][:, None, None]
     counts = (counts - o * mask) / g
     others = ((others - o * mask) / g).clamp_min(0.0)
     return ApertureCounts(counts=counts, others=others, psf=psf, mask=mask, gain=gain, offset=offset)
+
+
+def _wing_regression(background: torch.Tensor, density: torch.Tensor, use: torch.Tensor, fallback: torch.Tensor, min_atoms: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image ``(vacuum, share)``: least squares of the atoms' fitted local ``background``
+    ``(N,)`` on the atom ``density`` ``(N,)`` around them, over the atoms ``use`` ``(B, N)`` marks
+    (those whose background was fitted). Fewer than ``min_atoms`` of them, or a share outside
+    ``[0, 1]``: no wings, and the vacuum is ``fallback`` ``(B,)``."""
+    nan = float("nan")
+    cnt = use.sum(dim=1)
+    d = torch.where(use, density[None, :], nan)
+    b = torch.where(use, background[None, :], nan)
+    d_mean, b_mean = torch.nanmean(d, dim=1), torch.nanmean(b, dim=1)
+    cov = torch.nanmean((d - d_mean[:, None]) * (b - b_mean[:, None]), dim=1)
+    var = torch.nanmean((d - d_mean[:, None]) ** 2, dim=1)
+    share = cov / var.clamp_min(1e-12)
+    good = (cnt >= min_atoms) & torch.isfinite(share) & (share >= 0) & (share <= 1) & (var > 0)
+    share = torch.where(good, share, torch.zeros_like(share))
+    vacuum = torch.where(good, (b_mean - share * d_mean).clamp_min(0.0), fallback)
+    return vacuum, share
 
 
 def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int) -> tuple[torch.Tensor, torch.Tensor]:

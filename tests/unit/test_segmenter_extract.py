@@ -6,7 +6,7 @@ import torch
 
 from stemagent.errors import InputError
 from stemagent.segmentation.crlb import crlb_incoherent, fisher_crlb
-from stemagent.segmentation.extract import aperture_counts, detector_response, find_peaks, refine_gaussians
+from stemagent.segmentation.extract import _wing_regression, aperture_counts, detector_response, find_peaks, refine_gaussians
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 
 
@@ -182,3 +182,19 @@ def test_detector_response_reads_gain_and_offset_from_the_noise(gain, offset, re
     # the offset it reads is the one that makes (counts - offset) / gain Poisson to two moments:
     # read noise shows as read^2 / gain less offset
     assert float(o[0]) == pytest.approx(offset - read**2 / gain, abs=0.05 * gain + 0.05)
+
+
+def test_wing_regression_splits_vacuum_from_the_atoms_wings():
+    # two images: the fitted local backgrounds grow with the atom intensity around each atom
+    # (0.3 + 0.12 x density); the second has too few fitted atoms and keeps the fallback
+    rng = np.random.default_rng(3)
+    density = torch.tensor(rng.uniform(1.0, 3.0, 60), dtype=torch.float32)
+    background = 0.3 + 0.12 * density + torch.tensor(rng.normal(0, 0.005, 60), dtype=torch.float32)
+    use = torch.zeros(2, 60, dtype=torch.bool)
+    use[0, :50] = True
+    use[1, 50:] = True  # 10 atoms
+    vacuum, share = _wing_regression(background, density, use, torch.tensor([-1.0, 0.7]))
+    assert float(share[0]) == pytest.approx(0.12, abs=0.01)
+    assert float(vacuum[0]) == pytest.approx(0.3, abs=0.02)
+    assert float(share[1]) == 0.0
+    assert float(vacuum[1]) == pytest.approx(0.7)
