@@ -153,12 +153,13 @@ def classify_by_counts(
     where sites are and which family (sublattice) a site is on. ``usable`` False (e.g. sites
     at the frame's edge, whose neighbours outside are not modelled) keep the network's class.
     """
-    x_all = np.asarray(counts, dtype=np.float64)
+    # pixels in float32 (the per-pixel pass dominates the cost), totals in float64 below
+    x_all = np.asarray(counts, dtype=np.float32)
     n = len(x_all)
     x_all = x_all.reshape(n, -1)
-    b_all = np.asarray(others, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
-    p_all = np.asarray(psf, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
-    m_all = np.asarray(mask, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]))
+    b_all = np.asarray(others, dtype=np.float32).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]), np.float32)
+    p_all = np.asarray(psf, dtype=np.float32).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]), np.float32)
+    m_all = np.asarray(mask, dtype=np.float32).reshape(n, -1) if n else np.zeros((0, x_all.shape[1]), np.float32)
     cls = np.asarray(classes).reshape(-1).astype(np.int64)
     ok = np.asarray(usable, dtype=bool).reshape(-1)
     for field, arr in (("others", b_all), ("psf", p_all), ("mask", m_all)):
@@ -185,11 +186,10 @@ def classify_by_counts(
         if int(member.sum()) < min_columns:
             report[fam.name] = f"too few usable sites ({int(member.sum())} < {min_columns})"
             continue
-        # pixels in float32 (the per-pixel pass dominates the cost), totals in float64
-        m = m_all[member].astype(np.float32)
-        x = (np.maximum(x_all[member], 0.0) * m).astype(np.float32)
-        b = (np.maximum(b_all[member], 0.0) * m).astype(np.float32)
-        q = (np.maximum(p_all[member], 0.0) * m).astype(np.float32)
+        m = m_all[member]
+        x = np.maximum(x_all[member], 0.0) * m
+        b = np.maximum(b_all[member], 0.0) * m
+        q = np.maximum(p_all[member], 0.0) * m
         tot_x, tot_b, tot_q = x.sum(axis=1, dtype=np.float64), b.sum(axis=1, dtype=np.float64), q.sum(axis=1, dtype=np.float64)
         # per-site intensity estimates of the anchors' members start the single-atom intensities
         atom = _anchor_intensities(fam, (tot_x - tot_b) / tot_q, net_names[member], min_members)
