@@ -343,10 +343,8 @@ def aperture_counts(
     intensity = fit.amplitude * (2.0 * math.pi) * fit.width_px**2 * ok.float()
     area = float((2 * rad_m + 1) ** 2)
     centre = batch * (h * w) + fit.rc[:, 0].round().long().clamp(0, h - 1) * w + fit.rc[:, 1].round().long().clamp(0, w - 1)
-    k = 2 * rad_m + 1  # each atom's intensity / area over its fit window: a box sum of point masses
-    wings = torch.zeros(nb * h * w, device=dev).index_add_(0, centre, intensity / area).reshape(nb, 1, h, w)
-    wings = F.avg_pool2d(wings, (k, 1), stride=1, padding=(rad_m, 0), count_include_pad=True)
-    wings = (F.avg_pool2d(wings, (1, k), stride=1, padding=(0, rad_m), count_include_pad=True) * float(k * k)).reshape(-1)
+    # each atom's intensity / area over its fit window: a box sum of point masses
+    wings = _box_sum(torch.zeros(nb * h * w, device=dev).index_add_(0, centre, intensity / area).reshape(nb, h, w), rad_m).reshape(-1)
     density = wings[centre]  # (N,) atom intensity per pixel around each atom, its own included
     median_bg = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.background[None, :], float("nan")), dim=1).values, nan=0.0)
     vacuum, share = _wing_regression(fit.background, density, mine & (intensity > 30.0), median_bg)
@@ -371,6 +369,16 @@ def aperture_counts(
     counts = (counts - o * mask) / g
     others = ((others - o * mask) / g).clamp_min(0.0)
     return ApertureCounts(counts=counts, others=others, psf=psf, mask=mask, gain=gain, offset=offset)
+
+
+def _box_sum(x: torch.Tensor, rad: int) -> torch.Tensor:
+    """Sum of ``x`` ``(B, H, W)`` over the ``(2 rad + 1)^2`` square around each pixel (zero
+    outside), by cumulative sums: the cost does not grow with the square."""
+    k = 2 * rad + 1
+    c = F.pad(x, (0, 0, rad + 1, rad)).cumsum(dim=1)
+    y = c[:, k:, :] - c[:, :-k, :]
+    c = F.pad(y, (rad + 1, rad)).cumsum(dim=2)
+    return c[:, :, k:] - c[:, :, :-k]
 
 
 def _wing_regression(background: torch.Tensor, density: torch.Tensor, use: torch.Tensor, fallback: torch.Tensor, min_atoms: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
