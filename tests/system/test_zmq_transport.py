@@ -316,6 +316,16 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
         await drv.connect()
         assert drv._sub is not None
         drv._sub.connect(junk_pub.getsockopt(zmq.LAST_ENDPOINT).decode())
+
+        # ZeroMQ's slow joiner: a SUB misses what a PUB sends before their connection is up, so
+        # probe until the client has seen (and rejected) one junk message
+        async def joined() -> None:
+            while drv.stats["rejected_messages"] == 0:
+                await junk_pub.send_multipart([b"probe"])
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(joined(), timeout=10)
+        base = drv.stats["rejected_messages"]
         for msg in _junk_messages(rng, 300):
             await raw.send_multipart(msg)
             await junk_pub.send_multipart(msg)
@@ -331,8 +341,12 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
             if reply.id == "after-junk":
                 assert reply.ok
                 break
-        while drv.stats["rejected_messages"] < 300:
-            await asyncio.sleep(0.01)
+
+        async def all_rejected() -> None:  # 300 junk + 100 corrupted headers on the frame channel
+            while drv.stats["rejected_messages"] < base + 400:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(all_rejected(), timeout=30)
         frames = [f async for f in drv.stream(GEOM, n_frames=2)]
         assert len(frames) == 2 and drv.link_up
         assert bridge.stats["rejected"] >= 200
