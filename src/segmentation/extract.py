@@ -157,19 +157,12 @@ def refine_gaussians(
         z = torch.zeros(0, device=dev)
         return GaussianFit(rc0.float(), torch.zeros(0, 2, device=dev), z, z, torch.zeros(nb, device=dev), torch.zeros(0, dtype=torch.bool, device=dev))
 
-    offs = torch.arange(-rad, rad + 1, device=dev, dtype=torch.float32)
     # integer window anchors (fixed during the fit so windows do not jump)
-    anchor = torch.round(rc0.float()).long()
-    ar = anchor[:, 0].clamp(0, h - 1)
-    ac = anchor[:, 1].clamp(0, w - 1)
-    wr = ar[:, None, None] + offs.long()[None, :, None]  # (N, S, 1)
-    wc = ac[:, None, None] + offs.long()[None, None, :]  # (N, 1, S)
-    inside = ((wr >= 0) & (wr < h) & (wc >= 0) & (wc < w)).float()  # (N, S, S)
-    wr_c = wr.clamp(0, h - 1)
-    wc_c = wc.clamp(0, w - 1)
-    flat = (batch[:, None, None] * (h * w) + wr_c * w + wc_c).expand(-1, offs.numel(), offs.numel()).reshape(n, -1)
-    data = imgs.reshape(-1)[flat].reshape(n, offs.numel(), offs.numel())  # (N, S, S)
-    inside = inside * use[:, None, None].float()
+    flat, inside, wr, wc = _windows(rc0.float(), batch, (h, w), rad)
+    size = 2 * rad + 1
+    flat = flat.reshape(n, -1)
+    data = imgs.reshape(-1)[flat].reshape(n, size, size)  # (N, S, S)
+    inside = inside.float() * use[:, None, None].float()
     prow = wr[:, :, 0].float()  # (N, S) pixel row of each window row
     pcol = wc[:, 0, :].float()  # (N, S) pixel column of each window column
 
@@ -275,20 +268,26 @@ class ApertureCounts:
     others: torch.Tensor
     psf: torch.Tensor
     mask: torch.Tensor
-    gain: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
+    gain: torch.Tensor
+    offset: torch.Tensor
 
 
-def _gaussian_windows(rc: torch.Tensor, batch: torch.Tensor, shape: tuple[int, int], rad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(flat index (N, S, S), inside (N, S, S), dr (N, S, 1), dc (N, 1, S))`` of square windows
-    of half-size ``rad`` anchored at the rounded ``rc``; ``dr``/``dc`` are pixel offsets from ``rc``."""
+def _windows(rc: torch.Tensor, batch: torch.Tensor, shape: tuple[int, int], rad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Square windows of half-size ``rad`` anchored at the rounded ``rc`` (clamped into the frame):
+    ``(flat index into (B*H*W) (N, S, S), inside (N, S, S) bool, rows (N, S, 1), cols (N, 1, S))``."""
     h, w = shape
     offs = torch.arange(-rad, rad + 1, device=rc.device)
     anchor = torch.round(rc).long()
-    wr = anchor[:, 0, None, None] + offs[None, :, None]
-    wc = anchor[:, 1, None, None] + offs[None, None, :]
+    wr = anchor[:, 0, None, None].clamp(0, h - 1) + offs[None, :, None]
+    wc = anchor[:, 1, None, None].clamp(0, w - 1) + offs[None, None, :]
     inside = (wr >= 0) & (wr < h) & (wc >= 0) & (wc < w)
     flat = batch[:, None, None] * (h * w) + wr.clamp(0, h - 1) * w + wc.clamp(0, w - 1)
+    return flat, inside, wr, wc
+
+
+def _offset_windows(rc: torch.Tensor, batch: torch.Tensor, shape: tuple[int, int], rad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_windows` with pixel offsets from ``rc`` instead of pixel rows and columns."""
+    flat, inside, wr, wc = _windows(rc, batch, shape, rad)
     return flat, inside, wr.float() - rc[:, 0, None, None], wc.float() - rc[:, 1, None, None]
 
 
@@ -320,13 +319,13 @@ def aperture_counts(
     rad_a = max(1, math.ceil(float(aperture_px)))
     if n == 0:
         z = torch.zeros(0, 2 * rad_a + 1, 2 * rad_a + 1, device=dev)
-        return ApertureCounts(z, z, z, z)
+        return ApertureCounts(z, z, z, z, gain=torch.ones(nb, device=dev), offset=torch.zeros(nb, device=dev))
     imgs = images.float().reshape(-1)
     rc = rc.float()
     ok = fit.ok
     # the model image of every fitted atom (windows wide enough for their tails)
     rad_m = max(2, math.ceil(3.5 * float(width0_px)))
-    flat_m, inside_m, dr_m, dc_m = _gaussian_windows(fit.rc.float(), batch, (h, w), rad_m)
+    flat_m, inside_m, dr_m, dc_m = _offset_windows(fit.rc.float(), batch, (h, w), rad_m)
     wid = fit.width_px[:, None, None]
     own_m = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (dr_m * dr_m + dc_m * dc_m) / (wid * wid)) * inside_m
     canvas = torch.zeros(nb * h * w, device=dev)
@@ -349,7 +348,7 @@ def aperture_counts(
     median_bg = torch.nan_to_num(torch.nanmedian(torch.where(mine, fit.background[None, :], float("nan")), dim=1).values, nan=0.0)
     vacuum, share = _wing_regression(fit.background, density, mine & (intensity > 30.0), median_bg)
     # the disks around the sites
-    flat_a, inside_a, dr_a, dc_a = _gaussian_windows(rc, batch, (h, w), rad_a)
+    flat_a, inside_a, dr_a, dc_a = _offset_windows(rc, batch, (h, w), rad_a)
     mask = ((dr_a * dr_a + dc_a * dc_a <= float(aperture_px) ** 2) & inside_a).float()
     counts = imgs[flat_a] * mask
     # the site's own model (its fitted Gaussian at its fitted position, its wings) is not an "other"

@@ -194,7 +194,7 @@ class UNetSegmenter:
         self.intensity_margin_A = float(intensity_margin_A)
         self.class_aperture_A = float(class_aperture_A)
         self.class_network_weight = float(class_network_weight)
-        #: what the intensity mixture did on the last frame, per family ("mixture" or why not)
+        #: what the count mixture found on the last frame, per family (or why it was not used)
         self.last_intensity_report: dict[str, str] = {}
 
     # --- tensors in, tensors out ---------------------------------------------------------
@@ -222,7 +222,6 @@ class UNetSegmenter:
 
         Returns ``batch`` ``(N,)``, ``rc`` ``(N, 2)`` frame pixels, ``classes`` ``(N,)``,
         ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool,
-        ``intensity`` ``(N,)`` integrated counts of each fitted column (0 where not fitted),
         ``class_probs`` ``(N, C)`` the network's probability of each class (their sum is that of
         an atom), ``edge_A`` ``(N,)`` distance from the frame's nearest edge (Å), and with
         ``intensity_classes`` the pixels around each site for the class decision, ``(N, P)``
@@ -260,16 +259,14 @@ class UNetSegmenter:
                 site = {"pixel_counts": ap.counts.flatten(1), "pixel_others": ap.others.flatten(1), "pixel_psf": ap.psf.flatten(1), "pixel_mask": ap.mask.flatten(1)}
             rc = fit.rc * f + 0.5 * (f - 1)
             sigma_rc, refined = fit.sigma_rc * f, fit.ok
-            intensity = torch.where(fit.ok, fit.amplitude * (2.0 * torch.pi) * fit.width_px**2, torch.zeros_like(fit.amplitude))
         else:
             # without a fit: half a model pixel, uniform error
             sigma_rc = torch.full_like(rc, 0.5 * self.model_pixel_A / px / np.sqrt(3.0))
             refined = torch.zeros(len(peaks), dtype=torch.bool, device=rc.device)
-            intensity = torch.zeros(len(peaks), device=rc.device)
         # distance of each atom from the frame's nearest edge (Å): fits there miss the neighbours outside
         size = torch.tensor([h - 1, w - 1], dtype=rc.dtype, device=rc.device)
         edge_A = (torch.minimum(rc, size - rc) * torch.tensor([pixel_A[1], pixel_A[0]], dtype=rc.dtype, device=rc.device)).min(dim=1).values
-        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "intensity": intensity, "class_probs": peaks.class_probs, "edge_A": edge_A, **site}
+        return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "class_probs": peaks.class_probs, "edge_A": edge_A, **site}
 
     def _intensity_classes(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One frame's atoms with classes re-decided from the counts around them (in place)."""
