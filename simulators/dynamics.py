@@ -22,6 +22,10 @@ Energy dependence: the head-on energy transfer ``T_max(E)`` to the struck nucleu
 through a thermally broadened threshold, ``sigma(E) = sigma_ref * exp((T_max(E) - T_max(E_ref)) / T_scale)``
 (the sub-threshold tail from lattice vibrations, as in Meyer et al. PRL 108 (2012) 196102).
 Every default is a field of :class:`CrossSections`.
+
+The swap rate is pluggable (:mod:`.hop_rates`): with ``swap_rate`` set, a swap's rate is that
+model's probability per electron for the beam's offset in the Si–C bond frame (and its raster
+cross-section during scans) instead of ``sigma * P(r)``; ``None`` keeps the physical default.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial import cKDTree
 
 from stemagent.simulators.elements import mass_u
+from stemagent.simulators.hop_rates import SwapRateModel, bond_frame_offsets
 from stemagent.simulators.optics import ProbeOptics, max_energy_transfer_eV
 from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen
 from stemagent.types import ELECTRON_CHARGE_C
@@ -109,6 +114,7 @@ class BeamDynamics:
     enabled: bool = True
     reach_A: float = 4.0  # atoms farther than this from a parked beam are ignored
     neighbour_cutoff_A: float = 1.75
+    swap_rate: SwapRateModel | None = None  # None: the physical sigma * P(r)
     _table: np.ndarray | None = field(default=None, init=False, repr=False)
     _table_spacing: float = field(default=0.05, init=False, repr=False)
     _sigma_cache: dict = field(default_factory=dict, init=False, repr=False)
@@ -191,7 +197,13 @@ class BeamDynamics:
         chans = [c for c in chans if c[1] in t_of]
         if not chans:
             return []
-        p = -np.expm1(-np.array([self._sigma(k, int(specimen.numbers[a])) for k, a, _ in chans]) * dose_e_per_A2)
+        sig = np.array([self._sigma(k, int(specimen.numbers[a])) for k, a, _ in chans])
+        if self.swap_rate is not None:
+            sw = np.array([k == "swap" for k, _, _ in chans])
+            if sw.any():
+                struck = np.array([a for k, a, _ in chans if k == "swap"])
+                sig[sw] = self.swap_rate.scan_cross_section_A2(specimen.site_of_atom[struck])
+        p = -np.expm1(-sig * dose_e_per_A2)
         hit = rng.random(len(chans)) < p
         for j in np.flatnonzero(hit):
             kind, struck, partner = chans[j]
@@ -236,9 +248,7 @@ class BeamDynamics:
             while True:
                 if not chans:
                     break
-                struck = np.array([c[1] for c in chans])
-                sig = np.array([self._sigma(c[0], int(specimen.numbers[c[1]])) for c in chans])
-                rates = sig * flux * self.probe_density(specimen.positions_A[struck, :2] - b)
+                rates = self._park_rates(specimen, chans, b, flux)
                 total = float(rates.sum())
                 if total <= 0:
                     break
@@ -251,6 +261,20 @@ class BeamDynamics:
                 near = specimen.in_box(tuple(b - self.reach_A), tuple(b + self.reach_A))
                 chans = self._channels(specimen, near)
         return events
+
+    def _park_rates(self, specimen: Specimen, chans: list[tuple[str, int, int]], b: np.ndarray, flux: float) -> np.ndarray:
+        """Rate (1/s) of each channel with the beam at ``b`` (sample frame)."""
+        struck = np.array([c[1] for c in chans])
+        sig = np.array([self._sigma(c[0], int(specimen.numbers[c[1]])) for c in chans])
+        rates = sig * flux * self.probe_density(specimen.positions_A[struck, :2] - b)
+        if self.swap_rate is not None:
+            sw = np.flatnonzero([c[0] == "swap" for c in chans])
+            if len(sw):
+                c_ids = struck[sw]
+                si_ids = np.array([chans[j][2] for j in sw])
+                along, across = bond_frame_offsets(b, specimen.positions_A[si_ids, :2], specimen.positions_A[c_ids, :2])
+                rates[sw] = flux * self.swap_rate.per_electron(along, across, specimen.site_of_atom[c_ids])
+        return rates
 
     def park_signal(self, specimen: Specimen, beam_sample_A: np.ndarray, sigma_of_z, ids: np.ndarray) -> np.ndarray:
         """Expected fraction of the beam reaching the ADF detector with the beam at each row of

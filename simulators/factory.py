@@ -40,13 +40,15 @@ def optics_from_config(cfg: Any) -> ProbeOptics:
     )
 
 
-def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> Any:
-    """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``."""
+def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specimen: Specimen | None = None) -> Any:
+    """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``.
+    ``specimen``: use this one instead of building the configured specimen (e.g. a dopant placed by hand)."""
     from stemagent.simulators.twin import TwinDriver
 
     ss = np.random.SeedSequence(seed)
-    spec_seed, drift_seed, run_seed = ss.spawn(3)
-    specimen = specimen_from_config(cfg, np.random.default_rng(spec_seed))
+    spec_seed, drift_seed, run_seed, rate_seed = ss.spawn(4)  # the first three as before: old seeds keep their twins
+    if specimen is None:
+        specimen = specimen_from_config(cfg, np.random.default_rng(spec_seed))
     drift = DriftModel(
         velocity_A_per_s=tuple(cfg.drift_velocity_A_per_s),
         wobble_amplitude_A=cfg.drift_wobble_A,
@@ -55,7 +57,7 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> Any
         seed=int(drift_seed.generate_state(1)[0]),
         origin_s=clock.monotonic() if clock is not None else 0.0,
     )
-    return TwinDriver(
+    twin = TwinDriver(
         specimen,
         clock=clock,
         rng=np.random.default_rng(run_seed),
@@ -77,3 +79,33 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> Any
         park_sample_interval_s=cfg.park_sample_interval_s,
         max_fov_A=cfg.max_fov_A,
     )
+    model = swap_rate_from_config(cfg, twin.dynamics, int(rate_seed.generate_state(1)[0]))
+    if model is not None:
+        twin.set_swap_rate(model)
+    return twin
+
+
+def swap_rate_from_config(cfg: Any, dynamics: Any, seed: int) -> Any:
+    """The swap-rate model ``cfg.swap_rate_model`` names (None for the physical default without
+    site variation); random rate functions and site factors derive from ``seed``."""
+    from stemagent.simulators.hop_rates import (
+        EmpiricalSwapRate,
+        PhysicalSwapRate,
+        SiteVariation,
+        sample_random_swap_rate,
+    )
+
+    kind = getattr(cfg, "swap_rate_model", "physical")
+    site_sigma = float(getattr(cfg, "swap_site_sigma", 0.0))
+    if kind == "physical" and site_sigma <= 0:
+        return None
+    sites = SiteVariation(site_sigma, seed)
+    sigma = dynamics.cross_sections.at_energy("swap", dynamics.optics.energy_keV, 6)
+    if kind == "physical":
+        return PhysicalSwapRate(sigma, dynamics.probe_density, sites)
+    peak = sigma * float(dynamics.probe_density(np.zeros((1, 2)))[0])
+    if kind == "empirical":
+        return EmpiricalSwapRate(peak, dynamics.probe_density, site_variation=sites)
+    if kind == "random":
+        return sample_random_swap_rate(np.random.default_rng(seed), peak, dynamics.probe_density, site_variation=sites)
+    raise ValueError(f"swap_rate_model={kind!r}: must be one of 'physical', 'empirical', 'random'")

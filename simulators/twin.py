@@ -28,6 +28,7 @@ from stemagent.clock import Clock, VirtualClock
 from stemagent.driver import DriverFault
 from stemagent.errors import InputError
 from stemagent.simulators.dynamics import BeamDynamics, CrossSections, Event
+from stemagent.simulators.hop_rates import SwapRateModel
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.optics import ProbeOptics
 from stemagent.simulators.render import FrameTruth, frame_bounds, render_frame
@@ -54,6 +55,7 @@ class GroundTruth:
     beam_log: list[BeamLogEntry] = field(default_factory=list)
     frames: deque = field(default_factory=lambda: deque(maxlen=16))  # (frame index, FrameTruth)
     park_doses_e_per_A2: list[float] = field(default_factory=list)
+    swap_rate: dict = field(default_factory=lambda: {"model": "physical"})  # the hop-rate model in force
 
     def drift_at(self, t_s: float | np.ndarray) -> np.ndarray:
         """Specimen drift ``d(t)`` (Å, (x, y)); a sample point ``X`` is under the beam at ``X + d(t)``."""
@@ -149,6 +151,11 @@ class TwinDriver:
         self._set_beam("blanked", None)
 
     # --- state ----------------------------------------------------------------------------
+    def set_swap_rate(self, model: SwapRateModel | None) -> None:
+        """Plug in a Si–C swap-rate model (:mod:`.hop_rates`); ``None`` restores the physical default."""
+        self.dynamics.swap_rate = model
+        self.ground_truth.swap_rate = {"model": "physical"} if model is None else model.describe()
+
     @property
     def beam_blanked(self) -> bool:
         return self.ground_truth.beam_blanked

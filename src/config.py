@@ -137,6 +137,9 @@ class TwinConfig(_Model):
     c_knock_on_barn: float = Field(1e-5, ge=0, description="C knock-on cross-section at 60 keV, barn")
     chalcogen_sputter_barn: float = Field(0.3, ge=0, description="chalcogen sputtering at 80 keV, barn")
     threshold_width_eV: float = Field(1.0, gt=0, description="thermal width of displacement thresholds, eV")
+    swap_rate_model: Literal["physical", "empirical", "random"] = Field(
+        "physical", description="Si-C swap rate vs beam offset: the probe-overlap physics, a stylised empirical map, or a random function per seed")
+    swap_site_sigma: float = Field(0.0, ge=0, le=2.0, description="site-to-site variation of the swap rate (log-normal sigma)")
     park_sample_interval_s: float = Field(1e-3, gt=0, le=1.0, description="ADF sampling while parked, s")
     max_fov_A: float = Field(512.0, gt=0)
     pace: Literal["realtime", "fast"] = "fast"

@@ -1,0 +1,265 @@
+"""Benchmark: move a Si dopant 5 sites through graphene on the twin, BO policy vs greedy vs random.
+
+Every run: a twin (graphene, one Si placed at the sheet's centre, a seed-drawn target 5 bonds
+away), a survey scan (20 Å, 1e4 e/Å²) segmented by the shipped U-Net, then the closed loop of
+:func:`stemagent.agent.manipulation.run_manipulation` (park -> steps in the signal -> small
+confirmation scan -> U-Net -> outcome -> model update -> re-plan), every command through the
+safety gate. The three policies run on the same twin seeds in the same process.
+
+Conditions: ``physical`` (the twin's default probe-overlap hop rate), ``random`` (a random rate
+function per seed: Gaussian bumps in bond-frame offset space, :mod:`stemagent.simulators.hop_rates`)
+and ``empirical`` (the stylised empirical map). Ground truth: every swap and knock-on event of the
+twin, so success (Si on the target and no damage), forward / back / wrong-direction hops, damage
+and the park-signal detection precision and recall are measured against it.
+
+    .venv/bin/python benchmarks/bench_manipulation.py --seeds 20                # the BENCHMARKS.md run
+    .venv/bin/python benchmarks/bench_manipulation.py --tune-greedy --seeds 10  # greedy's offset and dwell
+
+Prints one JSON document (and writes it to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+from scipy.spatial import cKDTree
+
+from stemagent.agent.manipulation import run_manipulation
+from stemagent.agent.safety import SafetyGate
+from stemagent.clock import VirtualClock
+from stemagent.config import SafetyConfig, TwinConfig
+from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
+from stemagent.policies.manipulation.config import BaselineConfig
+from stemagent.simulators.factory import specimen_from_config, twin_from_config
+from stemagent.types import Park, ParkResult, ScanGeometry
+
+HOPS = 5
+SURVEY_FOV_A = 20.0
+
+
+def twin_config(condition: str) -> TwinConfig:
+    return TwinConfig(
+        specimen="graphene", specimen_size_A=60.0, n_si=1, vacancy_per_nm2=0.0,
+        C12_A=5.0, C30_A=1000.0, source_fwhm_A=0.4, beam_current_pA=20.0,
+        swap_rate_model=condition, swap_site_sigma=0.3, c_knock_on_barn=2e-5,
+        drift_velocity_A_per_s=(0.003, -0.002), drift_random_walk_A_per_sqrt_s=0.003,
+        park_sample_interval_s=1e-3,
+    )
+
+
+def build_case(condition: str, seed: int):
+    """The twin with its Si moved to the site nearest the centre, and a target 5 bonds away."""
+    cfg = twin_config(condition)
+    sp = specimen_from_config(cfg, np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[0]))
+    si = int(np.flatnonzero(sp.numbers == 14)[0])
+    centre = int(np.argmin(np.linalg.norm(sp.positions_A[:, :2], axis=1)))
+    for a, b in ((si, 6), (centre, 14)):
+        sp.numbers[a] = b
+        sp.positions_A[a, 2] = 0.9 if b == 14 else 0.0
+    clock = VirtualClock()
+    twin = twin_from_config(cfg, clock=clock, seed=seed, specimen=sp)
+    sites = sp.sites_A
+    pairs = cKDTree(sites).query_pairs(1.6, output_type="ndarray")
+    adj = csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(sites), len(sites)))
+    s0 = int(sp.site_of_atom[centre])
+    dist = shortest_path(adj, directed=False, unweighted=True, indices=s0)
+    target = int(np.random.default_rng([seed, 5]).choice(np.flatnonzero(dist == HOPS)))
+    return cfg, clock, twin, s0, target
+
+
+def policy_config(strategy: str, target_A, dopant_A, baseline: BaselineConfig) -> ManipulationConfig:
+    return ManipulationConfig(strategy=strategy, target_A=tuple(target_A), dopant_A=tuple(dopant_A), baseline=baseline)
+
+
+async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, baseline: BaselineConfig) -> dict[str, Any]:
+    cfg, clock, twin, s0, target = build_case(condition, seed)
+    sp = twin.specimen
+    start_A, target_A = sp.sites_A[s0].copy(), sp.sites_A[target].copy()
+    centre = tuple(float(v) for v in (start_A + target_A) / 2)
+    survey = ScanGeometry(center_A=centre, fov_A=(SURVEY_FOV_A, SURVEY_FOV_A), shape_px=(100, 100), dwell_s=3.2e-6)
+    policy = ManipulationPolicy(policy_config(strategy, target_A, start_A, baseline), seed=seed)
+    gate = SafetyGate(SafetyConfig(area_center_A=centre, area_half_width_A=20.0, max_fov_A=40.0, max_park_s=10.0,
+                                   max_total_dose_e_per_A2=1e14, max_commands_per_s=1e6), beam_current_pA=cfg.beam_current_pA)
+    gt = twin.ground_truth
+    si_atom = int(np.flatnonzero(sp.numbers == 14)[0])
+    parks: list[dict[str, Any]] = []
+
+    def on_command(cmd: Any, result: Any) -> None:
+        if isinstance(cmd, Park) and isinstance(result, ParkResult):
+            p = policy.pending_park
+            ev = gt.events_between(result.start_time_s, result.start_time_s + result.dwell_s + 1e-9)
+            origin = p.positions_A[p.from_node] if p is not None else None
+            intended = p.positions_A[p.intended_node] if p is not None else None
+            kinds = []
+            for e in ev:
+                if e.kind == "swap" and si_atom in e.atoms and intended is not None:
+                    new = np.asarray(e.positions_after_A[e.atoms.index(si_atom)])
+                    if np.linalg.norm(new - intended) < 0.6:
+                        kinds.append("forward")
+                    elif np.linalg.norm(new - origin) < 0.6:
+                        kinds.append("back")
+                    else:
+                        kinds.append("wrong")
+                else:
+                    kinds.append(e.kind)
+            parks.append({"start": result.start_time_s, "events": kinds})
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    res = await run_manipulation(driver=twin, segmenter=segmenter, policy=policy, gate=gate, clock=clock, survey=survey,
+                                 on_command=on_command)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    steps_by_park = list(getattr(policy, "_bench_steps", []))  # see instrument()
+    knock = sum(1 for e in gt.events if e.kind == "knock_on")
+    final_site = int(sp.site_of_atom[si_atom])
+    st = res.stats
+    return {
+        "condition": condition, "seed": seed, "strategy": strategy,
+        "success": bool(final_site == target and knock == 0),
+        "reached": bool(final_site == target),
+        "stop_reason": res.stop_reason,
+        "dose_e_per_A2": st["dose_e_per_A2"],
+        "beam_s": st["park_s"] + st["scan_s"],
+        "parks": int(st["parks"]), "confirm_scans": int(st["confirm_scans"]),
+        "forward_hops": sum(k.count("forward") for k in [p["events"] for p in parks]),
+        "back_hops": sum(k.count("back") for k in [p["events"] for p in parks]),
+        "wrong_hops": sum(k.count("wrong") for k in [p["events"] for p in parks]),
+        "damage_events": knock,
+        "parks_truth": [len(p["events"]) > 0 for p in parks],
+        "parks_detected": steps_by_park[: len(parks)],
+        "decision_ms": [1e3 * t for t in res.decision_times_s],
+        "wall_s": wall, "cpu_s": cpu,
+        "swap_rate": gt.swap_rate.get("model", "physical"),
+    }
+
+
+def instrument(policy_cls: type) -> None:
+    """Record, per park, whether the policy's change-point test found a step (for precision/recall)."""
+    orig = policy_cls.observe_park
+
+    def observe_park(self, result):  # type: ignore[no-untyped-def]
+        before = self.stats.parks_with_steps
+        out = orig(self, result)
+        self.__dict__.setdefault("_bench_steps", []).append(self.stats.parks_with_steps > before)
+        return out
+
+    policy_cls.observe_park = observe_park
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    keys = sorted({(r["condition"], r["strategy"]) for r in runs})
+    for cond, strat in keys:
+        rs = [r for r in runs if r["condition"] == cond and r["strategy"] == strat]
+        dose = np.array([r["dose_e_per_A2"] for r in rs])
+        beam = np.array([r["beam_s"] for r in rs])
+        dms = np.concatenate([r["decision_ms"] for r in rs]) if rs else np.zeros(1)
+        truth = np.concatenate([np.asarray(r["parks_truth"], bool) for r in rs])
+        det = np.concatenate([np.asarray(r["parks_detected"], bool) for r in rs])
+        tp, fp, fn = int((truth & det).sum()), int((~truth & det).sum()), int((truth & ~det).sum())
+        out[f"{cond}/{strat}"] = {
+            "runs": len(rs),
+            "success_rate": float(np.mean([r["success"] for r in rs])),
+            "dose_median_e_per_A2": float(np.median(dose)),
+            "dose_iqr_e_per_A2": [float(np.percentile(dose, 25)), float(np.percentile(dose, 75))],
+            "beam_median_s": float(np.median(beam)),
+            "beam_iqr_s": [float(np.percentile(beam, 25)), float(np.percentile(beam, 75))],
+            "parks_median": float(np.median([r["parks"] for r in rs])),
+            "forward_hops": int(sum(r["forward_hops"] for r in rs)),
+            "back_hops": int(sum(r["back_hops"] for r in rs)),
+            "wrong_hops": int(sum(r["wrong_hops"] for r in rs)),
+            "damage_events": int(sum(r["damage_events"] for r in rs)),
+            "decision_ms_p50": float(np.percentile(dms, 50)),
+            "decision_ms_p95": float(np.percentile(dms, 95)),
+            "detection": {"tp": tp, "fp": fp, "fn": fn,
+                          "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn)},
+            "stop_reasons": sorted({r["stop_reason"] for r in rs if not r["success"]}),
+            "cpu_s_per_run": float(np.mean([r["cpu_s"] for r in rs])),
+        }
+    for cond in sorted({k[0] for k in keys}):
+        b, g = out.get(f"{cond}/bo"), out.get(f"{cond}/greedy")
+        if b and g:
+            out[f"{cond}/ratio_bo_over_greedy"] = {
+                "dose_median": b["dose_median_e_per_A2"] / g["dose_median_e_per_A2"],
+                "beam_median": b["beam_median_s"] / g["beam_median_s"],
+            }
+    truth = np.concatenate([np.asarray(r["parks_truth"], bool) for r in runs])
+    det = np.concatenate([np.asarray(r["parks_detected"], bool) for r in runs])
+    tp, fp, fn = int((truth & det).sum()), int((~truth & det).sum()), int((truth & ~det).sum())
+    out["detection_all"] = {"parks": int(len(truth)), "tp": tp, "fp": fp, "fn": fn,
+                            "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--seed-offset", type=int, default=0)
+    ap.add_argument("--conditions", default="physical,random")
+    ap.add_argument("--strategies", default="bo,greedy,random")
+    ap.add_argument("--greedy-offset-A", type=float, default=None, help="default: the tuned value below")
+    ap.add_argument("--greedy-dwell-s", type=float, default=None)
+    ap.add_argument("--tune-greedy", action="store_true", help="grid over greedy offset x dwell on the physical twin")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/manipulation.json"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    from stemagent.segmentation.unet_segmenter import UNetSegmenter
+
+    instrument(ManipulationPolicy)
+    seg = UNetSegmenter(device="cpu", num_threads=args.threads)
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    t_start = time.time()
+    if args.tune_greedy:
+        grid = []
+        for off in (0.0, 0.15, 0.3):
+            for dwell in (0.5, 1.0, 2.0, 4.0):
+                base = BaselineConfig(offset_along_A=off, dwell_s=dwell)
+                rs = [asyncio.run(one_run("physical", s, "greedy", seg, base)) for s in seeds]
+                cost = [r["beam_s"] + 0.1 * r["parks"] for r in rs]
+                grid.append({"offset_along_A": off, "dwell_s": dwell, "median_dose": float(np.median([r["dose_e_per_A2"] for r in rs])),
+                             "median_cost_s": float(np.median(cost)), "success": float(np.mean([r["success"] for r in rs]))})
+                print(json.dumps(grid[-1]), flush=True)
+        best = min(grid, key=lambda g: g["median_cost_s"])
+        doc = {"tune_greedy": grid, "best": best, "seeds": seeds}
+    else:
+        base = BaselineConfig(offset_along_A=GREEDY_OFFSET_A if args.greedy_offset_A is None else args.greedy_offset_A,
+                              dwell_s=GREEDY_DWELL_S if args.greedy_dwell_s is None else args.greedy_dwell_s)
+        runs = []
+        for cond in args.conditions.split(","):
+            for seed in seeds:
+                for strat in args.strategies.split(","):
+                    r = asyncio.run(one_run(cond, seed, strat, seg, base))
+                    runs.append(r)
+                    print(json.dumps({k: r[k] for k in ("condition", "seed", "strategy", "success", "stop_reason", "dose_e_per_A2",
+                                                         "beam_s", "parks", "forward_hops", "back_hops", "wrong_hops", "damage_events",
+                                                         "wall_s")}), flush=True)
+        doc = {"summary": summarise(runs), "greedy": base.model_dump(), "seeds": seeds, "runs": runs}
+    doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                      "load_avg_at_end": os.getloadavg(), "wall_min": (time.time() - t_start) / 60.0,
+                      "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=float))
+    print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=1, default=float))
+
+
+GREEDY_OFFSET_A = 0.0  # tuned: benchmarks/bench_manipulation.py --tune-greedy (see BENCHMARKS.md)
+GREEDY_DWELL_S = 1.0
+
+if __name__ == "__main__":
+    main()

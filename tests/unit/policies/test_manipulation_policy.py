@@ -1,0 +1,147 @@
+"""The manipulation policy through its plain interface, against the synthetic hop environment (no driver)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemagent.errors import InputError
+from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
+from stemagent.policies.manipulation.config import AcquisitionConfig, StopConfig
+from stemagent.policies.manipulation.synthetic import SyntheticHopEnv, bump_rate, drive
+from stemagent.stages import Observation
+from stemagent.types import Blank, Decision, Park, ParkResult, ScanRegion
+
+
+def _env(seed: int = 0) -> SyntheticHopEnv:
+    return SyntheticHopEnv(bump_rate(2.0, 0.0, 0.0, 0.5), seed=seed)  # fast hops with the beam on the carbon
+
+
+def _target(env: SyntheticHopEnv, hops: int) -> tuple[float, float]:
+    d = np.linalg.norm(env.sites_A - env.sites_A[env.dopant], axis=1)
+    ring = np.flatnonzero((d > hops * 1.2 - 0.3) & (d < hops * 1.42 + 0.1) & (env.sites_A[:, 0] > 0))
+    return tuple(env.sites_A[ring[np.argmax(d[ring])]])
+
+
+def _cfg(env: SyntheticHopEnv, hops: int = 2, **kw: object) -> ManipulationConfig:
+    return ManipulationConfig(target_A=_target(env, hops), acquisition=AcquisitionConfig(n_dwells=6), **kw)
+
+
+def test_survey_gives_a_park_next_to_the_dopant_with_its_scores() -> None:
+    env = _env()
+    pol = ManipulationPolicy(_cfg(env), seed=1)
+    d = pol.decide(env.survey())
+    assert isinstance(d.command, Park)
+    si = env.sites_A[env.dopant]
+    assert 0.5 < np.linalg.norm(np.asarray(d.command.position_A) - si) < 3.5
+    for key in ("acquisition", "knowledge_gradient_per_s", "p_hop", "p_wrong", "p_damage", "rate_per_s", "dwell_s"):
+        assert key in d.scores and np.isfinite(d.scores[key])
+    assert pol.path and pol.path[0] == pol.dopant and len(pol.path) >= 3
+
+
+def test_a_step_in_the_signal_asks_for_a_confirmation_scan_and_the_outcome_moves_the_plan() -> None:
+    env = _env(2)
+    pol = ManipulationPolicy(_cfg(env), seed=2)
+    d = pol.decide(env.survey())
+    for _ in range(50):
+        assert isinstance(d.command, Park)
+        n_hops = len(env.hops)
+        d = pol.observe_park(env.park(d.command.position_A, d.command.dwell_s))
+        if len(env.hops) > n_hops:
+            break
+    assert isinstance(d.command, ScanRegion) and "step" in d.reason
+    g = d.command.geometry
+    assert g.fov_A[0] <= 12.0 and np.linalg.norm(np.asarray(g.center_A) - env.sites_A[env.hops[0][1]]) < 0.3
+    d = pol.decide(env.observe(g))
+    events = dict(pol.drain_events())
+    assert events["outcomes"]["kind"] in ("intended", "other_site", "none")
+    assert pol.dopant == int(np.argmin(np.linalg.norm(pol.graph.positions_A - env.sites_A[env.dopant], axis=1)))
+
+
+def test_the_policy_reaches_the_target_and_then_blanks() -> None:
+    env = _env(3)
+    pol = ManipulationPolicy(_cfg(env, hops=3), seed=3)
+    drive(pol, env, max_commands=400)
+    assert pol.done and pol.stop_reason == "target reached"
+    assert np.linalg.norm(env.sites_A[env.dopant] - np.asarray(pol.cfg.target_A)) < 0.2
+    assert pol.stats.hops >= 3 and pol.stats.parks >= 3
+    kinds = [s for s, _ in pol.drain_events()]
+    assert kinds.count("plans") >= 3 and "outcomes" in kinds and "parks_seen" in kinds
+    assert isinstance(pol.decide(env.survey()).command, Blank)
+
+
+@pytest.mark.parametrize("strategy", ["random", "bo"])
+def test_decisions_are_deterministic_given_seed_and_inputs(strategy: str) -> None:
+    runs = []
+    for _ in range(2):
+        env = SyntheticHopEnv(bump_rate(0.2, 0.5, 0.3, 0.4), seed=4)
+        pol = ManipulationPolicy(_cfg(env, hops=4, strategy=strategy), seed=7)
+        d = pol.decide(env.survey())
+        out = []
+        for _ in range(6):
+            out.append((d.command.to_dict(), d.reason, d.scores))
+            if isinstance(d.command, Park):
+                d = pol.observe_park(env.park(d.command.position_A, d.command.dwell_s))
+            elif isinstance(d.command, ScanRegion):
+                d = pol.decide(env.observe(d.command.geometry))
+            else:
+                break
+        runs.append(out)
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
+def test_stopping_rules_dose_budgets_and_refusals() -> None:
+    env = _env(5)
+    pol = ManipulationPolicy(_cfg(env, stop=StopConfig(dose_budget_e_per_A2=2.5 * env.dose_per_s)), seed=5)
+    drive(pol, SyntheticHopEnv(bump_rate(1e-6, 0.0, 0.0, 0.5), seed=5), max_commands=200)  # nothing ever hops
+    assert pol.done and "run dose budget" in pol.stop_reason
+    assert pol.stats.dose_e_per_A2 <= 2.5 * env.dose_per_s
+
+    pol = ManipulationPolicy(_cfg(env, stop=StopConfig(local_dose_budget_e_per_A2=1.5 * env.dose_per_s)), seed=5)
+    drive(pol, SyntheticHopEnv(bump_rate(1e-6, 0.0, 0.0, 0.5), seed=5), max_commands=200)
+    assert pol.done and "local dose budget" in pol.stop_reason
+
+    pol = ManipulationPolicy(_cfg(env), seed=5)
+    obs = env.survey()
+    pol.decide(obs)
+    refused = Observation(obs.frame_index, obs.time_s, obs.geometry, obs.atoms, features={"refused": np.ones(1)})
+    d = pol.decide(refused)
+    assert isinstance(d.command, Blank) and pol.done and "safety gate" in pol.stop_reason
+
+
+def test_bad_targets_stop_with_the_planner_reason_and_the_operator_can_retarget() -> None:
+    env = _env(6)
+    pol = ManipulationPolicy(ManipulationConfig(target_A=(0.7, 0.1)), seed=6)  # between two sites
+    d = pol.decide(env.survey())
+    assert isinstance(d.command, Blank) and "off-lattice" in pol.stop_reason
+
+    pol = ManipulationPolicy(ManipulationConfig(), seed=6)  # no target yet: wait for one
+    obs = env.survey()
+    d = pol.decide(obs)
+    assert isinstance(d.command, Blank) and not pol.done
+    obs.features["target_A"] = np.asarray(_target(env, 2))
+    assert isinstance(pol.decide(obs).command, Park)
+    with pytest.raises(InputError, match="out-of-field"):
+        pol.set_target((50.0, 0.0))
+    assert pol.target_A == _target(env, 2)  # the refused target left the plan alone
+
+
+def test_a_loop_without_the_park_hook_still_works_from_frames_alone() -> None:
+    """The current agent loop re-scans the field after a park instead of passing the park result."""
+    env = _env(8)
+    pol = ManipulationPolicy(_cfg(env, hops=2), seed=8)
+    survey = env.survey()
+    d = pol.decide(survey)
+    for _ in range(300):
+        if not isinstance(d.command, Park):
+            break
+        env.park(d.command.position_A, d.command.dwell_s)
+        d = pol.decide(env.observe(survey.geometry))  # no observe_park: the frame is all it sees
+    assert pol.done and pol.stop_reason == "target reached"
+
+
+def test_observe_park_without_a_pending_park_is_refused() -> None:
+    pol = ManipulationPolicy(ManipulationConfig(target_A=(0.0, 0.0)))
+    with pytest.raises(InputError, match="park"):
+        pol.observe_park(ParkResult((0.0, 0.0), 1.0, 0.0, 1e-3, np.zeros(1000)))
+    assert isinstance(Decision(Blank(), "x").command, Blank)
