@@ -83,6 +83,12 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
         from stemagent.policies.scanning import RandomPolicy
 
         return RandomPolicy(cfg.scan, area[0], area[1], rng)
+    if p.kind == "manipulation":
+        # the loop has no park hook yet: it re-scans the field after each park and the policy reads
+        # the outcome from that frame (python -m stemagent.agent.manipulation has the hook)
+        from stemagent.policies.manipulation.policy import ManipulationPolicy
+
+        return ManipulationPolicy(p, seed=cfg.seed)
     raise ValueError(f"policy.kind={p.kind!r}: no policy is registered for this kind")
 
 

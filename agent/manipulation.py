@@ -28,32 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
-
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock
-from stemagent.config import RunConfig, load_model
+from stemagent.config import RunConfig, load_config
 from stemagent.driver import Driver
 from stemagent.errors import ConfigError
-from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
+from stemagent.policies.manipulation.policy import ManipulationPolicy
 from stemagent.runlog import RunLogWriter
 from stemagent.stages import Observation, Segmenter
 from stemagent.types import Blank, BeamCommand, Decision, Park, ScanGeometry, ScanRegion
-
-
-class ManipulationRunConfig(RunConfig):
-    """A run configuration whose policy is the manipulation policy (``policy.kind: manipulation``)."""
-
-    policy: ManipulationConfig = Field(default_factory=ManipulationConfig)  # type: ignore[assignment]
 
 
 @dataclass
 class ManipulationResult:
     stop_reason: str
     stats: dict[str, float]
-    decision_times_s: list[float] = field(default_factory=list)
-    park_decision_times_s: list[float] = field(default_factory=list)
-    frame_decision_times_s: list[float] = field(default_factory=list)
+    decision_times_s: list[float] = field(default_factory=list)  # wall time of each policy call
+    decision_cpu_s: list[float] = field(default_factory=list)  # CPU time of the same calls (this thread)
     commands: int = 0
     refused: bool = False
     beam_blanked_at_end: bool = True
@@ -62,6 +53,7 @@ class ManipulationResult:
 
     def to_dict(self) -> dict[str, Any]:
         t = np.asarray(self.decision_times_s) if self.decision_times_s else np.zeros(1)
+        c = np.asarray(self.decision_cpu_s) if self.decision_cpu_s else np.zeros(1)
         return {
             "stop_reason": self.stop_reason,
             "stats": self.stats,
@@ -70,6 +62,8 @@ class ManipulationResult:
             "beam_blanked_at_end": self.beam_blanked_at_end,
             "decision_ms_p50": float(np.percentile(t, 50) * 1e3),
             "decision_ms_p95": float(np.percentile(t, 95) * 1e3),
+            "decision_cpu_ms_p50": float(np.percentile(c, 50) * 1e3),
+            "decision_cpu_ms_p95": float(np.percentile(c, 95) * 1e3),
             "log_path": self.log_path,
             "sim_time_s": self.sim_time_s,
         }
@@ -128,10 +122,9 @@ async def run_manipulation(
                 obs = Observation(frame.index, frame.end_time_s, frame.geometry, atoms,
                                   features={"frame_dose_e_per_A2": np.asarray([frame.dose_e_per_A2])})
                 last_obs = Observation(frame.index, frame.end_time_s, frame.geometry, atoms)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 decision = policy.decide(obs)
-                dt = time.perf_counter() - t0
-                result.frame_decision_times_s.append(dt)
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 if writer is not None:
                     writer.write_frame(frame)
                     writer.write_atoms(atoms)
@@ -140,10 +133,9 @@ async def run_manipulation(
                 park = await asyncio.wait_for(driver.park(cmd.position_A, cmd.dwell_s), timeout=cmd.dwell_s + watchdog_s)
                 if on_command is not None:
                     on_command(cmd, park)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 decision = policy.observe_park(park)
-                dt = time.perf_counter() - t0
-                result.park_decision_times_s.append(dt)
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 if writer is not None:
                     writer.write_event("parks", {
                         "position_A": list(park.position_A), "dwell_s": park.dwell_s, "start_time_s": park.start_time_s,
@@ -153,6 +145,7 @@ async def run_manipulation(
             else:  # pragma: no cover - BeamCommand is a closed union
                 raise TypeError(f"unknown command {cmd!r}")
             result.decision_times_s.append(dt)
+            result.decision_cpu_s.append(dc)
             _log_decision(writer, decision, frame_index)
             for stream, doc in policy.drain_events():
                 if writer is not None:
@@ -187,19 +180,23 @@ def _log_decision(writer: RunLogWriter | None, decision: Decision, frame_index: 
         writer.write_decision(decision, frame_index)
 
 
-async def run_from_config(cfg: ManipulationRunConfig, run_dir: Path | None = None) -> ManipulationResult:
-    """Build the driver, segmenter, gate and policy of ``cfg`` and run one experiment with a run log."""
+async def run_from_config(cfg: RunConfig, run_dir: Path | None = None, *, driver: Driver | None = None,
+                          clock: Clock | None = None) -> ManipulationResult:
+    """Build the driver (unless given, with its clock), segmenter, gate and policy of ``cfg`` and
+    run one experiment with a run log. ``cfg.policy`` must be ``kind: manipulation``."""
     from stemagent.agent.factory import build_clock, build_driver, build_segmenter, new_run_dir, run_metadata
 
-    clock = build_clock(cfg)
-    driver = build_driver(cfg, clock)
+    if cfg.policy.kind != "manipulation":
+        raise ConfigError("<config>", "policy.kind", cfg.policy.kind, "must be 'manipulation' for a manipulation experiment")
+    clock = clock or build_clock(cfg)
+    driver = driver or build_driver(cfg, clock)
     await driver.connect()
     caps = await driver.capabilities()
     writer = RunLogWriter(run_dir or new_run_dir(cfg), run_metadata(cfg, caps.beam_current_pA, {"experiment": "manipulation"}),
                           fsync=cfg.log.fsync)
     try:
         return await run_manipulation(
-            driver=driver, segmenter=build_segmenter(cfg), policy=ManipulationPolicy(cfg.policy, seed=cfg.seed),
+            driver=driver, segmenter=build_segmenter(cfg), policy=ManipulationPolicy(cfg.policy, seed=cfg.seed),  # type: ignore[arg-type]
             gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA), clock=clock, survey=cfg.scan.geometry(),
             writer=writer, watchdog_s=cfg.safety.watchdog_s,
         )
@@ -215,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="run log folder (default: log.directory/<name>-<time>-<id>)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_model(args.config, ManipulationRunConfig)
+        cfg = load_config(args.config)
+        if cfg.policy.kind != "manipulation":
+            raise ConfigError(str(args.config), "policy.kind", cfg.policy.kind, "must be 'manipulation'")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

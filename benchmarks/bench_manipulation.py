@@ -9,7 +9,7 @@ safety gate. The three policies run on the same twin seeds in the same process.
 Conditions: ``physical`` (the twin's default probe-overlap hop rate), ``random`` (a random rate
 function per seed: Gaussian bumps in bond-frame offset space, :mod:`stemagent.simulators.hop_rates`)
 and ``empirical`` (the stylised empirical map). Ground truth: every swap and knock-on event of the
-twin, so success (Si on the target and no damage), forward / back / wrong-direction hops, damage
+twin, so success (Si on the target and no damage), hops to the intended site, to other sites closer to the target and away from it (wrong direction), damage
 and the park-signal detection precision and recall are measured against it.
 
     .venv/bin/python benchmarks/bench_manipulation.py --seeds 20                # the BENCHMARKS.md run
@@ -42,12 +42,13 @@ from stemagent.agent.safety import SafetyGate
 from stemagent.clock import VirtualClock
 from stemagent.config import SafetyConfig, TwinConfig
 from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
-from stemagent.policies.manipulation.config import BaselineConfig
+from stemagent.policies.manipulation.config import BaselineConfig, StopConfig
 from stemagent.simulators.factory import specimen_from_config, twin_from_config
 from stemagent.types import Park, ParkResult, ScanGeometry
 
 HOPS = 5
-SURVEY_FOV_A = 20.0
+MAX_PARKS = 3000  # per run; the dose budgets are left open so every policy can finish
+SURVEY_FOV_A = 24.0
 
 
 def twin_config(condition: str) -> TwinConfig:
@@ -80,8 +81,18 @@ def build_case(condition: str, seed: int):
     return cfg, clock, twin, s0, target
 
 
+def hops_to_target(twin, target: int) -> tuple[np.ndarray, cKDTree]:  # type: ignore[no-untyped-def]
+    """Bonds from every site to the target site (ground-truth lattice), and a tree to find a site by position."""
+    sites = twin.specimen.sites_A
+    tree = cKDTree(sites)
+    pairs = tree.query_pairs(1.6, output_type="ndarray")
+    adj = csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(sites), len(sites)))
+    return shortest_path(adj, directed=False, unweighted=True, indices=target), tree
+
+
 def policy_config(strategy: str, target_A, dopant_A, baseline: BaselineConfig) -> ManipulationConfig:
-    return ManipulationConfig(strategy=strategy, target_A=tuple(target_A), dopant_A=tuple(dopant_A), baseline=baseline)
+    return ManipulationConfig(strategy=strategy, target_A=tuple(target_A), dopant_A=tuple(dopant_A), baseline=baseline,
+                              stop=StopConfig(max_parks=MAX_PARKS))
 
 
 async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, baseline: BaselineConfig) -> dict[str, Any]:
@@ -89,30 +100,30 @@ async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, base
     sp = twin.specimen
     start_A, target_A = sp.sites_A[s0].copy(), sp.sites_A[target].copy()
     centre = tuple(float(v) for v in (start_A + target_A) / 2)
-    survey = ScanGeometry(center_A=centre, fov_A=(SURVEY_FOV_A, SURVEY_FOV_A), shape_px=(100, 100), dwell_s=3.2e-6)
+    survey = ScanGeometry(center_A=centre, fov_A=(SURVEY_FOV_A, SURVEY_FOV_A), shape_px=(120, 120), dwell_s=1e-5)
     policy = ManipulationPolicy(policy_config(strategy, target_A, start_A, baseline), seed=seed)
     gate = SafetyGate(SafetyConfig(area_center_A=centre, area_half_width_A=20.0, max_fov_A=40.0, max_park_s=10.0,
                                    max_total_dose_e_per_A2=1e14, max_commands_per_s=1e6), beam_current_pA=cfg.beam_current_pA)
     gt = twin.ground_truth
     si_atom = int(np.flatnonzero(sp.numbers == 14)[0])
+    to_target, site_tree = hops_to_target(twin, target)
     parks: list[dict[str, Any]] = []
 
     def on_command(cmd: Any, result: Any) -> None:
+        """Ground truth of each park: every event in it; a Si hop is 'intended' (to the site the policy
+        aimed at), 'toward' (another site closer to the target) or 'away' (a wrong-direction hop)."""
         if isinstance(cmd, Park) and isinstance(result, ParkResult):
             p = policy.pending_park
             ev = gt.events_between(result.start_time_s, result.start_time_s + result.dwell_s + 1e-9)
-            origin = p.positions_A[p.from_node] if p is not None else None
-            intended = p.positions_A[p.intended_node] if p is not None else None
             kinds = []
             for e in ev:
-                if e.kind == "swap" and si_atom in e.atoms and intended is not None:
-                    new = np.asarray(e.positions_after_A[e.atoms.index(si_atom)])
-                    if np.linalg.norm(new - intended) < 0.6:
-                        kinds.append("forward")
-                    elif np.linalg.norm(new - origin) < 0.6:
-                        kinds.append("back")
-                    else:
-                        kinds.append("wrong")
+                if e.kind == "swap" and si_atom in e.atoms:
+                    k = e.atoms.index(si_atom)
+                    old = int(site_tree.query(e.positions_before_A[k])[1])
+                    new = int(site_tree.query(e.positions_after_A[k])[1])
+                    aimed = p is not None and np.linalg.norm(np.asarray(e.positions_after_A[k]) - p.positions_A[p.intended_node]) < 0.6
+                    kinds.append("intended" if aimed and to_target[new] < to_target[old] else
+                                 "toward" if to_target[new] < to_target[old] else "away")
                 else:
                     kinds.append(e.kind)
             parks.append({"start": result.start_time_s, "events": kinds})
@@ -135,13 +146,14 @@ async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, base
         "dose_e_per_A2": st["dose_e_per_A2"],
         "beam_s": st["park_s"] + st["scan_s"],
         "parks": int(st["parks"]), "confirm_scans": int(st["confirm_scans"]),
-        "forward_hops": sum(k.count("forward") for k in [p["events"] for p in parks]),
-        "back_hops": sum(k.count("back") for k in [p["events"] for p in parks]),
-        "wrong_hops": sum(k.count("wrong") for k in [p["events"] for p in parks]),
+        "intended_hops": sum(p["events"].count("intended") for p in parks),
+        "toward_hops": sum(p["events"].count("toward") for p in parks),
+        "away_hops": sum(p["events"].count("away") for p in parks),
         "damage_events": knock,
         "parks_truth": [len(p["events"]) > 0 for p in parks],
         "parks_detected": steps_by_park[: len(parks)],
         "decision_ms": [1e3 * t for t in res.decision_times_s],
+        "decision_cpu_ms": [1e3 * t for t in res.decision_cpu_s],
         "wall_s": wall, "cpu_s": cpu,
         "swap_rate": gt.swap_rate.get("model", "physical"),
     }
@@ -168,6 +180,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         dose = np.array([r["dose_e_per_A2"] for r in rs])
         beam = np.array([r["beam_s"] for r in rs])
         dms = np.concatenate([r["decision_ms"] for r in rs]) if rs else np.zeros(1)
+        cms = np.concatenate([r["decision_cpu_ms"] for r in rs]) if rs else np.zeros(1)
         truth = np.concatenate([np.asarray(r["parks_truth"], bool) for r in rs])
         det = np.concatenate([np.asarray(r["parks_detected"], bool) for r in rs])
         tp, fp, fn = int((truth & det).sum()), int((~truth & det).sum()), int((truth & ~det).sum())
@@ -179,12 +192,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "beam_median_s": float(np.median(beam)),
             "beam_iqr_s": [float(np.percentile(beam, 25)), float(np.percentile(beam, 75))],
             "parks_median": float(np.median([r["parks"] for r in rs])),
-            "forward_hops": int(sum(r["forward_hops"] for r in rs)),
-            "back_hops": int(sum(r["back_hops"] for r in rs)),
-            "wrong_hops": int(sum(r["wrong_hops"] for r in rs)),
+            "intended_hops": int(sum(r["intended_hops"] for r in rs)),
+            "toward_hops": int(sum(r["toward_hops"] for r in rs)),
+            "away_hops": int(sum(r["away_hops"] for r in rs)),
             "damage_events": int(sum(r["damage_events"] for r in rs)),
             "decision_ms_p50": float(np.percentile(dms, 50)),
             "decision_ms_p95": float(np.percentile(dms, 95)),
+            "decision_cpu_ms_p50": float(np.percentile(cms, 50)),
+            "decision_cpu_ms_p95": float(np.percentile(cms, 95)),
             "detection": {"tp": tp, "fp": fp, "fn": fn,
                           "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn)},
             "stop_reasons": sorted({r["stop_reason"] for r in rs if not r["success"]}),
@@ -247,7 +262,7 @@ def main() -> None:
                     r = asyncio.run(one_run(cond, seed, strat, seg, base))
                     runs.append(r)
                     print(json.dumps({k: r[k] for k in ("condition", "seed", "strategy", "success", "stop_reason", "dose_e_per_A2",
-                                                         "beam_s", "parks", "forward_hops", "back_hops", "wrong_hops", "damage_events",
+                                                         "beam_s", "parks", "intended_hops", "toward_hops", "away_hops", "damage_events",
                                                          "wall_s")}), flush=True)
         doc = {"summary": summarise(runs), "greedy": base.model_dump(), "seeds": seeds, "runs": runs}
     doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
@@ -259,7 +274,7 @@ def main() -> None:
 
 
 GREEDY_OFFSET_A = 0.0  # tuned: benchmarks/bench_manipulation.py --tune-greedy (see BENCHMARKS.md)
-GREEDY_DWELL_S = 1.0
+GREEDY_DWELL_S = 2.0
 
 if __name__ == "__main__":
     main()

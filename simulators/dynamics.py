@@ -24,8 +24,9 @@ through a thermally broadened threshold, ``sigma(E) = sigma_ref * exp((T_max(E) 
 Every default is a field of :class:`CrossSections`.
 
 The swap rate is pluggable (:mod:`.hop_rates`): with ``swap_rate`` set, a swap's rate is that
-model's probability per electron for the beam's offset in the Si–C bond frame (and its raster
-cross-section during scans) instead of ``sigma * P(r)``; ``None`` keeps the physical default.
+model's probability per electron for the beam's offset from the struck C and the Si–C bond
+direction (and its raster cross-section during scans) instead of ``sigma * P(r)``; ``None``
+keeps the physical default.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial import cKDTree
 
 from stemagent.simulators.elements import mass_u
-from stemagent.simulators.hop_rates import SwapRateModel, bond_frame_offsets
+from stemagent.simulators.hop_rates import SwapRateModel, bond_offsets
 from stemagent.simulators.optics import ProbeOptics, max_energy_transfer_eV
 from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen
 from stemagent.types import ELECTRON_CHARGE_C
@@ -272,8 +273,8 @@ class BeamDynamics:
             if len(sw):
                 c_ids = struck[sw]
                 si_ids = np.array([chans[j][2] for j in sw])
-                along, across = bond_frame_offsets(b, specimen.positions_A[si_ids, :2], specimen.positions_A[c_ids, :2])
-                rates[sw] = flux * self.swap_rate.per_electron(along, across, specimen.site_of_atom[c_ids])
+                off, unit = bond_offsets(b, specimen.positions_A[si_ids, :2], specimen.positions_A[c_ids, :2])
+                rates[sw] = flux * self.swap_rate.per_electron(off, unit, specimen.site_of_atom[c_ids])
         return rates
 
     def park_signal(self, specimen: Specimen, beam_sample_A: np.ndarray, sigma_of_z, ids: np.ndarray) -> np.ndarray:

@@ -2,11 +2,12 @@
 where the beam sits relative to the Si–C bond.
 
 A swap channel is a (Si, C neighbour) pair; the struck atom is the C. Its rate with the beam at
-``b`` is ``electrons_per_s * q(along, across) * site_factor`` where ``(along, across)`` is the
-beam's offset from the C in the *bond frame*: ``along`` on the unit vector from the Si to the C
-(positive: beyond the C, away from the Si), ``across`` on that vector turned by +90°. ``q`` is a
-probability per electron (Å² per Å⁻² of probe, i.e. a cross-section weighted by where the beam
-is). Every model also gives the raster-scan cross-section (the integral of ``q`` over offsets), so
+``b`` is ``electrons_per_s * q(b - C, u) * site_factor``: ``q`` is a probability per electron
+(a cross-section weighted by where the beam is) of the beam's offset ``b - C`` (sample frame)
+and the unit bond vector ``u`` from the Si to the C. Models of the bond's own response use the
+*bond frame*: ``along = (b - C)·u`` (positive: beyond the C, away from the Si) and ``across``
+on ``u`` turned by +90° (:func:`to_bond_frame`); the physical model uses the sample-frame offset
+(an astigmatic probe is not turned with the bond). Every model also gives the raster-scan cross-section (the integral of ``q`` over offsets), so
 a scan that spreads its dose evenly stays consistent with the park rates.
 
 Models:
@@ -35,13 +36,29 @@ import numpy as np
 ProbeDensity = Callable[[np.ndarray], np.ndarray]  # (n, 2) offsets in Å -> (n,) probe intensity in 1/Å²
 
 
+def to_bond_frame(offset_A: np.ndarray, bond_unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(along, across)`` ``(n,)`` of sample-frame offsets ``(n, 2)`` for unit bond vectors ``(n, 2)``."""
+    d = np.asarray(offset_A, float).reshape(-1, 2)
+    u = np.asarray(bond_unit, float).reshape(-1, 2)
+    return d[:, 0] * u[:, 0] + d[:, 1] * u[:, 1], -d[:, 0] * u[:, 1] + d[:, 1] * u[:, 0]
+
+
+def from_bond_frame(along_A: np.ndarray, across_A: np.ndarray, bond_unit: np.ndarray) -> np.ndarray:
+    """Sample-frame offsets ``(n, 2)`` of bond-frame ``(along, across)`` for unit bond vectors ``(n, 2)``."""
+    u = np.asarray(bond_unit, float).reshape(-1, 2)
+    a = np.asarray(along_A, float).reshape(-1, 1)
+    c = np.asarray(across_A, float).reshape(-1, 1)
+    return a * u + c * np.stack([-u[:, 1], u[:, 0]], axis=1)
+
+
 @runtime_checkable
 class SwapRateModel(Protocol):
-    """Probability per electron of a Si–C swap for a beam at bond-frame offsets."""
+    """Probability per electron of a Si–C swap for a beam offset from the struck C."""
 
-    def per_electron(self, along_A: np.ndarray, across_A: np.ndarray, sites: np.ndarray) -> np.ndarray:
-        """``(n,)`` swap probability per beam electron (dimensionless) for beam offsets
-        ``along_A``/``across_A`` ``(n,)`` from the struck C, whose lattice site indices are ``sites`` ``(n,)``."""
+    def per_electron(self, offset_A: np.ndarray, bond_unit: np.ndarray, sites: np.ndarray) -> np.ndarray:
+        """``(n,)`` swap probability per beam electron (dimensionless) for beam offsets ``b - C``
+        ``(n, 2)`` (sample frame, Å), unit Si→C bond vectors ``(n, 2)`` and the struck C's lattice
+        site indices ``sites`` ``(n,)``."""
         ...
 
     def scan_cross_section_A2(self, sites: np.ndarray) -> np.ndarray:
@@ -83,12 +100,16 @@ class PhysicalSwapRate:
     probe_density: ProbeDensity
     site_variation: SiteVariation = field(default_factory=SiteVariation)
 
-    def per_electron(self, along_A: np.ndarray, across_A: np.ndarray, sites: np.ndarray) -> np.ndarray:
-        off = np.stack([np.asarray(along_A, float).reshape(-1), np.asarray(across_A, float).reshape(-1)], axis=1)
-        return self.sigma_A2 * self.probe_density(off) * self.site_variation(sites)
+    def per_electron(self, offset_A: np.ndarray, bond_unit: np.ndarray, sites: np.ndarray) -> np.ndarray:
+        return self.sigma_A2 * self.probe_density(-np.asarray(offset_A, float).reshape(-1, 2)) * self.site_variation(sites)
 
     def scan_cross_section_A2(self, sites: np.ndarray) -> np.ndarray:
         return self.sigma_A2 * self.site_variation(sites)
+
+    def in_bond_frame(self, along_A: np.ndarray, across_A: np.ndarray) -> np.ndarray:
+        """``q`` at bond-frame offsets for a bond along +x, without site factors (for plots and oracles)."""
+        off = np.stack([np.asarray(along_A, float).reshape(-1), np.asarray(across_A, float).reshape(-1)], axis=1)
+        return self.sigma_A2 * self.probe_density(-off)
 
     def describe(self) -> dict:
         return {"model": "physical", "sigma_A2": self.sigma_A2, "site_sigma": self.site_variation.sigma}
@@ -134,10 +155,13 @@ class BumpSwapRate:
             out = out + self.floor * self.probe_density(np.stack([along, across], axis=1)) / p0
         return out
 
-    def per_electron(self, along_A: np.ndarray, across_A: np.ndarray, sites: np.ndarray) -> np.ndarray:
-        a = np.asarray(along_A, float).reshape(-1)
-        c = np.asarray(across_A, float).reshape(-1)
+    def per_electron(self, offset_A: np.ndarray, bond_unit: np.ndarray, sites: np.ndarray) -> np.ndarray:
+        a, c = to_bond_frame(offset_A, bond_unit)
         return self.peak_per_electron * self._shape(a, c) * self.site_variation(sites)
+
+    def in_bond_frame(self, along_A: np.ndarray, across_A: np.ndarray) -> np.ndarray:
+        """``q`` at bond-frame offsets, without site factors (for plots and oracles)."""
+        return self.peak_per_electron * self._shape(np.asarray(along_A, float).reshape(-1), np.asarray(across_A, float).reshape(-1))
 
     def scan_cross_section_A2(self, sites: np.ndarray) -> np.ndarray:
         area = sum(b.area_A2 for b in self.bumps)
@@ -214,15 +238,11 @@ def sample_random_swap_rate(
     )
 
 
-def bond_frame_offsets(beam_A: np.ndarray, si_A: np.ndarray, c_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets ``(along, across)`` ``(n,)`` of beam positions ``(n, 2)`` (or one ``(2,)``) from the C
-    of each bond ``si_A``/``c_A`` ``(n, 2)``, in that bond's frame."""
-    b = np.asarray(beam_A, float).reshape(-1, 2)
+def bond_offsets(beam_A: np.ndarray, si_A: np.ndarray, c_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets ``b - C`` ``(n, 2)`` of a beam position ``(2,)`` (or ``(n, 2)``) from the C of each bond
+    ``si_A``/``c_A`` ``(n, 2)``, and the unit Si→C vectors ``(n, 2)``."""
     s = np.asarray(si_A, float).reshape(-1, 2)
     c = np.asarray(c_A, float).reshape(-1, 2)
     u = c - s
     u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    d = b - c
-    along = d[:, 0] * u[:, 0] + d[:, 1] * u[:, 1]
-    across = -d[:, 0] * u[:, 1] + d[:, 1] * u[:, 0]
-    return along, across
+    return np.asarray(beam_A, float).reshape(-1, 2) - c, u

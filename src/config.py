@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stemagent.errors import ConfigError
+from stemagent.policies.manipulation.config import ManipulationConfig
 from stemagent.types import ScanGeometry
 
 
@@ -198,7 +199,7 @@ class RandomPolicyConfig(_Model):
     kind: Literal["random"] = "random"
 
 
-PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig], Field(discriminator="kind")]
+PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig, ManipulationConfig], Field(discriminator="kind")]
 
 
 # --- safety --------------------------------------------------------------------------------

@@ -3,25 +3,35 @@
 Pure stages (no driver, no I/O): :mod:`.lattice` (graph and path planning), :mod:`.changepoint`
 (steps in a park signal), :mod:`.outcome` (what a park did, from a confirmation frame),
 :mod:`.hopmodel` (GP of the hop rate vs beam offset), :mod:`.acquisition` (where and how long to
-park) and :mod:`.policy` (the policy that ties them together). See README, "Atom manipulation".
+park), :mod:`.policy` (the policy that ties them together) and :mod:`.synthetic` (a test double).
+See README, "Atom manipulation".
+
+Names are imported lazily so that loading the configuration model (:mod:`.config`, pydantic
+only) does not import torch.
 """
 
-from stemagent.policies.manipulation.changepoint import Step, detect_steps
-from stemagent.policies.manipulation.config import ManipulationConfig
-from stemagent.policies.manipulation.hopmodel import HopModel
-from stemagent.policies.manipulation.lattice import LatticeGraph, PlanRefused
-from stemagent.policies.manipulation.outcome import Outcome, classify_outcome
-from stemagent.policies.manipulation.policy import ManipulationPolicy, ManipulationStats
+from __future__ import annotations
 
-__all__ = [
-    "HopModel",
-    "LatticeGraph",
-    "ManipulationConfig",
-    "ManipulationPolicy",
-    "ManipulationStats",
-    "Outcome",
-    "PlanRefused",
-    "Step",
-    "classify_outcome",
-    "detect_steps",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "HopModel": "hopmodel",
+    "LatticeGraph": "lattice",
+    "PlanRefused": "lattice",
+    "ManipulationConfig": "config",
+    "ManipulationPolicy": "policy",
+    "ManipulationStats": "policy",
+    "Outcome": "outcome",
+    "classify_outcome": "outcome",
+    "Step": "changepoint",
+    "detect_steps": "changepoint",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

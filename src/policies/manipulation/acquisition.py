@@ -6,14 +6,15 @@ not over the dopant); every dwell is one of ``n_dwells`` log-spaced values. The 
 the posterior of the log hop rate at every candidate, jointly (mean and covariance).
 
 *Exploitation value.* A park of dwell ``d`` at a rate ``λ`` makes the hop with probability
-``1 - exp(-λ d)``; its expected progress per unit cost is ``E[1 - exp(-λ d)] / (d + overhead_s)``
-(the expectation over the posterior of ``λ`` by Gauss–Hermite), cost being seconds of beam
-(dose is proportional at a fixed current) plus ``overhead_s`` per park-and-check cycle. ``r*``,
+``1 - exp(-λ d)``; its progress per unit cost is ``(1 - exp(-λ d)) / (d + overhead_s)`` at the
+posterior median rate (certainty equivalent: uncertainty is valued by the lookahead below, not
+twice), cost being seconds of beam (dose is proportional at a fixed current) plus
+``overhead_s`` per park-and-check cycle. ``r*``,
 the best of these over candidates and dwells, is the rate at which the goal gets closer if the
 policy only exploits what it knows: with ``H`` hops to go the expected dose to the goal is ``H / r*``.
 
 *Exploration by lookahead (knowledge gradient).* A park at ``(x, d)`` either makes the hop (with
-its predictive probability) or not; either outcome is an observation of the hop model at ``x``
+its posterior predictive probability, Gauss–Hermite over the log rate) or not; either outcome is an observation of the hop model at ``x``
 (an EP site from the Poisson likelihood), which moves the posterior everywhere through the
 covariance and so changes ``r*``: ``KG(x, d) = E[r*_after] - r* >= 0``. To first order in that
 change the expected dose to the goal after the park is
@@ -187,7 +188,7 @@ def choose_park(
     x = np.concatenate([offs, np.repeat(site[j][None, :], len(offs), axis=0)], axis=1)
     mu, cov = model.predict_joint(x)
     var = np.maximum(np.diag(cov), 1e-10)
-    u_now = exploit_value(mu, var, table)
+    u_now = exploit_value(mu, np.zeros_like(mu), table)
     r_now = float(u_now.max())
     h = max(1, int(hops_to_go))
     # the short list: best by exploitation value and by optimism
@@ -198,10 +199,10 @@ def choose_park(
     w0, b, w1 = _other_rates(graph, model, s, j, beams)
     delta = model.damage_rate_per_s()
     t = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
-    p_hop = expected_hop_probability(mu[short], var[short], dwells)  # (S, D), intended hop alone
+    p_hop = -np.expm1(-np.exp(mu[short])[:, None] * dwells[None, :])  # (S, D), intended hop alone, median rate
     chain = chain_probabilities(t(np.exp(mu[short])), t(w0), t(b), t(w1), delta, t(dwells)).numpy()  # (S, D, 3)
     # the chain's shortfall against the intended-only probability: hops back, onwards, damage
-    loss = (np.clip(-np.expm1(-np.exp(mu[short])[:, None] * dwells[None, :]) - chain[..., 0], 0.0, None)
+    loss = (np.clip(p_hop - chain[..., 0], 0.0, None)
             + cfg.wrong_hop_penalty * chain[..., 1] + cfg.damage_penalty * chain[..., 2])
     progress = p_hop - loss
     # lookahead: each outcome is an EP site at the candidate; update all means and variances through the covariance
@@ -210,6 +211,7 @@ def choose_park(
     t_hop = np.where(ld < 1e-3, dwells[None, :] / 2.0, 1.0 / lam_med - dwells[None, :] * np.exp(-ld) / -np.expm1(-ld))
     cols = cov[:, short]  # (M, S)
     vi = var[short]
+    p_pred = expected_hop_probability(mu[short], var[short], dwells)  # predictive P(hop) for the lookahead's outcomes
     expected_r = np.zeros((len(short), len(dwells)))
     gain = cols / vi[None, :]  # (M, S): how a change at each candidate moves every candidate's mean
     shrink = cols**2 / vi[None, :]
@@ -222,8 +224,8 @@ def choose_park(
         v_new = v_new.reshape(len(short), len(dwells))
         mu_post = mu[:, None, None] + gain[:, :, None] * (m_new - mu[short][:, None])[None, :, :]
         var_post = var[:, None, None] - shrink[:, :, None] * (1.0 - v_new / vi[:, None])[None, :, :]
-        r_post = exploit_value(mu_post, np.maximum(var_post, 0.0), table).max(axis=0)  # (S, D)
-        expected_r += (p_hop if hops else 1.0 - p_hop) * r_post
+        r_post = exploit_value(mu_post, np.zeros_like(mu_post), table).max(axis=0)  # (S, D)
+        expected_r += (p_pred if hops else 1.0 - p_pred) * r_post
     kg = np.maximum(expected_r - r_now, 0.0)  # knowledge gradient: expected gain in the best rate
     r = max(r_now, 1e-12)
     acq = progress - r * (dwells[None, :] + cfg.overhead_s) + h * kg / r

@@ -175,9 +175,11 @@ class HopModel:
         self.damage_exposure_s = 0.0
 
     # --- data -------------------------------------------------------------------------------
-    def add(self, site: int, site_xy_A: tuple[float, float], along_A: float, across_A: float, exposure_s: float, hops: int) -> None:
+    def add(self, site: int, site_xy_A: tuple[float, float], along_A: float, across_A: float, exposure_s: float,
+            hops: float) -> None:
         """One bond's exposure: the dopant sat ``exposure_s`` next to carbon site ``site`` with the
-        beam at bond-frame offset ``(along_A, across_A)`` and hopped across it ``hops`` times."""
+        beam at bond-frame offset ``(along_A, across_A)`` and hopped across it ``hops`` times (a
+        fraction when a hop is shared between parks that may each have made it)."""
         if exposure_s <= 0 and hops == 0:
             return
         if math.hypot(along_A, across_A) > self.cfg.max_offset_A:

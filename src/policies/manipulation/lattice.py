@@ -54,6 +54,13 @@ class LatticeGraph:
     field: ScanGeometry
     edge_margin_A: float = 1.5
     shift_A: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    misses: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # consecutive looks without an atom
+    empty_after_misses: int = 2
+    last_missing: tuple[int, ...] = ()  # covered by the last refresh but without an atom on them
+
+    def __post_init__(self) -> None:
+        if len(self.misses) != len(self.site_A):
+            self.misses = np.zeros(len(self.site_A), dtype=np.int64)
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -196,12 +203,15 @@ class LatticeGraph:
 
     # --- keeping up with the specimen ---------------------------------------------------------
     def refresh(self, atoms: Atoms, geometry: ScanGeometry, *, dopant_class: str = "Si", vacancy_class: str = "vacancy",
-                match_A: float = 0.5, margin_A: float = 0.8) -> dict[int, tuple[int, int]]:
+                match_A: float = 0.5, margin_A: float = 1.2) -> dict[int, tuple[int, int]]:
         """Match a confirmation frame's atoms to the nodes inside it: first a common shift (drift)
-        applied to every node, then each covered node's occupant from the atom on it (none: EMPTY).
+        applied to every node, then each covered node's occupant from the atom on it. A node with
+        no atom on it (or a vacancy detection) is in :attr:`last_missing`; it becomes EMPTY only
+        after ``empty_after_misses`` such looks in a row (one missed detection is not a hole).
         Returns ``{node: (old occupant, new occupant)}`` for the nodes that changed."""
         pos = np.asarray(atoms.positions_A, dtype=np.float64).reshape(-1, 2)
         covered = np.flatnonzero(geometry.contains(self.positions_A, margin_A=margin_A))
+        self.last_missing = ()
         if len(pos) == 0 or len(covered) == 0:
             return {}
         tree = cKDTree(pos)
@@ -217,15 +227,21 @@ class LatticeGraph:
         dop = names.index(dopant_class) if dopant_class in names else -1
         vac = names.index(vacancy_class) if vacancy_class in names else -1
         changed: dict[int, tuple[int, int]] = {}
+        missing: list[int] = []
         for node, dist, idx in zip(covered.tolist(), d.tolist(), k.tolist()):
-            if dist > match_A:
-                new = EMPTY
-            else:
-                c = int(atoms.classes[idx])
-                new = DOPANT if c == dop else EMPTY if c == vac else CARBON
-                self.positions_A[node] = 0.5 * (self.positions_A[node] + pos[idx])  # follow small local motion
             old = int(self.occupant[node])
+            c = int(atoms.classes[idx]) if dist <= match_A else vac
+            if dist <= match_A:
+                self.positions_A[node] = 0.5 * (self.positions_A[node] + pos[idx])  # follow small local motion
+            if dist > match_A or c == vac:
+                missing.append(node)
+                self.misses[node] += 1
+                new = EMPTY if (self.misses[node] >= self.empty_after_misses or old == EMPTY) else old
+            else:
+                self.misses[node] = 0
+                new = DOPANT if c == dop else CARBON
             if new != old:
                 changed[node] = (old, new)
                 self.occupant[node] = new
+        self.last_missing = tuple(missing)
         return changed

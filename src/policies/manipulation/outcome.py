@@ -67,8 +67,11 @@ def classify_outcome(
     centre = graph.positions_A[from_node].copy()
     changed = graph.refresh(atoms, geometry, dopant_class=dopant_class, vacancy_class=vacancy_class, match_A=match_A)
     near = np.flatnonzero(np.linalg.norm(graph.positions_A - graph.positions_A[from_node], axis=1) <= local_radius_A)
-    # only proper lattice sites (three bonds in the survey) can lose an atom: a stray detection cannot
-    vac = tuple(int(n) for n in near if n in changed and changed[n][1] == EMPTY and len(graph.neighbours[n]) == 3)
+    # only proper lattice sites (three bonds in the survey) can lose an atom: a stray detection cannot;
+    # a site seen empty here is suspect (the policy looks again before it believes it)
+    was_empty = {n for n, (old, _new) in changed.items() if old == EMPTY}
+    vac = tuple(int(n) for n in near if n in set(graph.last_missing) and len(graph.neighbours[n]) == 3
+                and (graph.occupant[n] != EMPTY or n in changed) and n not in was_empty)
     dop = [int(n) for n in near if graph.occupant[n] == DOPANT and n not in others]
     if vac:
         return Outcome("damage", from_node, intended_node, dop[0] if dop else None, tuple(steps), vac,

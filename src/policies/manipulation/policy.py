@@ -30,14 +30,7 @@ import numpy as np
 import torch
 
 from stemagent.errors import InputError
-from stemagent.policies.manipulation.acquisition import (
-    ParkChoice,
-    beam_at,
-    bond_frame,
-    candidate_offsets,
-    choose_park,
-    offsets_in_bond,
-)
+from stemagent.policies.manipulation.acquisition import ParkChoice, beam_at, candidate_offsets, choose_park, offsets_in_bond
 from stemagent.policies.manipulation.changepoint import Step, detect_steps
 from stemagent.policies.manipulation.config import ManipulationConfig
 from stemagent.policies.manipulation.hopmodel import HopModel
@@ -102,6 +95,7 @@ class ManipulationPolicy:
         self.last_outcome: Outcome | None = None
         self._pending: _PendingPark | None = None
         self._parks_since_confirm = 0
+        self._unchecked: list[_PendingPark] = []  # parks learned as "no move" since the last confirmation
         self._park_log: list[tuple[float, float, float]] = []  # (x, y, dose) of every park
         self._dose_per_s: float | None = None
         self._awaiting = "survey"  # survey | park | frame
@@ -129,6 +123,9 @@ class ManipulationPolicy:
         p = self._pending
         if p is None:
             return self._next()
+        if p.steps is None and p.rechecks == 0:  # the loop parked without showing the policy the result
+            self.stats.parks += 1
+            self.stats.park_s += p.dwell_s
         outcome = classify_outcome(
             self.graph, p.from_node, p.intended_node, observation.atoms, observation.geometry, p.steps or (),
             dopant_class=self.cfg.lattice.dopant_class, vacancy_class=self.cfg.lattice.vacancy_class,
@@ -213,17 +210,25 @@ class ManipulationPolicy:
         """Feed one park to the model, move the dopant, re-plan, stop or go on."""
         assert self.graph is not None
         steps = p.steps or ()
-        if outcome is not None:
-            self._parks_since_confirm = 0
         segs = trajectory(self.graph, outcome, p.from_node, p.intended_node, p.dwell_s, steps)
-        pos = p.positions_A
+        unseen = (outcome is not None and not steps and len(segs) == 2 and segs[0][3] is not None)
+        if unseen:
+            # a move no park signal showed (the beam far from both atoms): it happened in this park or
+            # in one of the unchecked ones before it; learn this park as "no move" and share the hop out
+            segs = [(p.from_node, 0.0, p.dwell_s, None)]
         for node, t0, t1, moved_to in segs:
-            for k in self.graph.neighbours[node]:
-                off = offsets_in_bond(np.asarray(p.position_A), pos[node], pos[k])[0]
-                self.model.add(int(k), tuple(self.graph.site_A[k]), float(off[0]), float(off[1]), t1 - t0, int(k == moved_to))
+            self._add_exposure(p, node, t1 - t0, moved_to)
         damaged = outcome is not None and outcome.kind == "damage"
         self.model.add_damage_exposure(p.dwell_s, int(damaged))
         self._pending = None
+        self._unchecked.append(p)
+        if unseen:
+            assert outcome is not None and outcome.dopant_node is not None
+            self._share_unseen_hop(p.from_node, outcome.dopant_node)
+            segs = [(p.from_node, 0.0, -1.0, outcome.dopant_node)]  # -1: when is not known
+        if outcome is not None:
+            self._parks_since_confirm = 0
+            self._unchecked = []
         if outcome is not None:
             self.last_outcome = outcome
             self._event("outcomes", {"park": p.index, **outcome.to_dict(),
@@ -251,6 +256,31 @@ class ManipulationPolicy:
                     return self._finish(f"no path any more: {exc.reason}")
                 self._event("plans", self._plan_doc(f"re-planned after a {outcome.kind} hop"))
         return self._next()
+
+    def _add_exposure(self, p: _PendingPark, node: int, exposure_s: float, moved_to: int | None, hops: float = 1.0) -> None:
+        """The dopant sat on ``node`` for ``exposure_s`` with the beam of park ``p``: one exposure per bond."""
+        assert self.graph is not None
+        pos = p.positions_A
+        for k in self.graph.neighbours[node]:
+            off = offsets_in_bond(np.asarray(p.position_A), pos[node], pos[k])[0]
+            self.model.add(int(k), tuple(self.graph.site_A[k]), float(off[0]), float(off[1]), exposure_s,
+                           hops if k == moved_to else 0)
+
+    def _share_unseen_hop(self, node: int, moved_to: int) -> None:
+        """One hop ``node → moved_to`` in one of the unchecked parks, which: shared out in proportion to
+        each park's predicted probability of that hop (fractional counts in the Poisson likelihood)."""
+        assert self.graph is not None
+        parks = [q for q in self._unchecked if q.from_node == node] or self._unchecked[-1:]
+        x = []
+        for q in parks:
+            off = offsets_in_bond(np.asarray(q.position_A), q.positions_A[node], q.positions_A[moved_to])[0]
+            x.append([off[0], off[1], *self.graph.site_A[moved_to]])
+        mu, _ = self.model.predict(np.asarray(x), with_sd=False, sweep=False)
+        p_hop = -np.expm1(-np.exp(mu) * np.array([q.dwell_s for q in parks]))
+        w = p_hop / p_hop.sum() if p_hop.sum() > 0 else np.full(len(parks), 1.0 / len(parks))
+        for q, wq in zip(parks, w):
+            off = offsets_in_bond(np.asarray(q.position_A), q.positions_A[node], q.positions_A[moved_to])[0]
+            self.model.add(int(moved_to), tuple(self.graph.site_A[moved_to]), float(off[0]), float(off[1]), 0.0, float(wq))
 
     def _next(self) -> Decision:
         """The next park on the path (or a stop)."""
@@ -345,9 +375,6 @@ class ManipulationPolicy:
     # --- introspection ----------------------------------------------------------------------------
     @property
     def pending_park(self) -> _PendingPark | None:
+        """The park the policy asked for and has not learned from yet (its nodes, beam and dwell)."""
         return self._pending
-
-    def bond_axes(self, s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self.graph is not None
-        return bond_frame(self.graph.positions_A[s], self.graph.positions_A[j])
 
