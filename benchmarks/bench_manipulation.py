@@ -231,7 +231,16 @@ def main() -> None:
     ap.add_argument("--tune-greedy", action="store_true", help="grid over greedy offset x dwell on the physical twin")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/manipulation.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise the runs of these result files together")
     args = ap.parse_args()
+    if args.merge:
+        docs = [json.loads(f.read_text()) for f in args.merge]
+        runs = [r for d in docs for r in d["runs"]]
+        doc = {"summary": summarise(runs), "greedy": docs[0]["greedy"], "seeds": sorted({r["seed"] for r in runs}),
+               "machine": [d["machine"] for d in docs], "merged_from": [str(f) for f in args.merge], "runs": runs}
+        args.out.write_text(json.dumps(doc, indent=1, default=float))
+        print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=1, default=float))
+        return
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     from stemagent.segmentation.unet_segmenter import UNetSegmenter

@@ -48,8 +48,7 @@ from stemagent.policies.manipulation.lattice import LatticeGraph
 
 _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(9)
 _GH_W = _GH_W / _GH_W.sum()
-_MU_GRID = np.arange(-12.0, 3.0001, 0.05)
-_VAR_GRID = np.arange(0.0, 9.0001, 0.1)
+_MU_GRID = np.arange(-12.0, 3.0001, 0.05)  # log rate (1/s) grid of the exploitation table
 
 
 def bond_frame(from_A: np.ndarray, to_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,20 +98,15 @@ def expected_hop_probability(mu: np.ndarray, var: np.ndarray, dwell_s: np.ndarra
 
 @lru_cache(maxsize=8)
 def _exploit_table(dwells: tuple[float, ...], overhead_s: float) -> np.ndarray:
-    """Best progress per unit cost ``max_d E[P(hop)] / (d + overhead)`` on the (mean, variance) grid of the log rate."""
+    """Best progress per unit cost ``max_d (1 - exp(-λ d)) / (d + overhead)`` at ``log λ`` on :data:`_MU_GRID`."""
     d = np.asarray(dwells)
-    p = expected_hop_probability(_MU_GRID[:, None], _VAR_GRID[None, :], d)  # (nm, nv, D)
-    return (p / (d + overhead_s)).max(axis=-1)
+    lam = np.exp(_MU_GRID)[:, None]
+    return (-np.expm1(-lam * d[None, :]) / (d[None, :] + overhead_s)).max(axis=1)
 
 
-def exploit_value(mu: np.ndarray, var: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Bilinear lookup of :func:`_exploit_table` at log-rate means ``mu`` and variances ``var`` (same shape)."""
-    fm = np.clip((np.asarray(mu) - _MU_GRID[0]) / 0.05, 0, len(_MU_GRID) - 1.000001)
-    fv = np.clip(np.asarray(var) / 0.1, 0, len(_VAR_GRID) - 1.000001)
-    i, k = fm.astype(int), fv.astype(int)
-    a, b = fm - i, fv - k
-    return (table[i, k] * (1 - a) * (1 - b) + table[i + 1, k] * a * (1 - b)
-            + table[i, k + 1] * (1 - a) * b + table[i + 1, k + 1] * a * b)
+def exploit_value(mu: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Best progress per unit cost at log rates ``mu`` (any shape), interpolated in :func:`_exploit_table`."""
+    return np.interp(np.asarray(mu), _MU_GRID, table)
 
 
 @dataclass
@@ -180,7 +174,8 @@ def choose_park(
     hops_to_go: int = 1,
     max_dwell_s: float | None = None,
 ) -> ParkChoice:
-    """The (position, dwell) of least expected dose to the goal for the hop ``s → j`` (module docstring)."""
+    """The (position, dwell) of highest acquisition for the hop ``s → j``: to first order, the least expected
+    dose to the goal (module docstring). ``hops_to_go``: ``H``, the hops the lookahead's information serves."""
     pos, site = graph.positions_A, graph.site_A
     offs = candidate_offsets(cfg)
     dwells = dwell_grid(cfg, max_dwell_s)
@@ -188,7 +183,7 @@ def choose_park(
     x = np.concatenate([offs, np.repeat(site[j][None, :], len(offs), axis=0)], axis=1)
     mu, cov = model.predict_joint(x)
     var = np.maximum(np.diag(cov), 1e-10)
-    u_now = exploit_value(mu, np.zeros_like(mu), table)
+    u_now = exploit_value(mu, table)
     r_now = float(u_now.max())
     h = max(1, int(hops_to_go))
     # the short list: best by exploitation value and by optimism
@@ -205,7 +200,7 @@ def choose_park(
     loss = (np.clip(p_hop - chain[..., 0], 0.0, None)
             + cfg.wrong_hop_penalty * chain[..., 1] + cfg.damage_penalty * chain[..., 2])
     progress = p_hop - loss
-    # lookahead: each outcome is an EP site at the candidate; update all means and variances through the covariance
+    # lookahead: each outcome is an EP site at the candidate; it moves every candidate's mean through the covariance
     lam_med = np.exp(mu[short])[:, None]
     ld = np.clip(lam_med * dwells[None, :], 1e-9, None)
     t_hop = np.where(ld < 1e-3, dwells[None, :] / 2.0, 1.0 / lam_med - dwells[None, :] * np.exp(-ld) / -np.expm1(-ld))
@@ -214,17 +209,14 @@ def choose_park(
     p_pred = expected_hop_probability(mu[short], var[short], dwells)  # predictive P(hop) for the lookahead's outcomes
     expected_r = np.zeros((len(short), len(dwells)))
     gain = cols / vi[None, :]  # (M, S): how a change at each candidate moves every candidate's mean
-    shrink = cols**2 / vi[None, :]
     for hops in (1, 0):
         exposure = t_hop if hops else np.broadcast_to(dwells[None, :], t_hop.shape)
-        m_new, v_new = tilted_moments(np.repeat(mu[short][:, None], len(dwells), 1).ravel(),
-                                      np.repeat(vi[:, None], len(dwells), 1).ravel(),
-                                      np.full(t_hop.size, float(hops)), np.asarray(exposure).ravel())
+        m_new, _ = tilted_moments(np.repeat(mu[short][:, None], len(dwells), 1).ravel(),
+                                  np.repeat(vi[:, None], len(dwells), 1).ravel(),
+                                  np.full(t_hop.size, float(hops)), np.asarray(exposure).ravel())
         m_new = m_new.reshape(len(short), len(dwells))
-        v_new = v_new.reshape(len(short), len(dwells))
         mu_post = mu[:, None, None] + gain[:, :, None] * (m_new - mu[short][:, None])[None, :, :]
-        var_post = var[:, None, None] - shrink[:, :, None] * (1.0 - v_new / vi[:, None])[None, :, :]
-        r_post = exploit_value(mu_post, np.zeros_like(mu_post), table).max(axis=0)  # (S, D)
+        r_post = exploit_value(mu_post, table).max(axis=0)  # (S, D)
         expected_r += (p_pred if hops else 1.0 - p_pred) * r_post
     kg = np.maximum(expected_r - r_now, 0.0)  # knowledge gradient: expected gain in the best rate
     r = max(r_now, 1e-12)

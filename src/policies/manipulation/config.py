@@ -64,6 +64,7 @@ class HopModelConfig(_Model):
     site_lengthscale_A: float = Field(0.5, gt=0.02, le=10.0)
     cell_A: float = Field(0.1, gt=0.0, le=0.5, description="offsets are pooled in cells this wide")
     max_offset_A: float = Field(2.5, gt=0.0, le=10.0, description="exposures farther than this from a carbon are not modelled")
+    max_cells: int = Field(300, ge=20, le=5000, description="beyond this, cells of sites away from the dopant are pooled by offset")
     ep_sweeps: int = Field(4, ge=1, le=50)
     ep_damping: float = Field(0.7, gt=0.0, le=1.0)
     prior_damage_rate_per_s: float = Field(1e-4, gt=0.0, description="prior mean rate of damage under the parked beam")

@@ -203,6 +203,42 @@ class HopModel:
         self._e[row] += max(0.0, float(exposure_s))
         self._stale[row] = True
 
+    def compact(self, keep_sites: set[int], max_cells: int) -> int:
+        """Keep the model small: when there are more than ``max_cells`` cells, pool the cells of sites
+        not in ``keep_sites`` by offset into one "earlier sites" pseudo-site (their site effects are
+        no longer told apart; hops and exposures add up exactly). Returns the number of cells removed."""
+        if self.n_cells <= max_cells:
+            return 0
+        old = [k for k in self._index if k[0] not in keep_sites and k[0] != -1]
+        if not old:
+            return 0
+        c = self.cfg.cell_A
+        keep = [k for k in self._index if k not in set(old)]
+        pooled: dict[tuple[int, int, int], list[float]] = {}
+        for k in keep:
+            if k[0] == -1:
+                r = self._index[k]
+                pooled[k] = [self._k[r], self._e[r]]
+        for k in old:
+            r = self._index[k]
+            q = (-1, k[1], k[2])
+            acc = pooled.setdefault(q, [0.0, 0.0])
+            acc[0] += self._k[r]
+            acc[1] += self._e[r]
+        rows = [self._index[k] for k in keep if k[0] != -1]
+        n_before = self.n_cells
+        x, kk, ee = self._x[rows], self._k[rows], self._e[rows]
+        tau, nu, mu, var = self._tau[rows], self._nu[rows], self._mu[rows], self._var[rows]
+        self._index = {k: i for i, k in enumerate(k for k in keep if k[0] != -1)}
+        self._x, self._k, self._e = x, kk, ee
+        self._tau, self._nu, self._mu, self._var = tau, nu, mu, var
+        self._stale = np.zeros(len(rows), dtype=bool)
+        far = 1e6  # the pooled pseudo-site sits far from every real site: its own site effect
+        for q, (hops, exposure) in pooled.items():
+            self.add(-1, (far, far), q[1] * c, q[2] * c, exposure, hops)
+        self._gp = None
+        return n_before - self.n_cells
+
     def add_damage_exposure(self, beam_s: float, damage_events: int = 0) -> None:
         self.damage_exposure_s += max(0.0, float(beam_s))
         self.damage_events += int(damage_events)

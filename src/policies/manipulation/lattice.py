@@ -188,19 +188,6 @@ class LatticeGraph:
             path.append(int(pred[path[-1]]))
         return path[::-1]
 
-    def hop_distance(self, start: int) -> np.ndarray:
-        """``(n,)`` number of hops from ``start`` to every node through passable nodes (inf if none)."""
-        ok = self.passable(start)
-        rows, cols = [], []
-        for i in np.flatnonzero(ok):
-            for j in self.neighbours[i]:
-                if ok[j]:
-                    rows.append(i)
-                    cols.append(j)
-        n = len(self)
-        adj = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-        return shortest_path(adj, directed=False, unweighted=True, indices=start)
-
     # --- keeping up with the specimen ---------------------------------------------------------
     def refresh(self, atoms: Atoms, geometry: ScanGeometry, *, dopant_class: str = "Si", vacancy_class: str = "vacancy",
                 match_A: float = 0.5, margin_A: float = 1.2) -> dict[int, tuple[int, int]]:

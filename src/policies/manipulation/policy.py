@@ -297,6 +297,8 @@ class ManipulationPolicy:
         if self.stats.parks >= st.max_parks:
             return self._finish(f"max_parks={st.max_parks} reached")
         s, j = self.path[0], self.path[1]
+        near = np.flatnonzero(np.linalg.norm(self.graph.positions_A - self.graph.positions_A[s], axis=1) < 4.0)
+        self.model.compact(set(near.tolist()), self.cfg.model.max_cells)
         choice = self._choose(s, j)
         if self._dose_per_s is not None:
             add = self._dose_per_s * choice.dwell_s

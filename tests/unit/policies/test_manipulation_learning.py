@@ -16,11 +16,11 @@ BUDGET_S = 60.0
 
 
 def _run(strategy: str, seed: int) -> tuple[SyntheticHopEnv, ManipulationPolicy, np.ndarray]:
-    env = SyntheticHopEnv(RATE, seed=seed, size_A=80.0)
-    far = env.sites_A[np.argmin(np.linalg.norm(env.sites_A - np.array([-30.0, 0.0]), axis=1))]  # never reached
+    env = SyntheticHopEnv(RATE, seed=seed, size_A=90.0)
+    far = env.sites_A[np.argmin(np.linalg.norm(env.sites_A - np.array([-38.0, 0.0]), axis=1))]  # 27 hops: not reached
     pol = ManipulationPolicy(ManipulationConfig(strategy=strategy, target_A=tuple(far), acquisition=AcquisitionConfig(n_dwells=8),
                                                 stop=StopConfig(dose_budget_e_per_A2=BUDGET_S * env.dose_per_s)), seed=seed)
-    d = pol.decide(env.survey(70.0))
+    d = pol.decide(env.survey(84.0))
     offsets = []
     while not isinstance(d.command, type(None)):
         if isinstance(d.command, Park):
@@ -37,7 +37,7 @@ def test_the_policy_learns_the_best_offset_faster_than_random_offsets() -> None:
     results = {}
     for strategy in ("bo", "random"):
         hops, beam_s, late_near = 0, 0.0, []
-        for seed in (11, 12):
+        for seed in (11, 12, 13):
             env, pol, parks = _run(strategy, seed)
             assert pol.done and "dose budget" in pol.stop_reason
             hops += len(env.hops)
@@ -48,5 +48,5 @@ def test_the_policy_learns_the_best_offset_faster_than_random_offsets() -> None:
         results[strategy] = (hops / beam_s, float(np.mean(late_near)))
     bo_rate, bo_near = results["bo"]
     random_rate, random_near = results["random"]
-    assert bo_rate > 2.0 * random_rate  # hops per second of beam: learning pays within 60 s of beam
-    assert bo_near > 0.5 > 0.2 > random_near  # later on, the beam sits at the best offset most of the time
+    assert bo_rate > 1.5 * random_rate  # hops per second of beam: learning pays within 60 s of beam
+    assert bo_near > random_near + 0.25  # in the second half the beam sits at the best offset far more often
