@@ -220,6 +220,42 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+ARRAYS = ("decision_ms", "decision_cpu_ms", "parks_truth", "parks_detected")
+
+
+def slim(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs without their per-park arrays (the summary has what they give), to keep the result file small."""
+    return [{k: v for k, v in r.items() if k not in ARRAYS} for r in runs]
+
+
+def figure(runs: list[dict[str, Any]], path: Path) -> None:
+    """Dose to the goal per run (log scale), one panel per condition, one column of points per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = ["physical", "random", "empirical"]
+    conds = sorted({r["condition"] for r in runs}, key=lambda c: order.index(c) if c in order else len(order))
+    strategies = ["bo", "greedy", "random"]
+    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.6), sharey=True)
+    for ax, cond in zip(np.atleast_1d(axes), conds):
+        for i, strat in enumerate(strategies):
+            dose = np.array([r["dose_e_per_A2"] for r in runs if r["condition"] == cond and r["strategy"] == strat])
+            if not len(dose):
+                continue
+            x = i + np.random.default_rng(i).uniform(-0.15, 0.15, len(dose))
+            ax.scatter(x, dose, s=12, alpha=0.7)
+            ax.hlines(np.median(dose), i - 0.3, i + 0.3, color="k")
+        ax.set_xticks(range(len(strategies)), strategies)
+        ax.set_yscale("log")
+        ax.set_title(f"{cond} hop rates (n={sum(1 for r in runs if r['condition'] == cond) // len(strategies)})")
+    np.atleast_1d(axes)[0].set_ylabel("dose to move the Si 5 sites, e/Å²")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=20)
@@ -232,14 +268,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/manipulation.json"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise the runs of these result files together")
+    ap.add_argument("--figure", type=Path, default=None, help="with --merge: a PNG of the dose per run, policy and condition")
     args = ap.parse_args()
     if args.merge:
         docs = [json.loads(f.read_text()) for f in args.merge]
         runs = [r for d in docs for r in d["runs"]]
         doc = {"summary": summarise(runs), "greedy": docs[0]["greedy"], "seeds": sorted({r["seed"] for r in runs}),
-               "machine": [d["machine"] for d in docs], "merged_from": [str(f) for f in args.merge], "runs": runs}
+               "machine": [d["machine"] for d in docs], "merged_from": [str(f) for f in args.merge], "runs": slim(runs)}
         args.out.write_text(json.dumps(doc, indent=1, default=float))
         print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=1, default=float))
+        if args.figure:
+            figure(runs, args.figure)
         return
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)

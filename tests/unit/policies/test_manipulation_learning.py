@@ -4,6 +4,7 @@ from the carbon (so the physics prior is wrong), it finds it faster than random 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
 from stemagent.policies.manipulation.config import AcquisitionConfig, StopConfig
@@ -12,7 +13,7 @@ from stemagent.types import Park, ScanRegion
 
 BEST_A = np.array([0.6, 0.6])  # bond-frame offset of the best beam position (along, across)
 RATE = bump_rate(1.0, BEST_A[0], BEST_A[1], 0.35, 0.003)  # 1 hop/s there, 0.08/s with the beam on the carbon
-BUDGET_S = 60.0
+BUDGET_S = 45.0
 
 
 def _run(strategy: str, seed: int) -> tuple[SyntheticHopEnv, ManipulationPolicy, np.ndarray]:
@@ -33,11 +34,12 @@ def _run(strategy: str, seed: int) -> tuple[SyntheticHopEnv, ManipulationPolicy,
     return env, pol, np.asarray(offsets)
 
 
+@pytest.mark.slow  # about 150 decisions of the BO policy: some 20 s on two free cores
 def test_the_policy_learns_the_best_offset_faster_than_random_offsets() -> None:
     results = {}
     for strategy in ("bo", "random"):
         hops, beam_s, late_near = 0, 0.0, []
-        for seed in (11, 12, 13):
+        for seed in (11, 13):
             env, pol, parks = _run(strategy, seed)
             assert pol.done and "dose budget" in pol.stop_reason
             hops += len(env.hops)
@@ -48,5 +50,5 @@ def test_the_policy_learns_the_best_offset_faster_than_random_offsets() -> None:
         results[strategy] = (hops / beam_s, float(np.mean(late_near)))
     bo_rate, bo_near = results["bo"]
     random_rate, random_near = results["random"]
-    assert bo_rate > 1.5 * random_rate  # hops per second of beam: learning pays within 60 s of beam
+    assert bo_rate > 1.5 * random_rate  # hops per second of beam: learning pays within 45 s of beam
     assert bo_near > random_near + 0.25  # in the second half the beam sits at the best offset far more often
