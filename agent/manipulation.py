@@ -4,7 +4,9 @@ This is the park-observation hook the agent loop does not have yet: after a park
 :class:`~stemagent.types.ParkResult` to :meth:`ManipulationPolicy.observe_park`, and after a
 (confirmation) frame it hands the segmented atoms to :meth:`ManipulationPolicy.decide`; every
 command goes through the :class:`~stemagent.agent.safety.SafetyGate` first, and a refusal ends
-the experiment. Whatever ends it, the beam is blanked and the log closed. When the loop gains
+the experiment, and so does a driver fault, a timeout (expected duration plus ``watchdog_s``) or a
+bad frame (there is no reconnect here). Whatever ends it, the beam is blanked and the log closed
+with the reason. When the loop gains
 a pipeline with a park hook this module's body folds into it; until then it is how
 ``configs/twin-manipulation.yaml`` runs::
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ import numpy as np
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock
 from stemagent.config import RunConfig, load_config
-from stemagent.driver import Driver
-from stemagent.errors import ConfigError
+from stemagent.driver import Driver, DriverFault
+from stemagent.errors import ConfigError, StemAgentError
 from stemagent.policies.manipulation.policy import ManipulationPolicy
 from stemagent.runlog import RunLogWriter
 from stemagent.stages import Observation, Segmenter
@@ -47,6 +48,7 @@ class ManipulationResult:
     decision_cpu_s: list[float] = field(default_factory=list)  # CPU time of the same calls (this thread)
     commands: int = 0
     refused: bool = False
+    failed: bool = False  # a driver fault, a timeout or bad input ended it
     beam_blanked_at_end: bool = True
     log_path: str = ""
     sim_time_s: float = 0.0
@@ -59,6 +61,7 @@ class ManipulationResult:
             "stats": self.stats,
             "commands": self.commands,
             "refused": self.refused,
+            "failed": self.failed,
             "beam_blanked_at_end": self.beam_blanked_at_end,
             "decision_ms_p50": float(np.percentile(t, 50) * 1e3),
             "decision_ms_p95": float(np.percentile(t, 95) * 1e3),
@@ -153,6 +156,14 @@ async def run_manipulation(
             cmd = decision.command
         else:
             result.stop_reason = f"max_commands={max_commands} reached"
+    except (DriverFault, asyncio.TimeoutError, ConnectionError, StemAgentError) as exc:
+        # a lost device or a bad frame ends the experiment (no reconnect here: the agent loop has that)
+        result.failed = True
+        result.stop_reason = f"fault: {exc!r}"
+    except BaseException as exc:
+        result.failed = True
+        result.stop_reason = f"unexpected error: {exc!r}"
+        raise
     finally:
         try:
             await asyncio.wait_for(driver.blank(), timeout=watchdog_s)
@@ -165,7 +176,7 @@ async def run_manipulation(
             for stream, doc in policy.drain_events():
                 writer.write_event(stream, doc)
             result.log_path = str(writer.path)
-            writer.close("success" if not result.refused else "fail", result.stop_reason or policy.stop_reason)
+            writer.close("fail" if (result.refused or result.failed) else "success", result.stop_reason or policy.stop_reason)
     return result
 
 
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     res = asyncio.run(run_from_config(cfg, args.out))
-    print(json.dumps(res.to_dict(), indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+    print(json.dumps(res.to_dict(), indent=1))
     return 0
 
 

@@ -7,8 +7,15 @@ from typing import Any
 import numpy as np
 
 from stemagent.clock import Clock
-from stemagent.simulators.dynamics import CrossSections
+from stemagent.simulators.dynamics import BeamDynamics, CrossSections
 from stemagent.simulators.fast_adf import ADFModel
+from stemagent.simulators.hop_rates import (
+    EmpiricalSwapRate,
+    PhysicalSwapRate,
+    SiteVariation,
+    SwapRateModel,
+    sample_random_swap_rate,
+)
 from stemagent.simulators.optics import Aberrations, ProbeOptics
 from stemagent.simulators.scan import DetectorModel, DriftModel
 from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen, build_specimen
@@ -85,16 +92,9 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specim
     return twin
 
 
-def swap_rate_from_config(cfg: Any, dynamics: Any, seed: int) -> Any:
+def swap_rate_from_config(cfg: Any, dynamics: BeamDynamics, seed: int) -> SwapRateModel | None:
     """The swap-rate model ``cfg.swap_rate_model`` names (None for the physical default without
     site variation); random rate functions and site factors derive from ``seed``."""
-    from stemagent.simulators.hop_rates import (
-        EmpiricalSwapRate,
-        PhysicalSwapRate,
-        SiteVariation,
-        sample_random_swap_rate,
-    )
-
     kind = getattr(cfg, "swap_rate_model", "physical")
     site_sigma = float(getattr(cfg, "swap_site_sigma", 0.0))
     if kind == "physical" and site_sigma <= 0:

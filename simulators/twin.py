@@ -28,8 +28,8 @@ from stemagent.clock import Clock, VirtualClock
 from stemagent.driver import DriverFault
 from stemagent.errors import InputError
 from stemagent.simulators.dynamics import BeamDynamics, CrossSections, Event
-from stemagent.simulators.hop_rates import SwapRateModel
 from stemagent.simulators.fast_adf import ADFModel
+from stemagent.simulators.hop_rates import SwapRateModel
 from stemagent.simulators.optics import ProbeOptics
 from stemagent.simulators.render import FrameTruth, frame_bounds, render_frame
 from stemagent.simulators.scan import DetectorModel, DriftModel, atom_scan_pixels, line_jitter_A

@@ -72,3 +72,27 @@ async def test_a_park_the_safety_gate_refuses_ends_the_experiment_blanked(tmp_pa
     log = RunLog.open(res.log_path)
     assert [s["rule"] for s in log.event_data("safety")] == ["park_dwell"]
     assert "parks" not in log.streams() or log.event_data("parks") == []
+
+
+async def test_a_driver_fault_mid_experiment_ends_it_blanked_with_the_log_closed(tmp_path: Path) -> None:
+    from stemagent.driver import DriverFault
+
+    cfg = load_config(CONFIG)
+    clock = build_clock(cfg)
+    twin = build_driver(cfg, clock)
+    real_park = twin.park
+    calls = {"n": 0}
+
+    async def flaky_park(position_A, dwell_s):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise DriverFault("console lost during a park")
+        return await real_park(position_A, dwell_s)
+
+    twin.park = flaky_park  # type: ignore[method-assign]
+    res = await run_from_config(cfg, tmp_path / "run", driver=twin, clock=clock)
+    assert res.failed and "console lost" in res.stop_reason
+    assert res.beam_blanked_at_end and twin.beam_blanked
+    log = RunLog.open(res.log_path)
+    assert log.stop["exit_status"] == "fail" and "console lost" in log.stop["reason"]
+    assert len(log.event_data("parks")) == 2
