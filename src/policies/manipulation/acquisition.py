@@ -200,25 +200,31 @@ def choose_park(
     loss = (np.clip(p_hop - chain[..., 0], 0.0, None)
             + cfg.wrong_hop_penalty * chain[..., 1] + cfg.damage_penalty * chain[..., 2])
     progress = p_hop - loss
-    # lookahead: each outcome is an EP site at the candidate; it moves every candidate's mean through the covariance
-    lam_med = np.exp(mu[short])[:, None]
-    ld = np.clip(lam_med * dwells[None, :], 1e-9, None)
-    t_hop = np.where(ld < 1e-3, dwells[None, :] / 2.0, 1.0 / lam_med - dwells[None, :] * np.exp(-ld) / -np.expm1(-ld))
+    # lookahead: each outcome is an EP site at the candidate; it moves every candidate's mean through the
+    # covariance. KG*: the information of n such parks in a row at the candidate (n in lookahead_batches),
+    # per park, so that a place worth a long look is not judged by one short park's worth of evidence
     cols = cov[:, short]  # (M, S)
     vi = var[short]
-    p_pred = expected_hop_probability(mu[short], var[short], dwells)  # predictive P(hop) for the lookahead's outcomes
-    expected_r = np.zeros((len(short), len(dwells)))
     gain = cols / vi[None, :]  # (M, S): how a change at each candidate moves every candidate's mean
-    for hops in (1, 0):
-        exposure = t_hop if hops else np.broadcast_to(dwells[None, :], t_hop.shape)
-        m_new, _ = tilted_moments(np.repeat(mu[short][:, None], len(dwells), 1).ravel(),
-                                  np.repeat(vi[:, None], len(dwells), 1).ravel(),
-                                  np.full(t_hop.size, float(hops)), np.asarray(exposure).ravel())
-        m_new = m_new.reshape(len(short), len(dwells))
-        mu_post = mu[:, None, None] + gain[:, :, None] * (m_new - mu[short][:, None])[None, :, :]
-        r_post = exploit_value(mu_post, table).max(axis=0)  # (S, D)
-        expected_r += (p_pred if hops else 1.0 - p_pred) * r_post
-    kg = np.maximum(expected_r - r_now, 0.0)  # knowledge gradient: expected gain in the best rate
+    lam_med = np.exp(mu[short])[:, None]
+    kg = np.zeros((len(short), len(dwells)))
+    for n in cfg.lookahead_batches:
+        span = n * dwells[None, :]
+        ld = np.clip(lam_med * span, 1e-9, None)
+        t_hop = np.where(ld < 1e-3, span / 2.0, 1.0 / lam_med - span * np.exp(-ld) / -np.expm1(-ld))
+        p_pred = expected_hop_probability(mu[short], var[short], n * dwells)  # predictive P(hop) in the span
+        expected_r = np.zeros((len(short), len(dwells)))
+        for hops in (1, 0):
+            exposure = t_hop if hops else np.broadcast_to(span, t_hop.shape)
+            m_new, _ = tilted_moments(np.repeat(mu[short][:, None], len(dwells), 1).ravel(),
+                                      np.repeat(vi[:, None], len(dwells), 1).ravel(),
+                                      np.full(t_hop.size, float(hops)), np.asarray(exposure).ravel())
+            m_new = m_new.reshape(len(short), len(dwells))
+            mu_post = mu[:, None, None] + gain[:, :, None] * (m_new - mu[short][:, None])[None, :, :]
+            r_post = exploit_value(mu_post, table).max(axis=0)  # (S, D)
+            expected_r += (p_pred if hops else 1.0 - p_pred) * r_post
+        kg_n = np.maximum(expected_r - r_now, 0.0) * (dwells[None, :] + cfg.overhead_s) / (span + n * cfg.overhead_s)
+        kg = np.maximum(kg, kg_n)  # knowledge gradient: expected gain in the best rate, per park
     r = max(r_now, 1e-12)
     acq = progress - r * (dwells[None, :] + cfg.overhead_s) + h * kg / r
     ci, di = np.unravel_index(int(np.argmax(acq)), acq.shape)

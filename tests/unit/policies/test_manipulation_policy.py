@@ -24,7 +24,8 @@ def _target(env: SyntheticHopEnv, hops: int) -> tuple[float, float]:
 
 
 def _cfg(env: SyntheticHopEnv, hops: int = 2, **kw: object) -> ManipulationConfig:
-    return ManipulationConfig(target_A=_target(env, hops), acquisition=AcquisitionConfig(n_dwells=6), **kw)
+    kw.setdefault("acquisition", AcquisitionConfig(n_dwells=6))
+    return ManipulationConfig(target_A=_target(env, hops), **kw)  # type: ignore[arg-type]
 
 
 def test_survey_gives_a_park_next_to_the_dopant_with_its_scores() -> None:
@@ -145,3 +146,11 @@ def test_observe_park_without_a_pending_park_is_refused() -> None:
     with pytest.raises(InputError, match="park"):
         pol.observe_park(ParkResult((0.0, 0.0), 1.0, 0.0, 1e-3, np.zeros(1000)))
     assert isinstance(Decision(Blank(), "x").command, Blank)
+
+
+def test_the_multi_park_lookahead_option_gives_a_valid_park() -> None:
+    env = _env(9)
+    pol = ManipulationPolicy(_cfg(env, acquisition=AcquisitionConfig(n_dwells=6, lookahead_batches=(1, 4))), seed=9)
+    d = pol.decide(env.survey())
+    assert isinstance(d.command, Park) and d.scores["knowledge_gradient_per_s"] >= 0.0
+    assert pol.cfg.acquisition.dwell_min_s <= d.command.dwell_s <= pol.cfg.acquisition.dwell_max_s
