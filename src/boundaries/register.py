@@ -1,0 +1,121 @@
+"""Lattice registration of one sublattice of atomic columns: indices and local displacements.
+
+Given the positions of the columns of one square sublattice (e.g. the A-site columns of a
+perovskite), find the two lattice vectors, give every column its integer indices ``(i, j)``
+and measure how far it sits from where its neighbours say it should be. The reference is a
+smooth model of the lattice (origin, two vectors and quadratic terms in ``i, j`` that absorb
+scan distortion and slow drift) corrected by the median residual of the neighbours within
+``neighbourhood_cells`` (which absorbs the rest); columns flagged as displaced in a first pass
+are left out of their neighbours' reference in the second.
+
+The lattice vector ``a1`` is the one closest to the +x axis of the input frame and ``a2`` is
+``a1`` turned by +90° (so lattice steps E, N, W, S are +a1, +a2, -a1, -a2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from stemagent.errors import InputError
+
+
+@dataclass
+class LatticeRegistration:
+    """``a1_A``, ``a2_A`` ``(2,)``; ``ij`` ``(N, 2)`` int indices relative to the column nearest the
+    centre; ``indexed`` ``(N,)`` False for points that could not be indexed (a second point on an
+    occupied index; their displacement is NaN); ``displacement_A`` ``(N, 2)``
+    observed minus reference position; ``sigma_A`` robust rms of one displacement component of
+    undisplaced columns; ``model_A`` ``(N, 2)`` the smooth lattice model at each point's index."""
+
+    a1_A: np.ndarray
+    a2_A: np.ndarray
+    ij: np.ndarray
+    indexed: np.ndarray
+    displacement_A: np.ndarray
+    sigma_A: float
+    model_A: np.ndarray
+
+    @property
+    def spacing_A(self) -> float:
+        return float(0.5 * (np.linalg.norm(self.a1_A) + np.linalg.norm(self.a2_A)))
+
+    def to_lattice_frame(self, vectors_A: np.ndarray) -> np.ndarray:
+        """Components ``(N, 2)`` of vectors along the unit vectors of ``a1`` and ``a2``."""
+        u1 = self.a1_A / np.linalg.norm(self.a1_A)
+        u2 = self.a2_A / np.linalg.norm(self.a2_A)
+        v = np.asarray(vectors_A, dtype=np.float64).reshape(-1, 2)
+        return np.stack([v @ u1, v @ u2], axis=1)
+
+
+def _design(ij: np.ndarray) -> np.ndarray:
+    i, j = ij[:, 0].astype(np.float64), ij[:, 1].astype(np.float64)
+    return np.stack([np.ones_like(i), i, j, i * i, i * j, j * j], axis=1)
+
+
+def lattice_vectors(points_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two lattice vectors of a square point lattice from nearest-neighbour vectors."""
+    pts = np.asarray(points_A, dtype=np.float64)
+    tree = cKDTree(pts)
+    d, idx = tree.query(pts, k=5)
+    nn = float(np.median(d[:, 1]))
+    vec = (pts[idx[:, 1:]] - pts[:, None, :]).reshape(-1, 2)
+    length = np.linalg.norm(vec, axis=1)
+    vec = vec[(length > 0.75 * nn) & (length < 1.25 * nn)]
+    if len(vec) < 8:
+        raise InputError("points_A", len(pts), "too few neighbour pairs to find a square lattice")
+    theta = np.arctan2(vec[:, 1], vec[:, 0])
+    phi = float(np.angle(np.mean(np.exp(4j * theta)))) / 4.0  # orientation mod 90°, in (-45°, 45°]
+    u1 = np.array([np.cos(phi), np.sin(phi)])
+    u2 = np.array([-u1[1], u1[0]])
+    p1, p2 = vec @ u1, vec @ u2
+    along1 = np.abs(p1) > np.abs(p2)
+    l1 = float(np.median(np.abs(p1[along1])))
+    l2 = float(np.median(np.abs(p2[~along1]))) if np.any(~along1) else l1
+    return l1 * u1, l2 * u2
+
+
+def register_lattice(points_A: np.ndarray, neighbourhood_cells: float = 2.6, flag_sigmas: float = 6.0) -> LatticeRegistration:
+    """Index the points of a square sublattice and measure their local displacements."""
+    pts = np.asarray(points_A, dtype=np.float64).reshape(-1, 2)
+    if len(pts) < 9:
+        raise InputError("points_A", len(pts), "need at least 9 columns to register a lattice")
+    a1, a2 = lattice_vectors(pts)
+    ref = int(np.argmin(np.linalg.norm(pts - pts.mean(axis=0), axis=1)))
+    basis = np.stack([a1, a2], axis=1)
+    ij = np.rint(np.linalg.solve(basis, (pts - pts[ref]).T).T).astype(np.int64)
+    coef = np.zeros((6, 2))
+    for _ in range(4):  # fit the smooth model, re-index with it
+        coef, *_ = np.linalg.lstsq(_design(ij), pts, rcond=None)
+        lin = np.stack([coef[1], coef[2]], axis=1)
+        guess = np.rint(np.linalg.solve(lin, (pts - coef[0] - (_design(ij)[:, 3:] @ coef[3:])).T).T).astype(np.int64)
+        if np.array_equal(guess, ij):
+            break
+        ij = guess
+    a1, a2 = coef[1], coef[2]
+    # one point per index: keep the closest to the model
+    model = _design(ij) @ coef
+    resid = pts - model
+    order = np.argsort(np.linalg.norm(resid, axis=1))
+    _, first = np.unique(ij[order], axis=0, return_index=True)
+    keep = np.zeros(len(pts), dtype=bool)
+    keep[order[first]] = True
+    # local reference: median residual of the neighbours (twice: without flagged columns)
+    tree = cKDTree(pts)
+    radius = neighbourhood_cells * float(0.5 * (np.linalg.norm(a1) + np.linalg.norm(a2)))
+    neigh = tree.query_ball_point(pts, radius)
+    use = keep.copy()
+    disp = resid.copy()
+    sigma = float("nan")
+    for _ in range(2):
+        local = np.zeros_like(resid)
+        for n, nb in enumerate(neigh):
+            nb = [m for m in nb if m != n and use[m]]
+            local[n] = np.median(resid[nb], axis=0) if nb else 0.0
+        disp = resid - local
+        sigma = float(1.4826 * np.median(np.abs(disp[keep] - np.median(disp[keep], axis=0)))) or 1e-3
+        use = keep & (np.linalg.norm(disp, axis=1) < flag_sigmas * sigma)
+    disp[~keep] = np.nan
+    return LatticeRegistration(a1_A=np.asarray(a1), a2_A=np.asarray(a2), ij=ij, indexed=keep, displacement_A=disp, sigma_A=sigma, model_A=model)
