@@ -90,6 +90,8 @@ def analyze_boundaries(
     fix: str = typer.Option("", "--fix", help="reduced parameters held fixed, e.g. 'k=0,g=0,f=1'"),
     alpha_curve: bool = typer.Option(True, "--alpha-curve/--no-alpha-curve", help="compute alpha(d) (about a second per d value)"),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="write PNG figures (needs matplotlib)"),
+    omega_n_max: int = typer.Option(40, "--omega-n-max", min=8, max=200, help="largest N of the exact Omega(N) transfer matrix"),
+    kmotif_boot: int = typer.Option(2000, "--kmotif-boot", min=99, max=100000, help="bootstrap replicates of the k-motif test"),
     seed: int = typer.Option(0, help="seed of the bootstrap and the cross-validation folds"),
 ) -> None:
     """Read domain boundaries from frames, fit their 2-motif chain and write the analysis."""
@@ -99,7 +101,7 @@ def analyze_boundaries(
     from stemagent.boundaries.trace import BoundaryStage
 
     try:
-        cfg = BoundaryAnalysisConfig(fixed=_parse_fixed(fix), seed=seed)
+        cfg = BoundaryAnalysisConfig(fixed=_parse_fixed(fix), seed=seed, omega_n_max=omega_n_max, kmotif_boot=kmotif_boot)
         stage = BoundaryStage(cfg.trace)
         traces, first = [], None
         for n, frame in enumerate(frames_from_path(path, pixel_size_A)):

@@ -256,11 +256,11 @@ class GrowthFit:
 
     @property
     def power_law_preferred(self) -> bool:
-        """True when the power law's AIC is lower than the exponential-with-correction form's."""
+        """True when the power law's BIC is lower than the exponential-with-correction form's."""
         k = self.n_points
-        aic_p = k * np.log(max(self.rss_power, 1e-300) / k) + 2 * 2
-        aic_e = k * np.log(max(self.rss_exp, 1e-300) / k) + 2 * 3
-        return bool(aic_p < aic_e)
+        bic_p = k * np.log(max(self.rss_power, 1e-300) / k) + 2 * np.log(k)
+        bic_e = k * np.log(max(self.rss_exp, 1e-300) / k) + 3 * np.log(k)
+        return bool(bic_p < bic_e)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "alpha_stderr": self.alpha_stderr, "intercept": self.intercept, "rss_power": self.rss_power,
