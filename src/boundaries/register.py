@@ -103,17 +103,20 @@ def register_lattice(points_A: np.ndarray, neighbourhood_cells: float = 2.6, fla
     keep = np.zeros(len(pts), dtype=bool)
     keep[order[first]] = True
     # local reference: median residual of the neighbours (twice: without flagged columns)
-    tree = cKDTree(pts)
     radius = neighbourhood_cells * float(0.5 * (np.linalg.norm(a1) + np.linalg.norm(a2)))
-    neigh = tree.query_ball_point(pts, radius)
+    k_max = int(np.ceil(np.pi * (neighbourhood_cells + 1) ** 2)) + 1
+    dist, neigh = cKDTree(pts).query(pts, k=min(k_max, len(pts)), distance_upper_bound=radius)
+    neigh = neigh[:, 1:]  # (N, K) without the point itself; len(pts) where there is no neighbour
+    valid = np.isfinite(dist[:, 1:])
+    padded = np.vstack([resid, np.full((1, 2), np.nan)])
     use = keep.copy()
     disp = resid.copy()
     sigma = float("nan")
     for _ in range(2):
-        local = np.zeros_like(resid)
-        for n, nb in enumerate(neigh):
-            nb = [m for m in nb if m != n and use[m]]
-            local[n] = np.median(resid[nb], axis=0) if nb else 0.0
+        usable = valid & np.append(use, False)[neigh]
+        vals = np.where(usable[:, :, None], padded[neigh], np.nan)  # (N, K, 2)
+        with np.errstate(all="ignore"):
+            local = np.nan_to_num(np.nanmedian(vals, axis=1)) if vals.shape[1] else np.zeros_like(resid)
         disp = resid - local
         sigma = float(1.4826 * np.median(np.abs(disp[keep] - np.median(disp[keep], axis=0)))) or 1e-3
         use = keep & (np.linalg.norm(disp, axis=1) < flag_sigmas * sigma)
