@@ -43,7 +43,7 @@ from stemagent.boundaries.estimate import count_transitions, fit_full, fit_reduc
 from stemagent.boundaries.kmotifs import significant_kmotifs
 from stemagent.boundaries.lattice import PERMITTED, path_vertices
 from stemagent.boundaries.omega import alpha_of_d, exact_table, fit_growth, sampled_entropy
-from stemagent.boundaries.trace import BoundaryStage, column_intensities
+from stemagent.boundaries.trace import BoundaryStage
 from stemagent.simulators.boundary_film import boundary_film, truth_sequences
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.optics import Aberrations, ProbeOptics
@@ -118,10 +118,9 @@ def run_seed(seed: int, dose: float, n_transitions: int, stage: BoundaryStage) -
         frame, sp, render_s = frame_of(TRUE, dose, rng, frames)
         t_render += render_s
         t0 = time.perf_counter()
-        atoms = stage.finder.find(frame)  # the baseline: finding the atoms of the frame
+        atoms, intensities, rc = stage.columns(frame)  # the baseline: finding the frame's atomic columns
         t1 = time.perf_counter()
-        rc = frame.geometry.sample_to_pixel(atoms.positions_A)
-        res = stage.tracer.trace(atoms, column_intensities(frame.image, rc, stage.config.finder_sigma_A / (FOV_A / PX)))
+        res = stage.tracer.trace(atoms, intensities, scan_rc_px=rc)
         t2 = time.perf_counter()
         t_find += t1 - t0
         t_trace += t2 - t1

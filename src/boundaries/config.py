@@ -45,6 +45,7 @@ class BoundaryTraceConfig(_Model):
     finder_sigma_A: float = Field(0.6, gt=0.05, le=5.0, description="frames: LoG atom finder width, Å")
     finder_threshold: float = Field(0.1, ge=0.0, le=1.0, description="frames: LoG threshold (fraction of the 99.5th percentile)")
     finder_min_separation_A: float = Field(1.5, gt=0.0, le=10.0, description="frames: minimum distance between columns, Å")
+    edge_margin_A: float = Field(1.0, ge=0, le=20.0, description="frames: columns closer than this to the image border are ignored (their peaks are cut)")
     column_class: str = Field("A", description="class name of the boundary sublattice when the atoms carry classes")
     brightest_fraction: Optional[float] = Field(
         None, gt=0, le=1, description="without classes: the boundary sublattice is this fraction of the brightest columns (None: 2-means on intensity)")

@@ -14,6 +14,7 @@ The lattice vector ``a1`` is the one closest to the +x axis of the input frame a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,8 +78,43 @@ def lattice_vectors(points_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return l1 * u1, l2 * u2
 
 
-def register_lattice(points_A: np.ndarray, neighbourhood_cells: float = 2.6, flag_sigmas: float = 6.0) -> LatticeRegistration:
-    """Index the points of a square sublattice and measure their local displacements."""
+def _masked_median(values: np.ndarray, neigh: np.ndarray, usable: np.ndarray, min_count: int = 1) -> np.ndarray:
+    """Median of ``values[neigh]`` over the usable neighbours of each point, ``(N, 2)``; 0 where
+    fewer than ``min_count`` are usable. ``neigh`` ``(N, K)`` holds ``len(values)`` for padding."""
+    if neigh.shape[1] == 0:
+        return np.zeros_like(values)
+    padded = np.vstack([values, np.full((1, 2), np.nan)])
+    vals = np.where(usable[:, :, None], padded[neigh], np.nan)
+    with warnings.catch_warnings():  # points with no usable neighbour: reference 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nan_to_num(np.nanmedian(vals, axis=1))
+    return np.where((usable.sum(axis=1) >= min_count)[:, None], med, 0.0)
+
+
+def _scan_line_neighbours(scan_rc_px: np.ndarray, half_width_px: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``k`` points imaged on the same scan lines (|d row| <= 1 px) within ``half_width_px``
+    along the fast axis: ``(neighbours (N, K) padded with N, valid (N, K))``."""
+    rc = np.asarray(scan_rc_px, dtype=np.float64)
+    scaled = np.stack([rc[:, 0] * half_width_px, rc[:, 1]], axis=1)  # |d row| <= 1 <=> |d scaled row| <= half width
+    dist, idx = cKDTree(scaled).query(scaled, k=min(k + 1, len(rc)), p=np.inf, distance_upper_bound=half_width_px)
+    return idx[:, 1:], np.isfinite(dist[:, 1:])
+
+
+def _pixels_per_A(pts: np.ndarray, rc: np.ndarray) -> float:
+    """Image scale from the points and their pixel positions (least squares)."""
+    d_a = np.linalg.norm(pts - pts.mean(axis=0), axis=1)
+    d_px = np.linalg.norm(rc - rc.mean(axis=0), axis=1)
+    return float(d_px @ d_a / max(d_a @ d_a, 1e-12))
+
+
+def register_lattice(points_A: np.ndarray, neighbourhood_cells: float = 2.6, flag_sigmas: float = 6.0,
+                     scan_rc_px: np.ndarray | None = None) -> LatticeRegistration:
+    """Index the points of a square sublattice and measure their local displacements.
+
+    ``scan_rc_px``: where each point is in the image ``(N, 2)`` (row, col). When given, errors
+    shared by the columns imaged on the same scan lines (line jitter, a jump of the scan) are
+    removed too: after the neighbourhood reference, each column's displacement is taken relative
+    to the median of the columns on its scan lines (within 8 lattice spacings along the line)."""
     pts = np.asarray(points_A, dtype=np.float64).reshape(-1, 2)
     if len(pts) < 9:
         raise InputError("points_A", len(pts), "need at least 9 columns to register a lattice")
@@ -103,21 +139,24 @@ def register_lattice(points_A: np.ndarray, neighbourhood_cells: float = 2.6, fla
     keep = np.zeros(len(pts), dtype=bool)
     keep[order[first]] = True
     # local reference: median residual of the neighbours (twice: without flagged columns)
-    radius = neighbourhood_cells * float(0.5 * (np.linalg.norm(a1) + np.linalg.norm(a2)))
+    spacing = float(0.5 * (np.linalg.norm(a1) + np.linalg.norm(a2)))
     k_max = int(np.ceil(np.pi * (neighbourhood_cells + 1) ** 2)) + 1
-    dist, neigh = cKDTree(pts).query(pts, k=min(k_max, len(pts)), distance_upper_bound=radius)
-    neigh = neigh[:, 1:]  # (N, K) without the point itself; len(pts) where there is no neighbour
-    valid = np.isfinite(dist[:, 1:])
-    padded = np.vstack([resid, np.full((1, 2), np.nan)])
+    dist, neigh = cKDTree(pts).query(pts, k=min(k_max, len(pts)), distance_upper_bound=neighbourhood_cells * spacing)
+    neigh, valid = neigh[:, 1:], np.isfinite(dist[:, 1:])  # without the point itself
+    line_neigh = line_valid = None
+    if scan_rc_px is not None:
+        rc = np.asarray(scan_rc_px, dtype=np.float64).reshape(-1, 2)
+        if rc.shape != pts.shape:
+            raise InputError("scan_rc_px.shape", rc.shape, f"must be {pts.shape}, one (row, col) per point")
+        span_px = 8.0 * spacing * _pixels_per_A(pts, rc)
+        line_neigh, line_valid = _scan_line_neighbours(rc, span_px, 24)
     use = keep.copy()
     disp = resid.copy()
     sigma = float("nan")
     for _ in range(2):
-        usable = valid & np.append(use, False)[neigh]
-        vals = np.where(usable[:, :, None], padded[neigh], np.nan)  # (N, K, 2)
-        with np.errstate(all="ignore"):
-            local = np.nan_to_num(np.nanmedian(vals, axis=1)) if vals.shape[1] else np.zeros_like(resid)
-        disp = resid - local
+        disp = resid - _masked_median(resid, neigh, valid & np.append(use, False)[neigh])
+        if line_neigh is not None and line_valid is not None:
+            disp = disp - _masked_median(disp, line_neigh, line_valid & np.append(use, False)[line_neigh], min_count=4)
         sigma = float(1.4826 * np.median(np.abs(disp[keep] - np.median(disp[keep], axis=0)))) or 1e-3
         use = keep & (np.linalg.norm(disp, axis=1) < flag_sigmas * sigma)
     disp[~keep] = np.nan

@@ -142,18 +142,20 @@ class BoundaryTracer:
     def __init__(self, config: BoundaryTraceConfig | None = None) -> None:
         self.config = config or BoundaryTraceConfig()
 
-    def trace(self, atoms: Atoms, intensities: np.ndarray | None = None) -> TraceResult:
-        """Read the boundaries of one frame from its ``atoms`` (sample frame, Å)."""
+    def trace(self, atoms: Atoms, intensities: np.ndarray | None = None, scan_rc_px: np.ndarray | None = None) -> TraceResult:
+        """Read the boundaries of one frame from its ``atoms`` (sample frame, Å); ``scan_rc_px``
+        ``(N, 2)``: where each atom is in the image, to remove errors shared by a scan line."""
         cols = select_columns(atoms, intensities, self.config)
-        res = self.trace_columns(atoms.positions_A[cols])
+        res = self.trace_columns(atoms.positions_A[cols], None if scan_rc_px is None else np.asarray(scan_rc_px)[cols])
         for t in res.traces:
             t.frame_index = atoms.frame_index
         return res
 
-    def trace_columns(self, positions_A: np.ndarray) -> TraceResult:
+    def trace_columns(self, positions_A: np.ndarray, scan_rc_px: np.ndarray | None = None) -> TraceResult:
         """Read the boundaries from the positions ``(N, 2)`` of the boundary-sublattice columns."""
         pts = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
-        reg = register_lattice(pts, neighbourhood_cells=self.config.neighbourhood_cells, flag_sigmas=self.config.min_sigmas)
+        reg = register_lattice(pts, neighbourhood_cells=self.config.neighbourhood_cells, flag_sigmas=self.config.min_sigmas,
+                               scan_rc_px=scan_rc_px)
         pointer, conf, delta = classify_pointers(reg, self.config)
         traces = self._walk(pts, reg, pointer, conf)
         return TraceResult(traces, reg, pts, pointer, conf, delta)
@@ -245,10 +247,18 @@ class BoundaryStage:
                                 min_separation_A=self.config.finder_min_separation_A)
         self.tracer = BoundaryTracer(self.config)
 
-    def process(self, frame: Frame) -> TraceResult:
+    def columns(self, frame: Frame) -> tuple[Atoms, np.ndarray, np.ndarray]:
+        """The frame's atomic columns away from the border: ``(atoms, intensities (N,), pixel rc (N, 2))``."""
         atoms = self.finder.find(frame)
+        inside = frame.geometry.contains(atoms.positions_A, self.config.edge_margin_A)
+        atoms = Atoms(positions_A=atoms.positions_A[inside], classes=atoms.classes[inside], confidence=atoms.confidence[inside],
+                      frame_index=atoms.frame_index, class_names=atoms.class_names)
         if len(atoms) < 9:
             raise InputError(f"frame[{frame.index}]", len(atoms), "has too few atomic columns to read boundaries")
         rc = frame.geometry.sample_to_pixel(atoms.positions_A)
         radius_px = self.config.finder_sigma_A / float(np.mean(frame.geometry.pixel_size_A))
-        return self.tracer.trace(atoms, column_intensities(frame.image, rc, max(radius_px, 1.0)))
+        return atoms, column_intensities(frame.image, rc, max(radius_px, 1.0)), rc
+
+    def process(self, frame: Frame) -> TraceResult:
+        atoms, intensities, rc = self.columns(frame)
+        return self.tracer.trace(atoms, intensities, scan_rc_px=rc)
