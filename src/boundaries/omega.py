@@ -21,7 +21,7 @@ orbit: the isometries map the other starts onto these), for ``N`` up to ~100; be
 sampling segments from the chain conditioned on ``s_N = s_0`` (exactly, through backward
 messages over the 2-motifs) with a plug-in (Miller-Madow) entropy of ``R``.
 :func:`fit_growth` fits ``log Omega = alpha log N + c`` (the published power law) and, as a
-check, ``log Omega = lambda N + beta log N + c``, with standard errors.
+check, ``log Omega = lambda N + beta log N + c``, with standard errors; the BIC says which fits.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from scipy import sparse
 
 from stemagent.boundaries.chain import BoundaryChain, ReducedParams, stationary_distribution
-from stemagent.boundaries.lattice import D4, N_STATES, PERMITTED, STATE_INDEX, STATE_ORBIT, STATES, STEP_VECTORS, SUCCESSOR, isometry
+from stemagent.boundaries.lattice import D4, N_STATES, PERMITTED, STATE_ORBIT, STATES, STEP_VECTORS, SUCCESSOR
 from stemagent.errors import InputError
 
 _LAST_STEP = np.array([w[2] for w in STATES], dtype=np.int64)  # (32,) direction of each 2-motif's last step
@@ -48,10 +48,6 @@ def _rotate_vector(v: np.ndarray, rotation: int, mirror: bool) -> np.ndarray:
     for _ in range(rotation % 4):
         out = np.stack([-out[..., 1], out[..., 0]], axis=-1)
     return out
-
-
-def _state_image(state: int, rotation: int, mirror: bool) -> int:
-    return STATE_INDEX[tuple(int(s) for s in isometry(np.array(STATES[state]), rotation, mirror))]  # type: ignore[index]
 
 
 @dataclass
