@@ -210,6 +210,10 @@ from stemagent.agent.cli_simulate import simulate as _simulate  # noqa: E402 - t
 
 app.command("simulate")(_simulate)
 
+from stemagent.agent.cli_boundaries import analyze_boundaries as _analyze_boundaries  # noqa: E402 - boundary analysis
+
+app.command("analyze-boundaries")(_analyze_boundaries)
+
 
 def main() -> None:  # pragma: no cover - console entry for python -m
     app()

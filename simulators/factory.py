@@ -26,6 +26,9 @@ def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
         }
     elif cfg.specimen == "srtio3":
         opts = {"n_cells": cfg.n_cells}
+    elif cfg.specimen == "boundary_film":
+        opts = {"n_cells": cfg.n_cells, "chain": cfg.boundary_chain.params(), "displacement_A": cfg.displacement_A,
+                "tile_cells": cfg.boundary_tile_cells}
     else:
         opts = {"n_cells": cfg.n_cells, "domain_width_A": cfg.domain_width_A, "displacement_A": cfg.displacement_A}
     return build_specimen(cfg.specimen, size_A=size, center_A=(0.0, 0.0), rng=rng, **opts)

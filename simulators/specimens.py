@@ -323,7 +323,7 @@ def tmd(
     )
 
 
-SPECIMEN_KINDS = ("graphene", "mos2", "ws2", "mose2", "srtio3", "film")
+SPECIMEN_KINDS = ("graphene", "mos2", "ws2", "mose2", "srtio3", "film", "boundary_film")
 
 
 def build_specimen(
@@ -345,4 +345,8 @@ def build_specimen(
         return perovskites.srtio3(size_A=size_A, center_A=center_A, rng=rng, **options)
     if kind == "film":
         return perovskites.ferroelectric_film(size_A=size_A, center_A=center_A, rng=rng, **options)
+    if kind == "boundary_film":  # boundaries from the 2-motif chain (stemagent.simulators.boundary_film)
+        from stemagent.simulators.boundary_film import boundary_film
+
+        return boundary_film(size_A=size_A, center_A=center_A, rng=rng, **options)
     raise ValueError(f"specimen kind={kind!r}: must be one of {SPECIMEN_KINDS}")

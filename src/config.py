@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stemagent.boundaries.config import BoundaryChainConfig
 from stemagent.errors import ConfigError
 from stemagent.types import ScanGeometry
 
@@ -94,7 +95,7 @@ class TwinConfig(_Model):
     drift and beam-induced dynamics. Lengths Å, times s, energies keV, angles mrad."""
 
     kind: Literal["twin"] = "twin"
-    specimen: Literal["graphene", "mos2", "ws2", "mose2", "srtio3", "film"] = "graphene"
+    specimen: Literal["graphene", "mos2", "ws2", "mose2", "srtio3", "film", "boundary_film"] = "graphene"
     specimen_size_A: float = Field(200.0, gt=1.0, le=5000.0, description="side of the square specimen, Å")
     # specimen composition (each applies to the specimens that have it)
     si_per_nm2: float = Field(0.02, ge=0, le=5, description="graphene: Si dopants per nm²")
@@ -105,7 +106,9 @@ class TwinConfig(_Model):
     substituent: Literal["Se", "S", "Te"] = "Se"
     n_cells: int = Field(8, ge=1, le=100, description="perovskites: thickness in unit cells")
     domain_width_A: float = Field(30.0, gt=1.0, description="film: domain wall spacing, Å")
-    displacement_A: float = Field(0.3, ge=0, le=2.0, description="film: B-site polar displacement, Å")
+    displacement_A: float = Field(0.3, ge=0, le=2.0, description="film: B-site polar displacement, Å; boundary_film: A-site displacement along a boundary")
+    boundary_chain: BoundaryChainConfig = Field(default_factory=BoundaryChainConfig, description="boundary_film: the 2-motif chain's reduced parameters")
+    boundary_tile_cells: int = Field(15, ge=5, le=1000, description="boundary_film: one boundary per tile of this many A sites")
     # optics
     energy_keV: float = Field(60.0, gt=1.0, le=1000.0)
     convergence_mrad: float = Field(30.0, gt=0.1, le=200.0, description="probe semi-angle, mrad")
