@@ -513,6 +513,7 @@ class CapabilitiesModel(_Msg):
     detectors: tuple[str, ...] = ("HAADF",)
     beam_energy_keV: float = Field(60.0, gt=0)
     beam_current_pA: float = Field(20.0, ge=0)
+    probe_fwhm_A: float | None = Field(None, gt=0)
 
 
 def capabilities_from(result: dict[str, Any]) -> Capabilities:
