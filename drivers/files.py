@@ -79,7 +79,7 @@ def _angstrom_per_unit(units: Any, where: str) -> float:
     u = str(units or "").strip().lower().replace(" ", "")
     if u in _TO_ANGSTROM:
         return _TO_ANGSTROM[u]
-    raise InputError(where, units, "is not a length unit (m, mm, µm, nm, Å, pm); pass pixel_size_A to override")
+    raise InputError(where, units, "is not a length unit (m, mm, µm, nm, Å, pm); give the pixel size (stemagent replay --pixel-size-A, or pixel_size_A)")
 
 
 def _is_length(units: Any) -> bool:

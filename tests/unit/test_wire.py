@@ -154,11 +154,11 @@ def test_mqtt_control_rejects_junk_without_a_broker() -> None:
     from stemagent.agent.telemetry import MqttTelemetry
     from stemagent.config import TelemetryConfig
 
-    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")  # never connected: only validation
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r", run_id="t")  # never connected: only validation
     for junk in (b"[" * 100_000, b"\xff\xfe", b"{}", b'{"command": "pause", "value": "x"}', b"1" * 70_000):
         ack = sink.handle_control(junk)
         assert ack.accepted is False
-    assert sink.stats["control_rejected"] == 5 and len(sink._queue) == 5  # each one acknowledged
+    assert sink.stats["control_rejected"] == 5 and len(sink._acks) == 5  # each one acknowledged
 
 
 @SETTINGS
@@ -167,6 +167,6 @@ def test_mqtt_control_never_raises_on_random_payloads(payload: bytes) -> None:
     from stemagent.agent.telemetry import MqttTelemetry
     from stemagent.config import TelemetryConfig
 
-    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r", run_id="t")
     ack = sink.handle_control(payload)
-    assert ack.accepted is False and len(sink._queue) == 1
+    assert ack.accepted is False and len(sink._acks) == 1
