@@ -36,7 +36,7 @@ from stemagent.agent.control import ControlAck, ControlMessage
 from stemagent.agent.safety import Prediction, SafetyGate
 from stemagent.agent.state import AgentState, StateMachine
 from stemagent.clock import Clock
-from stemagent.driver import Driver, DriverFault, EndOfData
+from stemagent.driver import CommandRefused, Driver, DriverFault, EndOfData
 from stemagent.errors import StemAgentError
 from stemagent.runlog import RunLogWriter
 from stemagent.stages import Observation, Policy, Segmenter
@@ -287,7 +287,7 @@ class Agent:
 
     def _adopt_current(self, beam_current_pA: float, source: str) -> None:
         before = self.gate.beam_current_pA
-        if self.gate.set_beam_current(beam_current_pA):
+        if self.gate.set_beam_current(beam_current_pA, self._now()):
             self._log_interruption("beam_current", f"{source}: {before:.4g} pA -> {beam_current_pA:.4g} pA", self.sm.state.value)
         self.summary.beam_current_pA = self.gate.beam_current_pA
 
@@ -322,8 +322,12 @@ class Agent:
         if isinstance(cmd, ScanRegion):
             try:
                 frame = await self._guard(lambda: self.driver.acquire(cmd.geometry), self._timeout_for(cmd), "acquire")
-            finally:
-                self.gate.finished(prediction, self._now())
+            except CommandRefused as exc:
+                return self._device_refused(cmd, prediction, exc)
+            except BaseException:
+                self.gate.finished(prediction, self._now())  # it may have run: count the beam as on
+                raise
+            self.gate.finished(prediction, self._now())
             await self._blank("frame done")
             self._last_geometry = cmd.geometry
             frame = self._identify(frame)
@@ -332,8 +336,12 @@ class Agent:
         if isinstance(cmd, Park):
             try:
                 result = await self._guard(lambda: self.driver.park(cmd.position_A, cmd.dwell_s), self._timeout_for(cmd), "park")
-            finally:
-                self.gate.finished(prediction, self._now())
+            except CommandRefused as exc:
+                return self._device_refused(cmd, prediction, exc)
+            except BaseException:
+                self.gate.finished(prediction, self._now())  # it may have run: count the beam as on
+                raise
+            self.gate.finished(prediction, self._now())
             await self._blank("park done")
             self.summary.parks += 1
             sig = np.asarray(result.signal, dtype=np.float64)
@@ -353,6 +361,16 @@ class Agent:
             self._reconcile(prediction, float(result.dose_e_per_A2))
             return None
         await self._blank("policy asked")
+        return None
+
+    def _device_refused(self, cmd: BeamCommand, prediction: Prediction, exc: CommandRefused) -> None:
+        """The device refused the command under its own limits: nothing ran, nothing was dosed."""
+        self.gate.cancel(prediction)
+        now = self._now()
+        self.summary.commands_refused += 1
+        self.writer.write_safety(verdict="refused", rule="device", detail=str(exc), t_s=now)
+        self.writer.write_command(cmd, outcome="refused_by_device", t_s=now, detail=str(exc))
+        self.telemetry.publish("safety", {"verdict": "refused", "rule": "device", "detail": str(exc)})
         return None
 
     def _identify(self, frame: Frame) -> Frame:
@@ -404,6 +422,8 @@ class Agent:
         await self._guard(self.driver.connect, wd, "reconnect", leave_on_stop=True)
         caps = await self._guard(self.driver.capabilities, wd, "capabilities", leave_on_stop=True)
         self._adopt_current(caps.beam_current_pA, "device reports after reconnecting")
+        if not await self._blank("device back"):  # whatever the device did meanwhile, it starts blanked
+            raise DriverFault("the device answers but does not blank")
 
     async def _wait_while_held(self) -> None:
         """Paused or faulted: beam blanked; wait for resume, stop, abort or the device to return."""

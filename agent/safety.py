@@ -4,8 +4,9 @@ Rules, each named in a refusal:
 - ``area``: scans (their whole field) and parks stay inside the allowed square of the specimen;
 - ``fov`` / ``pixels`` / ``dwell`` / ``park_dwell``: instrument limits of the run;
 - ``dose``: the dose map (:class:`stemagent.dose.DoseMap`, an upper bound of the dose at every
-  place) may not go past the dose budget anywhere, counting the command's scan or park, its
-  flyback, and the dose of an unblanked beam still sitting where the last command ended;
+  place) may not go past the dose budget anywhere the command's scan, flyback or park reaches.
+  The map also holds the dose of an unblanked beam resting where the last command ended (or
+  that could not be blanked), counted until a blank is confirmed;
 - ``rate``: at most ``max_commands_per_s`` commands within any one-second window.
 
 Dose is predicted before a command runs (:meth:`SafetyGate.check`, :meth:`SafetyGate.record`)
@@ -91,16 +92,19 @@ class SafetyGate:
             return dose.park_footprint(self.map, cmd.position_A, cmd.dwell_s, self.beam_current_pA, self.probe_fwhm_A)
         return NOTHING.footprint
 
-    def _idle(self, now_s: float) -> dose.Increment:
-        """Dose of the unblanked beam resting where the last command ended, up to ``now_s``."""
+    def _flush_idle(self, now_s: float) -> None:
+        """Account for the unblanked beam resting where the last command ended, up to ``now_s``.
+
+        That dose has been delivered (or may have been: a beam that could not be blanked is
+        counted as on): it goes into the map and is never a reason to refuse the next command."""
         if self._beam_on is None:
-            return dose.EMPTY
+            return
         since, where = self._beam_on
-        t = max(0.0, now_s - since)
-        if t <= 0:
-            return dose.EMPTY
-        d = dose.park_dose_e_per_A2(self.beam_current_pA, t, self.probe_fwhm_A)
-        return dose.combine((self.map.disk(where, self.probe_reach_A), d))
+        t = now_s - since
+        if t > 0:
+            d = dose.park_dose_e_per_A2(self.beam_current_pA, t, self.probe_fwhm_A)
+            self.map.add(dose.combine((self.map.disk(where, self.probe_reach_A), d)))
+            self._beam_on = (now_s, where)
 
     @property
     def peak_dose_e_per_A2(self) -> float:
@@ -132,8 +136,8 @@ class SafetyGate:
                 return Verdict(False, "park_dwell", f"dwell_s={cmd.dwell_s} exceeds max_park_s={cfg.max_park_s}")
             if not self.in_area(np.asarray(cmd.position_A)):
                 return Verdict(False, "area", f"park position {cmd.position_A} Å is outside the allowed area")
-        inc = dose.combine((self.footprint(cmd).increment, 1.0), (self._idle(now_s), 1.0))
-        worst = self.map.peak_with(inc)
+        self._flush_idle(now_s)
+        worst = self.map.peak_with(self.footprint(cmd).increment)
         if worst > self.dose_budget_e_per_A2:
             return Verdict(False, "dose", f"dose would reach {worst:.3g} e/Å² > budget {self.dose_budget_e_per_A2:.3g} e/Å² "
                                           f"(beam current {self.beam_current_pA:.4g} pA)")
@@ -143,7 +147,7 @@ class SafetyGate:
         """Account for a command that is being sent: its predicted dose and the idle dose before it."""
         if cmd.kind == "blank":
             return NOTHING
-        self.map.add(self._idle(now_s))
+        self._flush_idle(now_s)
         self._beam_on = None  # the beam is busy with the command until :meth:`finished`
         self._recent.append(now_s)
         while self._recent and now_s - self._recent[0] >= 1.0:
@@ -152,6 +156,12 @@ class SafetyGate:
         self.map.add(fp.increment)
         return Prediction(cmd.kind, fp, self.beam_current_pA)
 
+    def cancel(self, prediction: Prediction) -> None:
+        """The device refused the command: take its predicted dose back out of the map."""
+        self.map.add(prediction.footprint.increment.scaled(-1.0))
+        np.maximum(self.map.values, 0.0, out=self.map.values)
+        self._beam_on = None
+
     def finished(self, prediction: Prediction, now_s: float) -> None:
         """The command ended at ``now_s`` and the beam rests where it left it until :meth:`blanked`."""
         if prediction.footprint.end_position_A is not None:
@@ -159,7 +169,7 @@ class SafetyGate:
 
     def blanked(self, now_s: float) -> None:
         """The beam was blanked at ``now_s``: account for its idle time and stop counting."""
-        self.map.add(self._idle(now_s))
+        self._flush_idle(now_s)
         self._beam_on = None
 
     def reconcile(self, prediction: Prediction, reported_e_per_A2: float) -> Verdict:
@@ -183,10 +193,13 @@ class SafetyGate:
             f"(tolerance {self.config.dose_tolerance:.0%}); assuming beam current {self.beam_current_pA:.4g} pA from now on",
         )
 
-    def set_beam_current(self, beam_current_pA: float) -> bool:
-        """Adopt the current a device reports; returns whether it changed."""
+    def set_beam_current(self, beam_current_pA: float, now_s: float | None = None) -> bool:
+        """Adopt the current a device reports (from ``now_s``: idle time before it is counted at
+        the old current); returns whether it changed."""
         if not (math.isfinite(beam_current_pA) and beam_current_pA >= 0):
             raise ValueError(f"beam_current_pA={beam_current_pA!r}: must be a non-negative number of pA")
+        if now_s is not None:
+            self._flush_idle(now_s)
         changed = not math.isclose(beam_current_pA, self.beam_current_pA, rel_tol=1e-9)
         self.beam_current_pA = float(beam_current_pA)
         return changed

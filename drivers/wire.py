@@ -44,7 +44,12 @@ class WireError(InputError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: coordinates and lengths on the wire stay within a metre of anything sensible: 1e7 Å = 1 mm
+Coordinate = Annotated[float, Field(ge=-1e7, le=1e7)]
+Length = Annotated[float, Field(gt=0, le=1e7)]
 
 
 def _finite(v: float, name: str) -> float:
@@ -56,12 +61,12 @@ def _finite(v: float, name: str) -> float:
 class GeometryModel(_Msg):
     """Wire form of :class:`~stemagent.types.ScanGeometry` (same fields, same units)."""
 
-    center_A: tuple[float, float]
-    fov_A: tuple[float, float]
+    center_A: tuple[Coordinate, Coordinate]
+    fov_A: tuple[Length, Length]
     shape_px: tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
-    rotation_rad: float = 0.0
-    dwell_s: float = Field(gt=0)
-    flyback_s: float = Field(0.0, ge=0)
+    rotation_rad: float = Field(0.0, ge=-4 * math.pi, le=4 * math.pi)
+    dwell_s: float = Field(gt=0, le=10.0)
+    flyback_s: float = Field(0.0, ge=0, le=10.0)
 
     def to_geometry(self) -> ScanGeometry:
         return ScanGeometry(
@@ -86,6 +91,8 @@ RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z
 class _Request(_Msg):
     v: Literal[1]
     id: RequestId
+    #: who sends it (the client's session); the bridge gives the beam to one client at a time
+    client: RequestId | None = None
 
 
 class HeartbeatRequest(_Request):
@@ -111,7 +118,7 @@ class AcquireRequest(_Request):
 
 class ParkRequest(_Request):
     op: Literal["park"]
-    position_A: tuple[float, float]
+    position_A: tuple[Coordinate, Coordinate]
     dwell_s: float = Field(gt=0, le=3600.0)
 
     @field_validator("position_A")
