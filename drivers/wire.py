@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: requests carry "client"; "Refused" errors; bounded geometry; capabilities.probe_fwhm_A
 
 #: Largest JSON part (request, reply or frame header) a peer accepts, bytes.
 MAX_JSON_BYTES = 1 << 20
@@ -89,7 +89,7 @@ RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z
 
 
 class _Request(_Msg):
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
     #: who sends it (the client's session); the bridge gives the beam to one client at a time
     client: RequestId | None = None
@@ -180,7 +180,7 @@ class Reply(_Msg):
     ``arrays`` lists raw parts that follow this JSON part in the same message, in order.
     """
 
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
     ok: bool
     result: dict[str, Any] = Field(default_factory=dict)
@@ -194,7 +194,7 @@ class Reply(_Msg):
 class FrameHeader(_Msg):
     """The JSON part in front of every frame's pixel buffer."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["frame"] = "frame"
     stream: str = Field("", max_length=64)
     index: int = Field(ge=0)
@@ -553,7 +553,7 @@ def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
 class StreamEnd(_Msg):
     """Single-part message on the frame channel: a stream finished (``error`` set if it failed)."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["stream_end"] = "stream_end"
     stream: RequestId
     frames: int = Field(ge=0)

@@ -38,7 +38,7 @@ class Raw:
         self.sock.connect(endpoint)
 
     async def send(self, op: str, client: str | None = "a", **fields: Any) -> dict[str, Any]:
-        req = {"v": 1, "id": f"r{next(_ids)}", "op": op, **fields}
+        req = {"v": 2, "id": f"r{next(_ids)}", "op": op, **fields}
         if client is not None:
             req["client"] = client
         await self.sock.send_multipart([json.dumps(req).encode()])
@@ -113,7 +113,7 @@ async def test_only_the_controlling_client_feeds_the_watchdog():
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent, other = Raw(bridge.control_endpoint), Raw(bridge.control_endpoint)
     try:
-        await agent.sock.send_multipart([json.dumps({"v": 1, "id": "scan1", "client": "agent", "op": "acquire",
+        await agent.sock.send_multipart([json.dumps({"v": 2, "id": "scan1", "client": "agent", "op": "acquire",
                                                      "geometry": GEOM}).encode()])
         while not bridge._beam_maybe_on:
             await asyncio.sleep(0.01)
@@ -143,7 +143,7 @@ async def test_the_controllers_heartbeats_keep_a_long_scan_going():
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent = Raw(bridge.control_endpoint)
     try:
-        await agent.sock.send_multipart([json.dumps({"v": 1, "id": "long", "client": "agent", "op": "acquire",
+        await agent.sock.send_multipart([json.dumps({"v": 2, "id": "long", "client": "agent", "op": "acquire",
                                                      "geometry": GEOM}).encode()])
         for _ in range(12):  # 0.6 s of heartbeats: twice the timeout
             assert (await agent.send("heartbeat", client="agent"))["ok"]
@@ -195,7 +195,7 @@ def test_the_bridge_says_what_it_serves_and_blanks_on_sigterm_during_a_park(tmp_
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(f"tcp://127.0.0.1:{port}")
-        s.send_json({"v": 1, "id": "p1", "client": "t", "op": "park", "position_A": [0.0, 0.0], "dwell_s": 8.0})
+        s.send_json({"v": 2, "id": "p1", "client": "t", "op": "park", "position_A": [0.0, 0.0], "dwell_s": 8.0})
         time.sleep(0.5)  # parked, beam on
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -48,7 +48,7 @@ def bridge_status(port: int) -> dict:
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
     try:
-        s.send_json({"v": 1, "id": "probe-1", "client": "probe", "op": "status"})
+        s.send_json({"v": 2, "id": "probe-1", "client": "probe", "op": "status"})
         assert s.poll(5000), "the bridge did not answer"
         return s.recv_json()["result"]
     finally:

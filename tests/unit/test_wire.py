@@ -109,7 +109,7 @@ def test_truncated_image_is_rejected(cut: int) -> None:
 def test_wrong_version_is_rejected() -> None:
     parts, _ = wire.encode_frame(make_frame())
     header = json.loads(parts[0])
-    header["v"] = 2
+    header["v"] = 1  # the previous version
     with pytest.raises(wire.WireError, match="unsupported protocol version"):
         wire.decode_frame([json.dumps(header).encode(), parts[1]])
     with pytest.raises(wire.WireError, match="version"):
@@ -122,18 +122,18 @@ def test_oversized_messages_are_rejected_before_allocation() -> None:
         wire.decode_frame(parts, max_array_bytes=16)
     with pytest.raises(wire.WireError, match="limit"):
         wire.decode_request([b" " * (wire.MAX_JSON_BYTES + 1)])
-    huge = {"v": 1, "id": "r", "ok": True, "arrays": [{"dtype": "<f8", "shape": [1 << 28, 1 << 28, 1 << 28, 1 << 28]}]}
+    huge = {"v": 2, "id": "r", "ok": True, "arrays": [{"dtype": "<f8", "shape": [1 << 28, 1 << 28, 1 << 28, 1 << 28]}]}
     with pytest.raises(wire.WireError, match="limit"):
         wire.decode_reply([json.dumps(huge).encode(), b""])
 
 
 def test_requests_validate_fields() -> None:
-    ok = wire.decode_request([b'{"v": 1, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": 0.5}'])
+    ok = wire.decode_request([b'{"v": 2, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": 0.5}'])
     assert isinstance(ok, wire.ParkRequest) and ok.position_A == (1.0, 2.0)
     with pytest.raises(wire.WireError, match="request.park.dwell_s"):
-        wire.decode_request([b'{"v": 1, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": -1}'])
+        wire.decode_request([b'{"v": 2, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": -1}'])
     with pytest.raises(wire.WireError, match="request.heartbeat.extra"):
-        wire.decode_request([b'{"v": 1, "id": "a-1", "op": "heartbeat", "extra": 1}'])
+        wire.decode_request([b'{"v": 2, "id": "a-1", "op": "heartbeat", "extra": 1}'])
     assert wire.request_id_of([b'{"v": 7, "id": "keep-me"}']) == "keep-me"
     assert wire.request_id_of([b'{"id": "bad id with spaces"}']) is None
 

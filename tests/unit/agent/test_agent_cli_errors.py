@@ -68,7 +68,8 @@ def test_validate_and_run_refuse_what_the_gate_refuses(tmp_path, scan, rule):
 def test_a_budget_of_infinity_is_not_a_valid_config(tmp_path):
     cfg = write(tmp_path, {**GOOD, "safety": {"dose_budget_e_per_A2": float("inf")}})
     result, lines = cli("validate", str(cfg))
-    assert result.exit_code == 2 and "safety.dose_budget_e_per_A2=inf" in one_error_line(result, lines)
+    line = one_error_line(result, lines)
+    assert result.exit_code == 2 and "safety.dose_budget_e_per_A2=inf" in line and "finite" in line
 
 
 def test_a_run_whose_every_command_is_refused_is_a_failure(tmp_path):
@@ -184,3 +185,15 @@ def test_an_uncalibrated_tiff_replays_with_a_pixel_size(tmp_path):
     result, _ = cli("replay", str(path), "--pixel-size-A", "0.2", "--log-dir", str(tmp_path / "runs"), "--json")
     assert result.exit_code == 0, result.output
     assert 150 < json.loads(result.stdout.strip().splitlines()[-1])["atoms_per_frame"] < 350
+
+
+SHIPPED = sorted(p for p in Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml") if not p.name.startswith("train-"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_pass_the_gate(path):
+    from stemagent.agent.safety import preflight
+    from stemagent.config import load_config
+
+    verdict, _ = preflight(load_config(path))
+    assert verdict.allowed, verdict
