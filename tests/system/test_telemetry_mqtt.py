@@ -159,3 +159,27 @@ async def test_telemetry_reconnects_after_the_broker_restarts(tmp_path: Path) ->
                 assert ack["id"] == "after" and [m.command for m in target.got] == ["resume"]
     finally:
         await sink.__aexit__(None, None, None)
+
+
+async def test_a_thousand_controls_get_a_thousand_acks_through_the_broker(mosquitto: int) -> None:
+    """Issue 10 defect 7: acks shared a 256-slot drop-oldest queue with telemetry; 1000 'resume'
+    messages gave 452 acks."""
+    cfg = TelemetryConfig(host="127.0.0.1", port=mosquitto)
+    async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="flood-op", max_queued_incoming_messages=0) as op:
+        await op.subscribe("stemagent/flood/f1/ack", qos=1)
+        async with MqttTelemetry(cfg, run_name="flood", run_id="f1") as sink:
+            sink.attach(Target(sink))
+            for i in range(1000):
+                sink.publish("frame", {"frame_index": i})  # telemetry keeps flowing meanwhile
+            await asyncio.gather(*(op.publish("stemagent/flood/f1/control", json.dumps({"command": "resume", "id": f"r{i}"}),
+                                              qos=1) for i in range(1000)))
+            got: set[str] = set()
+
+            async def collect() -> None:
+                async for m in op.messages:
+                    got.add(json.loads(m.payload)["id"])  # type: ignore[arg-type]
+                    if len(got) == 1000:
+                        return
+
+            await asyncio.wait_for(collect(), timeout=60)
+    assert got == {f"r{i}" for i in range(1000)}
