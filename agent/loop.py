@@ -321,30 +321,19 @@ class Agent:
         self.writer.write_command(cmd, outcome="sent", t_s=now)
         if isinstance(cmd, ScanRegion):
             try:
-                frame = await self._guard(lambda: self.driver.acquire(cmd.geometry), self._timeout_for(cmd), "acquire")
+                frame = await self._on_device(prediction, lambda: self.driver.acquire(cmd.geometry), cmd, "acquire")
             except CommandRefused as exc:
                 return self._device_refused(cmd, prediction, exc)
-            except BaseException:
-                self.gate.finished(prediction, self._now())  # it may have run: count the beam as on
-                raise
-            self.gate.finished(prediction, self._now())
-            await self._blank("frame done")
             self._last_geometry = cmd.geometry
             frame = self._identify(frame)
             self._reconcile(prediction, frame.dose_e_per_A2)
             return frame
         if isinstance(cmd, Park):
             try:
-                result = await self._guard(lambda: self.driver.park(cmd.position_A, cmd.dwell_s), self._timeout_for(cmd), "park")
+                result = await self._on_device(prediction, lambda: self.driver.park(cmd.position_A, cmd.dwell_s), cmd, "park")
             except CommandRefused as exc:
                 return self._device_refused(cmd, prediction, exc)
-            except BaseException:
-                self.gate.finished(prediction, self._now())  # it may have run: count the beam as on
-                raise
-            self.gate.finished(prediction, self._now())
-            await self._blank("park done")
             self.summary.parks += 1
-            sig = np.asarray(result.signal, dtype=np.float64)
             self.writer.write_event(
                 "parks",
                 {
@@ -354,7 +343,7 @@ class Agent:
                     "sample_interval_s": result.sample_interval_s,
                     "dose_e_per_A2": float(result.dose_e_per_A2),
                     "predicted_dose_e_per_A2": prediction.footprint.reported_e_per_A2,
-                    "signal": sig,
+                    "signal": np.asarray(result.signal, dtype=np.float64),
                 },
                 sync=True,
             )
@@ -362,6 +351,20 @@ class Agent:
             return None
         await self._blank("policy asked")
         return None
+
+    async def _on_device(self, prediction: Prediction, make: Callable[[], Awaitable[T]], cmd: BeamCommand, what: str) -> T:
+        """Run a beam command on the device, then blank. The beam counts as on from its end
+        (or from a failure, when it may have run) until the blank is confirmed."""
+        try:
+            result = await self._guard(make, self._timeout_for(cmd), what)
+        except CommandRefused:
+            raise
+        except BaseException:
+            self.gate.finished(prediction, self._now())
+            raise
+        self.gate.finished(prediction, self._now())
+        await self._blank(f"{what} done")
+        return result
 
     def _device_refused(self, cmd: BeamCommand, prediction: Prediction, exc: CommandRefused) -> None:
         """The device refused the command under its own limits: nothing ran, nothing was dosed."""
@@ -516,6 +519,7 @@ class Agent:
                 except (DriverFault, asyncio.TimeoutError, ConnectionError) as exc:
                     await self._fault(exc)
                 except StemAgentError as exc:  # bad input from a device or stage (e.g. an invalid frame)
+                    await self._blank("bad input")
                     self._log_interruption("bad_input", str(exc), self.sm.state.value)
                     self.telemetry.publish("error", {"error": str(exc)})
                     cmd = ScanRegion(self._last_geometry)

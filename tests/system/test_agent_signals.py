@@ -84,7 +84,8 @@ def test_a_second_signal_aborts(tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc, summary, err = finish(proc)
-    assert time.monotonic() - t0 < 1.2
+    assert time.monotonic() - t0 < 2.5  # the 2.6 s scan was not waited for
     assert rc == 143 and summary["exit_status"] == "abort" and "twice" in summary["reason"]
+    assert summary["frames"] == 1  # the scan in progress was cancelled, not finished and logged
     assert summary["beam_blanked_at_end"] is True
     assert RunLog.open(summary["log_path"]).stop["exit_status"] == "abort"

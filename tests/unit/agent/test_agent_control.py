@@ -117,7 +117,7 @@ async def test_abort_interrupts_a_reconnect_attempt(tmp_path):
     t0 = time.monotonic()
     agent.control(ControlMessage(command="abort", reason="operator"))
     summary = await asyncio.wait_for(task, timeout=5.0)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 2.0  # not the 30 s the reconnect would have taken
     assert summary.exit_status == "abort" and twin.beam_blanked
 
 

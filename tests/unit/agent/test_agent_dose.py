@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from stemagent import dose
+from stemagent.agent.control import ControlMessage
 from stemagent.agent.factory import build_agent, build_clock
 from stemagent.config import config_from_dict
 from stemagent.driver import DriverFault
 from stemagent.runlog import RunLog
 from stemagent.simulators.minimal import MinimalTwinDriver
-from stemagent.types import Capabilities, Decision, Park, ScanRegion
+from stemagent.types import Decision, Park, ScanRegion
 
 
 def cfg_for(**over):
@@ -65,8 +68,6 @@ async def test_a_frame_reporting_more_dose_than_predicted_pauses_the_run(tmp_pat
     """Issue 10 defect 1: frames at 100x the current were taken without a word."""
     cfg = cfg_for(max_frames=1000)
     twin = CurrentJump(cfg.driver, seed=1)
-    import asyncio
-
     clock = build_clock(cfg)
     twin.clock = clock
     agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=twin, clock=clock)
@@ -78,8 +79,6 @@ async def test_a_frame_reporting_more_dose_than_predicted_pauses_the_run(tmp_pat
     for _ in range(20):
         await asyncio.sleep(0)
     assert agent.summary.frames == frames_at_pause  # held until the operator decides
-    from stemagent.agent.control import ControlMessage
-
     agent.control(ControlMessage(command="stop"))
     summary = await task
     log = RunLog.open(summary.log_path)

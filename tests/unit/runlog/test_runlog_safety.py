@@ -120,3 +120,20 @@ def test_an_unwritable_log_directory_is_an_input_error(tmp_path):
     blocker.write_text("not a folder")  # unwritable for root too
     with pytest.raises(InputError, match="cannot be created"):
         RunLogWriter(blocker / "run")
+
+
+async def test_a_run_log_of_the_agent_opens_in_rosettasciio(tmp_path):
+    zspy = pytest.importorskip("rsciio.zspy")
+    from stemagent.agent.factory import build_agent
+    from stemagent.config import config_from_dict
+
+    cfg = config_from_dict({"max_frames": 3, "scan": {"fov_A": 12.8, "shape_px": 64, "dwell_s": 1e-5},
+                            "safety": {"area_half_width_A": 60.0, "max_fov_A": 100.0}, "log": {"fsync": False}})
+    summary = await (await build_agent(cfg, run_dir=tmp_path / "run")).run()
+    (signal,) = zspy.file_reader(str(Path(summary.log_path) / "frames.zarr"), lazy=False)
+    frames = list(RunLog.open(summary.log_path).frames())
+    assert signal["data"].shape == (3, 64, 64)
+    for k, f in enumerate(frames):
+        np.testing.assert_array_equal(signal["data"][k], f.image)
+    assert [(a["name"], a["units"]) for a in signal["axes"]] == [("frame", ""), ("y", "Å"), ("x", "Å")]
+    assert signal["axes"][2]["scale"] == pytest.approx(frames[0].geometry.pixel_size_A[0])
