@@ -55,6 +55,8 @@ async def replay_file(path: Path, *, log_dir: Path | None, pace: str, pixel_size
 
     cfg = file_replay_config(path, pace=pace, pixel_size_A=pixel_size_A)
     _, summary, sig = await run_with_signals(
-        lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), extra_metadata={"replay_of": str(path)})
+        # nothing reaches a beam and no operator watches: a dose report above prediction is logged only
+        lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), extra_metadata={"replay_of": str(path)},
+                            pause_on_dose_report=False)
     )
     return summary, sig

@@ -560,6 +560,12 @@ def run_bridge(config_path: str | Path) -> int:
     except (ConfigError, InputError) as exc:
         print(f"error: {config_path}: {exc}" if isinstance(exc, InputError) else f"error: {exc}", file=sys.stderr)
         return 2
+    except (StemAgentError, OSError, asyncio.TimeoutError) as exc:  # the backend would not start
+        print(f"error: {config_path}: the backend could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the signal handlers were installed: nothing was running
+        print("error: interrupted (SIGINT) while starting", file=sys.stderr)
+        return 130
     return 0
 
 
