@@ -1,7 +1,10 @@
 """The ``stemagent`` command line.
 
-Errors a user can fix (a bad config, a log that is not a log) print one line on stderr and
-exit with code 2, with no traceback.
+Every command ends an error in one line on stderr naming what, where and the value; exit code 2
+for bad input, 1 for a failed run, 128 + n when signal n (SIGINT, SIGTERM) stopped it; ``-v``
+adds the traceback (``agent/cli_support.py``). ``run`` and ``replay`` treat SIGINT and SIGTERM
+as a stop (a second one aborts): the beam is blanked, the log closed with the true exit status
+and reason, and the summary printed.
 """
 
 from __future__ import annotations
@@ -11,31 +14,31 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from stemagent.config import ReplayDriverConfig, RunConfig, config_from_dict, load_config
-from stemagent.errors import ConfigError, InputError
+from stemagent.agent.cli_support import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    fail,
+    ignore_late_signals,
+    one_line_errors,
+    run_with_signals,
+    set_verbose,
+    signal_exit_code,
+)
+from stemagent.config import RunConfig, config_from_dict, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="stemagent: an autonomous STEM agent.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="stemagent: an autonomous STEM agent.")
 console = Console()
-err_console = Console(stderr=True)
 
+__all__ = ["app", "compare_atoms", "fail", "print_summary", "run_with_signals"]
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _load(config: Path) -> RunConfig:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        fail(str(exc))
+PACES = ("fast", "recorded")
 
 
 def print_summary(summary: Any, title: str) -> None:
@@ -45,19 +48,41 @@ def print_summary(summary: Any, title: str) -> None:
     console.print(table)
 
 
+def exit_code(summary: Any, signal_name: str | None) -> int:
+    if signal_name:
+        return signal_exit_code(signal_name)
+    return 0 if summary.exit_status == "success" else EXIT_FAILED
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level; tracebacks with errors")) -> None:
+    set_verbose(verbose)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _refuse_if_gate_would(cfg: RunConfig, source: Path) -> str:
+    """The gate's verdict on the config's initial scan; a refusal is bad input (exit 2)."""
+    from stemagent.agent.safety import preflight
+
+    verdict, note = preflight(cfg)
+    if not verdict.allowed:
+        fail(f"{source}: scan: the safety gate refuses the initial scan ({verdict.rule}): {verdict.detail}", EXIT_BAD_INPUT)
+    return note
+
+
 @app.command()
+@one_line_errors
 def validate(config: Path = typer.Argument(..., help="a run configuration (YAML)")) -> None:
-    """Check a run configuration and print it with every default filled in."""
-    cfg = _load(config)
+    """Check a run configuration, print it with every default filled in (secrets masked), and run
+    its initial scan through the safety gate."""
+    cfg = load_config(config)
     console.print_json(json.dumps(cfg.model_dump(mode="json")))
+    note = _refuse_if_gate_would(cfg, config)
+    console.print(f"the safety gate accepts the initial scan{f' ({note})' if note else ''}", highlight=False)
 
 
 @app.command()
+@one_line_errors
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="a run configuration (YAML)"),
     max_frames: Optional[int] = typer.Option(None, help="override max_frames"),
@@ -65,33 +90,29 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the closed loop described by CONFIG and write a run log."""
-    from stemagent.agent.factory import build_agent, new_run_dir
+    from stemagent.agent.factory import build_agent, new_run_dir, new_run_id
+    from stemagent.agent.telemetry_factory import open_telemetry
 
-    cfg = _load(config)
+    cfg = load_config(config)
     if max_frames is not None:
-        try:
-            cfg = config_from_dict({**cfg.model_dump(mode="json"), "max_frames": max_frames}, source="--max-frames")
-        except ConfigError as exc:
-            fail(str(exc))
+        cfg = config_from_dict({**cfg.model_dump(), "max_frames": max_frames}, source="--max-frames")  # secrets stay SecretStr
+    _refuse_if_gate_would(cfg, config)
+    run_id = new_run_id()
 
     async def go() -> Any:
-        from stemagent.agent.telemetry_factory import open_telemetry
+        async with open_telemetry(cfg, run_id) as telemetry:
+            agent, summary, sig = await run_with_signals(
+                lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=telemetry),
+                attach=getattr(telemetry, "attach", None),
+            )
+        return summary, sig, score_against_twin(summary.log_path, agent.driver)
 
-        async with open_telemetry(cfg) as telemetry:
-            agent = await build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), telemetry=telemetry)
-            if telemetry is not None and hasattr(telemetry, "attach"):
-                telemetry.attach(agent)
-            summary = await agent.run()
-            return summary, score_against_twin(summary.log_path, agent.driver)
-
-    try:
-        summary, score = asyncio.run(go())
-    except (InputError, ConfigError, ValueError) as exc:  # raised while building the run's parts
-        fail(str(exc))
+    summary, sig, score = asyncio.run(go())
+    ignore_late_signals()
     if json_out:
         print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
     else:
-        print_summary(summary, f"run {cfg.name}")
+        print_summary(summary, f"run {cfg.name} ({run_id})")
         if score:
             console.print(
                 f"atoms vs the twin's ground truth ({score['frames_scored']} frames, match radius {score['match_radius_A']} Å): "
@@ -99,69 +120,87 @@ def run(
                 f"position RMSE {score['rmse_A']:.3f} Å"
             )
         console.print(f"run log: [bold]{summary.log_path}[/]")
-    if summary.state != "stopped":
-        raise typer.Exit(1)
+    code = exit_code(summary, sig)
+    if code:
+        fail(f"run {cfg.name}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
 
 
 @app.command()
+@one_line_errors
 def replay(
-    log: Path = typer.Argument(..., help="a run log folder (or its documents.jsonl)"),
+    log: Path = typer.Argument(..., help="a run log folder (or its documents.jsonl), or an acquisition file"),
     log_dir: Optional[Path] = typer.Option(None, help="write the replay's own run log under this folder"),
     pace: str = typer.Option("fast", help="'fast' or 'recorded'"),
+    pixel_size_A: Optional[float] = typer.Option(None, "--pixel-size-A", help="pixel size (Å) for a file without calibration"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run a recorded log back through the same pipeline and compare the atoms found.
 
     LOG may also be an acquisition from other software (.dm3/.dm4, .emd, .tif, Nion .ndata/.h5):
-    its images are analysed with the default pipeline at their own pixel calibration."""
+    its images are analysed with the default pipeline at their own pixel calibration (or at
+    --pixel-size-A)."""
     from stemagent.drivers.files import is_acquisition_file
+    from stemagent.errors import InputError
 
+    if pace not in PACES:
+        raise InputError("--pace", pace, f"must be one of {PACES}")
+    if pixel_size_A is not None and not (0 < pixel_size_A < 1e4):
+        raise InputError("--pixel-size-A", pixel_size_A, "must be a positive length in Å")
     if is_acquisition_file(log):
         from stemagent.agent.replay_files import replay_file
 
-        return replay_file(log, log_dir=log_dir, pace=pace, json_out=json_out)
+        summary, sig = asyncio.run(replay_file(log, log_dir=log_dir, pace=pace, pixel_size_A=pixel_size_A))
+        ignore_late_signals()
+        if json_out:
+            print(json.dumps(summary.to_dict()))
+        else:
+            print_summary(summary, f"replay of {log.name}")
+            console.print(f"replay log: [bold]{summary.log_path}[/]")
+        code = exit_code(summary, sig)
+        if code:
+            fail(f"replay of {log}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
+        return
+    if pixel_size_A is not None:
+        raise InputError("--pixel-size-A", pixel_size_A, "applies to acquisition files; a run log carries its calibration")
     from stemagent.agent.factory import build_agent, new_run_dir
+    from stemagent.agent.replay_log import logged_controls, replay_config, unreadable_frames
     from stemagent.runlog import RunLog
 
-    try:
-        original = RunLog.open(log)
-        logged_cfg = original.start.get("config")
-        if not isinstance(logged_cfg, dict):
-            raise InputError("start.config", logged_cfg, "the log carries no run configuration to replay with")
-        n_frames = len(original.events("frames"))
-        if n_frames == 0:
-            raise InputError("frames", 0, "the log holds no frames to replay")
-        data = dict(logged_cfg)
-        data["driver"] = ReplayDriverConfig(path=Path(log), pace=pace).model_dump(mode="json")  # type: ignore[arg-type]
-        data["max_frames"] = n_frames
-        data["name"] = f"{data.get('name', 'run')}-replay"[:64]
-        data["telemetry"] = {}
-        # the logged safety limits stay: the same decisions pass the same gate again
-        cfg = config_from_dict(data, source=f"{log} (start.config)")
-    except (InputError, ConfigError, ValueError) as exc:
-        fail(str(exc))
+    original = RunLog.open(log)
+    cfg = replay_config(original, log, pace)
+    schedule = logged_controls(original)
 
     async def go() -> Any:
-        agent = await build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), extra_metadata={"replay_of": str(original.path)})
-        return await agent.run()
+        _, summary, sig = await run_with_signals(
+            lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir), extra_metadata={"replay_of": str(original.path)},
+                                schedule=schedule, pause_on_dose_report=False)
+        )
+        return summary, sig
 
-    try:
-        summary = asyncio.run(go())
-    except (InputError, ConfigError, ValueError) as exc:  # raised while building the run's parts
-        fail(str(exc))
+    summary, sig = asyncio.run(go())
+    ignore_late_signals()
     replayed = RunLog.open(summary.log_path)
     same, compared = compare_atoms(original, replayed)
+    skipped = unreadable_frames(replayed)
     if json_out:
-        print(json.dumps({**summary.to_dict(), "atoms_identical_frames": same, "frames_compared": compared}))
+        print(json.dumps({**summary.to_dict(), "atoms_identical_frames": same, "frames_compared": compared,
+                          "frames_unreadable": len(skipped)}))
     else:
         print_summary(summary, f"replay of {original.path.name}")
         console.print(f"atoms identical in {same} of {compared} frames")
         console.print(f"replay log: [bold]{summary.log_path}[/]")
+    code = exit_code(summary, sig)
+    if code:
+        fail(f"replay of {log}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
+    if skipped:
+        fail(f"replay of {log}: {len(skipped)} of {compared} frames could not be read and were skipped; first: {skipped[0]}",
+             EXIT_FAILED)
     if same != compared:
-        raise typer.Exit(1)
+        fail(f"replay of {log}: atoms differ in {compared - same} of {compared} frames", EXIT_FAILED)
 
 
 @app.command("train-segmenter")
+@one_line_errors
 def train_segmenter(
     config: Path = typer.Option(..., "--config", "-c", help="a segmenter training configuration (YAML)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (for logs)"),
@@ -169,10 +208,7 @@ def train_segmenter(
     """Train the U-Net atom finder on frames generated by the twin; write weights and model card."""
     from stemagent.agent.segmenter_training import load_train_config, run_training
 
-    try:
-        card = run_training(load_train_config(config), show_progress=not no_progress)
-    except (InputError, ConfigError) as exc:
-        fail(str(exc))
+    card = run_training(load_train_config(config), show_progress=not no_progress)
     console.print(f"weights: [bold]{card['config']['out']}[/] ({card['trained']['steps']} steps, {card['trained']['seconds']} s)")
 
 
@@ -188,27 +224,19 @@ def score_against_twin(log_path: str, driver: Any) -> dict[str, Any] | None:
 
 
 def compare_atoms(a: Any, b: Any) -> tuple[int, int]:
-    """Count frames whose atoms (positions, classes, confidences) are bit-for-bit equal in two logs."""
-    left = {x.frame_index: x for x in a.atoms()}
-    right = {x.frame_index: x for x in b.atoms()}
-    common = sorted(set(left) & set(right))
-    same = sum(
-        1
-        for i in common
-        if np.array_equal(left[i].positions_A, right[i].positions_A)
-        and np.array_equal(left[i].classes, right[i].classes)
-        and np.array_equal(left[i].confidence, right[i].confidence)
-    )
-    return same, max(len(left), len(common))
+    """(frames whose atoms are bit-for-bit equal, frames of the original with atoms), matched by identity."""
+    from stemagent.agent.replay_log import compare_atoms as by_identity
+
+    return by_identity(a, b)
 
 
 from stemagent.agent.transport_cli import bridge as _bridge  # noqa: E402 - the bridge command lives with the transport
 
-app.command("bridge")(_bridge)
+app.command("bridge")(one_line_errors(_bridge))
 
 from stemagent.agent.cli_simulate import simulate as _simulate  # noqa: E402 - the twin's data command
 
-app.command("simulate")(_simulate)
+app.command("simulate")(one_line_errors(_simulate))
 
 from stemagent.agent.cli_boundaries import analyze_boundaries as _analyze_boundaries  # noqa: E402 - boundary analysis
 

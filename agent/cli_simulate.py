@@ -17,7 +17,20 @@ import typer
 
 from stemagent.clock import VirtualClock
 from stemagent.config import load_config
-from stemagent.errors import ConfigError
+from stemagent.errors import ConfigError, InputError
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before simulating, not after, when ``out`` cannot be written."""
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+    except OSError as exc:
+        raise InputError("--out", str(out), f"cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        out.unlink()
 
 
 def simulate(
@@ -30,14 +43,10 @@ def simulate(
     from stemagent.simulators.factory import twin_from_config
     from stemagent.types import ScanGeometry
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    cfg = load_config(config)
     if cfg.driver.kind != "twin":
-        typer.echo(f"error: {config}: driver.kind={cfg.driver.kind!r}: simulate needs a 'twin' driver", err=True)
-        raise typer.Exit(2)
+        raise ConfigError(str(config), "driver.kind", cfg.driver.kind, "simulate needs a 'twin' driver")
+    _check_writable(out)
     clock = VirtualClock()
     driver = twin_from_config(cfg.driver, clock=clock, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -73,6 +82,5 @@ def simulate(
     arrays = asyncio.run(go())
     arrays["events_json"] = np.asarray(json.dumps([e.to_dict() for e in driver.ground_truth.events]))
     arrays["config_json"] = np.asarray(json.dumps(cfg.model_dump(mode="json")))
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     typer.echo(json.dumps({"out": str(out), "frames": n_frames, "events": len(driver.ground_truth.events)}))

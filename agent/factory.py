@@ -6,7 +6,9 @@ simulators (core never does).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 import stemagent
+from stemagent.agent.control import ControlMessage
 from stemagent.agent.loop import Agent, TelemetrySink
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock, SystemClock, VirtualClock
@@ -21,6 +24,9 @@ from stemagent.config import RunConfig
 from stemagent.driver import Driver
 from stemagent.runlog import RunLogWriter
 from stemagent.stages import Policy, Segmenter
+from stemagent.types import Capabilities
+
+log = logging.getLogger("stemagent.agent.factory")
 
 
 def build_clock(cfg: RunConfig) -> Clock:
@@ -42,7 +48,7 @@ def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
     if d.kind == "replay":
         from stemagent.drivers.replay import open_replay
 
-        return open_replay(d.path, pace=d.pace, clock=clock)
+        return open_replay(d.path, pace=d.pace, clock=clock, pixel_size_A=d.pixel_size_A)
     if d.kind == "zmq":
         from stemagent.drivers.zmq_driver import ZmqDriver
 
@@ -86,19 +92,25 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
     raise ValueError(f"policy.kind={p.kind!r}: no policy is registered for this kind")
 
 
-def new_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
+def new_run_id() -> str:
+    """A run's id: UTC time and a random suffix; unique across agents sharing a config name."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(base or cfg.log.directory) / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def run_metadata(cfg: RunConfig, beam_current_pA: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_run_dir(cfg: RunConfig, base: Path | None = None, run_id: str | None = None) -> Path:
+    return Path(base or cfg.log.directory) / f"{cfg.name}-{run_id or new_run_id()}"
+
+
+def run_metadata(cfg: RunConfig, caps: Capabilities, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     md = {
         "run_name": cfg.name,
         "seed": cfg.seed,
         "stemagent_version": stemagent.__version__,
         "driver_kind": cfg.driver.kind,
-        "beam_current_pA": beam_current_pA,
-        "config": cfg.model_dump(mode="json"),
+        "beam_current_pA": caps.beam_current_pA,
+        "capabilities": caps.to_dict(),
+        "config": cfg.model_dump(mode="json"),  # secrets (SecretStr) are dumped masked
     }
     md.update(extra or {})
     return md
@@ -112,25 +124,47 @@ async def build_agent(
     clock: Clock | None = None,
     telemetry: TelemetrySink | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    schedule: list[tuple[int, ControlMessage]] | None = None,
+    pause_on_dose_report: bool = True,
 ) -> Agent:
-    """Assemble an :class:`Agent` for ``cfg``. The driver's capabilities set the beam current for dose."""
+    """Assemble an :class:`Agent` for ``cfg``. The driver's capabilities set the beam current and
+    probe size for dose.
+
+    A start that fails part-way undoes itself: the driver is closed, and a run log already
+    opened is closed with ``exit_status: fail`` and the reason; the error is raised again.
+    """
     clock = clock or build_clock(cfg)
     driver = driver or build_driver(cfg, clock)
-    rng = np.random.default_rng(cfg.seed)
-    await driver.connect()
-    caps = await driver.capabilities()
-    writer = RunLogWriter(run_dir or new_run_dir(cfg), run_metadata(cfg, caps.beam_current_pA, extra_metadata), fsync=cfg.log.fsync)
-    return Agent(
-        driver=driver,
-        segmenter=build_segmenter(cfg),
-        policy=build_policy(cfg, rng),
-        gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA),
-        writer=writer,
-        clock=clock,
-        initial_scan=cfg.scan.geometry(),
-        max_frames=cfg.max_frames,
-        telemetry=telemetry,
-        retry_s=cfg.agent.retry_s,
-        max_consecutive_refusals=cfg.agent.max_consecutive_refusals,
-        auto_resume_after_fault=cfg.agent.auto_resume_after_fault,
-    )
+    writer: RunLogWriter | None = None
+    try:
+        await asyncio.wait_for(driver.connect(), timeout=cfg.safety.watchdog_s)
+        caps = await asyncio.wait_for(driver.capabilities(), timeout=cfg.safety.watchdog_s)
+        writer = RunLogWriter(run_dir or new_run_dir(cfg), run_metadata(cfg, caps, extra_metadata), fsync=cfg.log.fsync)
+        return Agent(
+            driver=driver,
+            segmenter=build_segmenter(cfg),
+            policy=build_policy(cfg, np.random.default_rng(cfg.seed)),
+            gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA, probe_fwhm_A=caps.probe_fwhm_A),
+            writer=writer,
+            clock=clock,
+            initial_scan=cfg.scan.geometry(),
+            max_frames=cfg.max_frames,
+            telemetry=telemetry,
+            retry_s=cfg.agent.retry_s,
+            max_consecutive_refusals=cfg.agent.max_consecutive_refusals,
+            auto_resume_after_fault=cfg.agent.auto_resume_after_fault,
+            schedule=schedule,
+            pause_on_dose_report=pause_on_dose_report,
+        )
+    except BaseException as exc:
+        why = f"the run could not start: {exc}" if str(exc) else f"the run could not start: {type(exc).__name__}"
+        if writer is not None:
+            try:
+                writer.close("fail", why)
+            except Exception as close_exc:  # noqa: BLE001 - the original error matters more
+                log.error("closing the run log of a failed start failed: %r", close_exc)
+        try:
+            await asyncio.wait_for(driver.close(), timeout=cfg.safety.watchdog_s)
+        except Exception as close_exc:  # noqa: BLE001
+            log.error("closing the driver of a failed start failed: %r", close_exc)
+        raise

@@ -14,11 +14,12 @@ from stemagent.config import RunConfig
 
 
 @contextlib.asynccontextmanager
-async def open_telemetry(cfg: RunConfig) -> AsyncIterator[Any]:
+async def open_telemetry(cfg: RunConfig, run_id: str) -> AsyncIterator[Any]:
+    """Topics are ``<prefix>/<cfg.name>/<run_id>/...``."""
     if cfg.telemetry.host is None:
         yield None
         return
     from stemagent.agent.telemetry import MqttTelemetry  # the MQTT client (aiomqtt)
 
-    async with MqttTelemetry(cfg.telemetry, run_name=cfg.name) as sink:
+    async with MqttTelemetry(cfg.telemetry, run_name=cfg.name, run_id=run_id) as sink:
         yield sink

@@ -25,7 +25,8 @@ import numpy as np
 
 from stemagent.driver import DriverFault
 from stemagent.errors import InputError
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent.dose import dose_e_per_A2
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 T = TypeVar("T")
 

@@ -10,9 +10,23 @@ Its import footprint is numpy, pyzmq, pydantic and the stemagent core types; a b
 a ``driver`` section (one of the agent's driver configs, e.g. the twin) or an ``adapter``
 import path ``"package.module:factory"`` returning a ``Driver`` (see ``drivers/ADAPTERS.md``).
 
-Safety on the console side: the bridge blanks the beam when no client has spoken for
-``client_timeout_s``, when a ``blank`` request arrives (it cancels the running scan or park
-first) and when it shuts down.
+Safety on the console side, independent of the agent:
+
+- **Limits of its own** (``limits`` in its config, tightened by the device's capabilities):
+  allowed area, field of view, pixels, frame size in memory, dwell, scan time and park time.
+  A command outside them is refused (``Refused``) and never reaches the device.
+- **One controlling client**: the first client (``client`` field of its requests, else its
+  socket identity) to send a beam command controls the beam; beam commands of other clients
+  are refused until the controller has been silent for ``client_timeout_s``. Anyone may blank.
+- **Watchdog**: only valid requests from the controlling client feed it (not garbage, not
+  another client's status polls); when the controller is silent for ``client_timeout_s`` with
+  the beam possibly on, the bridge blanks and releases control.
+- SIGTERM and SIGINT blank the beam first, then stop the bridge (a second signal exits at
+  once); the bridge also blanks on a ``blank`` request (cancelling the running scan or park)
+  and when it shuts down.
+
+At start it prints its backend, endpoints and limits; rejected messages are logged at WARNING,
+the first few one by one and then as a count every 10 s.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -32,27 +47,32 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stemagent.driver import Driver, DriverFault
+from stemagent.driver import CommandRefused, Driver, DriverFault
 from stemagent.errors import ConfigError, InputError, StemAgentError
 from stemagent.drivers import wire
+from stemagent.drivers.bridge_limits import BridgeLimits, RejectionLog
 from stemagent.types import Capabilities
 
 log = logging.getLogger("stemagent.drivers.bridge")
 
 
+ENDPOINT = r"^(tcp|ipc|inproc)://\S+$"
+
+
 class BridgeConfig(BaseModel):
     """The bridge's YAML file. ``driver`` or ``adapter`` names the backend (the minimal twin if neither)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    control_endpoint: str = Field("tcp://127.0.0.1:5555", description="ROUTER bind address for commands")
-    frames_endpoint: str = Field("tcp://127.0.0.1:5556", description="PUB bind address for frames")
+    control_endpoint: str = Field("tcp://127.0.0.1:5555", pattern=ENDPOINT, description="ROUTER bind address for commands")
+    frames_endpoint: str = Field("tcp://127.0.0.1:5556", pattern=ENDPOINT, description="PUB bind address for frames")
     driver: dict[str, Any] | None = Field(None, description="a driver config section, e.g. {kind: minimal-twin}")
     adapter: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:factory")
     adapter_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
     frames_hwm: int = Field(4, ge=1, le=1000, description="frames queued per subscriber before the newest are dropped")
     control_hwm: int = Field(100, ge=1)
-    client_timeout_s: float = Field(10.0, gt=0, description="blank the beam if no client message arrives for this long")
+    client_timeout_s: float = Field(10.0, gt=0, description="blank the beam if the controlling client is silent this long")
+    limits: BridgeLimits = Field(default_factory=BridgeLimits)
     seed: int = Field(0, ge=0, description="seed for a simulated backend")
 
 
@@ -72,10 +92,13 @@ class Bridge:
         frames_hwm: int = 4,
         control_hwm: int = 100,
         client_timeout_s: float = 10.0,
+        limits: BridgeLimits | None = None,
         context: zmq.asyncio.Context | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
+        #: the limits in force (after :meth:`start`, tightened by the device's capabilities)
+        self.limits = limits or BridgeLimits()
         self.control_endpoint = control_endpoint
         self.frames_endpoint = frames_endpoint
         self.frames_hwm = frames_hwm
@@ -92,12 +115,17 @@ class Bridge:
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._caps: Capabilities | None = None
         self._last_client_s = monotonic()
+        self._controller: str | None = None  # the client whose beam commands run
         self._beam_maybe_on = False
         self._started_s = monotonic()
         self._stopping = asyncio.Event()
+        self._blanking: asyncio.Task[None] | None = None
+        self.stop_reason = ""
+        self._rejections = RejectionLog(log)
         self.stats: dict[str, int] = {
             "requests": 0,
             "rejected": 0,
+            "refused": 0,
             "duplicates": 0,
             "frames_published": 0,
             "watchdog_blanks": 0,
@@ -106,6 +134,8 @@ class Bridge:
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.wait_for(self.driver.connect(), timeout=60.0)
+        self._caps = await asyncio.wait_for(self.driver.capabilities(), timeout=60.0)
+        self.limits = self.limits.tightened(self._caps)
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.SNDHWM, self.control_hwm)
@@ -113,30 +143,53 @@ class Bridge:
         # a peer sending a larger message is disconnected by ZeroMQ before we ever see it
         router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_JSON_BYTES)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        router.bind(self.control_endpoint)
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, self.frames_hwm)
         pub.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
-        pub.bind(self.frames_endpoint)
+        for sock, endpoint, name in ((router, self.control_endpoint, "control_endpoint"), (pub, self.frames_endpoint, "frames_endpoint")):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                router.close(linger=0)
+                pub.close(linger=0)
+                raise InputError(name, endpoint, f"cannot be bound ({exc.strerror})") from None
         router.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
         self.control_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.frames_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._router, self._pub = router, pub
         self._last_client_s = self._monotonic()
-        log.info("bridge serving %s: control %s, frames %s", type(self.driver).__name__,
-                 self.control_endpoint, self.frames_endpoint)
+        log.info("%s", self.describe())
 
-    def stop(self) -> None:
-        """Ask :meth:`serve` to return (safe to call from a signal handler)."""
+    def describe(self) -> str:
+        """One line: backend, device, endpoints and limits (printed at start)."""
+        caps = self._caps
+        device = f"{caps.name}, {caps.beam_current_pA:g} pA" if caps is not None else "?"
+        return (f"stemagent bridge: backend {type(self.driver).__name__} ({device}); control {self.control_endpoint}, "
+                f"frames {self.frames_endpoint}; client timeout {self.client_timeout_s:g} s; limits: {self.limits.describe()}")
+
+    def stop(self, reason: str = "") -> None:
+        """Blank at once and ask :meth:`serve` to return (called from a signal handler on the loop)."""
+        self.stop_reason = self.stop_reason or reason
         self._stopping.set()
+        if self._blanking is None:
+            self._blanking = asyncio.ensure_future(self._blank_now(reason or "stop"))
+
+    async def _blank_now(self, why: str) -> None:
+        try:
+            await asyncio.wait_for(self.driver.blank(), timeout=10.0)
+            self._beam_maybe_on = False
+            log.warning("bridge: beam blanked (%s)", why)
+        except Exception:  # noqa: BLE001
+            log.exception("bridge: blank (%s) failed", why)
 
     async def close(self) -> None:
+        await self._blank_now("shutting down")  # first: nothing below may delay it
         for t in list(self._streams.values()) + list(self._device_tasks):
             t.cancel()
         await asyncio.gather(*self._streams.values(), *self._device_tasks, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.driver.blank(), timeout=10.0)
+            await asyncio.wait_for(self.driver.blank(), timeout=10.0)  # again: a cancelled command may have unblanked
             await asyncio.wait_for(self.driver.close(), timeout=10.0)
         except Exception:  # noqa: BLE001 - shutting down: log and go on
             log.exception("bridge: blanking/closing the backend failed")
@@ -164,9 +217,9 @@ class Bridge:
                     continue
                 try:
                     await self._handle(parts)
-                except Exception:  # noqa: BLE001 - a message must never take the bridge down
+                except Exception as exc:  # noqa: BLE001 - a message must never take the bridge down
                     self.stats["rejected"] += 1
-                    log.exception("bridge: unexpected error handling a message")
+                    self._rejections.note(f"unexpected error handling a message: {exc!r}")
             await self._watchdog()
 
     async def run(self) -> None:
@@ -181,29 +234,38 @@ class Bridge:
     async def _handle(self, parts: list[Any]) -> None:
         if len(parts) < 2:
             self.stats["rejected"] += 1
-            log.error("bridge: rejected a message with no body (%d parts)", len(parts))
+            self._rejections.note(f"a message with no body ({len(parts)} parts)")
             return
         identity, body = parts[0].bytes, parts[1:]
-        self._last_client_s = self._monotonic()
         self.stats["requests"] += 1
         try:
             req = wire.decode_request(body)
         except wire.WireError as exc:
             self.stats["rejected"] += 1
-            log.error("bridge: rejected request: %s", exc)
+            self._rejections.note(f"request: {exc}")
             rid = wire.request_id_of(body)
             if rid is not None:
                 await self._reply(identity, rid, False, error=("WireError", str(exc)))
             return
+        client = req.client or f"socket-{identity.hex()}"
+        if client == self._controller:
+            self._last_client_s = self._monotonic()  # only the controlling client feeds the watchdog
         if req.id in self._seen_ids:
             self.stats["duplicates"] += 1
-            log.error("bridge: request id %s seen before; not executed again", req.id)
+            self._rejections.note(f"request id {req.id} seen before; not executed again")
             await self._reply(identity, req.id, False, error=("DuplicateRequest", f"request id {req.id} was already received"))
             return
         self._seen_ids[req.id] = None
         while len(self._seen_ids) > 4096:
             self._seen_ids.popitem(last=False)
 
+        if req.op in ("acquire", "park", "stream_start"):
+            why = self._take_control(client) or self._over_limits(req)
+            if why is not None:
+                self.stats["refused"] += 1
+                self._rejections.note(f"{req.op} {req.id} refused: {why}")
+                await self._reply(identity, req.id, False, error=("Refused", why))
+                return
         if req.op == "heartbeat":
             await self._reply(identity, req.id, True, {"streams": sorted(self._streams)})
         elif req.op == "status":
@@ -224,6 +286,26 @@ class Bridge:
                 task.cancel()
             await self._reply(identity, req.id, True, {"stopped": task is not None})
 
+    def _take_control(self, client: str) -> str | None:
+        """Give the beam to ``client`` unless another client holds it and has spoken recently."""
+        now = self._monotonic()
+        if self._controller not in (None, client) and now - self._last_client_s <= self.client_timeout_s:
+            return f"another client ({self._controller}) controls the beam"
+        if self._controller != client:
+            log.warning("bridge: client %s now controls the beam", client)
+        self._controller = client
+        self._last_client_s = now
+        return None
+
+    def _over_limits(self, req: Any) -> str | None:
+        if req.op == "park":
+            return self.limits.check_park(req.position_A, req.dwell_s)
+        try:
+            g = wire.geometry_from_wire(req.geometry)
+        except wire.WireError as exc:
+            return str(exc)
+        return self.limits.check_scan(g)
+
     def status(self) -> dict[str, Any]:
         return {
             "protocol": wire.PROTOCOL_VERSION,
@@ -232,6 +314,7 @@ class Bridge:
             "streams": sorted(self._streams),
             "busy": self._device_lock.locked(),
             "beam_maybe_on": self._beam_maybe_on,
+            "controller": self._controller,
             **self.stats,
         }
 
@@ -263,7 +346,7 @@ class Bridge:
         try:
             await self._router.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
-            log.error("bridge: reply to %s not delivered (%s)", rid, exc)
+            self._rejections.note(f"reply to {rid} not delivered ({exc})")
 
     async def _device(self, identity: bytes, rid: str, op: Callable[[], Any]) -> Any:
         """Run one device call under the device lock; errors become error replies."""
@@ -274,6 +357,8 @@ class Bridge:
         except asyncio.CancelledError:
             await self._reply(identity, rid, False, error=("Cancelled", "cancelled by a blank request or shutdown"))
             raise
+        except CommandRefused as exc:
+            await self._reply(identity, rid, False, error=("Refused", str(exc)))
         except (DriverFault, InputError, StemAgentError) as exc:
             await self._reply(identity, rid, False, error=(type(exc).__name__, str(exc)))
         except Exception as exc:  # noqa: BLE001 - the backend's bug must not kill the bridge
@@ -375,15 +460,18 @@ class Bridge:
                 pass
 
     async def _watchdog(self) -> None:
+        self._rejections.flush()
         if not self._beam_maybe_on:
             return
         if self._monotonic() - self._last_client_s <= self.client_timeout_s:
             return
-        log.error("bridge: no client message for %.1f s; blanking the beam", self.client_timeout_s)
+        log.error("bridge: the controlling client %s said nothing for %.1f s; blanking the beam", self._controller,
+                  self.client_timeout_s)
         await self._cancel_device_work()
         try:
             await asyncio.wait_for(self.driver.blank(), timeout=10.0)
             self._beam_maybe_on = False
+            self._controller = None  # the next client to command the beam takes it
             # counted once the beam is blanked (a reader of the count may rely on it)
             self.stats["watchdog_blanks"] += 1
         except Exception:  # noqa: BLE001
@@ -426,7 +514,8 @@ def backend_from_config(cfg: BridgeConfig) -> Driver:
     return driver
 
 
-async def serve_config(cfg: BridgeConfig) -> None:
+async def serve_config(cfg: BridgeConfig) -> str:
+    """Serve until SIGINT or SIGTERM (which blank first); returns what stopped it."""
     bridge = Bridge(
         backend_from_config(cfg),
         cfg.control_endpoint,
@@ -434,26 +523,49 @@ async def serve_config(cfg: BridgeConfig) -> None:
         frames_hwm=cfg.frames_hwm,
         control_hwm=cfg.control_hwm,
         client_timeout_s=cfg.client_timeout_s,
+        limits=cfg.limits,
     )
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if bridge.stop_reason:  # a second signal: do not wait any longer
+            print(f"stemagent bridge: {sig.name} again; exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + int(sig))
+        bridge.stop(sig.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, bridge.stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread / Windows
             pass
-    await bridge.run()
+    await bridge.start()
+    print(bridge.describe(), file=sys.stderr, flush=True)
+    try:
+        await bridge.serve()
+    finally:
+        await bridge.close()
+    print(f"stemagent bridge: stopped ({bridge.stop_reason or 'stop'}); beam blanked", file=sys.stderr, flush=True)
+    return bridge.stop_reason
 
 
 def run_bridge(config_path: str | Path) -> int:
-    """Blocking entry point used by ``stemagent bridge`` and ``python -m stemagent.drivers.bridge``."""
+    """Blocking entry point used by ``stemagent bridge`` and ``python -m stemagent.drivers.bridge``.
+
+    Errors end in one line on stderr: exit 2 for a config or endpoint that cannot be used."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_bridge_config(config_path)
         asyncio.run(serve_config(cfg))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, InputError) as exc:
+        print(f"error: {config_path}: {exc}" if isinstance(exc, InputError) else f"error: {exc}", file=sys.stderr)
         return 2
+    except (StemAgentError, OSError, asyncio.TimeoutError) as exc:  # the backend would not start
+        print(f"error: {config_path}: the backend could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the signal handlers were installed: nothing was running
+        print("error: interrupted (SIGINT) while starting", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,10 +1,13 @@
 """Replay a run log as a :class:`~stemagent.driver.Driver`.
 
 Frames come back in the order they were logged, whatever geometry is asked for (the log is
-what the microscope saw); parks return the logged park signals in order. With ``pace="recorded"``
-frames are released at their recorded times relative to the first, on the injected clock;
-with ``pace="fast"`` at once. When the log is exhausted :class:`~stemagent.driver.EndOfData`
-is raised.
+what the microscope saw); parks return the logged park signals and doses in order. The clock
+follows the recorded times: with ``pace="recorded"`` frames are released at their recorded
+times relative to the first; with ``pace="fast"`` at once, a virtual clock moving by the
+recorded amounts. Each replayed frame carries ``meta["replayed_from"]``, its ``log_index`` in
+the original log (its identity there). A frame whose chunk cannot be read raises
+:class:`~stemagent.errors.InputError` (the agent logs it as bad input and asks for the next);
+when the log is exhausted :class:`~stemagent.driver.EndOfData` is raised.
 """
 
 from __future__ import annotations
@@ -51,23 +54,25 @@ class ReplayDriver(PlaybackDriver):
             max_dwell_s=10.0,
             can_park=bool(self._parks),
             beam_current_pA=float(self.log.start.get("beam_current_pA", 20.0)),
+            probe_fwhm_A=(self.log.start.get("capabilities") or {}).get("probe_fwhm_A"),
         )
 
     async def _pace_to(self, t_log: float) -> None:
-        if self.pace != "recorded":
-            return
         if self._t0_clock is None or self._t0_log is None:
             self._t0_clock, self._t0_log = self.clock.monotonic(), t_log
             return
         due = self._t0_clock + (t_log - self._t0_log)
-        await self.clock.sleep(due - self.clock.monotonic())
+        await self._pass(due - self.clock.monotonic())
 
     async def acquire(self, geometry: ScanGeometry) -> Frame:
         self._check_next(self._next_frame, len(self._frames), str(self.log.path))
-        data = self._frames[self._next_frame]
+        position = self._next_frame
+        data = self._frames[position]
         self._next_frame += 1
-        frame = self.log.frame_from_data(data)
-        await self._pace_to(frame.end_time_s)
+        end_s = float(data["line_times_s"][-1]) + ScanGeometry.from_dict(data["geometry"]).line_time_s
+        await self._pace_to(end_s)
+        frame = self.log.frame_from_data(data)  # InputError if its chunk is unreadable: skipped
+        frame.meta = {**frame.meta, "replayed_from": int(data.get("log_index", position))}
         return self._deliver(frame, geometry)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
@@ -82,13 +87,15 @@ class ReplayDriver(PlaybackDriver):
             start_time_s=float(d["start_time_s"]),
             sample_interval_s=float(d["sample_interval_s"]),
             signal=np.asarray(d["signal"], dtype=np.float32),
+            dose_e_per_A2=float(d.get("dose_e_per_A2", 0.0)),  # logs before version 2 did not keep it
         )
 
 
-def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> Driver:
-    """A run log, or an acquisition file from other software (``drivers/files.py``), as a driver."""
+def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None, pixel_size_A: float | None = None) -> Driver:
+    """A run log, or an acquisition file from other software (``drivers/files.py``, with
+    ``pixel_size_A`` for files that carry no calibration), as a driver."""
     from stemagent.drivers.files import FileDriver, is_acquisition_file
 
     if is_acquisition_file(path):
-        return FileDriver(path, pace=pace, clock=clock)
+        return FileDriver(path, pace=pace, clock=clock, pixel_size_A=pixel_size_A)
     return ReplayDriver(path, pace=pace, clock=clock)

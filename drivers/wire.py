@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: requests carry "client"; "Refused" errors; bounded geometry; capabilities.probe_fwhm_A
 
 #: Largest JSON part (request, reply or frame header) a peer accepts, bytes.
 MAX_JSON_BYTES = 1 << 20
@@ -44,7 +44,12 @@ class WireError(InputError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: coordinates and lengths on the wire stay within a metre of anything sensible: 1e7 Å = 1 mm
+Coordinate = Annotated[float, Field(ge=-1e7, le=1e7)]
+Length = Annotated[float, Field(gt=0, le=1e7)]
 
 
 def _finite(v: float, name: str) -> float:
@@ -56,12 +61,12 @@ def _finite(v: float, name: str) -> float:
 class GeometryModel(_Msg):
     """Wire form of :class:`~stemagent.types.ScanGeometry` (same fields, same units)."""
 
-    center_A: tuple[float, float]
-    fov_A: tuple[float, float]
+    center_A: tuple[Coordinate, Coordinate]
+    fov_A: tuple[Length, Length]
     shape_px: tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
-    rotation_rad: float = 0.0
-    dwell_s: float = Field(gt=0)
-    flyback_s: float = Field(0.0, ge=0)
+    rotation_rad: float = Field(0.0, ge=-4 * math.pi, le=4 * math.pi)
+    dwell_s: float = Field(gt=0, le=10.0)
+    flyback_s: float = Field(0.0, ge=0, le=10.0)
 
     def to_geometry(self) -> ScanGeometry:
         return ScanGeometry(
@@ -84,8 +89,10 @@ RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z
 
 
 class _Request(_Msg):
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
+    #: who sends it (the client's session); the bridge gives the beam to one client at a time
+    client: RequestId | None = None
 
 
 class HeartbeatRequest(_Request):
@@ -111,7 +118,7 @@ class AcquireRequest(_Request):
 
 class ParkRequest(_Request):
     op: Literal["park"]
-    position_A: tuple[float, float]
+    position_A: tuple[Coordinate, Coordinate]
     dwell_s: float = Field(gt=0, le=3600.0)
 
     @field_validator("position_A")
@@ -173,7 +180,7 @@ class Reply(_Msg):
     ``arrays`` lists raw parts that follow this JSON part in the same message, in order.
     """
 
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
     ok: bool
     result: dict[str, Any] = Field(default_factory=dict)
@@ -187,7 +194,7 @@ class Reply(_Msg):
 class FrameHeader(_Msg):
     """The JSON part in front of every frame's pixel buffer."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["frame"] = "frame"
     stream: str = Field("", max_length=64)
     index: int = Field(ge=0)
@@ -513,6 +520,7 @@ class CapabilitiesModel(_Msg):
     detectors: tuple[str, ...] = ("HAADF",)
     beam_energy_keV: float = Field(60.0, gt=0)
     beam_current_pA: float = Field(20.0, ge=0)
+    probe_fwhm_A: float | None = Field(None, gt=0)
 
 
 def capabilities_from(result: dict[str, Any]) -> Capabilities:
@@ -545,7 +553,7 @@ def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
 class StreamEnd(_Msg):
     """Single-part message on the frame channel: a stream finished (``error`` set if it failed)."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["stream_end"] = "stream_end"
     stream: RequestId
     frames: int = Field(ge=0)

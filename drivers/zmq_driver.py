@@ -32,7 +32,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from stemagent.clock import Clock, SystemClock
-from stemagent.driver import DriverFault
+from stemagent.driver import CommandRefused, DriverFault
 from stemagent.drivers import wire
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
@@ -224,7 +224,7 @@ class ZmqDriver:
 
     async def _blank_out_of_band(self, timeout_s: float) -> None:
         rid = f"{self._session}-{next(self._ids)}"
-        req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, op="blank")
+        req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, client=self._session, op="blank")
         s = self._open_dealer()
         try:
             if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):
@@ -289,7 +289,8 @@ class ZmqDriver:
             raise DriverFault(f"{op}: no connection to the bridge")
         rid = f"{self._session}-{next(self._ids)}"
         try:
-            req = wire._request_adapter.validate_python({"v": wire.PROTOCOL_VERSION, "id": rid, "op": op, **fields})
+            req = wire._request_adapter.validate_python(
+                {"v": wire.PROTOCOL_VERSION, "id": rid, "client": self._session, "op": op, **fields})
         except ValidationError as exc:
             raise wire._validation_error(f"{op} request", fields, exc) from None
         fut: asyncio.Future[tuple[wire.Reply, list[np.ndarray]]] = asyncio.get_running_loop().create_future()
@@ -314,6 +315,8 @@ class ZmqDriver:
             err = reply.error or wire.ErrorInfo(type="DriverFault", message="no error details")
             if err.type in ("InputError", "WireError"):
                 raise InputError(op, rid, f"rejected by the bridge: {err.message}")
+            if err.type == "Refused":
+                raise CommandRefused(f"{op} {rid} refused by the bridge: {err.message}")
             raise DriverFault(f"{op} {rid} failed on the bridge: {err.type}: {err.message}")
         return reply, arrays
 

@@ -33,7 +33,8 @@ from stemagent.simulators.optics import ProbeOptics
 from stemagent.simulators.render import FrameTruth, frame_bounds, render_frame
 from stemagent.simulators.scan import DetectorModel, DriftModel, atom_scan_pixels, line_jitter_A
 from stemagent.simulators.specimens import Specimen
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent import dose as dose_model
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 
 @dataclass
@@ -124,6 +125,8 @@ class TwinDriver:
         self.beam_current_pA = float(beam_current_pA)
         self.park_sample_interval_s = float(park_sample_interval_s)
         self.dynamics = BeamDynamics(self.optics, self.beam_current_pA, cross_sections or CrossSections(), enabled=dynamics)
+        # the Gaussian with this probe's peak intensity: the dose model's probe (stemagent.dose)
+        self.probe_fwhm_A = dose_model.probe_fwhm_for_peak_density(float(self.dynamics.probe_density(np.zeros((1, 2)))[0]))
         self._caps = Capabilities(
             name=name,
             max_fov_A=float(max_fov_A),
@@ -134,6 +137,7 @@ class TwinDriver:
             detectors=("HAADF",),
             beam_energy_keV=self.optics.energy_keV,
             beam_current_pA=self.beam_current_pA,
+            probe_fwhm_A=self.probe_fwhm_A,
         )
         drift = drift or DriftModel()
         if drift.origin_s is None:  # the specimen starts drifting when the twin is built
@@ -276,7 +280,7 @@ class TwinDriver:
         gt = self.ground_truth
         rows, cols = geometry.shape_px
         px, py = geometry.pixel_size_A
-        dose = dose_e_per_A2(self.beam_current_pA, geometry.dwell_s, px * py)
+        dose = dose_model.scan_dose_e_per_A2(self.beam_current_pA, geometry)
         electrons = dose * px * py
         jit = line_jitter_A(rows, self.jitter_A, self.rng)
         # atoms the beam passes over this frame, and when
@@ -383,7 +387,7 @@ class TwinDriver:
         electrons = self.dynamics.electrons_per_s * dt
         lam = (signal + self.adf.background) * electrons
         noisy = self.detector.sample(lam, self.rng).astype(np.float64)
-        dose = self.dynamics.electrons_per_s * dwell_s * float(self.dynamics.probe_density(np.zeros((1, 2)))[0])
+        dose = dose_model.park_dose_e_per_A2(self.beam_current_pA, dwell_s, self.probe_fwhm_A)
         gt.park_doses_e_per_A2.append(dose)
         return ParkResult(
             position_A=(float(b[0]), float(b[1])),

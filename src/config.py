@@ -11,11 +11,12 @@ Core only describes configurations; building objects from them is done in
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from stemagent.boundaries.config import BoundaryChainConfig
 from stemagent.errors import ConfigError
@@ -23,7 +24,8 @@ from stemagent.types import ScanGeometry
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity anywhere in a configuration: every limit and setting is a finite number
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- scan ----------------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class ReplayDriverConfig(_Model):
     kind: Literal["replay"] = "replay"
     path: Path
     pace: Literal["recorded", "fast"] = "fast"
+    pixel_size_A: float | None = Field(None, gt=0, le=1e4, description="for files without a pixel calibration, Å")
 
 
 class ZmqDriverConfig(_Model):
@@ -205,7 +208,11 @@ PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig], Field(di
 
 
 class SafetyConfig(_Model):
-    """Hard limits enforced by the agent's safety gate on every command."""
+    """Hard limits enforced by the agent's safety gate on every command (``agent/safety.py``).
+
+    Dose follows the model of :mod:`stemagent.dose`: the probe is a Gaussian of ``probe_fwhm_A``
+    (the device's own, if it reports a narrower one), and the dose map keeps, on cells of
+    ``dose_cell_A``, an upper bound of the dose any point has received."""
 
     area_center_A: tuple[float, float] = (0.0, 0.0)
     area_half_width_A: float = Field(150.0, gt=0, description="beam positions must stay within this square, Å")
@@ -214,7 +221,11 @@ class SafetyConfig(_Model):
     min_dwell_s: float = Field(1e-7, gt=0)
     max_dwell_s: float = Field(1e-3, gt=0, description="per-pixel dwell limit for scans, s")
     max_park_s: float = Field(10.0, gt=0, description="longest single park, s")
-    max_total_dose_e_per_A2: float = Field(1e9, gt=0, description="run dose budget at any one place, e/Å²")
+    dose_budget_e_per_A2: float = Field(1e9, gt=0, description="most dose any one place may receive in the run, e/Å²")
+    dose_cell_A: float = Field(1.0, gt=0, le=100.0, description="cell of the dose map, Å (coarser for very large areas)")
+    probe_fwhm_A: float = Field(0.8, gt=0, le=50.0, description="full width at half maximum of the probe's intensity, Å")
+    flyback_blanked: bool = Field(False, description="the instrument blanks the beam during line flyback")
+    dose_tolerance: float = Field(0.1, ge=0, le=10.0, description="a frame or park may report this fraction more dose than predicted before the run pauses")
     max_commands_per_s: float = Field(50.0, gt=0)
     watchdog_s: float = Field(30.0, gt=0, description="blank and pause if no frame or reply arrives for this long")
 
@@ -239,10 +250,17 @@ class TelemetryConfig(_Model):
     host: str | None = None
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = Field(None, description="never printed or logged: shown as '**********'")
     tls: bool = False
     tls_ca_file: Path | None = None
-    topic_prefix: str = "stemagent"
+    topic_prefix: str = Field("stemagent", max_length=200, description="topics are <prefix>/<run name>/<run id>/<kind>")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_levels(cls, v: str) -> str:
+        if not re.fullmatch(r"[^/+#\x00\s]+(/[^/+#\x00\s]+)*", v):
+            raise ValueError("must be MQTT topic levels joined by '/', with no wildcard ('+', '#'), no empty level and no spaces")
+        return v
 
 
 # --- agent ---------------------------------------------------------------------------------
@@ -298,6 +316,9 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
 
 M = TypeVar("M", bound=BaseModel)
 
+#: field names whose values are never shown in an error message
+SECRET_FIELDS = frozenset({"password", "secret", "token"})
+
 
 def validate_model(model: type[M], data: Any, source: str = "<dict>") -> M:
     """Validate a mapping as ``model``; the first problem becomes a one-line :class:`ConfigError`
@@ -324,7 +345,9 @@ def validate_model(model: type[M], data: Any, source: str = "<dict>") -> M:
             expected = (err.get("ctx") or {}).get("expected_tags") or _union_tags(model, clean)
             problem = f"is not a known kind (expected one of {expected})"
         else:
-            problem = err.get("msg", "is invalid")
+            problem = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        if any(str(p).lower() in SECRET_FIELDS for p in clean):
+            value = "<redacted>"  # a secret is never printed, even when it is wrong
         raise ConfigError(source, _describe(clean) or "<top level>", value, problem) from None
 
 
@@ -373,6 +396,9 @@ def read_yaml(path: str | Path) -> Any:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(str(p), f"line {line}", exc.object[exc.start : exc.start + 4], "is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from stemagent.dose import ELECTRON_CHARGE_C, dose_e_per_A2  # noqa: F401 - dose lives in stemagent.dose; kept importable here
 from stemagent.errors import InputError
 
 
@@ -352,6 +353,8 @@ class Capabilities:
     detectors: tuple[str, ...] = ("HAADF",)
     beam_energy_keV: float = 60.0
     beam_current_pA: float = 20.0
+    #: FWHM of the Gaussian with the probe's peak intensity (``stemagent.dose``), if the device knows it
+    probe_fwhm_A: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -364,6 +367,7 @@ class Capabilities:
             "detectors": list(self.detectors),
             "beam_energy_keV": float(self.beam_energy_keV),
             "beam_current_pA": float(self.beam_current_pA),
+            "probe_fwhm_A": None if self.probe_fwhm_A is None else float(self.probe_fwhm_A),
         }
 
     @classmethod
@@ -378,12 +382,5 @@ class Capabilities:
             detectors=tuple(str(v) for v in d.get("detectors", ("HAADF",))),
             beam_energy_keV=float(d.get("beam_energy_keV", 60.0)),
             beam_current_pA=float(d.get("beam_current_pA", 20.0)),
+            probe_fwhm_A=None if d.get("probe_fwhm_A") is None else float(d["probe_fwhm_A"]),
         )
-
-
-ELECTRON_CHARGE_C = 1.602176634e-19
-
-
-def dose_e_per_A2(beam_current_pA: float, dwell_s: float, pixel_area_A2: float) -> float:
-    """Electron dose per Å² for one pixel's dwell: ``I * t / (e * area)``."""
-    return beam_current_pA * 1e-12 * dwell_s / ELECTRON_CHARGE_C / pixel_area_A2

@@ -29,6 +29,7 @@ from transport_fakes import free_port
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 RUN = "bridgeloop"
+RUN_ID = "t1"
 
 
 class Collector:
@@ -111,18 +112,18 @@ async def test_closed_loop_over_bridge_with_mqtt_control(mosquitto: int, tmp_pat
     coll = Collector()
     try:
         async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="operator") as op:
-            await op.subscribe(f"stemagent/{RUN}/#", qos=1)
+            await op.subscribe(f"stemagent/{RUN}/{RUN_ID}/#", qos=1)
             pump = asyncio.ensure_future(coll.pump(op))
 
             async def send(cid: str, command: str, **fields: Any) -> int:
                 body = json.dumps({"command": command, "id": cid, **fields})
-                await op.publish(f"stemagent/{RUN}/control", body, qos=1)
+                await op.publish(f"stemagent/{RUN}/{RUN_ID}/control", body, qos=1)
                 i = await coll.wait(ack_for(cid))
                 assert coll.docs[i][1]["accepted"] is True, coll.docs[i][1]
                 return i
 
             try:
-                async with open_telemetry(cfg) as telemetry:
+                async with open_telemetry(cfg, RUN_ID) as telemetry:
                     assert telemetry is not None
                     agent = await build_agent(cfg, run_dir=tmp_path / "runs" / "r1", telemetry=telemetry)
                     telemetry.attach(agent)

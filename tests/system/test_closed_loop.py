@@ -189,7 +189,7 @@ async def test_bad_frame_is_logged_not_fatal(tmp_path):
 
 async def test_safety_refusals_are_logged_and_end_the_run(tmp_path):
     # a dose budget below one frame's dose: the first scan is refused and the run stops cleanly
-    cfg = demo_cfg(max_frames=3, safety={"area_half_width_A": 60.0, "max_fov_A": 100.0, "max_total_dose_e_per_A2": 10.0})
+    cfg = demo_cfg(max_frames=3, safety={"area_half_width_A": 60.0, "max_fov_A": 100.0, "dose_budget_e_per_A2": 10.0})
     _, twin, summary = await run_agent(cfg, tmp_path)
     assert summary.frames == 0 and summary.commands_refused == 1 and twin.frames_acquired == 0
     log = RunLog.open(summary.log_path)

@@ -183,11 +183,11 @@ async def test_bridge_survives_garbage_and_answers_afterwards(fake_microscope: F
         bad = [
             [b"\x00\xff garbage"],
             [b"{}"],
-            [json.dumps({"v": 2, "id": "a1", "op": "heartbeat"}).encode()],
-            [json.dumps({"v": 1, "id": "a2", "op": "explode"}).encode()],
-            [json.dumps({"v": 1, "id": "a3", "op": "acquire", "geometry": {"center_A": [0, 0], "fov_A": [-1, 1],
+            [json.dumps({"v": 3, "id": "a1", "op": "heartbeat"}).encode()],  # a future version
+            [json.dumps({"v": 2, "id": "a2", "op": "explode"}).encode()],
+            [json.dumps({"v": 2, "id": "a3", "op": "acquire", "geometry": {"center_A": [0, 0], "fov_A": [-1, 1],
                                                                           "shape_px": [4, 4], "dwell_s": 1e-6}}).encode()],
-            [json.dumps({"v": 1, "id": "a4", "op": "park", "position_A": [float("nan"), 0], "dwell_s": 1}).encode()],
+            [json.dumps({"v": 2, "id": "a4", "op": "park", "position_A": [float("nan"), 0], "dwell_s": 1}).encode()],
             [b"{}", b"two parts"],
         ]
         for msg in bad:
@@ -199,11 +199,11 @@ async def test_bridge_survives_garbage_and_answers_afterwards(fake_microscope: F
             assert not reply.ok and reply.error is not None
             errors[reply.id] = reply.error.type
         assert set(errors) == {"a1", "a2", "a3", "a4"}
-        await raw.send_multipart([json.dumps({"v": 1, "id": "ok1", "op": "heartbeat"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "ok1", "op": "heartbeat"}).encode()])
         reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
         assert reply.ok and reply.id == "ok1"
         # the same id again is refused, never executed twice
-        await raw.send_multipart([json.dumps({"v": 1, "id": "ok1", "op": "blank"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "ok1", "op": "blank"}).encode()])
         reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
         assert not reply.ok and reply.error is not None and reply.error.type == "DuplicateRequest"
         assert bridge.stats["rejected"] >= 6 and "acquire" not in fake_microscope.calls
@@ -233,9 +233,9 @@ async def test_client_survives_garbage_from_a_bad_bridge() -> None:
                 await pub.send_multipart([b"not json", b"x"])  # junk on the frame channel too
             elif req["op"] == "acquire":
                 # a frame reply whose image is truncated
-                header = {"v": 1, "index": 0, "shape": [2, 2], "dtype": "<f4", "geometry": {"center_A": [0, 0],
+                header = {"v": 2, "index": 0, "shape": [2, 2], "dtype": "<f4", "geometry": {"center_A": [0, 0],
                           "fov_A": [1, 1], "shape_px": [2, 2], "dwell_s": 1e-6}, "line_times_s": [0, 1], "dose_e_per_A2": 0}
-                rep = {"v": 1, "id": req["id"], "ok": True, "result": {"frame": header},
+                rep = {"v": 2, "id": req["id"], "ok": True, "result": {"frame": header},
                        "arrays": [{"dtype": "<f4", "shape": [2, 2]}]}
                 await router.send_multipart([ident, json.dumps(rep).encode(), b"\x00" * 7])
             else:
@@ -279,7 +279,7 @@ async def test_bridge_watchdog_blanks_when_the_client_goes_silent(fake_microscop
 
 def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
     """Random bytes, truncated and mutated valid requests, wrong versions, extra parts."""
-    valid = json.dumps({"v": 1, "id": "x", "op": "acquire", "geometry": GEOM.to_dict()}).encode()
+    valid = json.dumps({"v": 2, "id": "x", "op": "acquire", "geometry": GEOM.to_dict()}).encode()
     out: list[list[bytes]] = []
     for i in range(n):
         kind = i % 5
@@ -293,7 +293,7 @@ def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
                 b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
             out.append([bytes(b)])
         elif kind == 3:
-            out.append([valid.replace(b'"v": 1', f'"v": {int(rng.integers(2, 99))}'.encode())])
+            out.append([valid.replace(b'"v": 2', f'"v": {int(rng.integers(3, 99))}'.encode())])
         else:
             out.append([valid, rng.bytes(16)])
     return out
@@ -335,7 +335,7 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
             key = str(rng.choice(list(h)))
             h[key] = [None, -1, "x", 1e308, {"a": 1}, [1, 2, 3]][int(rng.integers(0, 6))]
             await junk_pub.send_multipart([json.dumps(h).encode(), rng.bytes(64)])
-        await raw.send_multipart([json.dumps({"v": 1, "id": "after-junk", "op": "heartbeat"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "after-junk", "op": "heartbeat"}).encode()])
         while True:  # drain error replies until the heartbeat's answer
             reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
             if reply.id == "after-junk":

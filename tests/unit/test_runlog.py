@@ -42,6 +42,7 @@ def test_round_trip_is_exact_and_valid_event_model(tmp_path):
     assert log.start["seed"] == 42
     assert log.stop is not None and log.stop["exit_status"] == "success"
     assert set(log.streams()) == {"frames", "atoms", "decisions", "commands", "safety", "interruptions"}
+    assert [d["log_index"] for d in log.event_data("frames")] == [0, 1, 2, 3]
     for name, doc in log.documents:
         event_model.schema_validators[getattr(event_model.DocumentNames, name)].validate(doc)
     back = list(log.frames())
@@ -77,7 +78,7 @@ def test_frames_store_opens_with_plain_zarr(tmp_path):
     with RunLogWriter(tmp_path / "run") as w:
         for i in range(3):
             w.write_frame(_frame(i))
-    arr = zarr.open_array(str(tmp_path / "run" / "frames.zarr" / "32x48"), mode="r")
+    arr = zarr.open_array(str(tmp_path / "run" / "frames.zarr" / "Experiments" / "32x48_0.2A" / "data"), mode="r")
     assert arr.shape == (3, 32, 48)
     np.testing.assert_array_equal(arr[2], _frame(2).image)
 
@@ -86,8 +87,7 @@ def test_torn_last_line_is_ignored(tmp_path):
     w = RunLogWriter(tmp_path / "run")
     w.write_frame(_frame(0))
     w.write_frame(_frame(1))
-    w._doc_file.write('["event", {"uid": "x", "des')  # a crash mid-line
-    w._doc_file.flush()
+    w._doc_file.write(b'["event", {"uid": "x", "des')  # a crash mid-line
     log = RunLog.open(tmp_path / "run")
     assert log.truncated
     assert log.stop is None

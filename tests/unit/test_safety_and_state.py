@@ -47,7 +47,7 @@ def test_rotated_scan_corner_outside_is_refused():
 
 
 def test_dose_budget_accumulates_where_the_beam_went():
-    g = gate(max_total_dose_e_per_A2=1e6)
+    g = gate(dose_budget_e_per_A2=1e6)
     s = scan(dwell=1e-4)  # 20 pA, 100 µs over (20/64 Å)^2 -> about 1.28e5 e/Å² per frame
     n = 0
     while g.check(s, float(n)).allowed:
@@ -65,7 +65,7 @@ def test_dose_budget_accumulates_where_the_beam_went():
 
 
 def test_park_dose_counts_at_its_position():
-    g = gate(max_total_dose_e_per_A2=1e8)
+    g = gate(dose_budget_e_per_A2=1e8)
     p = Park((10.0, 10.0), 0.5)  # 20 pA * 0.5 s / e over 1 Å² = 6.2e7 e/Å²
     assert g.check(p, 0.0).allowed
     g.record(p, 0.0)
@@ -74,7 +74,7 @@ def test_park_dose_counts_at_its_position():
 
 
 def test_rate_limit_uses_the_injected_time():
-    g = gate(max_commands_per_s=3.0, max_total_dose_e_per_A2=1e30)
+    g = gate(max_commands_per_s=3.0, dose_budget_e_per_A2=1e30)
     s = scan()
     for t in (0.0, 0.1, 0.2):
         assert g.check(s, t).allowed
@@ -85,7 +85,7 @@ def test_rate_limit_uses_the_injected_time():
 
 def test_huge_area_keeps_the_dose_map_small():
     g = SafetyGate(SafetyConfig(area_half_width_A=1e6), beam_current_pA=20.0)
-    assert max(g.dose_map.shape) <= 1024
+    assert max(g.map.shape) <= 1024
 
 
 def test_state_table():

@@ -109,7 +109,7 @@ def test_truncated_image_is_rejected(cut: int) -> None:
 def test_wrong_version_is_rejected() -> None:
     parts, _ = wire.encode_frame(make_frame())
     header = json.loads(parts[0])
-    header["v"] = 2
+    header["v"] = 1  # the previous version
     with pytest.raises(wire.WireError, match="unsupported protocol version"):
         wire.decode_frame([json.dumps(header).encode(), parts[1]])
     with pytest.raises(wire.WireError, match="version"):
@@ -122,18 +122,18 @@ def test_oversized_messages_are_rejected_before_allocation() -> None:
         wire.decode_frame(parts, max_array_bytes=16)
     with pytest.raises(wire.WireError, match="limit"):
         wire.decode_request([b" " * (wire.MAX_JSON_BYTES + 1)])
-    huge = {"v": 1, "id": "r", "ok": True, "arrays": [{"dtype": "<f8", "shape": [1 << 28, 1 << 28, 1 << 28, 1 << 28]}]}
+    huge = {"v": 2, "id": "r", "ok": True, "arrays": [{"dtype": "<f8", "shape": [1 << 28, 1 << 28, 1 << 28, 1 << 28]}]}
     with pytest.raises(wire.WireError, match="limit"):
         wire.decode_reply([json.dumps(huge).encode(), b""])
 
 
 def test_requests_validate_fields() -> None:
-    ok = wire.decode_request([b'{"v": 1, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": 0.5}'])
+    ok = wire.decode_request([b'{"v": 2, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": 0.5}'])
     assert isinstance(ok, wire.ParkRequest) and ok.position_A == (1.0, 2.0)
     with pytest.raises(wire.WireError, match="request.park.dwell_s"):
-        wire.decode_request([b'{"v": 1, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": -1}'])
+        wire.decode_request([b'{"v": 2, "id": "a-1", "op": "park", "position_A": [1, 2], "dwell_s": -1}'])
     with pytest.raises(wire.WireError, match="request.heartbeat.extra"):
-        wire.decode_request([b'{"v": 1, "id": "a-1", "op": "heartbeat", "extra": 1}'])
+        wire.decode_request([b'{"v": 2, "id": "a-1", "op": "heartbeat", "extra": 1}'])
     assert wire.request_id_of([b'{"v": 7, "id": "keep-me"}']) == "keep-me"
     assert wire.request_id_of([b'{"id": "bad id with spaces"}']) is None
 
@@ -154,11 +154,11 @@ def test_mqtt_control_rejects_junk_without_a_broker() -> None:
     from stemagent.agent.telemetry import MqttTelemetry
     from stemagent.config import TelemetryConfig
 
-    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")  # never connected: only validation
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r", run_id="t")  # never connected: only validation
     for junk in (b"[" * 100_000, b"\xff\xfe", b"{}", b'{"command": "pause", "value": "x"}', b"1" * 70_000):
         ack = sink.handle_control(junk)
         assert ack.accepted is False
-    assert sink.stats["control_rejected"] == 5 and len(sink._queue) == 5  # each one acknowledged
+    assert sink.stats["control_rejected"] == 5 and len(sink._acks) == 5  # each one acknowledged
 
 
 @SETTINGS
@@ -167,6 +167,6 @@ def test_mqtt_control_never_raises_on_random_payloads(payload: bytes) -> None:
     from stemagent.agent.telemetry import MqttTelemetry
     from stemagent.config import TelemetryConfig
 
-    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r")
+    sink = MqttTelemetry(TelemetryConfig(host="127.0.0.1"), run_name="r", run_id="t")
     ack = sink.handle_control(payload)
-    assert ack.accepted is False and len(sink._queue) == 1
+    assert ack.accepted is False and len(sink._acks) == 1
