@@ -18,8 +18,8 @@ class DriftConfig(BaseModel):
 
     enabled: bool = Field(True, description="off: positions pass through unchanged and commands are not converted")
     # --- model ---------------------------------------------------------------------------------
-    window_frames: int = Field(24, ge=2, le=400, description="frames of displacement history the GP sees (bounded cost)")
-    bins_per_frame: int = Field(16, ge=1, le=256, description="time bins per frame: each is one GP observation per axis")
+    window_frames: int = Field(20, ge=2, le=400, description="frames of displacement history the GP sees (bounded cost)")
+    bins_per_frame: int = Field(8, ge=1, le=256, description="time bins per frame: each is one GP observation per axis")
     min_atoms_per_bin: int = Field(3, ge=1, description="bins with fewer matched atoms are left out")
     refit_every_frames: int = Field(10, ge=1, description="hyperparameters are refit this often (warm-started)")
     refit_max_iter: int = Field(40, ge=1, le=1000, description="L-BFGS iterations per hyperparameter refit")

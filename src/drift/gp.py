@@ -114,7 +114,7 @@ class _ExactDriftGP(gpytorch.models.ExactGP, GPyTorchModel):
         )
         self.short.base_kernel.lengthscale = torch.full((2, 1, 1), SHORT_LENGTHSCALE_S)
         self.short.base_kernel.raw_lengthscale.requires_grad_(False)
-        self.offset = ScaleKernel(GroupOffsetKernel(batch_shape=b), batch_shape=b, outputscale_constraint=Interval(1e-8, 1e2))
+        self.offset = ScaleKernel(GroupOffsetKernel(batch_shape=b), batch_shape=b, outputscale_constraint=Interval(1e-7, 1.0))
         self.covar_module = self.trend + self.smooth + self.short + self.offset
         self.drift_covar = self.trend + self.smooth + self.short  # d(t) alone
 
@@ -132,7 +132,7 @@ INITIAL_HYPERPARAMETERS = {
     "smooth.base_kernel.lengthscale": 5.0,
     "short.outputscale": 0.02,
     "offset.outputscale": 2.5e-3,
-    "likelihood.second_noise": 1e-6,
+    "likelihood.second_noise": 1e-5,
 }
 
 
@@ -160,7 +160,7 @@ class DisplacementGP:
             noise=torch.ones(2, 1, dtype=self.dtype, device=self.device),
             learn_additional_noise=True,
             batch_shape=_BATCH,
-            noise_constraint=Interval(1e-10, 1.0),
+            noise_constraint=Interval(1e-8, 1.0),
         )
         self.model = _ExactDriftGP(x0, y0, self.likelihood, random_walk_A_per_sqrt_s, min_slope_A_per_s).to(
             device=self.device, dtype=self.dtype
@@ -169,6 +169,7 @@ class DisplacementGP:
             **{k: torch.full((2,), v, dtype=self.dtype) for k, v in INITIAL_HYPERPARAMETERS.items() if not k.startswith("likelihood.")}
         )
         self.likelihood.second_noise = torch.full((2, 1), INITIAL_HYPERPARAMETERS["likelihood.second_noise"], dtype=self.dtype)
+        self._initial_raw = self._raw()
         self.model.eval()
         self.likelihood.eval()
 
@@ -214,16 +215,56 @@ class DisplacementGP:
         self.model.train()
         self.likelihood.train()
         mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.likelihood, self.model)
+        # two starts: the last fit (warm) and the initial values; the better optimum wins. The
+        # likelihood surface has a second mode where a fast random walk explains a smooth wobble
+        # (and forecasts no motion), and a warm start that fell into it does not climb out.
+        starts = [None, self._initial_raw]
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
         try:
             with gpytorch.settings.max_cholesky_size(100_000):
-                result = fit_gpytorch_mll_scipy(mll, options={"maxiter": int(max_iter)})
-            loss = float(result.fval)
+                for start in starts:
+                    if start is not None:
+                        self._set_raw(start)
+                    self._unstick()
+                    try:
+                        loss = float(fit_gpytorch_mll_scipy(mll, options={"maxiter": int(max_iter)}).fval)
+                    except Exception:  # a failed start (e.g. not positive definite): keep the other
+                        loss = math.inf
+                    if best is None or loss < best[0]:
+                        best = (loss, self._raw())
+            assert best is not None
+            self._set_raw(best[1])
         finally:
             self.model.eval()
             self.likelihood.eval()
             self._cache = None
         self.fits += 1
-        return loss
+        return best[0]
+
+    def _raw(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def _set_raw(self, raw: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(raw[name])
+
+    def _unstick(self) -> None:
+        """Move hyperparameters that sit on a bound of their interval to the interval's geometric
+        middle before a warm-started fit: there the constraint's sigmoid has no gradient left,
+        so a value that hit a bound once (say the extra noise, while the data were few) would
+        stay there for the rest of the run."""
+        with torch.no_grad():
+            for _, raw, constraint in self.model.named_parameters_and_constraints():
+                if not raw.requires_grad or not isinstance(constraint, Interval):
+                    continue
+                lo = float(constraint.lower_bound.min())
+                hi = float(constraint.upper_bound.max())
+                value = constraint.transform(raw)
+                stuck = (value <= lo * 1.05) | (value >= hi / 1.05)
+                if bool(stuck.any()):
+                    middle = torch.full_like(value, math.sqrt(lo * hi))
+                    raw.copy_(torch.where(stuck, constraint.inverse_transform(middle), raw))
 
     def hyperparameters(self) -> dict[str, list[float]]:
         """Current hyperparameters per axis ``[x, y]`` in physical units (Å², Å²/s², s)."""

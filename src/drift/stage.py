@@ -106,6 +106,7 @@ class DriftStage:
         self._has_reference = False
         self._frames_since_fit = 0
         self._frames_used = 0
+        self._median_obs_var = 0.0
         # the drift posterior (mean, variance) on a time grid, interpolated for per-atom times:
         # the window's grid after each update, plus the forecast over the frame being processed
         self._grid_t = np.zeros(0)
@@ -378,8 +379,9 @@ class DriftStage:
         t, g, z, v = self._observations()
         self._frames_used += 1
         new = t >= frame.start_time_s
-        score = self.gp.predictive_score(t[new], g[new], z[new], v[new]) if self.gp.n else float("nan")
+        score = self._score(t[new], z[new], v[new]) if self.gp.n else float("nan")
         self.gp.set_data(t, g, z, v)
+        self._median_obs_var = float(np.median(v)) if len(v) else 0.0
         self._frames_since_fit += 1
         stale = np.isfinite(score) and score > cfg.stale_chi2
         due = self._frames_since_fit >= cfg.refit_every_frames or self.gp.fits == 0 or (self.gp.fits < 3 and self._frames_since_fit >= 2)
@@ -394,6 +396,16 @@ class DriftStage:
         self._update_grid()
         self._refresh_references()
         return score, refit, fit_ms
+
+    def _score(self, t: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
+        """Mean squared standardised residual of this frame's observations under the fit so far
+        (the forecast over the frame, interpolated; plus the noise and offset variances)."""
+        if len(t) == 0:
+            return float("nan")
+        mean, var = self._drift_at(t)
+        hp = self.gp.hyperparameters()
+        extra = np.asarray(hp["extra_noise_A2"]) + np.asarray(hp["offset_var_A2"])
+        return float(np.mean((z - mean) ** 2 / np.maximum(var + v + extra[None, :], 1e-18)))
 
     def _update_grid(self) -> None:
         """Posterior of the drift on a grid spanning the window (bin edges of every frame): one GP call."""
@@ -423,7 +435,17 @@ class DriftStage:
         if np.any((ids < 0) | (ids >= len(self._X))):
             raise InputError("track_ids", ids[(ids < 0) | (ids >= len(self._X))][:3], f"must index the {len(self._X)} tracks")
         w = getattr(self, "_ref_w", np.zeros(len(self._X)))[ids]
-        return self._X[ids].copy(), np.where(w > 0, 1.0 / np.sqrt(np.maximum(w, 1e-30)), np.inf)
+        sd = np.where(w > 0, 1.0 / np.sqrt(np.maximum(w, 1e-30)), np.inf)
+        return self._X[ids].copy(), sd * self.noise_inflation
+
+    @property
+    def noise_inflation(self) -> float:
+        """How much larger the position noise is than the segmenter reports, as the GP's learned
+        extra noise says (1 when the reported uncertainties are right)."""
+        if self.gp.n == 0 or self._median_obs_var <= 0:
+            return 1.0
+        extra = float(np.mean(self.gp.hyperparameters()["extra_noise_A2"]))
+        return float(np.sqrt(1.0 + extra / self._median_obs_var))
 
     # --- the result ----------------------------------------------------------------------------------
     def _estimate(self, frame: Frame, atoms: Atoms, status: Status, reason: str, measured: np.ndarray, refined: np.ndarray,
