@@ -11,9 +11,11 @@ from stemagent.types import Atoms
 
 #: ``disabled``: the stage is off, positions pass through; ``reference``: this frame became the
 #: reference lattice (the first frame, or after tracking was lost); ``tracking``: matched and
-#: used; ``too_few_atoms``: the frame had too few usable atoms and was not used; ``lost``: the
-#: atoms could not be matched to the reference (this frame becomes the new reference).
-Status = Literal["disabled", "reference", "tracking", "too_few_atoms", "lost"]
+#: used; ``too_few_atoms``: the frame had too few usable atoms and was not used; ``new_field``:
+#: the frame shows an area the tracks do not reach (its atoms become new tracks placed with the
+#: forecast; no drift is measured on it); ``lost``: the atoms could not be matched to the
+#: reference (this frame becomes the new reference).
+Status = Literal["disabled", "reference", "tracking", "too_few_atoms", "new_field", "lost"]
 
 
 @dataclass

@@ -316,7 +316,7 @@ class DisplacementGP:
 
     def predict(self, t_s: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean ``(m, 2)`` Å and variance ``(m, 2)`` Å² of the drift at times ``t_s`` ``(m,)``."""
-        with torch_threads(self.threads):
+        with torch_threads(self.threads), gpytorch.settings.lazily_evaluate_kernels(False):
             return self._predict(t_s)
 
     def _predict(self, t_s: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -334,7 +334,7 @@ class DisplacementGP:
     def predictive_score(self, t_s: np.ndarray, group: np.ndarray, values_A: np.ndarray, variances_A2: np.ndarray) -> float:
         """Mean squared standardised residual of new observations under the current posterior
         (about 1 when the fit still describes the data; large when it went stale)."""
-        with torch_threads(self.threads):
+        with torch_threads(self.threads), gpytorch.settings.lazily_evaluate_kernels(False):
             return self._predictive_score(t_s, group, values_A, variances_A2)
 
     def _predictive_score(self, t_s: np.ndarray, group: np.ndarray, values_A: np.ndarray, variances_A2: np.ndarray) -> float:

@@ -107,6 +107,7 @@ class DriftStage:
         self._frames_since_fit = 0
         self._frames_used = 0
         self._median_obs_var = 0.0
+        self._ref_w = np.zeros(0)
         # the drift posterior (mean, variance) on a time grid, interpolated for per-atom times:
         # the window's grid after each update, plus the forecast over the frame being processed
         self._grid_t = np.zeros(0)
@@ -193,6 +194,18 @@ class DriftStage:
         inside = geom.contains(pred, self.config.edge_margin_A)
         cand = live[inside]
         det_idx = np.flatnonzero(usable)
+        if len(cand) < self.config.min_atoms:
+            # a field the tracks do not reach (the scan moved elsewhere): nothing to match; the
+            # atoms become new tracks placed with the forecast, the drift is not measured here
+            d_fc, _ = self._drift_at(times[det_idx])
+            new_ids = self._add_tracks(y[det_idx] - d_fc)
+            track_ids[det_idx] = new_ids
+            self._push(frame, new_ids, y[det_idx], times[det_idx], sigma[det_idx])
+            measured = y - self._drift_at(times)[0]
+            return self._estimate(frame, atoms, "new_field",
+                                  f"{len(cand)} tracked atoms in this field < min_atoms={self.config.min_atoms}: "
+                                  "its atoms are placed with the forecast", measured, measured.copy(), track_ids, times,
+                                  sigma, t_start, n_detected=n, n_new=len(new_ids))
         # 2. matching
         m = match(pred[inside], y[det_idx], gate_fraction=self.config.gate_fraction)
         n_match = len(m.pred)
@@ -434,7 +447,7 @@ class DriftStage:
         ids = np.asarray(track_ids, dtype=np.int64)
         if np.any((ids < 0) | (ids >= len(self._X))):
             raise InputError("track_ids", ids[(ids < 0) | (ids >= len(self._X))][:3], f"must index the {len(self._X)} tracks")
-        w = getattr(self, "_ref_w", np.zeros(len(self._X)))[ids]
+        w = np.concatenate([self._ref_w, np.zeros(len(self._X) - len(self._ref_w))])[ids]
         sd = np.where(w > 0, 1.0 / np.sqrt(np.maximum(w, 1e-30)), np.inf)
         return self._X[ids].copy(), sd * self.noise_inflation
 

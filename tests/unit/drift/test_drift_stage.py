@@ -201,3 +201,21 @@ def test_drift_corrected_image_puts_a_drifting_spot_back_at_its_sample_position(
     assert np.linalg.norm(at - X) < 0.15
     raw_peak = g.pixel_to_sample(np.array([np.unravel_index(np.argmax(image), image.shape)]))[0]
     assert np.linalg.norm(raw_peak - X) > 0.3  # uncorrected, the spot is elsewhere
+
+
+def test_drift_stage_a_field_without_tracks_adds_atoms_and_keeps_the_reference() -> None:
+    drift = linear_drift((0.3, 0.1))
+    sites = hexagonal_lattice_A(100.0)
+    rng = np.random.default_rng(4)
+    here = SyntheticScan(sites, drift, GEOMETRY, sigma_A=0.02)
+    there = SyntheticScan(sites, drift, ScanGeometry(center_A=(40.0, 0.0), fov_A=(25.6, 25.6), shape_px=(256, 256),
+                                                     dwell_s=4e-6), sigma_A=0.02)
+    stage = DriftStage(CONFIG)
+    for k in range(5):
+        stage.update(*here.frame(k, here.start_time_s(k), rng)[:2])
+    ref = stage.reference_id
+    est = stage.update(*there.frame(5, here.start_time_s(5), rng)[:2])
+    assert est.status == "new_field" and est.n_new > 50 and stage.reference_id == ref
+    frame, atoms, _ = here.frame(6, here.start_time_s(6), rng)
+    est = stage.update(frame, atoms)
+    assert est.status == "tracking" and est.n_matched > 0.8 * len(atoms)
