@@ -3,9 +3,12 @@
 One GPyTorch exact GP per axis (a batch of two, each with its own hyperparameters) on
 observations of the displacement at known times. The covariance of ``d`` is a sum of
 
-- a trend: a constant (the level) plus a linear kernel (steady drift),
+- a trend: a degree-1 polynomial kernel (a level plus a steady drift; the slope's prior scale
+  is at least ``min_slope_A_per_s``),
 - a smooth Matérn-5/2 term (slow wobble, thermal settling; lengthscale of seconds),
-- a short-range Matérn-1/2 term (an Ornstein-Uhlenbeck process: locally a random walk),
+- a short-range Matérn-1/2 term (an Ornstein-Uhlenbeck process with a 100 s lengthscale:
+  over a window of seconds a random walk, whose diffusion is kept within
+  ``random_walk_A_per_sqrt_s``),
 
 and each observation also carries
 
@@ -16,9 +19,11 @@ and each observation also carries
   segmenter reports (fixed, per observation), plus a learned extra variance.
 
 Forecasts are of the latent ``d(t)`` alone (no offset, no noise). Hyperparameters are fitted by
-maximising the exact marginal likelihood with BoTorch's scipy L-BFGS-B driver, warm-started
-from the last fit. Inputs are centred on the newest observation time, so a 10-minute run never
-sees large times.
+maximising GPyTorch's exact marginal likelihood with BoTorch's scipy L-BFGS-B driver, from two
+starts (the last fit, i.e. a warm start, and the initial values; the better one wins), after
+moving any hyperparameter stuck on a bound of its interval back inside. Per frame, the posterior
+is one Cholesky factorisation of the model's own covariance (see :meth:`DisplacementGP._posterior_cache`).
+Inputs are centred on the newest observation time, so a 10-minute run never sees large times.
 
 Shapes: ``t_s`` ``(n,)``, ``group`` ``(n,)`` int (``-1``: none), values and variances ``(n, 2)``
 (x, y). Everything is float64 on ``device``.
@@ -202,8 +207,9 @@ class DisplacementGP:
 
     # --- hyperparameters -----------------------------------------------------------------------
     def fit(self, max_iter: int = 40) -> float:
-        """Maximise the marginal likelihood over the hyperparameters (warm start); returns the
-        final negative log marginal likelihood per observation (nan with no data)."""
+        """Maximise the marginal likelihood over the hyperparameters (``max_iter`` L-BFGS steps
+        from each of two starts); returns the final negative log marginal likelihood per
+        observation (nan with fewer than 4 observations)."""
         with torch_threads(self.threads):
             return self._fit(max_iter)
 
