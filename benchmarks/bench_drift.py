@@ -162,7 +162,8 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
     model_distortion = {"gp": [], "none": []}
     upd_ms, fit_ms, fc_ms, n_tracked, find_ms = [], [], [], [], []
     refit_flags: list[bool] = []
-    rec: dict[str, list] = {"t": [], "d_true": [], "d_gp": [], "sd_gp": [], "gauge": [], "t_x": [], "s_x": []}
+    rec: dict[str, list] = {"t": [], "d_true": [], "d_gp": [], "sd_gp": [], "gauge": [], "t_x": [], "s_x": [], "fc_gp": [],
+                            "d_true_x": [], "t_mid": [], "s_mid": []}
     for k in range(n_frames):
         frame = await twin.acquire(GEOMETRY)
         t0 = time.perf_counter()
@@ -195,7 +196,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
         m_gp = d_gp_at - d_true_at
         model_distortion["gp"].append(m_gp - m_gp.mean(axis=0))
         model_distortion["none"].append(d_true_at - d_true_at.mean(axis=0))
-        if record:
+        if record and k > 0:
             grid = est.times_s
             rec["t"].extend(grid.tolist())
             rec["d_true"].extend((truth_d(grid) - gauge).tolist())
@@ -229,9 +230,13 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
                 place_sd = np.sqrt(sd[0][None, :] ** 2 + ref_sd[:, None] ** 2)
                 z_place.append((ref + mu[0] - d_te - X) / place_sd)
         if record:
-            rec["t_x"].append(frame.end_time_s + latency_s)
-            s_pred = xc.s[-1] + xc.velocity(2) * (frame.end_time_s + latency_s - t_mid)
-            rec["s_x"].append(s_pred.tolist())
+            te = frame.end_time_s + latency_s
+            rec["t_x"].append(te)
+            rec["s_x"].append((xc.s[-1] + xc.velocity(2) * (te - t_mid)).tolist())
+            rec["fc_gp"].append(stage.forecast(te)[0][0].tolist())
+            rec["d_true_x"].append((truth_d(np.array([te]))[0] - gauge).tolist())
+            rec["t_mid"].append(t_mid)
+            rec["s_mid"].append(xc.s[-1].tolist())
     await twin.close()
 
     def per_frame_rms(lst: list[np.ndarray]) -> float:
@@ -281,31 +286,38 @@ def figure(rec: dict[str, list], path: str) -> None:
     dg = np.asarray(rec["d_gp"])[order]
     sd = np.asarray(rec["sd_gp"])[order]
     tx = np.asarray(rec["t_x"])
+    truth_x = np.asarray(rec["d_true_x"])
+    fc = np.asarray(rec["fc_gp"])
     sx = np.asarray(rec["s_x"])
+    t_mid = np.asarray(rec["t_mid"])
+    s_mid = np.asarray(rec["s_mid"])
+    # the cross-correlation baseline knows the drift only up to a constant: align it on the truth
+    truth_mid = np.stack([np.interp(t_mid, t, dt[:, a]) for a in range(2)], axis=1)
+    off = np.median(s_mid - truth_mid, axis=0)
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex="col", gridspec_kw={"width_ratios": [3, 2]})
-    for ax_i, name in enumerate(("x", "y")):
-        a = axes[ax_i, 0]
-        a.plot(t, dt[:, ax_i], color="k", lw=1.0, label="true drift (stage's frame)")
-        a.plot(t, dg[:, ax_i], color="tab:blue", lw=0.8, label="GP estimate (per frame)")
-        a.set_ylabel(f"d_{name} (Å)")
-        # zoom: the last 3 s, residuals with the band and the baseline's forecasts
-        b = axes[ax_i, 1]
-        z = t > t.max() - 3.0
-        b.fill_between(t[z], (dg - 1.96 * sd)[z, ax_i] - dt[z, ax_i], (dg + 1.96 * sd)[z, ax_i] - dt[z, ax_i],
-                       color="tab:blue", alpha=0.25, label="GP 95% band")
-        b.plot(t[z], dg[z, ax_i] - dt[z, ax_i], color="tab:blue", lw=0.8, label="GP - truth")
-        zx = tx > t.max() - 3.0
-        d_at_tx = np.stack([np.interp(tx[zx], t, dt[:, 0]), np.interp(tx[zx], t, dt[:, 1])], axis=1)
-        off = np.median(sx[: len(sx)] - np.stack([np.interp(tx, t, dt[:, 0]), np.interp(tx, t, dt[:, 1])], axis=1), axis=0)
-        b.plot(tx[zx], sx[zx, ax_i] - off[ax_i] - d_at_tx[:, ax_i], "o", ms=3, color="tab:red",
-               label="xcorr + linear forecast - truth")
-        b.axhline(0, color="k", lw=0.5)
-        b.set_ylabel(f"error {name} (Å)")
+    for a, name in enumerate(("x", "y")):
+        left = axes[a, 0]
+        left.plot(t, dt[:, a], color="k", lw=1.2, label="true drift (in the stage's sample frame)")
+        left.plot(t, dg[:, a], color="tab:blue", lw=0.8, label="GP estimate, per frame")
+        left.plot(t_mid, s_mid[:, a] - off[a], ".", ms=3, color="tab:red", label="phase cross-correlation, cumulative")
+        left.set_ylabel(f"d_{name} (Å)")
+        right = axes[a, 1]
+        z = t > t.max() - 5.0
+        right.fill_between(t[z], (dg - 1.96 * sd)[z, a] - dt[z, a], (dg + 1.96 * sd)[z, a] - dt[z, a],
+                           color="tab:blue", alpha=0.25, lw=0, label="GP estimate - truth, 95% band")
+        right.plot(t[z], dg[z, a] - dt[z, a], color="tab:blue", lw=0.8)
+        zx = tx > t.max() - 5.0
+        right.plot(tx[zx], fc[zx, a] - truth_x[zx, a], "o", ms=3.5, color="tab:blue", label="GP forecast - truth")
+        right.plot(tx[zx], sx[zx, a] - off[a] - truth_x[zx, a], "s", ms=3.5, color="tab:red",
+                   label="xcorr + linear forecast - truth")
+        right.axhline(0, color="k", lw=0.5)
+        right.set_ylabel(f"error {name} (Å)")
     axes[0, 0].legend(loc="best", fontsize=8)
     axes[0, 1].legend(loc="best", fontsize=7)
-    axes[1, 0].set_xlabel("time (s)")
-    axes[1, 1].set_xlabel("time (s)")
-    fig.suptitle("Drift on the twin (seed 0): GP estimate vs truth; right: last 3 s, errors with the 95% band")
+    axes[1, 0].set_xlabel("acquisition time (s)")
+    axes[1, 1].set_xlabel("acquisition time (s)")
+    fig.suptitle("Twin drift (seed 0): truth, GP and cross-correlation; right: the last 5 s, errors "
+                 "(forecasts 0.1 s after each frame)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
