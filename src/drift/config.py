@@ -22,7 +22,9 @@ class DriftConfig(BaseModel):
     bins_per_frame: int = Field(8, ge=1, le=256, description="time bins per frame: each is one GP observation per axis")
     min_atoms_per_bin: int = Field(3, ge=1, description="bins with fewer matched atoms are left out")
     refit_every_frames: int = Field(10, ge=1, description="hyperparameters are refit this often (warm-started)")
-    refit_max_iter: int = Field(40, ge=1, le=1000, description="L-BFGS iterations per hyperparameter refit")
+    refit_max_iter: int = Field(40, ge=1, le=1000, description="L-BFGS iterations per start of a hyperparameter refit")
+    refit_starts: int = Field(2, ge=1, le=2, description="2: refit from the last fit and from the initial values "
+                              "(the better wins); 1: from the last fit only (half the cost)")
     stale_chi2: float = Field(4.0, gt=0, description="refit at once when a new frame's bins score a mean squared "
                               "standardised residual above this under the current fit")
     random_walk_A_per_sqrt_s: tuple[float, float] = Field(

@@ -206,14 +206,14 @@ class DisplacementGP:
         self._cache = None
 
     # --- hyperparameters -----------------------------------------------------------------------
-    def fit(self, max_iter: int = 40) -> float:
+    def fit(self, max_iter: int = 40, starts: int = 2) -> float:
         """Maximise the marginal likelihood over the hyperparameters (``max_iter`` L-BFGS steps
         from each of two starts); returns the final negative log marginal likelihood per
-        observation (nan with fewer than 4 observations)."""
+        observation (nan with fewer than 4 observations). ``starts=1``: the warm start only."""
         with torch_threads(self.threads):
-            return self._fit(max_iter)
+            return self._fit(max_iter, starts)
 
-    def _fit(self, max_iter: int) -> float:
+    def _fit(self, max_iter: int, n_starts: int) -> float:
         if self.n < 4:
             return math.nan
         from botorch.optim.fit import fit_gpytorch_mll_scipy
@@ -224,7 +224,7 @@ class DisplacementGP:
         # two starts: the last fit (warm) and the initial values; the better optimum wins. The
         # likelihood surface has a second mode where a fast random walk explains a smooth wobble
         # (and forecasts no motion), and a warm start that fell into it does not climb out.
-        starts = [None, self._initial_raw]
+        starts = [None, self._initial_raw][: max(1, n_starts)]
         best: tuple[float, dict[str, torch.Tensor]] | None = None
         try:
             with gpytorch.settings.max_cholesky_size(100_000):

@@ -402,7 +402,7 @@ class DriftStage:
         refit = False
         if len(t) >= 4 and (due or stale):
             t0 = time.perf_counter()
-            self.gp.fit(cfg.refit_max_iter)
+            self.gp.fit(cfg.refit_max_iter, cfg.refit_starts)
             fit_ms = 1e3 * (time.perf_counter() - t0)
             refit = True
             self._frames_since_fit = 0
