@@ -25,6 +25,8 @@ class DriftConfig(BaseModel):
     refit_max_iter: int = Field(40, ge=1, le=1000, description="L-BFGS iterations per start of a hyperparameter refit")
     refit_starts: int = Field(2, ge=1, le=2, description="2: refit from the last fit and from the initial values "
                               "(the better wins); 1: from the last fit only (half the cost)")
+    refit_in_update: bool = Field(True, description="refit inside update(); False: update() only sets refit_due and "
+                                  "the caller runs DriftStage.refit() when it has time")
     stale_chi2: float = Field(4.0, gt=0, description="refit at once when a new frame's bins score a mean squared "
                               "standardised residual above this under the current fit")
     random_walk_A_per_sqrt_s: tuple[float, float] = Field(

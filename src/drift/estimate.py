@@ -38,7 +38,8 @@ class DriftEstimate:
     - counts: detections, matched, new tracks, tracks dropped, outliers left out, live tracks.
     - ``spacing_A``: nearest-neighbour spacing of the lattice; ``shift_A``: common residual shift
       taken out before matching (large: the forecast was off).
-    - ``refit``: hyperparameters refitted on this frame; ``score``: mean squared standardised
+    - ``refit``: hyperparameters refitted on this frame; ``refit_due``: a refit is due and waits
+      for :meth:`DriftStage.refit` (with ``refit_in_update=False``); ``score``: mean squared standardised
       residual of this frame's observations under the previous fit (about 1 when it holds).
     - ``update_ms``: the whole update; ``fit_ms``: of which the hyperparameter refit.
     """
@@ -63,6 +64,7 @@ class DriftEstimate:
     spacing_A: float = float("nan")
     shift_A: tuple[float, float] = (0.0, 0.0)
     refit: bool = False
+    refit_due: bool = False
     score: float = float("nan")
     update_ms: float = 0.0
     fit_ms: float = 0.0
@@ -97,6 +99,7 @@ class DriftEstimate:
             "spacing_A": fl(self.spacing_A),
             "shift_A": [float(v) for v in self.shift_A],
             "refit": bool(self.refit),
+            "refit_due": bool(self.refit_due),
             "score": fl(self.score),
             "update_ms": float(self.update_ms),
             "fit_ms": float(self.fit_ms),

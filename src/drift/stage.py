@@ -106,6 +106,7 @@ class DriftStage:
         self._has_reference = False
         self._frames_since_fit = 0
         self._frames_used = 0
+        self.refit_due = False  # a hyperparameter refit is due (see refit())
         self._median_obs_var = 0.0
         self._ref_w = np.zeros(0)
         # the drift posterior (mean, variance) on a time grid, interpolated for per-atom times:
@@ -400,15 +401,35 @@ class DriftStage:
         due = self._frames_since_fit >= cfg.refit_every_frames or self.gp.fits == 0 or (self.gp.fits < 3 and self._frames_since_fit >= 2)
         fit_ms = 0.0
         refit = False
-        if len(t) >= 4 and (due or stale):
-            t0 = time.perf_counter()
-            self.gp.fit(cfg.refit_max_iter, cfg.refit_starts)
-            fit_ms = 1e3 * (time.perf_counter() - t0)
+        self.refit_due = len(t) >= 4 and (due or stale)
+        if self.refit_due and cfg.refit_in_update:
+            fit_ms = self._fit_now()
             refit = True
-            self._frames_since_fit = 0
         self._update_grid()
         self._refresh_references()
         return score, refit, fit_ms
+
+    def _fit_now(self) -> float:
+        t0 = time.perf_counter()
+        self.gp.fit(self.config.refit_max_iter, self.config.refit_starts)
+        self._frames_since_fit = 0
+        self.refit_due = False
+        return 1e3 * (time.perf_counter() - t0)
+
+    def refit(self) -> float:
+        """Refit the hyperparameters now if a refit is due (``refit_due``), then refresh the
+        posterior and the references; returns the time it took in ms (0 when none was due).
+
+        With ``refit_in_update=False`` the update only marks a refit due, and the caller runs
+        this when it has time (e.g. in its executor after sending the next command), so a
+        frame's update never waits for a fit.
+        """
+        if not self.refit_due or self.gp.n < 4:
+            return 0.0
+        ms = self._fit_now()
+        self._update_grid()
+        self._refresh_references()
+        return ms
 
     def _score(self, t: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
         """Mean squared standardised residual of this frame's observations under the fit so far
@@ -504,6 +525,7 @@ class DriftStage:
             n_tracks=self.n_tracks,
             shift_A=(float(shift[0]), float(shift[1])),  # type: ignore[index]
             hyperparameters=self.gp.hyperparameters() if corrected else {},
+            refit_due=self.refit_due,
             corrected_image=image,
             **counts,  # type: ignore[arg-type]
         )

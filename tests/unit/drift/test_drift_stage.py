@@ -219,3 +219,13 @@ def test_drift_stage_a_field_without_tracks_adds_atoms_and_keeps_the_reference()
     frame, atoms, _ = here.frame(6, here.start_time_s(6), rng)
     est = stage.update(frame, atoms)
     assert est.status == "tracking" and est.n_matched > 0.8 * len(atoms)
+
+
+def test_drift_stage_can_leave_the_refit_to_the_caller() -> None:
+    drift = linear_drift((0.5, -0.3))
+    stage, out = _run(drift, n_frames=6, config=DriftConfig(window_frames=12, refit_in_update=False, refit_max_iter=25))
+    assert not any(o[3].refit for o in out) and stage.gp.fits == 0
+    assert out[-1][3].refit_due and out[-1][3].to_dict()["refit_due"]
+    assert stage.refit() > 0 and stage.gp.fits == 1 and not stage.refit_due
+    assert stage.refit() == 0.0  # nothing due any more
+    assert _placement_rms_A(stage, drift, out[-1]) < 0.03
