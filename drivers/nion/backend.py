@@ -59,13 +59,14 @@ class NionDriver:
     """The ``Driver`` protocol on a Nion scan hardware source (``cfg.scan_device_id``).
 
     ``microscope``: a :class:`~stemagent.drivers.nion.usim.UsimMicroscope` this driver starts on
-    :meth:`connect` and stops on :meth:`close` (``mode: usim``), or None to use the instrument
-    Swift already runs (``mode: swift``).
+    :meth:`connect` and (if ``own_microscope``) stops on :meth:`close` (``mode: usim``), or None to
+    use the instrument Swift already runs (``mode: swift``).
     """
 
-    def __init__(self, cfg: NionConfig, microscope: Any = None) -> None:
+    def __init__(self, cfg: NionConfig, microscope: Any = None, *, own_microscope: bool = True) -> None:
         self.cfg = cfg
         self.microscope = microscope
+        self.own_microscope = own_microscope
         self.generator = getattr(microscope, "generator", None)
         self._scan_pool = self._new_pool("nion-scan")
         self._blank_pool = self._new_pool("nion-blank")
@@ -271,7 +272,7 @@ class NionDriver:
         self._closed = True
         self._scan_pool.shutdown(wait=False, cancel_futures=True)
         self._blank_pool.shutdown(wait=True, cancel_futures=False)
-        if self.microscope is not None:
+        if self.microscope is not None and self.own_microscope:
             self.microscope.stop()
 
     async def capabilities(self) -> Capabilities:

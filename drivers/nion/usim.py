@@ -87,13 +87,13 @@ class UsimMicroscope:
                 instrument.SetVal("BeamCurrent", self.beam_current_pA * 1e-12)  # A
             if self.energy_keV is not None:
                 instrument.SetVal("EHT", self.energy_keV * 1e3)  # V
+            attach = getattr(self.generator, "attach", None)
+            if attach is not None:  # before anything can blank or scan
+                attach(instrument)
             instrument.SetVal("C_Blank", 1.0)  # a microscope starts blanked
             scan_module = ScanDevice.ScanModule(instrument)
             Registry.register_component(instrument, {"instrument_controller", "stem_controller"})
             Registry.register_component(scan_module, {"scan_module"})
-            attach = getattr(self.generator, "attach", None)
-            if attach is not None:
-                attach(instrument)
             self.instrument, self.scan_module = instrument, scan_module
             UsimMicroscope._live = self
 
