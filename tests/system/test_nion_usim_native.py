@@ -39,14 +39,10 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
 
 
-@pytest.fixture(scope="module")
-def sample_index() -> int:
-    return 0  # usim's flakes: rectangles of several heights, nothing symmetric
-
-
 @pytest.fixture
-async def nion(sample_index: int) -> AsyncIterator[Any]:
-    driver = make_driver(mode="usim", usim={"generator": "sample", "sample_index": sample_index})
+async def nion() -> AsyncIterator[Any]:
+    # usim's sample 0: flakes, rectangles of several heights with nothing symmetric about them
+    driver = make_driver(mode="usim", usim={"generator": "sample", "sample_index": 0})
     await driver.connect()
     try:
         yield driver
