@@ -263,6 +263,36 @@ class TwinDriver:
             self._last_beam = (start + dwell_s, b)
             return result
 
+    # --- synchronous entry points for a host scan engine ---------------------------------
+    # A host that runs its own scan loop and clock (the Nion usim generator, drivers/nion/) drives
+    # the twin through these: same physics and ground truth as the async Driver methods, no pacing.
+    def scan_now(self, geometry: ScanGeometry, start_s: float) -> Frame:
+        """Render one frame of ``geometry`` scanned from ``start_s`` (dose, dynamics and truth included)."""
+        self._check_open()
+        self._check_geometry(geometry)
+        self._expose_idle(start_s)
+        self._set_beam("scan", np.asarray(geometry.center_A))
+        frame = self._render_sync(geometry, start_s)
+        end_pix = geometry.pixel_to_sample(np.array([[geometry.shape_px[0] - 1, geometry.shape_px[1] - 1]]))[0]
+        self._last_beam = (frame.end_time_s, end_pix)
+        return frame
+
+    def park_now(self, position_A: tuple[float, float], dwell_s: float, start_s: float) -> ParkResult:
+        """Park at ``position_A`` (beam frame) for ``dwell_s`` from ``start_s``; the signal and the truth as :meth:`park`."""
+        self._check_open()
+        self._expose_idle(start_s)
+        b = np.array([float(position_A[0]), float(position_A[1])])
+        self._set_beam("park", b)
+        result = self._park_sync(b, float(dwell_s), start_s)
+        self._last_beam = (start_s + dwell_s, b)
+        return result
+
+    def blank_now(self) -> None:
+        """Blank at the clock's now (an unblanked beam left idle doses until then)."""
+        self._expose_idle(self.clock.monotonic())
+        if not self.beam_blanked:
+            self._set_beam("blanked", None)
+
     # --- work -----------------------------------------------------------------------------
     async def _render(self, geometry: ScanGeometry, start: float) -> Frame:
         self._expose_idle(start)
