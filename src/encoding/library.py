@@ -1,0 +1,130 @@
+"""A motif library: stable motif ids across frames, grown when something new appears.
+
+Each frame is clustered on its own (cluster ids mean nothing from one frame to the next). The
+library keeps one prototype per motif: the mean feature vector of the atoms it has seen, and a
+pooled per-feature noise scale (the within-cluster spread, averaged over clusters and frames).
+A frame's cluster takes the id of the nearest prototype when the standardised distance
+
+    D = || (mean of the cluster - prototype) / scale ||
+
+is below ``novelty_threshold``; otherwise it founds a new motif. Several clusters may map to one
+motif (a frame over-split), never one cluster to several. Prototypes follow their members with
+a running mean whose memory is capped at ``memory`` atoms, so slow drifts (dose, focus) are
+followed and a new frame can never be outvoted forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stemagent.errors import InputError
+
+
+@dataclass
+class Motif:
+    """One library entry: ``centroid`` ``(d,)``, atoms seen, the frame that founded it."""
+
+    id: int
+    centroid: np.ndarray
+    count: int
+    first_frame: int
+    last_frame: int
+
+
+@dataclass
+class LibraryUpdate:
+    """What one frame did to the library: ``ids`` ``(N,)`` motif id per atom; ``cluster_to_motif``;
+    ``new`` ids founded by this frame; ``distances`` cluster -> distance to the prototype chosen
+    (``inf`` for a new motif)."""
+
+    ids: np.ndarray
+    cluster_to_motif: dict[int, int]
+    new: list[int]
+    distances: dict[int, float] = field(default_factory=dict)
+
+
+class MotifLibrary:
+    """Stable motif ids over a sequence of frames (see the module docstring)."""
+
+    def __init__(self, novelty_threshold: float = 6.0, memory: int = 5000, max_motifs: int = 64) -> None:
+        if not (np.isfinite(novelty_threshold) and novelty_threshold > 0):
+            raise InputError("novelty_threshold", novelty_threshold, "must be positive")
+        self.novelty_threshold = float(novelty_threshold)
+        self.memory = int(memory)
+        self.max_motifs = int(max_motifs)
+        self.motifs: list[Motif] = []
+        self.scale: np.ndarray | None = None
+        self._scale_weight = 0.0
+
+    def __len__(self) -> int:
+        return len(self.motifs)
+
+    def centroids(self) -> np.ndarray:
+        return np.stack([m.centroid for m in self.motifs]) if self.motifs else np.zeros((0, 0))
+
+    def _update_scale(self, x: np.ndarray, labels: np.ndarray) -> None:
+        resid = np.zeros_like(x)
+        for c in np.unique(labels):
+            sel = labels == c
+            resid[sel] = x[sel] - x[sel].mean(axis=0)
+        dof = max(1, len(x) - len(np.unique(labels)))
+        var = (resid**2).sum(axis=0) / dof
+        floor = 1e-6 * max(1.0, float(np.abs(x).max()))
+        s = np.sqrt(np.maximum(var, floor**2))
+        if self.scale is None:
+            self.scale, self._scale_weight = s, float(len(x))
+        else:
+            w = min(float(len(x)), self.memory) / (self._scale_weight + len(x))
+            self.scale = np.sqrt((1 - w) * self.scale**2 + w * s**2)
+            self._scale_weight = min(self._scale_weight + len(x), float(self.memory))
+
+    def update(self, features: np.ndarray, cluster_labels: np.ndarray, frame_index: int = 0) -> LibraryUpdate:
+        """Map this frame's clusters to motif ids, add new motifs, refresh the prototypes.
+
+        ``features`` ``(N, d)`` (finite), ``cluster_labels`` ``(N,)`` non-negative cluster ids."""
+        x = np.asarray(features, dtype=np.float64)
+        lab = np.asarray(cluster_labels, dtype=np.int64)
+        if x.ndim != 2 or lab.shape != (len(x),):
+            raise InputError("features.shape", (x.shape, lab.shape), "must be (N, d) features and (N,) labels")
+        if len(x) == 0:
+            return LibraryUpdate(np.zeros(0, dtype=np.int64), {}, [])
+        if not np.all(np.isfinite(x)):
+            raise InputError("features", "non-finite", "feature vectors must be finite")
+        if self.motifs and self.motifs[0].centroid.shape != (x.shape[1],):
+            raise InputError("features.shape", x.shape, f"must have {self.motifs[0].centroid.shape[0]} columns like the library")
+        self._update_scale(x, lab)
+        assert self.scale is not None
+        clusters, counts = np.unique(lab, return_counts=True)
+        order = clusters[np.argsort(-counts, kind="stable")]
+        mapping: dict[int, int] = {}
+        dists: dict[int, float] = {}
+        new: list[int] = []
+        for c in order:
+            sel = lab == c
+            mu = x[sel].mean(axis=0)
+            best, best_d = -1, np.inf
+            if self.motifs:
+                d = np.linalg.norm((self.centroids() - mu) / self.scale, axis=1)
+                best = int(np.argmin(d))
+                best_d = float(d[best])
+            if best >= 0 and (best_d < self.novelty_threshold or len(self.motifs) >= self.max_motifs):
+                motif = self.motifs[best]
+            else:
+                motif = Motif(id=len(self.motifs), centroid=mu.copy(), count=0, first_frame=frame_index, last_frame=frame_index)
+                self.motifs.append(motif)
+                new.append(motif.id)
+                best_d = np.inf
+            mapping[int(c)] = motif.id
+            dists[int(c)] = best_d
+        for c, mid in mapping.items():
+            sel = lab == c
+            motif = self.motifs[mid]
+            n_new = int(sel.sum())
+            w_old = min(motif.count, self.memory)
+            motif.centroid = (motif.centroid * w_old + x[sel].sum(axis=0)) / (w_old + n_new)
+            motif.count += n_new
+            motif.last_frame = frame_index
+        ids = np.asarray([mapping[int(c)] for c in lab], dtype=np.int64)
+        return LibraryUpdate(ids, mapping, new, dists)
