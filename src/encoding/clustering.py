@@ -13,7 +13,10 @@ Three methods on the same reduced features (the first principal components):
   (e.g. metal and chalcogen columns); in each mode a robust covariance (trimmed, concentration
   steps, rescaled so the median distance matches the chi-square median) measures the photon noise
   of the host, every atom beyond the ``1 - alpha`` chi-square quantile is an outlier, and the
-  outliers, whitened by that covariance, are grouped by HDBSCAN into defect motifs.
+  outliers, whitened by that covariance, are grouped into defect motifs by diagonal Gaussian
+  mixtures (number by BIC). A group counts as a motif when it sits off the host, i.e. its centre
+  is further from the host than its members are from each other (the host's own noise tail is
+  scattered all round it and stays host).
 
 :func:`score_labels` compares cluster ids with ground-truth classes after matching them
 (many-to-one: each cluster takes the class most of its members have; or one-to-one: the
@@ -103,18 +106,20 @@ def cluster_layout(
     z: np.ndarray,
     n_neighbors: int = 10,
     iterations: int = 100,
-    min_cluster_size: int = 5,
+    min_cluster_size: int = 10,
+    min_samples: int = 5,
     seed: int = 0,
     device: str = "cpu",
 ) -> Clusters:
-    """Force-relaxed layout of ``z`` ``(N, d)`` clustered by HDBSCAN."""
+    """Force-relaxed layout of ``z`` ``(N, d)`` clustered by HDBSCAN (``min_cluster_size``,
+    ``min_samples``)."""
     n = len(z)
     if n < 3:
         return Clusters(np.zeros(n, dtype=np.int64), z, "layout", np.zeros((n, 2)))
     y = force_layout(z, n_neighbors=n_neighbors, iterations=iterations, seed=seed, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        raw = HDBSCAN(min_cluster_size=max(2, min(min_cluster_size, n))).fit_predict(y)
+        raw = HDBSCAN(min_cluster_size=max(2, min(min_cluster_size, n)), min_samples=min(min_samples, n)).fit_predict(y)
     labels = _compact(_assign_noise(y, raw))
     return Clusters(labels, z, "layout", y, {"hdbscan_noise": int((raw < 0).sum())})
 
@@ -158,6 +163,25 @@ def _mahalanobis2(z: np.ndarray, loc: np.ndarray, cov: np.ndarray) -> np.ndarray
     return np.einsum("ij,ij->i", w, w)
 
 
+def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8) -> np.ndarray:
+    """Groups of outliers ``w`` ``(n, d)`` (whitened by their host's noise): diagonal Gaussian
+    mixtures, number by BIC, groups smaller than ``min_size`` joined to the nearest group."""
+    n = len(w)
+    kmax = max(1, min(max_groups, n // max(min_size, 2)))
+    best: tuple[float, np.ndarray] | None = None
+    for k in range(1, kmax + 1):
+        g = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-3).fit(w)
+        bic = float(g.bic(w))
+        if best is None or bic < best[0]:
+            best = (bic, g.predict(w))
+    lab = best[1] if best is not None else np.zeros(n, dtype=np.int64)
+    counts = np.bincount(lab)
+    small = counts[lab] < min_size
+    if small.any() and not small.all():
+        lab = _assign_noise(w, np.where(small, -1, lab))
+    return lab
+
+
 def cluster_robust(
     z: np.ndarray, alpha: float = 0.01, mode_fraction: float = 0.1, min_cluster_size: int = 3, seed: int = 0
 ) -> Clusters:
@@ -167,7 +191,7 @@ def cluster_robust(
         return Clusters(np.zeros(n, dtype=np.int64), z, "robust", None, {"modes": 1, "outliers": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        raw = HDBSCAN(min_cluster_size=max(15, int(mode_fraction * n))).fit_predict(z)
+        raw = HDBSCAN(min_cluster_size=max(15, int(mode_fraction * n)), min_samples=5).fit_predict(z)
     modes = _assign_noise(z, raw) if (raw >= 0).any() else np.zeros(n, dtype=np.int64)
     labels = modes.copy()
     nxt = int(modes.max()) + 1
@@ -184,14 +208,13 @@ def cluster_robust(
         if len(out) < min_cluster_size:
             continue  # a handful of noise outliers stay with their host
         w = np.linalg.solve(np.linalg.cholesky(cov), (z[out] - loc).T).T
-        sub = np.zeros(len(out), dtype=np.int64)
-        if len(out) > min_cluster_size:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                r = HDBSCAN(min_cluster_size=min_cluster_size).fit_predict(w)
-            if (r >= 0).any():
-                sub = _assign_noise(w, r)
+        sub = _split_outliers(w, min_cluster_size, seed)
         for c in np.unique(sub):
+            g = w[sub == c]
+            centre = g.mean(axis=0)
+            spread = np.sqrt(np.mean(np.sum((g - centre) ** 2, axis=1)))
+            if np.linalg.norm(centre) <= spread:
+                continue  # scattered all round the host: its noise tail, not a motif
             labels[out[sub == c]] = nxt
             nxt += 1
     return Clusters(_compact(labels), z, "robust", None, {"modes": int(modes.max()) + 1, "outliers": n_out})

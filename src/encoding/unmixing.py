@@ -14,8 +14,12 @@ Decompositions (scikit-learn), all on the same ``X``:
 
 Each gives loadings ``(N, k)`` (one loading map per component: the loading at every site) and
 components ``(k, D)`` (what each component looks like as a sub-image). Sites are assigned to
-domains by a Gaussian mixture on the standardised loadings whose number of components is chosen
-by BIC (nothing tells it how many domains there are); the GMM decomposition assigns directly.
+domains by a Gaussian mixture on the loadings whose number of components is chosen by BIC
+(nothing tells it how many domains there are; components under ``min_fraction`` of the sites,
+the tails and wall sites, join the nearest large one); the GMM decomposition assigns directly.
+Centre the sub-images on the displaced species (the B sites of a perovskite): each then shows
+its own cell, while an A-centred window mixes the four B sites around it, from two domains at
+a wall.
 
 :func:`lattice_displacements` gives every site's displacement from its ideal lattice position:
 the lattice (origin, ``a1``, ``a2``) is fitted by least squares to a reference sublattice (e.g.
@@ -81,7 +85,7 @@ class Unmixing:
     info: dict = field(default_factory=dict)
 
 
-def scree_components(ratios: np.ndarray, floor: float = 0.05, max_components: int = 8) -> int:
+def scree_components(ratios: np.ndarray, floor: float = 0.2, max_components: int = 8) -> int:
     """How many principal components to keep: those whose explained-variance ratio is at least
     ``floor`` times the first one's (at least 1, at most ``max_components``)."""
     r = np.asarray(ratios, dtype=np.float64)
@@ -90,10 +94,12 @@ def scree_components(ratios: np.ndarray, floor: float = 0.05, max_components: in
     return int(max(1, min(max_components, np.sum(r >= floor * r[0]))))
 
 
-def assign_domains(loadings: np.ndarray, max_domains: int = 6, seed: int = 0) -> np.ndarray:
+def assign_domains(loadings: np.ndarray, max_domains: int = 6, seed: int = 0, min_fraction: float = 0.1) -> np.ndarray:
     """Domain id per site ``(N,)``: a Gaussian mixture on the loadings (centred, one common scale,
     so a strong component weighs more than a weak one), the number of components
-    (1..``max_domains``) chosen by BIC; ids ordered by decreasing size."""
+    (1..``max_domains``) chosen by BIC; components holding less than ``min_fraction`` of the
+    sites (the tails and the sites inside walls, which sit between two domains) join the nearest
+    large one. Ids ordered by decreasing size."""
     z = np.asarray(loadings, dtype=np.float64)
     z = (z - z.mean(axis=0)) / max(float(z.std()), 1e-12)
     best = None
@@ -103,13 +109,28 @@ def assign_domains(loadings: np.ndarray, max_domains: int = 6, seed: int = 0) ->
         if best is None or bic < best[0]:
             best = (bic, g)
     lab = best[1].predict(z) if best is not None else np.zeros(len(z), dtype=np.int64)
-    uniq, counts = np.unique(lab, return_counts=True)
-    lut = {int(u): i for i, u in enumerate(uniq[np.argsort(-counts, kind="stable")])}
-    return np.asarray([lut[int(v)] for v in lab], dtype=np.int64)
+    return _merge_small(z, lab, min_fraction)
 
 
-def unmix(x: np.ndarray, method: str, n_components: int | None = None, scree_floor: float = 0.05,
-          max_domains: int = 6, seed: int = 0) -> Unmixing:
+def _merge_small(z: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Join clusters under ``min_fraction`` of the sites, and clusters that lie between two larger
+    ones (sites inside a wall, half one domain and half the other), to the nearest large one."""
+    lab = _merge_between(z, lab)
+    counts = np.bincount(lab)
+    big = np.flatnonzero(counts >= min_fraction * len(lab))
+    if len(big) == 0:
+        big = np.array([int(np.argmax(counts))])
+    centres = np.stack([z[lab == b].mean(axis=0) for b in big])
+    small = ~np.isin(lab, big)
+    if small.any():
+        d = np.linalg.norm(z[small][:, None, :] - centres[None], axis=2)
+        lab = lab.copy()
+        lab[small] = big[np.argmin(d, axis=1)]
+    return _by_size(lab)
+
+
+def unmix(x: np.ndarray, method: str, n_components: int | None = None, scree_floor: float = 0.2,
+          max_domains: int = 6, seed: int = 0, min_fraction: float = 0.1) -> Unmixing:
     """Decompose ``x`` ``(N, D)`` by ``method`` (one of :data:`METHODS`). ``n_components`` None:
     from the PCA scree (:func:`scree_components`)."""
     x = np.asarray(x, dtype=np.float64)
@@ -125,8 +146,8 @@ def unmix(x: np.ndarray, method: str, n_components: int | None = None, scree_flo
         if method == "pca":
             loadings = pca.transform(x)[:, :k]
             comps = pca.components_[:k]
-        elif method == "nmf":
-            model = NMF(n_components=k, init="nndsvda", random_state=seed, max_iter=500)
+        elif method == "nmf":  # parts, not directions: one part per domain, k directions part k + 1 domains
+            model = NMF(n_components=k + 1, init="nndsvda", random_state=seed, max_iter=500)
             loadings = model.fit_transform(x - x.min())
             comps = model.components_
         elif method == "ica":
@@ -145,9 +166,39 @@ def unmix(x: np.ndarray, method: str, n_components: int | None = None, scree_flo
             assert best is not None
             loadings = best[1].predict_proba(scores)
             comps = best[1].means_ @ pca.components_[:k] + pca.mean_
-            domains = np.argmax(loadings, axis=1)
-            return Unmixing(method, loadings, comps, _by_size(domains), scree, {"n_components": k})
-    return Unmixing(method, loadings, comps, assign_domains(loadings, max_domains, seed), scree, {"n_components": k})
+            domains = _merge_small(scores, np.argmax(loadings, axis=1), min_fraction)
+            return Unmixing(method, loadings, comps, domains, scree, {"n_components": k})
+    return Unmixing(method, loadings, comps, assign_domains(loadings, max_domains, seed, min_fraction), scree, {"n_components": k})
+
+
+def _merge_between(z: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    lab = lab.copy()
+    while True:
+        ids, counts = np.unique(lab, return_counts=True)
+        if len(ids) < 3:
+            return lab
+        centres = {int(i): z[lab == i].mean(axis=0) for i in ids}
+        merged = False
+        for c in ids[np.argsort(counts)]:
+            others = [int(i) for i in ids if i != c and np.sum(lab == i) > np.sum(lab == c)]
+            for ia, a in enumerate(others):
+                for b in others[ia + 1:]:
+                    ab = centres[b] - centres[a]
+                    t = float(np.dot(centres[int(c)] - centres[a], ab) / max(np.dot(ab, ab), 1e-30))
+                    off = np.linalg.norm(centres[a] + t * ab - centres[int(c)])
+                    if 0.15 < t < 0.85 and off < 0.25 * np.linalg.norm(ab):
+                        sel = lab == c
+                        da = np.linalg.norm(z[sel] - centres[a], axis=1)
+                        db = np.linalg.norm(z[sel] - centres[b], axis=1)
+                        lab[np.flatnonzero(sel)] = np.where(da <= db, a, b)
+                        merged = True
+                        break
+                if merged:
+                    break
+            if merged:
+                break
+        if not merged:
+            return lab
 
 
 def _by_size(labels: np.ndarray) -> np.ndarray:
