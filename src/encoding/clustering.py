@@ -14,9 +14,11 @@ Three methods on the same reduced features (the first principal components):
   steps, rescaled so the median distance matches the chi-square median) measures the photon noise
   of the host, every atom beyond the ``1 - alpha`` chi-square quantile is an outlier, and the
   outliers, whitened by that covariance, are grouped into defect motifs by diagonal Gaussian
-  mixtures (number by BIC). A group counts as a motif when it sits off the host, i.e. its centre
-  is further from the host than its members are from each other (the host's own noise tail is
-  scattered all round it and stays host).
+  mixtures (number by BIC), in two tiers: outliers beyond the ``1 - alpha / 1000`` quantile are
+  defects however few (a lone dopant); nearer ones count only as a group of at least
+  ``min_cluster_size`` that sits off the host, i.e. whose centre is further from the host than
+  its members are from each other (the host's own noise tail is scattered all round it and
+  stays host).
 
 :func:`score_labels` compares cluster ids with ground-truth classes after matching them
 (many-to-one: each cluster takes the class most of its members have; or one-to-one: the
@@ -165,7 +167,7 @@ def _mahalanobis2(z: np.ndarray, loc: np.ndarray, cov: np.ndarray) -> np.ndarray
 
 def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8) -> np.ndarray:
     """Groups of outliers ``w`` ``(n, d)`` (whitened by their host's noise): diagonal Gaussian
-    mixtures, number by BIC, groups smaller than ``min_size`` joined to the nearest group."""
+    mixtures of up to ``n / min_size`` components, number by BIC."""
     n = len(w)
     kmax = max(1, min(max_groups, n // max(min_size, 2)))
     best: tuple[float, np.ndarray] | None = None
@@ -174,12 +176,7 @@ def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8
         bic = float(g.bic(w))
         if best is None or bic < best[0]:
             best = (bic, g.predict(w))
-    lab = best[1] if best is not None else np.zeros(n, dtype=np.int64)
-    counts = np.bincount(lab)
-    small = counts[lab] < min_size
-    if small.any() and not small.all():
-        lab = _assign_noise(w, np.where(small, -1, lab))
-    return lab
+    return best[1] if best is not None else np.zeros(n, dtype=np.int64)
 
 
 def cluster_robust(
@@ -205,18 +202,22 @@ def cluster_robust(
         d2 = _mahalanobis2(z[idx], loc, cov)
         out = idx[d2 > threshold]
         n_out += len(out)
-        if len(out) < min_cluster_size:
-            continue  # a handful of noise outliers stay with their host
         w = np.linalg.solve(np.linalg.cholesky(cov), (z[out] - loc).T).T
-        sub = _split_outliers(w, min_cluster_size, seed)
-        for c in np.unique(sub):
-            g = w[sub == c]
-            centre = g.mean(axis=0)
-            spread = np.sqrt(np.mean(np.sum((g - centre) ** 2, axis=1)))
-            if np.linalg.norm(centre) <= spread:
-                continue  # scattered all round the host: its noise tail, not a motif
-            labels[out[sub == c]] = nxt
-            nxt += 1
+        far = np.sum(w**2, axis=1) > chi2.ppf(1.0 - alpha * 1e-3, d)
+        for tier in (far, ~far):  # far outliers are defects whatever their number; near ones must cluster
+            if not tier.any():
+                continue
+            wt = w[tier]
+            sub = _split_outliers(wt, min_cluster_size if tier is not far else 1, seed)
+            for c in np.unique(sub):
+                g = wt[sub == c]
+                if tier is not far:
+                    centre = g.mean(axis=0)
+                    spread = np.sqrt(np.mean(np.sum((g - centre) ** 2, axis=1)))
+                    if len(g) < min_cluster_size or np.linalg.norm(centre) <= spread:
+                        continue  # the host's own noise tail, scattered all round it: stays host
+                labels[out[np.flatnonzero(tier)[sub == c]]] = nxt
+                nxt += 1
     return Clusters(_compact(labels), z, "robust", None, {"modes": int(modes.max()) + 1, "outliers": n_out})
 
 

@@ -54,7 +54,7 @@ class ZernikeEncoder:
     """Computes :class:`FrameFeatures`; keeps one :class:`ZernikeBasis` per patch geometry (the
     basis tables cost a few hundred ms to build, the moments of 500 atoms about a millisecond)."""
 
-    def __init__(self, n_max: int = 10, radius_factor: float = 1.3, max_radius_px: float = 14.0,
+    def __init__(self, n_max: int = 10, radius_factor: float = 1.3, max_radius_px: float = 20.0,
                  subpixel_steps: int = 8, correction: str = "none", device: str | torch.device | None = None) -> None:
         self.n_max = int(n_max)
         self.radius_factor = float(radius_factor)

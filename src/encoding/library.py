@@ -5,9 +5,10 @@ library keeps one prototype per motif: the mean feature vector of the atoms it h
 pooled per-feature noise scale (the within-cluster spread, averaged over clusters and frames).
 A frame's cluster takes the id of the nearest prototype when the standardised distance
 
-    D = || (mean of the cluster - prototype) / scale ||
+    D = sqrt(mean over features of ((mean of the cluster - prototype) / scale)^2)
 
-is below ``novelty_threshold``; otherwise it founds a new motif. Several clusters may map to one
+(the root-mean-square difference in noise widths) is below ``novelty_threshold``; otherwise it
+founds a new motif. Several clusters may map to one
 motif (a frame over-split), never one cluster to several. Prototypes follow their members with
 a running mean whose memory is capped at ``memory`` atoms, so slow drifts (dose, focus) are
 followed and a new frame can never be outvoted forever.
@@ -48,7 +49,7 @@ class LibraryUpdate:
 class MotifLibrary:
     """Stable motif ids over a sequence of frames (see the module docstring)."""
 
-    def __init__(self, novelty_threshold: float = 6.0, memory: int = 5000, max_motifs: int = 64) -> None:
+    def __init__(self, novelty_threshold: float = 2.0, memory: int = 5000, max_motifs: int = 64) -> None:
         if not (np.isfinite(novelty_threshold) and novelty_threshold > 0):
             raise InputError("novelty_threshold", novelty_threshold, "must be positive")
         self.novelty_threshold = float(novelty_threshold)
@@ -106,7 +107,7 @@ class MotifLibrary:
             mu = x[sel].mean(axis=0)
             best, best_d = -1, np.inf
             if self.motifs:
-                d = np.linalg.norm((self.centroids() - mu) / self.scale, axis=1)
+                d = np.sqrt(np.mean(((self.centroids() - mu) / self.scale) ** 2, axis=1))
                 best = int(np.argmin(d))
                 best_d = float(d[best])
             if best >= 0 and (best_d < self.novelty_threshold or len(self.motifs) >= self.max_motifs):

@@ -53,7 +53,7 @@ class EncodingConfig(BaseModel):
     n_max: int = Field(10, ge=1, le=20, description="highest Zernike radial order")
     radius_factor: float = Field(1.3, gt=0.3, le=4.0, description="patch disk radius / nearest-neighbour distance")
     radius_A: float | None = Field(None, gt=0, description="fixed disk radius; None: from the first frame's atoms")
-    max_radius_px: float = Field(14.0, ge=4.0, le=64.0, description="larger disks bin the frame first")
+    max_radius_px: float = Field(20.0, ge=4.0, le=64.0, description="larger disks bin the frame first")
     subpixel_steps: int = Field(8, ge=2, le=32, description="patch centres quantised to 1/steps px (even)")
     correction: Literal["none", "gram"] = Field("none", description="moments: projections, or Gram-corrected least squares")
     clustering: Literal["robust", "layout", "gmm"] = Field("robust", description="see stemagent.encoding.clustering")
@@ -64,7 +64,7 @@ class EncodingConfig(BaseModel):
     layout_iterations: int = Field(100, ge=10, le=2000)
     min_cluster_size: int = Field(3, ge=2, description="smallest motif cluster (robust, layout)")
     max_components: int = Field(10, ge=1, le=50, description="largest mixture tried (gmm)")
-    novelty_threshold: float = Field(6.0, gt=0, description="standardised distance beyond which a cluster is a new motif")
+    novelty_threshold: float = Field(2.0, gt=0, description="RMS distance (noise widths per feature) beyond which a cluster is a new motif")
     library_memory: int = Field(5000, ge=10)
     min_atoms: int = Field(8, ge=3, description="frames with fewer encoded atoms get no motifs")
     hierarchy: bool = True
