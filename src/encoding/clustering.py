@@ -58,6 +58,27 @@ class Clusters:
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
 
+def fit_reduction(x: np.ndarray, components: int, standardise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Centre ``(d,)`` and projection ``(d, k)`` onto the first ``k = components`` principal
+    components of ``x`` ``(N, d)`` (columns divided by their robust spread when ``standardise``)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise InputError("features.shape", x.shape, "must be (N, d) with N >= 1")
+    if not np.all(np.isfinite(x)):
+        raise InputError("features", "non-finite", "feature vectors must be finite")
+    centre = x.mean(axis=0)
+    scale = np.ones(x.shape[1])
+    if standardise:
+        mad = np.median(np.abs(x - np.median(x, axis=0)), axis=0) * 1.4826
+        scale = np.where(mad > 1e-12, mad, np.maximum(x.std(axis=0), 1e-12))
+    z = (x - centre) / scale
+    k = max(1, min(components, z.shape[1], len(z) - 1))
+    evals, evecs = np.linalg.eigh(z.T @ z)  # (d, d): cheaper than an SVD of (N, d)
+    top = evecs[:, np.argsort(evals)[::-1][:k]]
+    top *= np.where(top[np.argmax(np.abs(top), axis=0), np.arange(k)] < 0, -1.0, 1.0)  # deterministic signs
+    return centre, top / scale[:, None]
+
+
 def reduce_features(x: np.ndarray, components: int, standardise: bool = False) -> np.ndarray:
     """The first ``components`` principal components ``(N, components)`` of ``x``.
 
@@ -66,20 +87,8 @@ def reduce_features(x: np.ndarray, components: int, standardise: bool = False) -
     components rank directions by signal; scaling each column to unit spread would instead blow
     noise-only columns up to the size of the informative ones. ``standardise=True`` divides each
     column by its robust spread (MAD) first."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise InputError("features.shape", x.shape, "must be (N, d) with N >= 1")
-    if not np.all(np.isfinite(x)):
-        raise InputError("features", "non-finite", "feature vectors must be finite")
-    z = x - x.mean(axis=0)
-    if standardise:
-        mad = np.median(np.abs(x - np.median(x, axis=0)), axis=0) * 1.4826
-        z = z / np.where(mad > 1e-12, mad, np.maximum(x.std(axis=0), 1e-12))
-    k = max(1, min(components, z.shape[1], len(z) - 1))
-    evals, evecs = np.linalg.eigh(z.T @ z)  # (d, d): cheaper than an SVD of (N, d)
-    top = evecs[:, np.argsort(evals)[::-1][:k]]
-    top *= np.where(top[np.argmax(np.abs(top), axis=0), np.arange(k)] < 0, -1.0, 1.0)  # deterministic signs
-    return z @ top
+    centre, proj = fit_reduction(x, components, standardise)
+    return (np.asarray(x, dtype=np.float64) - centre) @ proj
 
 
 def _assign_noise(y: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -169,6 +178,8 @@ def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8
     """Groups of outliers ``w`` ``(n, d)`` (whitened by their host's noise): diagonal Gaussian
     mixtures of up to ``n / min_size`` components, number by BIC."""
     n = len(w)
+    if n < 2:
+        return np.zeros(n, dtype=np.int64)
     kmax = max(1, min(max_groups, n // max(min_size, 2)))
     best: tuple[float, np.ndarray] | None = None
     for k in range(1, kmax + 1):
@@ -180,9 +191,12 @@ def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8
 
 
 def cluster_robust(
-    z: np.ndarray, alpha: float = 0.01, mode_fraction: float = 0.1, min_cluster_size: int = 3, seed: int = 0
+    z: np.ndarray, alpha: float = 0.01, mode_fraction: float = 0.1, min_cluster_size: int = 3, seed: int = 0,
+    x: np.ndarray | None = None, mode_components: int | None = None,
 ) -> Clusters:
-    """Host modes and defect motifs of ``z`` ``(N, d)`` (see the module docstring)."""
+    """Host modes and defect motifs of ``z`` ``(N, d)`` (see the module docstring). With the full
+    features ``x`` and ``mode_components``, each mode is searched for outliers in its own first
+    principal components (the directions along which *its* atoms differ) instead of in ``z``."""
     n, d = z.shape
     if n < max(10, 3 * d):
         return Clusters(np.zeros(n, dtype=np.int64), z, "robust", None, {"modes": 1, "outliers": 0})
@@ -198,12 +212,16 @@ def cluster_robust(
         idx = np.flatnonzero(modes == mode)
         if len(idx) < 3 * d:
             continue
-        loc, cov = robust_covariance(z[idx])
-        d2 = _mahalanobis2(z[idx], loc, cov)
-        out = idx[d2 > threshold]
+        zm = z[idx] if x is None or not mode_components else reduce_features(x[idx], mode_components)
+        dm = zm.shape[1]
+        threshold = chi2.ppf(1.0 - alpha, dm)
+        loc, cov = robust_covariance(zm)
+        d2 = _mahalanobis2(zm, loc, cov)
+        sel = d2 > threshold
+        out = idx[sel]
         n_out += len(out)
-        w = np.linalg.solve(np.linalg.cholesky(cov), (z[out] - loc).T).T
-        far = np.sum(w**2, axis=1) > chi2.ppf(1.0 - alpha * 1e-3, d)
+        w = np.linalg.solve(np.linalg.cholesky(cov), (zm[sel] - loc).T).T
+        far = np.sum(w**2, axis=1) > chi2.ppf(1.0 - alpha * 1e-3, dm)
         for tier in (far, ~far):  # far outliers are defects whatever their number; near ones must cluster
             if not tier.any():
                 continue
@@ -233,7 +251,7 @@ def cluster_features(x: np.ndarray, method: str = "robust", components: int = 4,
     if method == "gmm":
         return cluster_gmm(z, seed=seed, **options)
     if method == "robust":
-        return cluster_robust(z, seed=seed, **options)
+        return cluster_robust(z, seed=seed, x=x, **options)
     raise InputError("method", method, f"must be one of {METHODS}")
 
 

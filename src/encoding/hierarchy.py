@@ -60,30 +60,29 @@ class MotifCells:
         return int(self.complete.sum())
 
 
+def _translation_score(tree: cKDTree, xy: np.ndarray, labels: np.ndarray, t: np.ndarray, tol: float) -> float:
+    """Share of atoms that ``t`` carries onto an atom of the same motif."""
+    d, j = tree.query(xy + t, distance_upper_bound=tol)
+    ok = np.isfinite(d)
+    return float(np.mean(ok & (labels[np.where(ok, j, 0)] == labels)))
+
+
 def _translation_lattice(xy: np.ndarray, labels: np.ndarray, nn: float, rng: np.random.Generator) -> np.ndarray:
     tree = cKDTree(xy)
     sample = rng.choice(len(xy), size=min(len(xy), 200), replace=False)
-    cands = []
-    for i in sample:
-        for j in tree.query_ball_point(xy[i], 3.2 * nn):
-            if j != i and labels[j] == labels[i]:
-                cands.append(xy[j] - xy[i])
-    if not cands:
+    pairs = tree.query_ball_point(xy[sample], 3.2 * nn)
+    src = np.repeat(sample, [len(p) for p in pairs])
+    dst = np.fromiter((j for p in pairs for j in p), dtype=np.int64, count=len(src))
+    keep = (dst != src) & (labels[dst] == labels[src])
+    if not keep.any():
         raise InputError("atoms", len(xy), "no repeating arrangement of motifs found (too few atoms)")
-    v = np.asarray(cands)
+    v = xy[dst[keep]] - xy[src[keep]]
     q = np.round(v / (0.2 * nn)).astype(np.int64)
     keys, inv, cnt = np.unique(q, axis=0, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
     reps = np.stack([v[inv == k].mean(axis=0) for k in range(len(keys))])
     reps = reps[cnt >= max(3, 0.05 * cnt.max())]
-    tol = 0.3 * nn
-    scores = []
-    for t in reps:
-        d, j = tree.query(xy + t, distance_upper_bound=tol)
-        ok = np.isfinite(d)
-        jj = np.where(ok, j, 0)
-        scores.append(float(np.mean(ok & (labels[jj] == labels))))
-    scores_a = np.asarray(scores)
+    scores_a = np.asarray([_translation_score(tree, xy, labels, t, 0.3 * nn) for t in reps])
     good = reps[scores_a >= 0.8 * scores_a.max()]
     good = good[np.argsort(np.linalg.norm(good, axis=1))]
     a1 = good[0]
@@ -94,22 +93,28 @@ def _translation_lattice(xy: np.ndarray, labels: np.ndarray, nn: float, rng: np.
     raise InputError("atoms", len(xy), "the motif pattern repeats along one direction only")
 
 
-def _basis_sites(frac: np.ndarray, lattice: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster wrapped fractional coordinates ``(N, 2)``: site index per atom and site centres."""
+def _basis_sites(frac: np.ndarray, lattice: np.ndarray, tol: float, max_sites: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster wrapped fractional coordinates ``(N, 2)``: site index per atom and site centres
+    (the first unassigned atom founds a site and takes every atom within ``tol`` Å of it, modulo
+    the lattice; after ``max_sites`` sites the rest join the nearest)."""
     shifts = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=np.float64)
+
+    def dist(c: np.ndarray, f: np.ndarray) -> np.ndarray:
+        delta = ((f - c)[:, None, :] + shifts[None]) @ lattice  # (n, 9, 2)
+        return np.sqrt(np.min(np.einsum("nsk,nsk->ns", delta, delta), axis=1))
+
+    site = np.full(len(frac), -1, dtype=np.int64)
     centres: list[np.ndarray] = []
-    site = np.empty(len(frac), dtype=np.int64)
-    for i, f in enumerate(frac):
-        best, best_d = -1, np.inf
-        for s, c in enumerate(centres):
-            d = np.min(np.linalg.norm(((f - c)[None, :] + shifts) @ lattice, axis=1))
-            if d < best_d:
-                best, best_d = s, d
-        if best >= 0 and best_d < tol:
-            site[i] = best
-        else:
-            centres.append(f.copy())
-            site[i] = len(centres) - 1
+    while (site < 0).any() and len(centres) < max_sites:
+        first = int(np.flatnonzero(site < 0)[0])
+        c = frac[first].copy()
+        free = np.flatnonzero(site < 0)
+        site[free[dist(c, frac[free]) < tol]] = len(centres)
+        centres.append(c)
+    rest = np.flatnonzero(site < 0)
+    if len(rest):
+        d = np.stack([dist(c, frac[rest]) for c in centres], axis=1)
+        site[rest] = np.argmin(d, axis=1)
     return site, np.asarray(centres)
 
 
@@ -120,8 +125,13 @@ def motif_cells(
     min_basis_share: float = 0.2,
     seed: int = 0,
     motif_names: dict[int, str] | None = None,
+    lattice_A: np.ndarray | None = None,
 ) -> MotifCells:
-    """Motif-cells of atoms at ``positions_A`` ``(N, 2)`` with motif ``labels`` ``(N,)`` (-1: none)."""
+    """Motif-cells of atoms at ``positions_A`` ``(N, 2)`` with motif ``labels`` ``(N,)`` (-1: none).
+
+    ``lattice_A`` ``(2, 2)``: translations found on an earlier frame of the same specimen; they
+    are kept when they still carry at least 70 % of the atoms onto their own motif, otherwise
+    searched again."""
     xy = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     if len(xy) < 4:
@@ -130,7 +140,14 @@ def motif_cells(
         raise InputError("labels.shape", lab.shape, f"must be ({len(xy)},)")
     nn = nearest_neighbour_distance(xy)
     rng = np.random.default_rng(seed)
-    lattice = _translation_lattice(xy, lab, nn, rng)
+    lattice = None
+    if lattice_A is not None:
+        tree0 = cKDTree(xy)
+        cand = np.asarray(lattice_A, dtype=np.float64).reshape(2, 2)
+        if min(_translation_score(tree0, xy, lab, t, 0.3 * nn) for t in cand) >= 0.7:
+            lattice = cand
+    if lattice is None:
+        lattice = _translation_lattice(xy, lab, nn, rng)
     origin = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
     frac = (xy - origin) @ np.linalg.inv(lattice)
     frac -= np.floor(frac)
@@ -141,7 +158,7 @@ def motif_cells(
     ref = order[0]
     shifts = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=np.float64)
     tree = cKDTree(xy)
-    coordination = np.array([len(v) - 1 for v in tree.query_ball_point(xy, 1.2 * nn)])
+    coordination = np.asarray(tree.query_ball_point(xy, 1.2 * nn, return_length=True)) - 1
     z_full = int(np.median(coordination))
     starts = np.flatnonzero(site == ref)
     basis = [np.zeros(2)]
@@ -168,26 +185,32 @@ def motif_cells(
         cells[found, b] = j[found]
         member_lab[found, b] = lab[j[found]]
         # an empty site inside the lattice has as many neighbours as an atom there would
-        around = np.array([len(v) for v in tree.query_ball_point(want[~found], 1.2 * nn)], dtype=np.int64)
+        around = np.asarray(tree.query_ball_point(want[~found], 1.2 * nn, return_length=True), dtype=np.int64).reshape(-1)
         inside = np.zeros(n_cells, dtype=bool)
         inside[np.flatnonzero(~found)] = around >= z_full
         member_lab[~found & inside, b] = EMPTY
         complete &= found | inside
     complete &= np.all(member_lab != -1, axis=1)
-    sigs = [tuple(int(v) for v in row) for row in member_lab]
-    types = sorted({s for s, c in zip(sigs, complete) if c})
-    type_index = {t: i for i, t in enumerate(types)}
-    cell_type = np.asarray([type_index[s] if c else -1 for s, c in zip(sigs, complete)], dtype=np.int64)
+    cell_type = np.full(n_cells, -1, dtype=np.int64)
+    if complete.any():
+        rows = member_lab[complete] - EMPTY  # >= 0
+        base = int(rows.max()) + 1
+        keys = rows @ (base ** np.arange(n_basis - 1, -1, -1, dtype=np.int64))
+        uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        cell_type[complete] = inv.reshape(-1)
+        types = [tuple(int(v) + EMPTY for v in rows[i]) for i in first]
+    else:
+        types = []
     counts = np.bincount(cell_type[cell_type >= 0], minlength=len(types))
     total = max(1, int(counts.sum()))
     rare = counts / total < rare_fraction
     cell_of_atom = np.full(len(xy), -1, dtype=np.int64)
     rare_atom = np.zeros(len(xy), dtype=bool)
-    for ci in np.flatnonzero(complete):
-        members = cells[ci][cells[ci] >= 0]
-        cell_of_atom[members] = ci
-        if rare[cell_type[ci]]:
-            rare_atom[members] = True
+    ci = np.repeat(np.arange(n_cells), n_basis).reshape(n_cells, n_basis)
+    member = (cells >= 0) & complete[:, None]
+    cell_of_atom[cells[member]] = ci[member]
+    in_rare = member & (rare[np.maximum(cell_type, 0)] & (cell_type >= 0))[:, None]
+    rare_atom[cells[in_rare]] = True
     names = motif_names or {}
 
     def name(v: int) -> str:

@@ -20,7 +20,6 @@ Output of :meth:`EncodingStage.process` (numpy arrays, ``N`` atoms in the order 
 - ``symmetry`` ``(N, F)``: n-fold symmetry scores for ``symmetry_folds`` ``(F,)`` = 2, 3, 4, 6;
 - ``encoded`` ``(N,)`` bool: features computed (patch inside the frame);
 - ``motif`` ``(N,)`` int: library motif id, -1 where not encoded;
-- ``layout`` ``(N, 2)``: the force-relaxed map (NaN when not computed);
 - ``motif_cell`` ``(N,)`` int: the atom's motif-cell in this frame (-1: none);
 - ``rare_cell`` ``(N,)`` bool: the atom sits in a rare motif-cell.
 
@@ -36,10 +35,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stemagent.encoding.clustering import cluster_features
 from stemagent.encoding.features import ZernikeEncoder
 from stemagent.encoding.hierarchy import motif_cells
 from stemagent.encoding.library import MotifLibrary
+from stemagent.encoding.tracker import MotifTracker
 from stemagent.encoding.patches import check_image
 from stemagent.errors import InputError, StemAgentError
 from stemagent.types import Atoms, Frame
@@ -64,8 +63,12 @@ class EncodingConfig(BaseModel):
     layout_iterations: int = Field(100, ge=10, le=2000)
     min_cluster_size: int = Field(3, ge=2, description="smallest motif cluster (robust, layout)")
     max_components: int = Field(10, ge=1, le=50, description="largest mixture tried (gmm)")
-    novelty_threshold: float = Field(2.0, gt=0, description="RMS distance (noise widths per feature) beyond which a cluster is a new motif")
+    novelty_sigmas: float = Field(6.0, gt=0, description="a cluster is a new motif when its mean differs from the nearest by more than this over sqrt(atoms) ...")
+    novelty_min_effect: float = Field(1.0, gt=0, description="... and by more than this many noise widths of one atom, in some feature")
     library_memory: int = Field(5000, ge=10)
+    pool_size: int = Field(4000, ge=10, description="recent atoms clustered together (several frames)")
+    recluster_every: int = Field(1, ge=0, description="recluster the pool every n frames (0: only when atoms no motif explains appear)")
+    novelty_alpha: float = Field(1e-4, gt=0, lt=0.5, description="classifier: chi-square tail beyond which an atom is unexplained")
     min_atoms: int = Field(8, ge=3, description="frames with fewer encoded atoms get no motifs")
     hierarchy: bool = True
     rare_fraction: float = Field(0.05, gt=0, lt=1)
@@ -84,14 +87,30 @@ class EncodingStage:
             raise InputError("subpixel_steps", self.config.subpixel_steps, "must be even")
         c = self.config
         self.encoder = ZernikeEncoder(c.n_max, c.radius_factor, c.max_radius_px, c.subpixel_steps, c.correction, c.device)
-        self.library = MotifLibrary(c.novelty_threshold, c.library_memory)
         self.radius_A: float | None = c.radius_A
+        self._lattice_A: np.ndarray | None = None
+        self.tracker = self._new_tracker()
         self.last_report: dict[str, Any] = {}
 
+    def _new_tracker(self) -> MotifTracker:
+        c = self.config
+        options: dict[str, Any] = {
+            "robust": {"alpha": c.outlier_alpha, "mode_fraction": c.mode_fraction, "min_cluster_size": c.min_cluster_size},
+            "layout": {"n_neighbors": c.n_neighbors, "iterations": c.layout_iterations, "min_cluster_size": c.min_cluster_size},
+            "gmm": {"max_components": c.max_components},
+        }[c.clustering]
+        library = MotifLibrary(c.novelty_sigmas, c.novelty_min_effect, c.library_memory)
+        return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed)
+
+    @property
+    def library(self) -> MotifLibrary:
+        return self.tracker.library
+
     def reset(self) -> None:
-        """Forget the library and the patch radius (a new specimen)."""
-        self.library = MotifLibrary(self.config.novelty_threshold, self.config.library_memory)
+        """Forget the motifs and the patch radius (a new specimen)."""
         self.radius_A = self.config.radius_A
+        self._lattice_A = None
+        self.tracker = self._new_tracker()
 
     def process(self, frame: Frame, atoms: Atoms) -> dict[str, np.ndarray]:
         c = self.config
@@ -111,32 +130,23 @@ class EncodingStage:
         feats = self.encoder.encode(frame.image, rc, geo.pixel_size_A[0], self.radius_A, geo.rotation_rad)
         t1 = time.perf_counter()
         motif = np.full(n, -1, dtype=np.int64)
-        layout = np.full((n, 2), np.nan)
         inside = feats.inside
         report: dict[str, Any] = {"frame_index": frame.index, "encoded": int(inside.sum()), "radius_A": self.radius_A,
                                   "binning": feats.binning, "new_motifs": [], "clusters": 0}
         if inside.sum() >= c.min_atoms:
-            x = feats.magnitudes[inside]
-            options: dict[str, Any] = {
-                "robust": {"alpha": c.outlier_alpha, "mode_fraction": c.mode_fraction, "min_cluster_size": c.min_cluster_size},
-                "layout": {"n_neighbors": c.n_neighbors, "iterations": c.layout_iterations, "min_cluster_size": c.min_cluster_size},
-                "gmm": {"max_components": c.max_components},
-            }[c.clustering]
-            clusters = cluster_features(x, c.clustering, c.components, c.seed, **options)
-            upd = self.library.update(x, clusters.labels, frame.index)
-            motif[inside] = upd.ids
-            if clusters.layout is not None:
-                layout[inside] = clusters.layout
-            report.update(new_motifs=upd.new, clusters=clusters.n_clusters, cluster_to_motif=upd.cluster_to_motif)
+            res = self.tracker.process(feats.magnitudes[inside], frame.index)
+            motif[inside] = res.ids
+            report.update(new_motifs=res.new, clusters=res.clusters, reclustered=res.reclustered, unexplained=int(res.novel.sum()))
         t2 = time.perf_counter()
         cell = np.full(n, -1, dtype=np.int64)
         rare = np.zeros(n, dtype=bool)
         if c.hierarchy and inside.sum() >= c.min_atoms:
             try:
-                cells = motif_cells(pos[inside], motif[inside], rare_fraction=c.rare_fraction, seed=c.seed)
+                cells = motif_cells(pos[inside], motif[inside], rare_fraction=c.rare_fraction, seed=c.seed, lattice_A=self._lattice_A)
             except StemAgentError as err:  # no repeating pattern in this frame: no cells, not a failure
                 report["hierarchy_error"] = str(err)
             else:
+                self._lattice_A = cells.lattice_A
                 idx = np.flatnonzero(inside)
                 cell[idx] = cells.cell_of_atom
                 rare[idx] = cells.rare_atom
@@ -153,7 +163,6 @@ class EncodingStage:
             "symmetry_folds": np.asarray(feats.folds, dtype=np.int64),
             "encoded": inside,
             "motif": motif,
-            "layout": layout,
             "motif_cell": cell,
             "rare_cell": rare,
         }

@@ -235,6 +235,7 @@ class ZernikeBasis:
         t = self._cache.get(key)
         if t is None:
             t = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in self._banks().items()}
+            t["shared_projector"] = self.correction == "none"  # type: ignore[assignment]
             self._cache[key] = t
         return t
 
@@ -275,16 +276,39 @@ def _group_moments(f: torch.Tensor, t: dict[str, torch.Tensor], qi: int, qj: int
     return g @ t["projector"][qi * nl + qj]
 
 
+GROUPED_MIN_PATCHES = 4096  # below this, one batched gather beats a pass per sub-pixel offset
+
+
+def _gathered(f: torch.Tensor, t: dict[str, torch.Tensor], qi: torch.Tensor, qj: torch.Tensor, nl: int) -> torch.Tensor:
+    """Moments ``(B, 2K)`` of patches ``f`` ``(B, P, P)`` with per-patch offsets: every table is
+    gathered per patch and the contractions are batched matmuls (few, larger ops: fast for a
+    few hundred atoms, where one pass per offset would be dominated by per-op overhead)."""
+    b, p, _ = f.shape
+    combo = qi * nl + qj
+    fw = f * t["masks"].index_select(0, combo)
+    tmp = torch.bmm(fw, t["legendre"].index_select(0, qj))  # (B, P_rows, D_p)
+    g = torch.bmm(t["legendre_t"].index_select(0, qi), tmp)  # (B, D_q, D_p)
+    d = g.shape[1]
+    g = g.transpose(1, 2).reshape(b, 1, d * d)  # row p * D + q
+    if t["shared_projector"]:
+        return g[:, 0, :] @ t["projector"][0]
+    return torch.bmm(g, t["projector"].index_select(0, combo))[:, 0, :]
+
+
 def _grouped(
     n: int, offsets_px: torch.Tensor, basis: "ZernikeBasis", t: dict[str, torch.Tensor], take, chunk: int
 ) -> torch.Tensor:
-    """Run :func:`_group_moments` over the patches grouped by quantised offset; ``take(idx)``
-    returns the patches ``(B, P, P)`` of the indices ``idx``."""
+    """Moments of ``n`` patches; ``take(idx)`` returns the patches ``(B, P, P)`` of the indices
+    ``idx``. Many patches: grouped by quantised offset, two plain GEMMs per group (and chunk);
+    fewer than :data:`GROUPED_MIN_PATCHES`: :func:`_gathered` in chunks."""
     k = len(basis.n)
     nl = basis.subpixel_steps + 1
     if n == 0:
         return torch.empty((0, 2 * k), dtype=t["masks"].dtype, device=offsets_px.device)
     qi, qj = _quantise(offsets_px, basis.subpixel_steps)
+    if n < GROUPED_MIN_PATCHES:
+        idx = torch.arange(n, device=offsets_px.device)
+        return torch.cat([_gathered(take(idx[s : s + chunk]), t, qi[s : s + chunk], qj[s : s + chunk], nl) for s in range(0, n, chunk)])
     combo = qi * nl + qj
     order = torch.argsort(combo)
     counts = torch.bincount(combo, minlength=nl * nl).tolist()

@@ -61,5 +61,5 @@ def test_library_refuses_mismatched_features() -> None:
         lib.update(np.zeros((5, 3)), np.zeros(5, dtype=int))
     with pytest.raises(InputError, match="features"):
         lib.update(np.full((5, 4), np.nan), np.zeros(5, dtype=int))
-    with pytest.raises(InputError, match="novelty_threshold"):
-        MotifLibrary(novelty_threshold=0.0)
+    with pytest.raises(InputError, match="sigmas"):
+        MotifLibrary(sigmas=0.0)
