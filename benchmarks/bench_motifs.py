@@ -271,8 +271,8 @@ def _score(pred: np.ndarray, truth: np.ndarray, names: tuple[str, ...]) -> dict:
     }
 
 
-def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segmenter=None) -> tuple[dict, float]:
-    stage = EncodingStage(EncodingConfig(clustering=method, seed=0))
+def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segmenter=None, recluster_every: int = 1) -> tuple[dict, float]:
+    stage = EncodingStage(EncodingConfig(clustering=method, seed=0, recluster_every=recluster_every))
     preds, truths = [], []
     seconds = 0.0
     for frame, truth, labels, names, _ in frames:
@@ -329,29 +329,32 @@ def _motiflearn_labels(ml_python: str | None, frames: list, tmp: Path, threads: 
     return res
 
 
-def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, with_segmenter: bool) -> dict:
+def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, with_segmenter: bool, doses: list[float]) -> dict:
     torch.set_num_threads(threads)
-    out: dict[str, Any] = {"dose_e_per_A2": 1e4, "detector": HAADF, "defects": DEFECTS, "frames": n_frames}
+    out: dict[str, Any] = {"detector": HAADF, "defects": DEFECTS, "frames": n_frames}
     segmenter = None
     if with_segmenter:
         from stemagent.segmentation.unet_segmenter import UNetSegmenter
 
         segmenter = UNetSegmenter(device="cpu")
-    for kind, seed0 in (("graphene", 1000), ("mos2", 2000)):
-        frames = [twin_frame(kind, seed0 + i, index=i) for i in range(n_frames)]
-        res: dict[str, Any] = {}
-        for method in ("robust", "layout", "gmm"):
-            r, sec = _stage_labels(kind, frames, method, "truth")
-            r["stage_seconds_per_frame"] = sec
-            res[f"{method} (truth positions)"] = r
-        if segmenter is not None:
-            r, sec = _stage_labels(kind, frames, "robust", "segmenter", segmenter)
-            r["stage_seconds_per_frame"] = sec
-            res["robust (U-Net detections)"] = r
-        ml = _motiflearn_labels(ml_python, frames, tmp, threads)
-        if ml is not None:
-            res["motif-learn chain (truth positions)"] = ml
-        out[kind] = res
+    for dose in doses:
+        full = dose == doses[0]
+        for kind, seed0 in (("graphene", 1000), ("mos2", 2000)):
+            frames = [twin_frame(kind, seed0 + i, dose=dose, index=i) for i in range(n_frames)]
+            res: dict[str, Any] = {}
+            runs = [("robust", "truth", 1)] + ([("robust", "truth", 0), ("layout", "truth", 1), ("gmm", "truth", 1)] if full else [])
+            if segmenter is not None and full:
+                runs.append(("robust", "segmenter", 1))
+            for method, atoms_from, every in runs:
+                r, sec = _stage_labels(kind, frames, method, atoms_from, segmenter, every)
+                r["stage_seconds_per_frame"] = sec
+                where = "truth positions" if atoms_from == "truth" else "U-Net detections"
+                mode = "pooled, recluster every frame" if every else "classify, recluster on novelty"
+                res[f"{method} ({where}; {mode})"] = r
+            ml = _motiflearn_labels(ml_python, frames, tmp, threads)
+            if ml is not None:
+                res["motif-learn chain (truth positions)"] = ml
+            out[f"{kind} @ {dose:.0e}"] = res
     return out
 
 
@@ -505,6 +508,7 @@ def main() -> dict:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--no-segmenter", action="store_true")
+    ap.add_argument("--doses", default="1e4,1e5", help="labels: every method at the first dose, the default one at the others")
     ap.add_argument("--figure", default=None)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "motifs.json"))
     args = ap.parse_args()
@@ -523,9 +527,10 @@ def main() -> dict:
         if "layout" in sections:
             result["layout"] = bench_layout(ml, threads, tmp)
         if "labels" in sections:
-            result["labels"] = bench_labels(ml, args.frames, threads[-1], tmp, not args.no_segmenter)
+            result["labels"] = bench_labels(ml, args.frames, threads[0], tmp, not args.no_segmenter,
+                                            [float(v) for v in args.doses.split(",")])
         if "unmixing" in sections:
-            result["unmixing"] = bench_unmixing(threads[-1], tmp)
+            result["unmixing"] = bench_unmixing(threads[0], tmp)
         if "stage" in sections:
             result["stage"] = bench_stage(threads)
         if args.figure:

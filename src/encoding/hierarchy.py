@@ -209,7 +209,9 @@ def motif_cells(
     ci = np.repeat(np.arange(n_cells), n_basis).reshape(n_cells, n_basis)
     member = (cells >= 0) & complete[:, None]
     cell_of_atom[cells[member]] = ci[member]
-    in_rare = member & (rare[np.maximum(cell_type, 0)] & (cell_type >= 0))[:, None]
+    cell_rare = np.zeros(n_cells, dtype=bool)
+    cell_rare[cell_type >= 0] = rare[cell_type[cell_type >= 0]]
+    in_rare = member & cell_rare[:, None]
     rare_atom[cells[in_rare]] = True
     names = motif_names or {}
 
