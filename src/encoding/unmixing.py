@@ -94,7 +94,7 @@ def scree_components(ratios: np.ndarray, floor: float = 0.2, max_components: int
     return int(max(1, min(max_components, np.sum(r >= floor * r[0]))))
 
 
-def assign_domains(loadings: np.ndarray, max_domains: int = 6, seed: int = 0, min_fraction: float = 0.1) -> np.ndarray:
+def assign_domains(loadings: np.ndarray, max_domains: int = 6, seed: int = 0, min_fraction: float = 0.05) -> np.ndarray:
     """Domain id per site ``(N,)``: a Gaussian mixture on the loadings (centred, one common scale,
     so a strong component weighs more than a weak one), the number of components
     (1..``max_domains``) chosen by BIC; components holding less than ``min_fraction`` of the
@@ -130,7 +130,7 @@ def _merge_small(z: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndar
 
 
 def unmix(x: np.ndarray, method: str, n_components: int | None = None, scree_floor: float = 0.2,
-          max_domains: int = 6, seed: int = 0, min_fraction: float = 0.1) -> Unmixing:
+          max_domains: int = 6, seed: int = 0, min_fraction: float = 0.05) -> Unmixing:
     """Decompose ``x`` ``(N, D)`` by ``method`` (one of :data:`METHODS`). ``n_components`` None:
     from the PCA scree (:func:`scree_components`)."""
     x = np.asarray(x, dtype=np.float64)
