@@ -126,25 +126,26 @@ def motif_cells(
     seed: int = 0,
     motif_names: dict[int, str] | None = None,
     lattice_A: np.ndarray | None = None,
+    nn_A: float | None = None,
 ) -> MotifCells:
     """Motif-cells of atoms at ``positions_A`` ``(N, 2)`` with motif ``labels`` ``(N,)`` (-1: none).
 
     ``lattice_A`` ``(2, 2)``: translations found on an earlier frame of the same specimen; they
     are kept when they still carry at least 70 % of the atoms onto their own motif, otherwise
-    searched again."""
+    searched again. ``nn_A``: the nearest-neighbour distance when known (else measured)."""
     xy = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     if len(xy) < 4:
         raise InputError("atoms", len(xy), "need at least 4 atoms for motif-cells")
     if lab.shape != (len(xy),):
         raise InputError("labels.shape", lab.shape, f"must be ({len(xy)},)")
-    nn = nearest_neighbour_distance(xy)
+    nn = float(nn_A) if nn_A is not None else nearest_neighbour_distance(xy)
     rng = np.random.default_rng(seed)
+    tree = cKDTree(xy)
     lattice = None
     if lattice_A is not None:
-        tree0 = cKDTree(xy)
         cand = np.asarray(lattice_A, dtype=np.float64).reshape(2, 2)
-        if min(_translation_score(tree0, xy, lab, t, 0.3 * nn) for t in cand) >= 0.7:
+        if min(_translation_score(tree, xy, lab, t, 0.3 * nn) for t in cand) >= 0.7:
             lattice = cand
     if lattice is None:
         lattice = _translation_lattice(xy, lab, nn, rng)
@@ -157,7 +158,6 @@ def motif_cells(
     order = keep_sites[np.argsort(-share[keep_sites], kind="stable")]
     ref = order[0]
     shifts = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=np.float64)
-    tree = cKDTree(xy)
     coordination = np.asarray(tree.query_ball_point(xy, 1.2 * nn, return_length=True)) - 1
     z_full = int(np.median(coordination))
     starts = np.flatnonzero(site == ref)

@@ -1,15 +1,18 @@
 """The encoding stage: ``(Frame, Atoms) -> per-atom features, motif labels and symmetry scores``.
 
-Pure and synchronous (the agent runs it in an executor); the only state it keeps between frames
-is the motif library (stable ids) and the patch radius fixed by the first frame. Steps:
+Pure and synchronous (the agent runs it in an executor); what it keeps between frames is the
+motif tracker (library of motifs, pool of recent atoms, classifier), the patch radius fixed by
+the first frame and the motif-cell lattice. Steps:
 
 1. Zernike features of every atom whose patch lies inside the frame
    (:class:`~stemagent.encoding.features.ZernikeEncoder`).
-2. Motif clusters of this frame (:func:`~stemagent.encoding.clustering.cluster_features`), no
-   number of classes given.
-3. Library ids (:class:`~stemagent.encoding.library.MotifLibrary`): the same motif keeps its id
-   from frame to frame; a new one gets the next id.
-4. Motif-cells (:func:`~stemagent.encoding.hierarchy.motif_cells`): the cell of every atom, and
+2. Motif ids (:class:`~stemagent.encoding.tracker.MotifTracker`): the pool of recent atoms is
+   clustered (:func:`~stemagent.encoding.clustering.cluster_features`, no number of classes
+   given) and the clusters mapped to stable library ids
+   (:class:`~stemagent.encoding.library.MotifLibrary`), every ``recluster_every`` frames; in
+   between, and with ``recluster_every=0`` always, atoms are classified against the known motifs
+   and the pool is reclustered only when atoms appear that no motif explains.
+3. Motif-cells (:func:`~stemagent.encoding.hierarchy.motif_cells`): the cell of every atom, and
    which atoms sit in rare cells (candidate defects).
 
 Output of :meth:`EncodingStage.process` (numpy arrays, ``N`` atoms in the order of ``atoms``):
@@ -24,7 +27,8 @@ Output of :meth:`EncodingStage.process` (numpy arrays, ``N`` atoms in the order 
 - ``rare_cell`` ``(N,)`` bool: the atom sits in a rare motif-cell.
 
 Unencoded atoms carry NaN features. :attr:`EncodingStage.last_report` holds what is not per atom:
-the motif-cell tree, the motifs founded this frame, the library size and the timings.
+the motif-cell tree, the motifs founded this frame, whether the pool was reclustered, how many
+atoms no motif explained, the library size and the timings.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class EncodingStage:
         self.encoder = ZernikeEncoder(c.n_max, c.radius_factor, c.max_radius_px, c.subpixel_steps, c.correction, c.device)
         self.radius_A: float | None = c.radius_A
         self._lattice_A: np.ndarray | None = None
+        self._nn_A: float | None = None
         self.tracker = self._new_tracker()
         self.last_report: dict[str, Any] = {}
 
@@ -110,6 +115,7 @@ class EncodingStage:
         """Forget the motifs and the patch radius (a new specimen)."""
         self.radius_A = self.config.radius_A
         self._lattice_A = None
+        self._nn_A = None
         self.tracker = self._new_tracker()
 
     def process(self, frame: Frame, atoms: Atoms) -> dict[str, np.ndarray]:
@@ -126,6 +132,7 @@ class EncodingStage:
         geo = frame.geometry
         if self.radius_A is None:
             self.radius_A = self.encoder.radius_for(pos)
+            self._nn_A = self.radius_A / c.radius_factor
         rc = geo.sample_to_pixel(pos)
         feats = self.encoder.encode(frame.image, rc, geo.pixel_size_A[0], self.radius_A, geo.rotation_rad)
         t1 = time.perf_counter()
@@ -142,7 +149,8 @@ class EncodingStage:
         rare = np.zeros(n, dtype=bool)
         if c.hierarchy and inside.sum() >= c.min_atoms:
             try:
-                cells = motif_cells(pos[inside], motif[inside], rare_fraction=c.rare_fraction, seed=c.seed, lattice_A=self._lattice_A)
+                cells = motif_cells(pos[inside], motif[inside], rare_fraction=c.rare_fraction, seed=c.seed, lattice_A=self._lattice_A,
+                                    nn_A=self._nn_A)
             except StemAgentError as err:  # no repeating pattern in this frame: no cells, not a failure
                 report["hierarchy_error"] = str(err)
             else:
