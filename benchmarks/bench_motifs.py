@@ -45,7 +45,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -56,7 +55,7 @@ import numpy as np
 import torch
 
 from stemagent.encoding import EncodingConfig, EncodingStage
-from stemagent.encoding.clustering import cluster_features, reduce_features, score_labels
+from stemagent.encoding.clustering import reduce_features, score_labels
 from stemagent.encoding.features import ZernikeEncoder
 from stemagent.encoding.layout import force_layout
 from stemagent.encoding.patches import extract_patches
