@@ -504,7 +504,7 @@ def backend_from_config(cfg: BridgeConfig) -> Driver:
             raise ConfigError("<bridge config>", "adapter", cfg.adapter, f"cannot be imported ({exc})") from None
         driver = factory(**cfg.adapter_options)
     else:
-        from stemagent.agent.factory import build_clock, build_driver  # the agent's factory (heavier imports)
+        from stemagent.agent.app.factory import build_clock, build_driver  # the agent's factory (heavier imports)
         from stemagent.config import config_from_dict
 
         run_cfg = config_from_dict({"driver": cfg.driver, "seed": cfg.seed}, source="<bridge config>")

@@ -6,7 +6,7 @@ is an error that names the field and the value. :func:`load_config` turns every 
 one-line :class:`~stemagent.errors.ConfigError` naming the file, the field and the value.
 
 Core only describes configurations; building objects from them is done in
-``stemagent.agent.factory`` (which may import simulators and drivers).
+``stemagent.agent.app.factory`` (which may import simulators and drivers).
 """
 
 from __future__ import annotations

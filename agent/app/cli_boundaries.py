@@ -95,7 +95,7 @@ def analyze_boundaries(
     seed: int = typer.Option(0, help="seed of the bootstrap and the cross-validation folds"),
 ) -> None:
     """Read domain boundaries from frames, fit their 2-motif chain and write the analysis."""
-    from stemagent.agent.cli import console, fail
+    from stemagent.agent.app.cli import console, fail
     from stemagent.boundaries.analysis import analyze_sequences, deduplicate_traces, sequences_from_traces
     from stemagent.boundaries.config import BoundaryAnalysisConfig
     from stemagent.boundaries.trace import BoundaryStage

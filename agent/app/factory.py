@@ -26,7 +26,7 @@ from stemagent.runlog import RunLogWriter
 from stemagent.stages import Policy, Segmenter
 from stemagent.types import Capabilities
 
-log = logging.getLogger("stemagent.agent.factory")
+log = logging.getLogger("stemagent.agent.app.factory")
 
 
 def build_clock(cfg: RunConfig) -> Clock:

@@ -50,8 +50,8 @@ def file_replay_config(path: Path, *, pace: str = "fast", base: RunConfig | None
 async def replay_file(path: Path, *, log_dir: Path | None, pace: str, pixel_size_A: float | None = None) -> Any:
     """Run ``stemagent replay FILE`` for an acquisition file; returns the summary and the signal
     that interrupted it (or None). Errors are raised for the CLI to report."""
-    from stemagent.agent.cli_support import run_with_signals
-    from stemagent.agent.factory import build_agent, new_run_dir
+    from stemagent.agent.app.cli_support import run_with_signals
+    from stemagent.agent.app.factory import build_agent, new_run_dir
 
     cfg = file_replay_config(path, pace=pace, pixel_size_A=pixel_size_A)
     _, summary, sig = await run_with_signals(

@@ -1,4 +1,4 @@
-"""The ``stemagent bridge`` command (registered in :mod:`stemagent.agent.cli`)."""
+"""The ``stemagent bridge`` command (registered in :mod:`stemagent.agent.app.cli`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Core code: it knows nothing about the twin. The data come from a *sample source*, a callable
 ``source(rng) -> TrainingSample`` (the agent wires the twin in, see
-``stemagent.agent.segmenter_training``). Each sample is resampled to the model grid, normalised
+``stemagent.agent.app.segmenter_training``). Each sample is resampled to the model grid, normalised
 exactly as at inference (:func:`~stemagent.segmentation.unet_segmenter.normalize_images`) and
 paired with a class map drawn from the ground truth: a disk of ``mask_radius_A`` per site,
 background elsewhere.

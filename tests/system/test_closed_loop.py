@@ -13,7 +13,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from stemagent.agent.control import ControlMessage
-from stemagent.agent.factory import build_agent, build_clock
+from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.agent.state import AgentState
 from stemagent.config import config_from_dict, load_config
 from stemagent.driver import DriverFault
@@ -68,7 +68,7 @@ async def test_closed_loop_writes_a_complete_log(tmp_path):
 
 
 async def test_replay_reproduces_atoms_exactly(tmp_path):
-    from stemagent.agent.cli import compare_atoms
+    from stemagent.agent.app.cli import compare_atoms
     from stemagent.drivers.replay import ReplayDriver
 
     cfg = demo_cfg(max_frames=4)
@@ -198,7 +198,7 @@ async def test_safety_refusals_are_logged_and_end_the_run(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "stemagent.agent.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "stemagent.agent.app.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_run_replay_and_bad_config(tmp_path):

@@ -27,7 +27,7 @@ from transport_fakes import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-CLI = [sys.executable, "-m", "stemagent.agent.cli"]
+CLI = [sys.executable, "-m", "stemagent.agent.app.cli"]
 
 
 def start_bridge(tmp_path: Path, ports: tuple[int, int], current_pA: float, tag: str) -> subprocess.Popen[str]:

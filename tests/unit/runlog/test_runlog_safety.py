@@ -124,7 +124,7 @@ def test_an_unwritable_log_directory_is_an_input_error(tmp_path):
 
 async def test_a_run_log_of_the_agent_opens_in_rosettasciio(tmp_path):
     zspy = pytest.importorskip("rsciio.zspy")
-    from stemagent.agent.factory import build_agent
+    from stemagent.agent.app.factory import build_agent
     from stemagent.config import config_from_dict
 
     cfg = config_from_dict({"max_frames": 3, "scan": {"fov_A": 12.8, "shape_px": 64, "dwell_s": 1e-5},
