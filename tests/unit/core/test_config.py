@@ -8,7 +8,7 @@ from stemagent.errors import ConfigError
 # run configs; configs/train-*.yaml and configs/bridge-*.yaml have their own schemas and tests
 CONFIGS = sorted(
     p
-    for p in Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")
+    for p in Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml")
     if not p.name.startswith(("train-", "bridge-"))
 )
 

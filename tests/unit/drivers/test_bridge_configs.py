@@ -9,7 +9,7 @@ import pytest
 from stemagent.driver import Driver
 from stemagent.drivers.bridge import backend_from_config, load_bridge_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BRIDGE_CONFIGS = sorted((ROOT / "configs" / "bridge").glob("*.yaml"))
 
 
