@@ -3,12 +3,14 @@
 Run it next to the microscope software::
 
     stemagent bridge --config configs/bridge.yaml
-    python -m stemagent.drivers.bridge --config configs/bridge.yaml   # without the agent's deps
+    python -m stemagent.drivers.bridge --config configs/bridge.yaml   # adapters only, without the agent's deps
 
 The bridge binds a ROUTER socket for commands and a PUB socket for frames (``drivers/PROTOCOL.md``).
 Its import footprint is numpy, pyzmq, pydantic and the stemagent core types; a backend is either
-a ``driver`` section (one of the agent's driver configs, e.g. the twin) or an ``adapter``
-import path ``"package.module:factory"`` returning a ``Driver`` (see ``drivers/ADAPTERS.md``).
+an ``adapter`` import path ``"package.module:factory"`` returning a ``Driver`` (see
+``drivers/ADAPTERS.md``) or a ``driver`` section (one of the agent's driver configs, e.g. the
+twin), which the wiring room builds: ``stemagent bridge`` hands :func:`run_bridge` its builder,
+so this module never imports the agent or a simulator.
 
 Safety on the console side, independent of the agent:
 
@@ -494,8 +496,14 @@ def load_bridge_config(path: str | Path) -> BridgeConfig:
     return cfg
 
 
-def backend_from_config(cfg: BridgeConfig) -> Driver:
-    """Build the backend: an adapter factory, or a driver from the agent's driver configs."""
+#: builds a backend from a ``driver`` section and a seed (the wiring room's
+#: :func:`stemagent.agent.app.factory.bridge_backend`, handed in by ``stemagent bridge``)
+DriverBuilder = Callable[[dict[str, Any], int], Driver]
+
+
+def backend_from_config(cfg: BridgeConfig, build_driver: DriverBuilder | None = None) -> Driver:
+    """Build the backend: an adapter factory, or (with ``build_driver``) a driver from one of the
+    agent's driver configs. Without ``build_driver`` only adapters can be served."""
     if cfg.adapter is not None:
         module_name, _, attr = cfg.adapter.partition(":")
         try:
@@ -504,20 +512,21 @@ def backend_from_config(cfg: BridgeConfig) -> Driver:
             raise ConfigError("<bridge config>", "adapter", cfg.adapter, f"cannot be imported ({exc})") from None
         driver = factory(**cfg.adapter_options)
     else:
-        from stemagent.agent.app.factory import build_clock, build_driver  # the agent's factory (heavier imports)
-        from stemagent.config import config_from_dict
-
-        run_cfg = config_from_dict({"driver": cfg.driver, "seed": cfg.seed}, source="<bridge config>")
-        driver = build_driver(run_cfg, build_clock(run_cfg))
+        assert cfg.driver is not None
+        if build_driver is None:
+            raise ConfigError("<bridge config>", "driver.kind", cfg.driver.get("kind"),
+                              "a 'driver' backend is built by `stemagent bridge`; `python -m stemagent.drivers.bridge` "
+                              "serves adapters only")
+        driver = build_driver(dict(cfg.driver), cfg.seed)
     if not isinstance(driver, Driver):
         raise ConfigError("<bridge config>", "adapter", cfg.adapter, "did not return an object implementing Driver")
     return driver
 
 
-async def serve_config(cfg: BridgeConfig) -> str:
+async def serve_config(cfg: BridgeConfig, build_driver: DriverBuilder | None = None) -> str:
     """Serve until SIGINT or SIGTERM (which blank first); returns what stopped it."""
     bridge = Bridge(
-        backend_from_config(cfg),
+        backend_from_config(cfg, build_driver),
         cfg.control_endpoint,
         cfg.frames_endpoint,
         frames_hwm=cfg.frames_hwm,
@@ -548,15 +557,16 @@ async def serve_config(cfg: BridgeConfig) -> str:
     return bridge.stop_reason
 
 
-def run_bridge(config_path: str | Path) -> int:
-    """Blocking entry point used by ``stemagent bridge`` and ``python -m stemagent.drivers.bridge``.
+def run_bridge(config_path: str | Path, build_driver: DriverBuilder | None = None) -> int:
+    """Blocking entry point used by ``stemagent bridge`` (which passes ``build_driver``) and
+    ``python -m stemagent.drivers.bridge`` (adapters only).
 
     Errors end in one line on stderr: exit 2 for a config or endpoint that cannot be used."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_bridge_config(config_path)
-        asyncio.run(serve_config(cfg))
+        asyncio.run(serve_config(cfg, build_driver))
     except (ConfigError, InputError) as exc:
         print(f"error: {config_path}: {exc}" if isinstance(exc, InputError) else f"error: {exc}", file=sys.stderr)
         return 2

@@ -199,7 +199,7 @@ def _read_nion(path: Path, pixel_size_A: float | None) -> list[Acquisition]:
                 with z.open("data.npy") as f:
                     data = np.load(f, allow_pickle=False)
         else:
-            import h5py
+            import h5py  # optional: the 'files' extra
 
             with h5py.File(path, "r") as f:
                 if "data" not in f:
@@ -244,15 +244,15 @@ def read_acquisitions(path: str | Path, pixel_size_A: float | None = None) -> li
 
 
 def _rsciio_reader(suffix: str) -> Any:
-    try:
+    try:  # rosettasciio is optional (the 'files' extra): imported for the format at hand
         if suffix in (".dm3", ".dm4"):
-            from rsciio.digitalmicrograph import file_reader
+            from rsciio.digitalmicrograph import file_reader  # optional
         elif suffix == ".emd":
-            from rsciio.emd import file_reader
+            from rsciio.emd import file_reader  # optional
         elif suffix in (".tif", ".tiff"):
-            from rsciio.tiff import file_reader
+            from rsciio.tiff import file_reader  # optional
         elif suffix == ".hspy":
-            from rsciio.hspy import file_reader
+            from rsciio.hspy import file_reader  # optional
         else:
             raise InputError("path.suffix", suffix, f"is not one of {ACQUISITION_SUFFIXES}")
     except ImportError as exc:

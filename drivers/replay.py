@@ -17,6 +17,7 @@ import numpy as np
 
 from stemagent.clock import Clock
 from stemagent.driver import Driver, EndOfData
+from stemagent.drivers.files import FileDriver, is_acquisition_file
 from stemagent.drivers.playback import PlaybackDriver
 from stemagent.runlog import RunLog
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
@@ -94,8 +95,6 @@ class ReplayDriver(PlaybackDriver):
 def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None, pixel_size_A: float | None = None) -> Driver:
     """A run log, or an acquisition file from other software (``drivers/files.py``, with
     ``pixel_size_A`` for files that carry no calibration), as a driver."""
-    from stemagent.drivers.files import FileDriver, is_acquisition_file
-
     if is_acquisition_file(path):
         return FileDriver(path, pace=pace, clock=clock, pixel_size_A=pixel_size_A)
     return ReplayDriver(path, pace=pace, clock=clock)

@@ -18,6 +18,8 @@ import typer
 from stemagent.clock import VirtualClock
 from stemagent.config import load_config
 from stemagent.errors import ConfigError, InputError
+from stemagent.simulators.factory import twin_from_config
+from stemagent.types import ScanGeometry
 
 
 def _check_writable(out: Path) -> None:
@@ -40,9 +42,6 @@ def simulate(
     random_centers: bool = typer.Option(False, "--random-centers", help="move the field to a random place each frame"),
 ) -> None:
     """Simulate frames with the digital twin and write them with their ground truth."""
-    from stemagent.simulators.factory import twin_from_config
-    from stemagent.types import ScanGeometry
-
     cfg = load_config(config)
     if cfg.driver.kind != "twin":
         raise ConfigError(str(config), "driver.kind", cfg.driver.kind, "simulate needs a 'twin' driver")

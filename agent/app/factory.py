@@ -1,7 +1,8 @@
 """Build the parts of a run from its validated configuration.
 
 The one place that maps config ``kind`` values to classes; it may import drivers and
-simulators (core never does).
+simulators (core never does). The U-Net segmenter is imported when a config asks for it:
+torch takes seconds to import, which ``stemagent validate`` and a LoG run need not pay.
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from stemagent.agent.control import ControlMessage
 from stemagent.agent.loop import Agent, TelemetrySink
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock, SystemClock, VirtualClock
-from stemagent.config import RunConfig
+from stemagent.config import RunConfig, config_from_dict
 from stemagent.driver import Driver
+from stemagent.drivers.replay import open_replay
+from stemagent.drivers.zmq_driver import ZmqDriver
+from stemagent.policies.scanning import RandomPolicy, RasterPolicy
 from stemagent.runlog import RunLogWriter
+from stemagent.segmentation.classical import LoGFinder
+from stemagent.simulators.factory import twin_from_config
+from stemagent.simulators.minimal import MinimalTwinDriver
 from stemagent.stages import Policy, Segmenter
 from stemagent.types import Capabilities
 
@@ -38,20 +45,12 @@ def build_clock(cfg: RunConfig) -> Clock:
 def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
     d = cfg.driver
     if d.kind == "minimal-twin":
-        from stemagent.simulators.minimal import MinimalTwinDriver
-
         return MinimalTwinDriver(d, seed=cfg.seed, clock=clock)
     if d.kind == "twin":
-        from stemagent.simulators.factory import twin_from_config
-
         return twin_from_config(d, clock=clock, seed=cfg.seed)
     if d.kind == "replay":
-        from stemagent.drivers.replay import open_replay
-
         return open_replay(d.path, pace=d.pace, clock=clock, pixel_size_A=d.pixel_size_A)
     if d.kind == "zmq":
-        from stemagent.drivers.zmq_driver import ZmqDriver
-
         return ZmqDriver.from_config(d, seed=cfg.seed, clock=clock)
     raise ValueError(f"driver.kind={d.kind!r}: no driver is registered for this kind")
 
@@ -59,11 +58,9 @@ def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
 def build_segmenter(cfg: RunConfig) -> Segmenter:
     s = cfg.pipeline.segmenter
     if s.kind == "log":
-        from stemagent.segmentation.classical import LoGFinder
-
         return LoGFinder(sigma_A=s.sigma_A, threshold=s.threshold, min_separation_A=s.min_separation_A, refine=s.refine)
     if s.kind == "unet":
-        from stemagent.segmentation.unet_segmenter import UNetSegmenter
+        from stemagent.segmentation.unet_segmenter import UNetSegmenter  # heavy: torch, imported only when asked for
 
         return UNetSegmenter(
             s.weights,
@@ -82,14 +79,16 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
     p = cfg.policy
     area = (cfg.safety.area_center_A, cfg.safety.area_half_width_A)
     if p.kind == "raster":
-        from stemagent.policies.scanning import RasterPolicy
-
         return RasterPolicy(cfg.scan, area[0], area[1], overlap=p.overlap)
     if p.kind == "random":
-        from stemagent.policies.scanning import RandomPolicy
-
         return RandomPolicy(cfg.scan, area[0], area[1], rng)
     raise ValueError(f"policy.kind={p.kind!r}: no policy is registered for this kind")
+
+
+def bridge_backend(driver_section: dict[str, Any], seed: int) -> Driver:
+    """The backend ``stemagent bridge`` serves for a ``driver`` section of its config."""
+    run_cfg = config_from_dict({"driver": driver_section, "seed": seed}, source="<bridge config>")
+    return build_driver(run_cfg, build_clock(run_cfg))
 
 
 def new_run_id() -> str:

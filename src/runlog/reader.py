@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import zarr
 
 from stemagent.errors import InputError
 from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, READABLE_VERSIONS, STOP_RESERVE
@@ -122,8 +123,6 @@ class RunLog:
     # --- frames --------------------------------------------------------------------------
     def _array(self, resource_uid: str) -> Any:
         if resource_uid not in self._arrays:
-            import zarr
-
             res = self._resources[resource_uid]
             if res.get("spec") != FRAME_SPEC:
                 raise InputError("resource.spec", res.get("spec"), f"this reader understands {FRAME_SPEC}")

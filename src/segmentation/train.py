@@ -146,7 +146,8 @@ def make_batch(source: SampleSource, rng: np.random.Generator, cfg: TrainConfig)
     return torch.stack(xs), torch.stack(ys), samples
 
 
-def _progress():  # rich is optional at import time for library users
+def _progress():  # type: ignore[no-untyped-def]
+    # rich is optional at import time for library users
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(

@@ -179,7 +179,7 @@ async def test_rejections_are_logged_a_few_then_counted(caplog):
 def bridge_process(tmp_path: Path, body: str) -> tuple[subprocess.Popen[str], Path]:
     cfg = tmp_path / "bridge.yaml"
     cfg.write_text(body)
-    proc = subprocess.Popen([sys.executable, "-m", "stemagent.drivers.bridge", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "stemagent.agent.app.cli", "bridge", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, cfg
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ class FullDisk:
 
     def write(self, data) -> int:
         if len(data) > self.left:
-            n = self.real.write(bytes(data[: self.left]))  # a torn line, as a real short write leaves
+            self.real.write(bytes(data[: self.left]))  # a torn line, as a real short write leaves
             self.left = 0
             raise OSError(errno.ENOSPC, "No space left on device")
         self.left -= len(data)
