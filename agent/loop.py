@@ -36,6 +36,7 @@ from stemagent.agent.control import ControlAck, ControlMessage
 from stemagent.agent.safety import Prediction, SafetyGate
 from stemagent.agent.state import AgentState, StateMachine
 from stemagent.clock import Clock
+from stemagent.codec import encode_decision
 from stemagent.driver import CommandRefused, Driver, DriverFault, EndOfData
 from stemagent.errors import StemAgentError
 from stemagent.runlog import RunLogWriter
@@ -334,19 +335,7 @@ class Agent:
             except CommandRefused as exc:
                 return self._device_refused(cmd, prediction, exc)
             self.summary.parks += 1
-            self.writer.write_event(
-                "parks",
-                {
-                    "position_A": list(result.position_A),
-                    "dwell_s": result.dwell_s,
-                    "start_time_s": result.start_time_s,
-                    "sample_interval_s": result.sample_interval_s,
-                    "dose_e_per_A2": float(result.dose_e_per_A2),
-                    "predicted_dose_e_per_A2": prediction.footprint.reported_e_per_A2,
-                    "signal": np.asarray(result.signal, dtype=np.float64),
-                },
-                sync=True,
-            )
+            self.writer.write_park(result, predicted_dose_e_per_A2=prediction.footprint.reported_e_per_A2)
             self._reconcile(prediction, float(result.dose_e_per_A2))
             return None
         await self._blank("policy asked")
@@ -405,7 +394,7 @@ class Agent:
                 "t_s": frame.end_time_s,
             },
         )
-        self.telemetry.publish("decision", {"frame_index": frame.index, **decision.to_dict()})
+        self.telemetry.publish("decision", {"frame_index": frame.index, **encode_decision(decision)})
         self._last_obs = obs
         return decision.command
 

@@ -111,7 +111,7 @@ class ConsoleAdapter:
     async def acquire(self, geometry: ScanGeometry) -> Frame:
         rows, cols = geometry.shape_px
         if geometry.fov_A[0] != geometry.fov_A[1] or rows != cols:
-            raise InputError("geometry", geometry.to_dict(), "this console scans square fields only")
+            raise InputError("geometry.fov_A", geometry.fov_A, "this console scans square fields only")
         cx, cy = geometry.center_A
         await self._call(self.console.set_scan_field, (cx / 10.0, cy / 10.0), geometry.fov_A[0] / 10.0,
                          math.degrees(geometry.rotation_rad))

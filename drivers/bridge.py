@@ -49,6 +49,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stemagent.codec import encode_capabilities
 from stemagent.driver import CommandRefused, Driver, DriverFault
 from stemagent.errors import ConfigError, InputError, StemAgentError
 from stemagent.drivers import wire
@@ -372,7 +373,7 @@ class Bridge:
         try:
             if self._caps is None:
                 self._caps = await self.driver.capabilities()
-            await self._reply(identity, rid, True, self._caps.to_dict())
+            await self._reply(identity, rid, True, encode_capabilities(self._caps))
         except Exception as exc:  # noqa: BLE001
             await self._reply(identity, rid, False, error=("DriverFault", f"{type(exc).__name__}: {exc}"))
 

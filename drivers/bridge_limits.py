@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stemagent.limits import InstrumentLimits
 from stemagent.types import Capabilities, ScanGeometry
 
 
@@ -31,6 +32,7 @@ class BridgeLimits(BaseModel):
     max_dwell_s: float = Field(1e-2, gt=0)
     max_scan_s: float = Field(120.0, gt=0, description="longest single frame (lines x (pixels x dwell + flyback)), s")
     max_park_s: float = Field(10.0, gt=0, description="longest single park, s")
+    can_park: bool = Field(True, description="parks allowed at all (the device's capabilities may only turn them off)")
 
     @model_validator(mode="after")
     def _order(self) -> "BridgeLimits":
@@ -39,11 +41,18 @@ class BridgeLimits(BaseModel):
         return self
 
     def tightened(self, caps: Capabilities) -> "BridgeLimits":
+        """These limits merged with the device's capabilities, the stricter winning
+        (:meth:`stemagent.limits.InstrumentLimits.stricter`, as the agent's gate does)."""
+        site = InstrumentLimits.site(max_fov_A=self.max_fov_A, max_shape_px=self.max_shape_px, min_dwell_s=self.min_dwell_s,
+                                     max_dwell_s=self.max_dwell_s, max_park_s=self.max_park_s, can_park=self.can_park)
+        merged = site.stricter(InstrumentLimits.of_capabilities(caps))
         return self.model_copy(update={
-            "max_fov_A": min(self.max_fov_A, caps.max_fov_A),
-            "max_shape_px": min(self.max_shape_px, *caps.max_shape_px),
-            "min_dwell_s": max(self.min_dwell_s, caps.min_dwell_s),
-            "max_dwell_s": min(self.max_dwell_s, caps.max_dwell_s),
+            "max_fov_A": merged.max_fov_A,
+            "max_shape_px": min(merged.max_shape_px),
+            "min_dwell_s": merged.min_dwell_s,
+            "max_dwell_s": merged.max_dwell_s,
+            "max_park_s": merged.max_park_s,
+            "can_park": merged.can_park,
         })
 
     def _in_area(self, xy: Any) -> bool:
@@ -69,6 +78,8 @@ class BridgeLimits(BaseModel):
         return None
 
     def check_park(self, position_A: Any, dwell_s: float) -> str | None:
+        if not self.can_park:
+            return "the device cannot park the beam (its capabilities say can_park=false)"
         if not dwell_s <= self.max_park_s:
             return f"dwell_s={dwell_s} exceeds the bridge's max_park_s={self.max_park_s}"
         if not self._in_area(position_A):

@@ -32,6 +32,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from stemagent.clock import Clock, SystemClock
+from stemagent.codec import encode_geometry
 from stemagent.driver import CommandRefused, DriverFault
 from stemagent.drivers import wire
 from stemagent.errors import InputError
@@ -188,7 +189,7 @@ class ZmqDriver:
         reply, arrays = await self._request(
             "acquire",
             timeout_s=self.request_timeout_s + 2.0 * geometry.frame_time_s,
-            geometry=geometry.to_dict(),
+            geometry=encode_geometry(geometry),
         )
         try:
             header = wire.frame_header_from_dict(reply.result.get("frame"))
@@ -253,7 +254,7 @@ class ZmqDriver:
         self._streams[sid] = state
         frame_timeout_s = self.request_timeout_s + 2.0 * geometry.frame_time_s
         try:
-            await self._request("stream_start", stream=sid, geometry=geometry.to_dict(), n_frames=n_frames)
+            await self._request("stream_start", stream=sid, geometry=encode_geometry(geometry), n_frames=n_frames)
             state.started = True
             while True:
                 if state.frames:

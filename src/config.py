@@ -11,6 +11,8 @@ Core only describes configurations; building objects from them is done in
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
@@ -19,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from stemagent.boundaries.config import BoundaryChainConfig
+from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.types import ScanGeometry
 
@@ -31,25 +34,32 @@ class _Model(BaseModel):
 # --- scan ----------------------------------------------------------------------------------
 
 
-class ScanConfig(_Model):
-    """The survey scan the agent starts with (and the default for policies that scan)."""
+def square(v: Any) -> Any:
+    """A pair written as one number means a square: ``fov_A: 25.6`` is ``fov_A: [25.6, 25.6]``."""
+    return (v, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
-    center_A: tuple[float, float] = (0.0, 0.0)
-    fov_A: float = Field(51.2, gt=0, description="square field of view, Å")
-    shape_px: int = Field(256, ge=8, le=8192, description="pixels per side")
-    rotation_rad: float = 0.0
+
+ScanSide = Annotated[int, Field(ge=8, le=8192)]
+
+
+class ScanConfig(GeometryDoc):
+    """The survey scan the agent starts with (and the default for policies that scan): a
+    :class:`~stemagent.codec.GeometryDoc` (the scan geometry's one codec) with defaults. ``fov_A``
+    ``(x, y)`` and ``shape_px`` ``(rows, cols)`` may be written as one number for a square."""
+
+    center_A: tuple[Coordinate, Coordinate] = (0.0, 0.0)
+    fov_A: tuple[Length, Length] = Field((51.2, 51.2), description="field of view (x, y), Å; one number: a square")
+    shape_px: tuple[ScanSide, ScanSide] = Field((256, 256), description="pixels (rows, cols); one number: a square")
+    rotation_rad: float = Field(0.0, ge=-4 * math.pi, le=4 * math.pi)
     dwell_s: float = Field(2e-6, gt=0, le=1.0)
     flyback_s: float = Field(0.0, ge=0, le=1.0)
 
+    _square = field_validator("fov_A", "shape_px", mode="before")(square)
+
     def geometry(self, center_A: tuple[float, float] | None = None) -> ScanGeometry:
-        return ScanGeometry(
-            center_A=self.center_A if center_A is None else center_A,
-            fov_A=(self.fov_A, self.fov_A),
-            shape_px=(self.shape_px, self.shape_px),
-            rotation_rad=self.rotation_rad,
-            dwell_s=self.dwell_s,
-            flyback_s=self.flyback_s,
-        )
+        """The scan's geometry, optionally centred elsewhere."""
+        g = self.to_geometry()
+        return g if center_A is None else dataclasses.replace(g, center_A=(float(center_A[0]), float(center_A[1])))
 
 
 # --- drivers -------------------------------------------------------------------------------

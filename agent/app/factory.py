@@ -21,6 +21,7 @@ from stemagent.agent.control import ControlMessage
 from stemagent.agent.loop import Agent, TelemetrySink
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock, SystemClock, VirtualClock
+from stemagent.codec import encode_capabilities
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.driver import Driver
 from stemagent.drivers.replay import open_replay
@@ -108,7 +109,7 @@ def run_metadata(cfg: RunConfig, caps: Capabilities, extra: dict[str, Any] | Non
         "stemagent_version": stemagent.__version__,
         "driver_kind": cfg.driver.kind,
         "beam_current_pA": caps.beam_current_pA,
-        "capabilities": caps.to_dict(),
+        "capabilities": encode_capabilities(caps),
         "config": cfg.model_dump(mode="json"),  # secrets (SecretStr) are dumped masked
     }
     md.update(extra or {})
@@ -143,7 +144,7 @@ async def build_agent(
             driver=driver,
             segmenter=build_segmenter(cfg),
             policy=build_policy(cfg, np.random.default_rng(cfg.seed)),
-            gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA, probe_fwhm_A=caps.probe_fwhm_A),
+            gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA, capabilities=caps),
             writer=writer,
             clock=clock,
             initial_scan=cfg.scan.geometry(),

@@ -18,9 +18,10 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
+from stemagent.codec import decode_frame_meta, decode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, READABLE_VERSIONS, STOP_RESERVE
-from stemagent.types import Atoms, Frame, ScanGeometry
+from stemagent.types import Atoms, Frame, ParkResult
 
 
 @dataclass
@@ -152,20 +153,15 @@ class RunLog:
         return image
 
     def frame_from_data(self, d: dict[str, Any]) -> Frame:
-        return Frame(
-            image=self.read_image(d["image"]),
-            geometry=ScanGeometry.from_dict(d["geometry"]),
-            line_times_s=np.asarray(d["line_times_s"], dtype=np.float64),
-            index=int(d["frame_index"]),
-            dose_e_per_A2=float(d["dose_e_per_A2"]),
-            source=str(d.get("source", "unknown")),
-            detector=str(d.get("detector", "HAADF")),
-            meta=dict(d.get("meta", {})),
-        )
+        """The frame of one ``frames`` event (its metadata through the frame codec)."""
+        meta = {k: v for k, v in d.items() if k not in ("image", "log_index", "frame_index")}
+        meta["index"] = d.get("frame_index")
+        return decode_frame_meta(meta, self.read_image(d["image"]), f"frames[log_index={d.get('log_index', '?')}]")
 
-    def park_results(self) -> list[dict[str, Any]]:
-        """The logged parks (position, dwell, start time, sample interval, signal, dose)."""
-        return self.event_data("parks")
+    def park_results(self) -> list[ParkResult]:
+        """The logged parks as :class:`~stemagent.types.ParkResult` (logs before version 2 kept no dose: 0)."""
+        return [decode_park_result(d, d.get("signal", []), f"parks[{i}]", besides=("signal", "predicted_dose_e_per_A2"))
+                for i, d in enumerate(self.event_data("parks"))]
 
     def frames(self) -> Iterator[Frame]:
         for d in self.event_data("frames"):

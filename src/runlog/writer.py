@@ -38,9 +38,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stemagent.codec import encode_command, encode_decision, encode_frame_meta, encode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.frames_store import FrameStore
-from stemagent.types import Atoms, BeamCommand, Decision, Frame
+from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 
 LOG_FORMAT_VERSION = 2  # 2: zspy frame store, log_index, parks with dose, controls, stop.json
 READABLE_VERSIONS = (1, 2)
@@ -238,16 +239,12 @@ class RunLogWriter:
         res_uid = self._resources[resource_path]
         datum_id = f"{res_uid}/{index}"
         self._emit("datum", {"datum_id": datum_id, "resource": res_uid, "datum_kwargs": {"index": index}})
+        fields = encode_frame_meta(frame)
         data = {
             "image": datum_id,
             "log_index": self._frames_written,
-            "frame_index": int(frame.index),
-            "geometry": frame.geometry.to_dict(),
-            "line_times_s": frame.line_times_s,
-            "dose_e_per_A2": float(frame.dose_e_per_A2),
-            "source": frame.source,
-            "detector": frame.detector,
-            "meta": frame.meta,
+            "frame_index": fields.pop("index"),
+            **fields,
         }
         doc = self.write_event("frames", data, sync=True, external=frozenset({"image"}))
         self._frames_written += 1
@@ -267,10 +264,16 @@ class RunLogWriter:
         return self.write_event("atoms", data)
 
     def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
-        return self.write_event("decisions", {"frame_index": int(frame_index), **decision.to_dict()})
+        return self.write_event("decisions", {"frame_index": int(frame_index), **encode_decision(decision)})
 
     def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "") -> dict[str, Any]:
-        return self.write_event("commands", {"command": command.to_dict(), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+        return self.write_event("commands", {"command": encode_command(command), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+
+    def write_park(self, result: ParkResult, **extra: Any) -> dict[str, Any]:
+        """One ``parks`` event: the park result's document, its signal and ``extra`` (e.g. the
+        predicted dose), fsynced."""
+        fields, signal = encode_park_result(result)
+        return self.write_event("parks", {**fields, **extra, "signal": np.asarray(signal, dtype=np.float64)}, sync=True)
 
     def write_safety(self, *, verdict: str, rule: str, detail: str, t_s: float) -> dict[str, Any]:
         return self.write_event("safety", {"verdict": verdict, "rule": rule, "detail": detail, "t_s": float(t_s)}, sync=True)

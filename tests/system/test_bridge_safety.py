@@ -18,6 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from stemagent.codec import encode_geometry
 from stemagent.drivers.bridge import Bridge, BridgeLimits
 from stemagent.types import ScanGeometry
 
@@ -25,7 +26,7 @@ from transport_fakes import FakeMicroscope, free_port
 
 pytestmark = pytest.mark.system
 
-GEOM = ScanGeometry(center_A=(3.0, -2.0), fov_A=(20.0, 10.0), shape_px=(32, 64), dwell_s=1e-6).to_dict()
+GEOM = encode_geometry(ScanGeometry(center_A=(3.0, -2.0), fov_A=(20.0, 10.0), shape_px=(32, 64), dwell_s=1e-6))
 _ids = itertools.count()
 
 

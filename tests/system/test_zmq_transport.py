@@ -10,6 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from stemagent.codec import encode_geometry
 from stemagent.driver import Driver, DriverFault
 from stemagent.drivers import wire
 from stemagent.drivers.bridge import Bridge
@@ -279,7 +280,7 @@ async def test_bridge_watchdog_blanks_when_the_client_goes_silent(fake_microscop
 
 def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
     """Random bytes, truncated and mutated valid requests, wrong versions, extra parts."""
-    valid = json.dumps({"v": 2, "id": "x", "op": "acquire", "geometry": GEOM.to_dict()}).encode()
+    valid = json.dumps({"v": 2, "id": "x", "op": "acquire", "geometry": encode_geometry(GEOM)}).encode()
     out: list[list[bytes]] = []
     for i in range(n):
         kind = i % 5
