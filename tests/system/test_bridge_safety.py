@@ -90,7 +90,7 @@ async def test_the_bridge_refuses_commands_past_its_own_limits(op, fields, why):
     try:
         reply = await raw.send(op, **fields)
         assert reply["ok"] is False and why in reply["error"]["message"], reply
-        assert not ({"acquire", "park", "stream"} & set(scope.calls)) and scope.blanked
+        assert not ({"acquire", "park", "stream"} & set(scope.calls)) and scope.beam_blanked
         ok = await raw.send("acquire", geometry=GEOM)  # a sane command still runs
         assert ok["ok"] is True
     finally:
@@ -110,7 +110,7 @@ async def test_limits_follow_the_device_capabilities():
 async def test_only_the_controlling_client_feeds_the_watchdog():
     """Issue 10 defect 3: any message, even another client's status poll, held the watchdog off."""
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()  # the acquire hangs with the beam on until released
+    scope_gate = scope.hold("acquire")  # the acquire hangs with the beam on until released
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent, other = Raw(bridge.control_endpoint), Raw(bridge.control_endpoint)
     try:
@@ -126,11 +126,11 @@ async def test_only_the_controlling_client_feeds_the_watchdog():
             await other.sock.send_multipart([b"garbage"])
             assert time.monotonic() - t0 < 5.0, "the watchdog never fired"
             await asyncio.sleep(0.05)
-        assert scope.blanked and time.monotonic() - t0 > 0.25  # not before the controller's timeout
+        assert scope.beam_blanked and time.monotonic() - t0 > 0.25  # not before the controller's timeout
         reply = await agent.reply()
         assert reply["id"] == "scan1" and reply["error"]["type"] == "Cancelled"
         # control is free again: the other client may take the beam now
-        scope.gate.set()
+        scope_gate.set()
         assert (await other.send("acquire", client="other", geometry=GEOM))["ok"] is True
     finally:
         agent.close()
@@ -140,7 +140,7 @@ async def test_only_the_controlling_client_feeds_the_watchdog():
 
 async def test_the_controllers_heartbeats_keep_a_long_scan_going():
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()
+    scope_gate = scope.hold("acquire")
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent = Raw(bridge.control_endpoint)
     try:
@@ -150,7 +150,7 @@ async def test_the_controllers_heartbeats_keep_a_long_scan_going():
             assert (await agent.send("heartbeat", client="agent"))["ok"]
             await asyncio.sleep(0.05)
         assert bridge.stats["watchdog_blanks"] == 0
-        scope.gate.set()
+        scope_gate.set()
         assert (await agent.reply())["ok"] is True
     finally:
         agent.close()

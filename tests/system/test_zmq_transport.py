@@ -68,12 +68,12 @@ async def test_round_trip_every_command(fake_microscope: FakeMicroscope) -> None
         frame = await drv.acquire(GEOM)
         assert frame.image.dtype == np.float32 and frame.image.shape == (32, 64)
         assert frame.geometry == GEOM
-        np.testing.assert_array_equal(frame.line_times_s, GEOM.line_start_times_s(0.0))
+        np.testing.assert_allclose(frame.line_times_s - frame.line_times_s[0], GEOM.line_start_times_s(0.0), atol=1e-12)
         assert frame.dose_e_per_A2 == 1.5 and frame.source == "fake" and frame.meta == {"seed": 0}
         park = await drv.park((1.0, 2.0), 0.01)
         assert park.position_A == (1.0, 2.0) and park.signal.tolist() == list(range(10))
         await drv.blank()
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
         frames = [f async for f in drv.stream(GEOM, n_frames=3)]
         assert [f.index for f in frames] == [1, 2, 3]
         status = await drv.status()
@@ -99,7 +99,7 @@ async def test_large_frame_goes_zero_copy(fake_microscope: FakeMicroscope) -> No
 
 async def test_lost_bridge_fails_in_flight_command_without_resending_and_reconnects() -> None:
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()  # acquire hangs: the command is in flight when the bridge dies
+    scope_gate = scope.hold("acquire")  # acquire hangs: the command is in flight when the bridge dies
     bridge, task = await start_bridge(scope)
     faults: list[str] = []
     lost = asyncio.Event()
@@ -267,13 +267,13 @@ async def test_bridge_watchdog_blanks_when_the_client_goes_silent(fake_microscop
     try:
         await drv.connect()
         await drv.acquire(GEOM)
-        assert not fake_microscope.blanked
+        assert not fake_microscope.beam_blanked
         await drv.close()  # close blanks; unblank again through a raw request to test the watchdog
-        fake_microscope.blanked = False
+        fake_microscope.beam_blanked = False
         bridge._beam_maybe_on = True
         while bridge.stats["watchdog_blanks"] == 0:
             await asyncio.sleep(0.02)
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
     finally:
         await stop_bridge(bridge, task)
 
@@ -330,7 +330,7 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
         for msg in _junk_messages(rng, 300):
             await raw.send_multipart(msg)
             await junk_pub.send_multipart(msg)
-        good_header = json.loads(wire.encode_frame(scope._frame(GEOM))[0][0])
+        good_header = json.loads(wire.encode_frame(scope.make_frame(GEOM))[0][0])
         for _ in range(100):  # random corruptions of a valid frame header
             h = dict(good_header)
             key = str(rng.choice(list(h)))
@@ -384,10 +384,10 @@ async def test_blank_gets_through_on_a_fresh_socket_while_the_link_is_down(fake_
     try:
         await drv.connect()
         await drv.acquire(GEOM)
-        assert not fake_microscope.blanked
+        assert not fake_microscope.beam_blanked
         drv._drop_link("simulated heartbeat loss", report=True)  # the bridge itself is fine
         await drv.blank()
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
         with pytest.raises(DriverFault, match="link is down"):
             await drv.acquire(GEOM)  # everything else still refuses until the link is back
     finally:
