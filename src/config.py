@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from stemagent.boundaries.config import BoundaryChainConfig
+from stemagent.boundaries.config import BoundaryChainConfig, BoundaryTraceConfig
 from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.types import ScanGeometry
@@ -191,8 +191,21 @@ class UNetSegmenterConfig(_Model):
 SegmenterConfig = Annotated[Union[LoGSegmenterConfig, UNetSegmenterConfig], Field(discriminator="kind")]
 
 
+class StageOptions(_Model):
+    """How the agent runs one pipeline stage (``pipeline.stages.<name>``)."""
+
+    enabled: bool = Field(True, description="off: the stage is left out of the pipeline")
+    on_error: Literal["skip", "stop"] = Field(
+        "skip", description="a stage that raises: 'skip' logs it and goes on without its output for that frame; 'stop' ends the run")
+
+
 class PipelineConfig(_Model):
+    """The analysis stages (``segment -> [boundaries] -> policy``; drift and encoding join as they
+    land) and how each runs (``stages.<name>``: ``enabled``, ``on_error``)."""
+
     segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
+    boundaries: BoundaryTraceConfig | None = Field(None, description="domain-boundary traces of every frame (None: no such stage)")
+    stages: dict[str, StageOptions] = Field(default_factory=dict, description="per stage name: enabled, on_error")
 
 
 # --- policy --------------------------------------------------------------------------------
@@ -277,11 +290,15 @@ class TelemetryConfig(_Model):
 
 
 class AgentConfig(_Model):
-    """How the agent behaves around faults and refusals."""
+    """How the agent behaves around faults and refusals, and whether it overlaps acquisition with analysis."""
 
     retry_s: float = Field(0.5, gt=0, le=60.0, description="how often to try a lost device again, s")
     auto_resume_after_fault: bool = Field(True, description="resume by itself when a lost device answers again")
     max_consecutive_refusals: int = Field(20, ge=1, description="stop after this many commands in a row refused")
+    overlap: bool = Field(False, description="when the policy asks for the field it just scanned, stream it: frame n+1 is "
+                                             "acquired while frame n is analysed (the newest frame wins; drops are logged)")
+    stream_burst_frames: int = Field(4, ge=1, le=64, description="frames per stream request; each burst passes the safety "
+                                                                 "gate before it starts and the beam is blanked after it")
 
 
 # --- run -----------------------------------------------------------------------------------

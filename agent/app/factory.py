@@ -22,7 +22,10 @@ from stemagent.agent.loop import Agent, TelemetrySink
 from stemagent.agent.safety import SafetyGate
 from stemagent.clock import Clock, SystemClock, VirtualClock
 from stemagent.codec import encode_capabilities
+from stemagent.boundaries.trace import BoundaryStage
 from stemagent.config import RunConfig, config_from_dict
+from stemagent.errors import ConfigError
+from stemagent.pipeline import BoundaryTraceStage, Pipeline, PolicyStage, SegmentStage, Stage
 from stemagent.driver import Driver
 from stemagent.drivers.replay import open_replay
 from stemagent.drivers.zmq_driver import ZmqDriver
@@ -92,6 +95,23 @@ def bridge_backend(driver_section: dict[str, Any], seed: int) -> Driver:
     return build_driver(run_cfg, build_clock(run_cfg))
 
 
+def stage_names(cfg: RunConfig) -> list[str]:
+    """The names of the run's stages, in order, before they are built."""
+    return ["segment", *(["boundaries"] if cfg.pipeline.boundaries is not None else []), "policy"]
+
+
+def build_pipeline(cfg: RunConfig, rng: np.random.Generator) -> Pipeline:
+    """The run's stages in order (``segment -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
+    stages: list[Stage] = [SegmentStage(build_segmenter(cfg))]
+    if cfg.pipeline.boundaries is not None:
+        stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
+    stages.append(PolicyStage(build_policy(cfg, rng)))
+    try:
+        return Pipeline(stages, dict(cfg.pipeline.stages))
+    except ValueError as exc:
+        raise ConfigError("<config>", "pipeline.stages", sorted(cfg.pipeline.stages), str(exc)) from None
+
+
 def new_run_id() -> str:
     """A run's id: UTC time and a random suffix; unique across agents sharing a config name."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -112,6 +132,10 @@ def run_metadata(cfg: RunConfig, caps: Capabilities, extra: dict[str, Any] | Non
         "capabilities": encode_capabilities(caps),
         "config": cfg.model_dump(mode="json"),  # secrets (SecretStr) are dumped masked
     }
+    try:
+        md["pipeline"] = Pipeline.plan(stage_names(cfg), dict(cfg.pipeline.stages))
+    except KeyError:  # a stage option names no stage: build_pipeline says so
+        pass
     md.update(extra or {})
     return md
 
@@ -140,10 +164,10 @@ async def build_agent(
         await asyncio.wait_for(driver.connect(), timeout=cfg.safety.watchdog_s)
         caps = await asyncio.wait_for(driver.capabilities(), timeout=cfg.safety.watchdog_s)
         writer = RunLogWriter(run_dir or new_run_dir(cfg), run_metadata(cfg, caps, extra_metadata), fsync=cfg.log.fsync)
+        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
         return Agent(
             driver=driver,
-            segmenter=build_segmenter(cfg),
-            policy=build_policy(cfg, np.random.default_rng(cfg.seed)),
+            pipeline=pipeline,
             gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA, capabilities=caps),
             writer=writer,
             clock=clock,
@@ -155,6 +179,8 @@ async def build_agent(
             auto_resume_after_fault=cfg.agent.auto_resume_after_fault,
             schedule=schedule,
             pause_on_dose_report=pause_on_dose_report,
+            overlap=cfg.agent.overlap,
+            stream_burst_frames=cfg.agent.stream_burst_frames,
         )
     except BaseException as exc:
         why = f"the run could not start: {exc}" if str(exc) else f"the run could not start: {type(exc).__name__}"

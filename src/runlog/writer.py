@@ -43,15 +43,18 @@ from stemagent.errors import InputError
 from stemagent.runlog.frames_store import FrameStore
 from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 
-LOG_FORMAT_VERSION = 2  # 2: zspy frame store, log_index, parks with dose, controls, stop.json
-READABLE_VERSIONS = (1, 2)
+#: 2: zspy frame store, log_index, parks with dose, controls, stop.json;
+#: 3: the pipeline stream (per observation: stage timings, records, errors), drops, commands with
+#: frames and stage conversions, the pipeline's stages in the start document
+LOG_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 DOCUMENTS_FILE = "documents.jsonl"
 FRAMES_STORE = "frames.zarr"
 STOP_RESERVE = "stop.json"
 STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
-STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls")
+STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops")
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,8 +269,13 @@ class RunLogWriter:
     def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
         return self.write_event("decisions", {"frame_index": int(frame_index), **encode_decision(decision)})
 
-    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "") -> dict[str, Any]:
-        return self.write_event("commands", {"command": encode_command(command), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "", frames: int = 1,
+                      converted: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One ``commands`` event: the command as sent to the device, its outcome, how many frames
+        a streamed scan asked for, and what each pipeline stage converted (e.g. drift: sample to beam)."""
+        return self.write_event("commands", {"command": encode_command(command), "outcome": outcome, "t_s": float(t_s),
+                                             "detail": detail, "frames": int(frames), "converted": dict(converted or {})},
+                                sync=True)
 
     def write_park(self, result: ParkResult, **extra: Any) -> dict[str, Any]:
         """One ``parks`` event: the park result's document, its signal and ``extra`` (e.g. the

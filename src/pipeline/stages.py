@@ -1,0 +1,97 @@
+"""Adapters that make analysis parts into pipeline stages (:class:`~stemagent.pipeline.core.Stage`).
+
+Each is a few lines: it reads what it needs from the :class:`~stemagent.stages.Observation`,
+calls the part's own entry point and puts the result back.
+
+- :class:`SegmentStage` (``segment``): a :class:`~stemagent.stages.Segmenter`; ``obs.atoms``;
+- :class:`PolicyStage` (``policy``): a :class:`~stemagent.stages.Policy`; ``obs.decision``, and
+  for a park observation the policy's ``observe_park`` when it has one;
+- :class:`AtomFeatureStage`: any ``fn(frame, atoms) -> {name: (N, ...) array}`` (e.g.
+  ``EncodingStage.process``); ``obs.atom_features``;
+- :class:`BoundaryTraceStage` (``boundaries``): :class:`~stemagent.boundaries.trace.BoundaryStage`;
+  the traces' summary in ``obs.records``.
+
+A drift stage plugs in the same way: ``process`` replaces ``obs.atoms`` by the estimate's
+sample-frame atoms and sets ``obs.drift``; ``to_device`` converts the next command to beam
+coordinates at the time it acts (see :mod:`stemagent.pipeline.core`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from stemagent.boundaries.trace import BoundaryStage
+from stemagent.stages import Observation, Policy, Segmenter
+from stemagent.types import Atoms, Frame
+
+
+class SegmentStage:
+    """Atoms of the frame from a segmenter."""
+
+    name = "segment"
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        obs.atoms = self.segmenter.find(obs.frame)
+        obs.records[self.name] = {"n_atoms": len(obs.atoms), "class_names": list(obs.atoms.class_names),
+                                  "counts": np.bincount(obs.atoms.classes, minlength=len(obs.atoms.class_names)).tolist()}
+        return obs
+
+
+class PolicyStage:
+    """The decision: ``policy.decide(obs)``; after a park ``policy.observe_park(obs)`` if it has one."""
+
+    name = "policy"
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def process(self, obs: Observation) -> Observation:
+        obs.decision = self.policy.decide(obs)
+        return obs
+
+    def process_park(self, obs: Observation) -> Observation:
+        observe = getattr(self.policy, "observe_park", None)
+        obs.decision = observe(obs) if observe is not None else None
+        return obs
+
+    @property
+    def stop_reason(self) -> str:
+        """Non-empty when the policy has finished (``policy.stop_reason``)."""
+        return str(getattr(self.policy, "stop_reason", "") or "")
+
+
+class AtomFeatureStage:
+    """Per-atom features from ``fn(frame, atoms) -> {name: (N, ...) array}``."""
+
+    def __init__(self, name: str, fn: Callable[[Frame, Atoms], dict[str, Any]]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        out = self.fn(obs.frame, obs.atoms)
+        obs.atom_features.update({k: np.asarray(v) for k, v in out.items()})
+        obs.records[self.name] = {"features": sorted(out)}
+        return obs
+
+
+class BoundaryTraceStage:
+    """Domain-boundary traces of the frame (:class:`~stemagent.boundaries.trace.BoundaryStage`)."""
+
+    name = "boundaries"
+
+    def __init__(self, stage: BoundaryStage) -> None:
+        self.stage = stage
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        res = self.stage.process(obs.frame)
+        obs.records[self.name] = {"n_traces": len(res.traces), "n_steps": int(sum(len(t) for t in res.traces))}
+        obs.features["boundary_traces"] = np.asarray([len(res.traces)])
+        return obs
