@@ -29,6 +29,11 @@ Safety on the console side, independent of the agent:
 
 At start it prints its backend, endpoints and limits; rejected messages are logged at WARNING,
 the first few one by one and then as a count every 10 s.
+
+Lifetime: ``async with Bridge(...) as bridge: await bridge.serve()`` (or :meth:`run`). The
+tasks that run device calls, streams and blanks live in an ``asyncio.TaskGroup`` for as long
+as :meth:`serve` runs; when it returns they have been cancelled and awaited, and
+:meth:`close` blanks and releases the backend. Every call to the backend has a timeout.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class Bridge:
         self._device_lock = asyncio.Lock()
         self._device_tasks: set[asyncio.Task[None]] = set()
         self._other_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None  # while serve() runs
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._caps: Capabilities | None = None
@@ -176,7 +182,7 @@ class Bridge:
         self.stop_reason = self.stop_reason or reason
         self._stopping.set()
         if self._blanking is None:
-            self._blanking = asyncio.ensure_future(self._blank_now(reason or "stop"))
+            self._blanking = self._task(self._blank_now(reason or "stop"), "bridge-blank")
 
     async def _blank_now(self, why: str) -> None:
         try:
@@ -186,11 +192,19 @@ class Bridge:
         except Exception:  # noqa: BLE001
             log.exception("bridge: blank (%s) failed", why)
 
+    async def __aenter__(self) -> Bridge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
     async def close(self) -> None:
         await self._blank_now("shutting down")  # first: nothing below may delay it
-        for t in list(self._streams.values()) + list(self._device_tasks):
+        pending = list(self._streams.values()) + list(self._device_tasks) + list(self._other_tasks)
+        for t in pending:
             t.cancel()
-        await asyncio.gather(*self._streams.values(), *self._device_tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         try:
             await asyncio.wait_for(self.driver.blank(), timeout=10.0)  # again: a cancelled command may have unblanked
             await asyncio.wait_for(self.driver.close(), timeout=10.0)
@@ -202,9 +216,22 @@ class Bridge:
         self._router = self._pub = None
 
     async def serve(self) -> None:
-        """Answer requests until :meth:`stop`; never raises on bad input."""
+        """Answer requests until :meth:`stop`; never raises on bad input. The tasks it starts are
+        cancelled and awaited before it returns."""
         if self._router is None:
             await self.start()
+        assert self._router is not None
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                await self._serve_requests()
+            finally:
+                self._tasks = None
+                for t in list(self._streams.values()) + list(self._device_tasks) + list(self._other_tasks):
+                    if t is not self._blanking:
+                        t.cancel()
+
+    async def _serve_requests(self) -> None:
         assert self._router is not None
         poll_ms = int(max(10, min(200, self.client_timeout_s * 250)))
         while not self._stopping.is_set():
@@ -321,8 +348,18 @@ class Bridge:
             **self.stats,
         }
 
-    def _spawn(self, coro: Any, device: bool = True) -> None:
+    def _task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """A task in serve()'s TaskGroup (outside serve, e.g. a signal before it started: a plain task
+        that close() awaits)."""
+        if self._tasks is not None:
+            return self._tasks.create_task(coro, name=name)
         task = asyncio.ensure_future(coro)
+        self._other_tasks.add(task)
+        task.add_done_callback(self._other_tasks.discard)
+        return task
+
+    def _spawn(self, coro: Any, device: bool = True) -> None:
+        task = self._task(coro, "bridge-device" if device else "bridge-other")
         if device:
             self._device_tasks.add(task)
             task.add_done_callback(self._device_tasks.discard)
@@ -432,7 +469,7 @@ class Bridge:
         except wire.WireError as exc:
             await self._reply(identity, req.id, False, error=("InputError", str(exc)))
             return
-        task = asyncio.ensure_future(self._run_stream(req.stream, geometry, req.n_frames))
+        task = self._task(self._run_stream(req.stream, geometry, req.n_frames), f"bridge-stream-{req.stream}")
         self._streams[req.stream] = task
         task.add_done_callback(lambda _t, s=req.stream: self._streams.pop(s, None))
         await self._reply(identity, req.id, True, {"stream": req.stream})

@@ -14,6 +14,11 @@ On loss the driver
 While the link is down every call raises :class:`DriverFault` at once; :meth:`connect` waits
 (up to ``connect_timeout_s``) for the link to come back. Each request carries a fresh id; the
 bridge refuses an id it has seen, so a request can never run twice.
+
+Lifetime: ``async with ZmqDriver(...) as driver:`` (or :meth:`connect` ... :meth:`close`). The
+driver's background tasks (supervisor, reply reader, frame reader) live in one
+``asyncio.TaskGroup`` inside a service task started by :meth:`connect` and ended by
+:meth:`close`; none outlives the driver. Every wait on the bridge has a timeout.
 """
 
 from __future__ import annotations
@@ -101,9 +106,9 @@ class ZmqDriver:
         self._streams: dict[str, _Stream] = {}
         self._link_up = asyncio.Event()
         self._closed = False
-        self._supervisor: asyncio.Task[None] | None = None
+        self._service: asyncio.Task[None] | None = None  # owns the TaskGroup of the tasks below
+        self._tasks: asyncio.TaskGroup | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._frame_reader: asyncio.Task[None] | None = None
         self._caps: Capabilities | None = None
         #: why the link was last lost (None while it has never failed)
         self.fault: str | None = None
@@ -148,9 +153,10 @@ class ZmqDriver:
         """Start link supervision (once) and wait until the bridge answers."""
         if self._closed:
             raise DriverFault("the ZeroMQ driver is closed")
-        if self._supervisor is None or self._supervisor.done():
-            self._open_sub()
-            self._supervisor = asyncio.ensure_future(self._supervise())
+        if self._service is None or self._service.done():
+            started = asyncio.Event()
+            self._service = asyncio.ensure_future(self._serve(started))
+            await started.wait()
         try:
             await asyncio.wait_for(self._link_up.wait(), timeout=self.connect_timeout_s)
         except asyncio.TimeoutError:
@@ -168,16 +174,39 @@ class ZmqDriver:
             except (DriverFault, InputError) as exc:
                 log.warning("zmq driver: blank on close failed: %s", exc)
         self._closed = True
-        for t in (self._supervisor, self._reader, self._frame_reader):
-            if t is not None:
-                t.cancel()
-        await asyncio.gather(
-            *(t for t in (self._supervisor, self._reader, self._frame_reader) if t is not None), return_exceptions=True
-        )
+        if self._service is not None:
+            self._service.cancel()
+            await asyncio.gather(self._service, return_exceptions=True)
         self._drop_link("driver closed", report=False)
         if self._sub is not None:
             self._sub.close(linger=0)
             self._sub = None
+
+    async def __aenter__(self) -> ZmqDriver:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _serve(self, started: asyncio.Event) -> None:
+        """The service task: the driver's tasks in one TaskGroup, until :meth:`close` cancels it."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                self._open_sub()
+                tasks.create_task(self._supervise(), name="zmq-supervisor")
+                started.set()
+        except* Exception as group:  # pragma: no cover - every task catches its own errors; a bug ends the link
+            log.error("zmq driver: a background task failed: %r", group.exceptions)
+            self._drop_link(f"driver task failed: {group.exceptions[0]!r}", report=True)
+        finally:
+            self._tasks = None
+            started.set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        assert self._tasks is not None, "the driver is not connected"
+        return self._tasks.create_task(coro, name=name)
 
     async def capabilities(self) -> Capabilities:
         if self._caps is None:
@@ -368,7 +397,7 @@ class ZmqDriver:
         s.setsockopt(zmq.SUBSCRIBE, b"")
         s.connect(self.frames_endpoint)
         self._sub = s
-        self._frame_reader = asyncio.ensure_future(self._read_frames(s))
+        self._spawn(self._read_frames(s), "zmq-frames")
 
     async def _supervise(self) -> None:
         while not self._closed:
@@ -386,7 +415,7 @@ class ZmqDriver:
         while not self._closed:
             if self._dealer is None:
                 self._dealer = self._open_dealer()
-                self._reader = asyncio.ensure_future(self._read_replies(self._dealer))
+                self._reader = self._spawn(self._read_replies(self._dealer), "zmq-replies")
             # with IMMEDIATE set, POLLOUT means a connection to the bridge is established
             wait_ms = int(1000 * self._backoff(attempt))
             if not await self._dealer.poll(wait_ms, zmq.POLLOUT):

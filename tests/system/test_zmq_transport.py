@@ -39,15 +39,13 @@ async def stop_bridge(bridge: Bridge, task: asyncio.Task[None]) -> None:
 
 
 async def crash_bridge(bridge: Bridge, task: asyncio.Task[None]) -> None:
-    """Like a killed process: sockets vanish, nothing more is sent."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    """Like a killed process: sockets vanish first, nothing more is sent (then its tasks end)."""
     for sock in (bridge._router, bridge._pub):
         assert sock is not None
         sock.close(linger=0)
     bridge._router = bridge._pub = None
-    for t in list(bridge._device_tasks) + list(bridge._streams.values()):
-        t.cancel()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def client(bridge: Bridge, **kw: object) -> ZmqDriver:
@@ -99,7 +97,7 @@ async def test_large_frame_goes_zero_copy(fake_microscope: FakeMicroscope) -> No
 
 async def test_lost_bridge_fails_in_flight_command_without_resending_and_reconnects() -> None:
     scope = FakeMicroscope()
-    scope_gate = scope.hold("acquire")  # acquire hangs: the command is in flight when the bridge dies
+    scope.hold("acquire")  # acquire hangs: the command is in flight when the bridge dies
     bridge, task = await start_bridge(scope)
     faults: list[str] = []
     lost = asyncio.Event()
