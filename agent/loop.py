@@ -200,7 +200,7 @@ class Agent:
     def policy(self) -> Policy | None:
         """The policy of the pipeline's ``policy`` stage (None if it has none)."""
         try:
-            return self.pipeline.stage("policy").policy  # type: ignore[no-any-return]
+            return self.pipeline.stage("policy").policy
         except (KeyError, AttributeError):
             return None
 
@@ -414,7 +414,8 @@ class Agent:
             try:
                 frame = await self._on_device(prediction, lambda: self.driver.acquire(cmd.geometry), cmd, "acquire")
             except CommandRefused as exc:
-                return self._device_refused(cmd, prediction, exc, extra)
+                self._device_refused(cmd, prediction, exc, extra)
+                return None
             self._last_geometry = cmd.geometry
             frame = self._identify(frame)
             self._reconcile(prediction, frame.dose_e_per_A2)
@@ -423,7 +424,8 @@ class Agent:
             try:
                 result = await self._on_device(prediction, lambda: self.driver.park(cmd.position_A, cmd.dwell_s), cmd, "park")
             except CommandRefused as exc:
-                return self._device_refused(cmd, prediction, exc, extra)
+                self._device_refused(cmd, prediction, exc, extra)
+                return None
             self.summary.parks += 1
             self.writer.write_park(result, predicted_dose_e_per_A2=prediction.footprint.reported_e_per_A2)
             self._reconcile(prediction, float(result.dose_e_per_A2))
@@ -449,7 +451,6 @@ class Agent:
         """The device refused the command under its own limits: nothing ran, nothing was dosed."""
         self.gate.cancel(prediction)
         self._refused(cmd, "device", str(exc), "refused_by_device", extra)
-        return None
 
     def _identify(self, frame: Frame) -> Frame:
         """Give the frame the run's next acquisition number; keep the device's own counter in meta."""
@@ -621,7 +622,9 @@ class Agent:
                         self.writer.write_frame(frame)  # every frame is logged, analysed or dropped
                         slot.put(frame)
                 finally:
-                    await self._race(frames.aclose(), self.gate.config.watchdog_s, "stream close")
+                    close = getattr(frames, "aclose", None)  # an async generator: end it on the device's side too
+                    if close is not None:
+                        await self._race(close(), self.gate.config.watchdog_s, "stream close")
                     await self._blank("stream burst done")
         except StopAsyncIteration:
             slot.close()
@@ -774,7 +777,7 @@ class Agent:
                 except EndOfData as exc:
                     reason = f"end of data: {exc}"
                     break
-                except (DriverFault, asyncio.TimeoutError, ConnectionError) as exc:
+                except (TimeoutError, DriverFault, ConnectionError) as exc:
                     await self._fault(exc)
                 except StemAgentError as exc:  # bad input from a device or stage (e.g. an invalid frame)
                     await self._blank("bad input")

@@ -86,7 +86,7 @@ class ConsoleAdapter:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.run_in_executor(self._pool, fn, *args), timeout=self.call_timeout_s + extra_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DriverFault(f"console call {fn.__name__} did not return within {self.call_timeout_s + extra_s:.1f} s") from None
         except RuntimeError as exc:  # the vendor API's error type
             raise DriverFault(f"console refused {fn.__name__}: {exc}") from None

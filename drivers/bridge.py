@@ -164,8 +164,8 @@ class Bridge:
                 pub.close(linger=0)
                 raise InputError(name, endpoint, f"cannot be bound ({exc.strerror})") from None
         router.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
-        self.control_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.frames_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.control_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.frames_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router, self._pub = router, pub
         self._last_client_s = self._monotonic()
         log.info("%s", self.describe())
@@ -236,7 +236,7 @@ class Bridge:
         poll_ms = int(max(10, min(200, self.client_timeout_s * 250)))
         while not self._stopping.is_set():
             try:
-                ready = await self._router.poll(poll_ms, zmq.POLLIN)
+                ready = await self._router.poll(poll_ms, zmq.POLLIN)  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
             except zmq.ZMQError:
                 log.exception("bridge: polling the control socket failed")
                 break
@@ -471,7 +471,8 @@ class Bridge:
             return
         task = self._task(self._run_stream(req.stream, geometry, req.n_frames), f"bridge-stream-{req.stream}")
         self._streams[req.stream] = task
-        task.add_done_callback(lambda _t, s=req.stream: self._streams.pop(s, None))
+        stream = req.stream
+        task.add_done_callback(lambda _t: self._streams.pop(stream, None))
         await self._reply(identity, req.id, True, {"stream": req.stream})
 
     async def _run_stream(self, stream: str, geometry: Any, n_frames: int | None) -> None:
@@ -608,7 +609,7 @@ def run_bridge(config_path: str | Path, build_driver: DriverBuilder | None = Non
     except (ConfigError, InputError) as exc:
         print(f"error: {config_path}: {exc}" if isinstance(exc, InputError) else f"error: {exc}", file=sys.stderr)
         return 2
-    except (StemAgentError, OSError, asyncio.TimeoutError) as exc:  # the backend would not start
+    except (TimeoutError, StemAgentError, OSError) as exc:  # the backend would not start
         print(f"error: {config_path}: the backend could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the signal handlers were installed: nothing was running

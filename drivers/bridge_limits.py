@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stemagent.limits import InstrumentLimits
@@ -71,7 +72,7 @@ class BridgeLimits(BaseModel):
             return f"dwell_s={g.dwell_s} outside the bridge's [{self.min_dwell_s}, {self.max_dwell_s}] s"
         if g.frame_time_s > self.max_scan_s:
             return f"the frame takes {g.frame_time_s:.4g} s, above max_scan_s={self.max_scan_s}"
-        corners = g.pixel_to_sample([[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, -0.5], [rows - 0.5, cols - 0.5]])
+        corners = g.pixel_to_sample(np.array([[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, -0.5], [rows - 0.5, cols - 0.5]]))
         if not all(self._in_area(c) for c in corners):
             return (f"the field centred at {tuple(round(v, 3) for v in g.center_A)} Å leaves the bridge's area "
                     f"({self.area_half_width_A} Å around {self.area_center_A})")

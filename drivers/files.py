@@ -163,7 +163,8 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
     md = sig.get("metadata", {}) or {}
     mapped = _mapped(sig)
     om = sig.get("original_metadata", {}) or {}
-    velox_scan = om.get("Scan") if isinstance(om.get("Scan"), dict) else {}
+    scan = om.get("Scan")
+    velox_scan: dict[str, Any] = scan if isinstance(scan, dict) else {}
     dwell = (
         _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time"))
         or _positive(mapped.get("dwell_time"))

@@ -159,7 +159,7 @@ class ZmqDriver:
             await started.wait()
         try:
             await asyncio.wait_for(self._link_up.wait(), timeout=self.connect_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DriverFault(
                 f"no bridge answered at {self.control_endpoint} within {self.connect_timeout_s} s"
                 + (f" (last fault: {self.fault})" if self.fault else "")
@@ -257,10 +257,10 @@ class ZmqDriver:
         req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, client=self._session, op="blank")
         s = self._open_dealer()
         try:
-            if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 raise DriverFault(f"blank: bridge unreachable at {self.control_endpoint} ({self.fault or 'link down'})")
             await s.send_multipart(wire.encode_request(req), flags=zmq.NOBLOCK)
-            if not await s.poll(int(1000 * timeout_s), zmq.POLLIN):
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLIN):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 raise DriverFault(f"blank {rid}: no reply within {timeout_s:.2f} s while the link is down")
             reply, _ = wire.decode_reply(await s.recv_multipart(flags=zmq.NOBLOCK), self.max_frame_bytes)
         except (zmq.ZMQError, wire.WireError) as exc:
@@ -296,7 +296,7 @@ class ZmqDriver:
                 state.wake.clear()
                 try:
                     await asyncio.wait_for(state.wake.wait(), timeout=frame_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise DriverFault(f"stream {sid}: no frame within {frame_timeout_s:.1f} s") from None
         finally:
             self._streams.pop(sid, None)
@@ -334,7 +334,7 @@ class ZmqDriver:
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         try:
             reply, arrays = await asyncio.wait_for(fut, timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(rid, None)
             if op != "heartbeat":
                 self.stats["unconfirmed_commands"] += 1
@@ -418,7 +418,7 @@ class ZmqDriver:
                 self._reader = self._spawn(self._read_replies(self._dealer), "zmq-replies")
             # with IMMEDIATE set, POLLOUT means a connection to the bridge is established
             wait_ms = int(1000 * self._backoff(attempt))
-            if not await self._dealer.poll(wait_ms, zmq.POLLOUT):
+            if not await self._dealer.poll(wait_ms, zmq.POLLOUT):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 attempt += 1
                 continue
             try:

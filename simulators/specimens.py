@@ -59,7 +59,7 @@ def specimen_from_atoms(
         present=np.ones(n, dtype=bool),
         site_of_atom=np.arange(n),
         sites_A=xy.copy(),
-        site_role=np.asarray([uniq.index(z) for z in zs], dtype=np.int64),
+        site_role=np.asarray([uniq.index(int(z)) for z in zs], dtype=np.int64),
         u_rms_A=np.full(n, u_rms_A),
         class_names=tuple(symbol(z) for z in uniq) + ("vacancy",),
         host_number=zs.copy(),

@@ -118,9 +118,9 @@ def encode_geometry(g: ScanGeometry) -> dict[str, Any]:
 
 
 def decode_geometry(data: Any, where: str = "geometry") -> ScanGeometry:
-    doc = _validate(GeometryDoc, data, where)
+    doc: GeometryDoc = _validate(GeometryDoc, data, where)
     try:
-        return doc.to_geometry()  # type: ignore[no-any-return]
+        return doc.to_geometry()
     except InputError as exc:  # a rule of ScanGeometry itself
         raise InputError(f"{where}.{exc.field}", exc.value, exc.problem) from None
 

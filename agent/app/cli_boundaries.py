@@ -47,7 +47,7 @@ def _frames_from_npz(path: Path) -> Iterator[Frame]:
     fov = scan.get("fov_A")
     if fov is None:
         raise InputError(f"{path}:config_json.scan.fov_A", None, "is needed to place the frames in Å")
-    fov = (float(fov), float(fov)) if np.isscalar(fov) else tuple(float(v) for v in fov)
+    fov = (float(fov), float(fov)) if isinstance(fov, (int, float)) else tuple(float(v) for v in fov)
     for i, img in enumerate(images):
         geo = ScanGeometry(center_A=tuple(float(v) for v in centers[i]), fov_A=fov, shape_px=img.shape,  # type: ignore[arg-type]
                            rotation_rad=float(scan.get("rotation_rad", 0.0)), dwell_s=float(scan.get("dwell_s", 1e-6)))

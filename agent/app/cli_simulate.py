@@ -81,5 +81,5 @@ def simulate(
     arrays = asyncio.run(go())
     arrays["events_json"] = np.asarray(json.dumps([e.to_dict() for e in driver.ground_truth.events]))
     arrays["config_json"] = np.asarray(json.dumps(cfg.model_dump(mode="json")))
-    np.savez_compressed(out, **arrays)
+    np.savez_compressed(out, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     typer.echo(json.dumps({"out": str(out), "frames": n_frames, "events": len(driver.ground_truth.events)}))

@@ -114,7 +114,7 @@ def build_pipeline(cfg: RunConfig, rng: np.random.Generator) -> Pipeline:
 
 def new_run_id() -> str:
     """A run's id: UTC time and a random suffix; unique across agents sharing a config name."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 

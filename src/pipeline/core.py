@@ -79,7 +79,7 @@ class Pipeline:
             raise ValueError(f"stage names must be unique: {names}")
         unknown = sorted(set(opts) - set(names))
         if unknown:
-            raise ValueError(f"pipeline.stages: {unknown} name no stage of this pipeline (stages: {names})")
+            raise ValueError(f"{unknown} name no stage of this pipeline (its stages: {names})")
         self.options = {n: opts.get(n, StageOptions()) for n in names}
         self.stages = [s for s in stages if self.options[s.name].enabled]
         self.disabled = [n for n in names if not self.options[n].enabled]

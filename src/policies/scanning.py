@@ -31,7 +31,7 @@ def _field_centres(area_center_A: tuple[float, float], area_half_width_A: float,
             f"(at most {MAX_FIELDS_PER_SIDE} per side); use a larger field or a smaller area"
         )
     offsets = np.linspace(-usable / 2, usable / 2, n) if n > 1 else np.zeros(1)
-    centres = []
+    centres: list[tuple[float, float]] = []
     for j, oy in enumerate(offsets):
         row = offsets if j % 2 == 0 else offsets[::-1]
         centres.extend((area_center_A[0] + ox, area_center_A[1] + oy) for ox in row)

@@ -230,7 +230,7 @@ def train(
         "output": "logits (background + classes) per model-grid pixel",
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "trained": {
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "steps": steps_done,
             "batch_size": cfg.batch_size,
             "samples_seen": steps_done * cfg.batch_size,
