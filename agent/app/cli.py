@@ -20,10 +20,12 @@ from rich.table import Table
 
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
 from stemagent.agent.app.cli_simulate import simulate
+from stemagent.agent.app.console import StatusLine, Tee, announce
 from stemagent.agent.app.cli_support import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     console,
+    err_console,
     fail,
     ignore_late_signals,
     one_line_errors,
@@ -98,26 +100,41 @@ def run(
     log_dir: Optional[Path] = typer.Option(None, help="write the run log under this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Run the closed loop described by CONFIG and write a run log."""
+    """Run the closed loop described by CONFIG and write a run log.
+
+    At start it prints where the log and the telemetry go; while it runs, a status line (frame,
+    state, dose, last decision, latency); on every way out, the summary."""
     cfg = load_config(config)
     if max_frames is not None:
         cfg = config_from_dict({**cfg.model_dump(), "max_frames": max_frames}, source="--max-frames")  # secrets stay SecretStr
     _refuse_if_gate_would(cfg, config)
     run_id = new_run_id()
+    status = StatusLine(err_console)
+    ran: dict[str, Any] = {}  # the summary once there is one: printed whatever happens after
 
     async def go() -> Any:
         async with open_telemetry(cfg, run_id) as telemetry:
-            agent, summary, sig = await run_with_signals(
-                lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=telemetry),
-                attach=getattr(telemetry, "attach", None),
-            )
+
+            def started(agent: Any) -> None:
+                announce(err_console, cfg, run_id, str(agent.writer.path), telemetry)
+                if telemetry is not None:
+                    telemetry.attach(agent)
+                status.start(agent)
+
+            try:
+                agent, summary, sig = await run_with_signals(
+                    lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=Tee(telemetry, status)),
+                    attach=started,
+                )
+            finally:
+                status.stop()
+            ran.update(summary=summary, sig=sig)
         return summary, sig, score_against_twin(summary.log_path, agent.driver)
 
-    summary, sig, score = asyncio.run(go())
-    ignore_late_signals()
-    if json_out:
-        print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
-    else:
+    def show(summary: Any, score: dict[str, Any] | None) -> None:
+        if json_out:
+            print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
+            return
         print_summary(summary, f"run {cfg.name} ({run_id})")
         if score:
             console.print(
@@ -126,6 +143,16 @@ def run(
                 f"position RMSE {score['rmse_A']:.3f} Å"
             )
         console.print(f"run log: [bold]{summary.log_path}[/]")
+
+    try:
+        summary, sig, score = asyncio.run(go())
+    except BaseException:
+        if "summary" in ran:  # the run ended but something after it failed: the summary still shows
+            ignore_late_signals()
+            show(ran["summary"], None)
+        raise
+    ignore_late_signals()
+    show(summary, score)
     code = exit_code(summary, sig)
     if code:
         fail(f"run {cfg.name}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
