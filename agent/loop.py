@@ -535,7 +535,7 @@ class Agent:
             "records": obs.records,
         })
         if obs.decision is not None:
-            self.writer.write_decision(obs.decision, obs.frame_index)
+            self.writer.write_decision(obs.decision, obs.frame_index, obs.kind)
             self.telemetry.publish("decision", {"frame_index": obs.frame_index, "observation": obs.kind,
                                                 **encode_decision(obs.decision)})
             self.last_decision = obs.decision
@@ -845,6 +845,6 @@ class Agent:
         obs = await self._analyse(obs, only=("policy",))
         if obs.decision is None:
             return ScanRegion(self._last_geometry)
-        self.writer.write_decision(obs.decision, obs.frame_index)
+        self.writer.write_decision(obs.decision, obs.frame_index, "refused")
         self.last_decision = obs.decision
         return obs.decision.command

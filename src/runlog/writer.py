@@ -266,8 +266,11 @@ class RunLogWriter:
         }
         return self.write_event("atoms", data)
 
-    def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
-        return self.write_event("decisions", {"frame_index": int(frame_index), **encode_decision(decision)})
+    def write_decision(self, decision: Decision, frame_index: int, observation: str = "frame") -> dict[str, Any]:
+        """One ``decisions`` event; ``observation`` says what it was decided on: ``frame``, ``park``,
+        or ``refused`` (asked again after a refusal, on the last frame)."""
+        return self.write_event("decisions", {"frame_index": int(frame_index), "observation": observation,
+                                              **encode_decision(decision)})
 
     def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "", frames: int = 1,
                       converted: dict[str, Any] | None = None) -> dict[str, Any]:

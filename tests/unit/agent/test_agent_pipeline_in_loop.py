@@ -121,6 +121,7 @@ async def test_parks_are_observations_and_the_policy_asks_for_a_confirmation_sca
     assert [r["observation"] for r in rows] == ["frame", "park", "frame", "park", "frame"]
     assert [r["park_index"] for r in rows if r["observation"] == "park"] == [0, 1]
     decisions = log.event_data("decisions")
+    assert [d["observation"] for d in decisions] == ["frame", "park", "frame", "park", "frame"]
     assert decisions[1]["reason"] == "confirm the hop" and decisions[1]["scores"]["signal_mean"] == (2 * 10.0 + 3 * 4.0) / 5
     assert len(log.park_results()) == 2 and drv.beam_blanked
 
