@@ -624,7 +624,10 @@ class Agent:
                 finally:
                     close = getattr(frames, "aclose", None)  # an async generator: end it on the device's side too
                     if close is not None:
-                        await self._race(close(), self.gate.config.watchdog_s, "stream close")
+                        try:
+                            await self._race(close(), self.gate.config.watchdog_s, "stream close")
+                        except Exception as exc:  # noqa: BLE001 - e.g. still unwinding a cancelled step; blank anyway
+                            log.warning("closing the stream failed: %r", exc)
                     await self._blank("stream burst done")
         except StopAsyncIteration:
             slot.close()

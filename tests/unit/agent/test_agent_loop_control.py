@@ -63,11 +63,11 @@ class Blocking:
         return obs
 
 
-@pytest.mark.parametrize("where", ["connect", "acquire", "park", "reconnect", "blank", "analysis"])
+@pytest.mark.parametrize("where", ["connect", "acquire", "park", "reconnect", "blank", "analysis", "stream"])
 async def test_abort_during_each_await_ends_the_run_at_once_blanked(tmp_path, where):
     clock = VirtualClock()
     drv = ScriptedDriver(clock=clock)
-    agent, _ = await scripted_agent(tmp_path, driver=drv, max_frames=100)
+    agent, _ = await scripted_agent(tmp_path, driver=drv, max_frames=100, agent={"overlap": where == "stream"})
     abort = lambda: agent.control(ControlMessage(command="abort", reason=f"during {where}"))  # noqa: E731
     blocking = Blocking()
     if where == "connect":  # call 1 was build_agent's
@@ -82,6 +82,9 @@ async def test_abort_during_each_await_ends_the_run_at_once_blanked(tmp_path, wh
         drv.on("connect", 3, abort).hang("connect", 3)
     elif where == "blank":  # the blank after the second scan: abort arrives, the blank itself is bounded
         drv.on("blank", 3, abort)
+    elif where == "stream":  # the second burst of a streamed field hangs
+        agent.policy = Stare()
+        drv.on("stream", 2, abort).hang("stream", 2)
     else:
         agent.pipeline = Pipeline([blocking, PolicyStage(agent.policy)])
     run = asyncio.ensure_future(agent.run())
