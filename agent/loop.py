@@ -44,6 +44,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
@@ -110,8 +111,8 @@ class RunSummary:
     latency_ms_p50: float = 0.0
     latency_ms_p95: float = 0.0
     atom_counts: list[int] = field(default_factory=list)
-    #: wall time from a frame's (or park's) arrival to the next command's issue, s
-    latencies_s: list[float] = field(default_factory=list)
+    #: wall time from a frame's (or park's) arrival to the next command's issue, s (the last 10 000)
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

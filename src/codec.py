@@ -12,7 +12,8 @@ type                          document model                      functions
 :class:`Capabilities`         :class:`CapabilitiesDoc`            ``encode_capabilities`` / ``decode_capabilities``
 :class:`ParkResult`           :class:`ParkResultDoc` + signal     ``encode_park_result`` / ``decode_park_result``
 :data:`BeamCommand`           ``{"kind": ..., ...}``              ``encode_command`` / ``decode_command``
-:class:`Decision`             ``{"command", "policy", ...}``      ``encode_decision``
+:class:`Decision`             ``{"command", "policy", ...}``      ``encode_decision`` / ``decode_decision``
+:class:`Atoms`                ``{"positions_A", "classes", ...}`` ``encode_atoms`` / ``decode_atoms``
 :class:`Frame` (metadata)     :class:`FrameMetaDoc` + image       ``encode_frame_meta`` / ``decode_frame_meta``
 ============================  ==================================  ==========================
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stemagent.errors import InputError
 from stemagent.types import (
+    Atoms,
     BeamCommand,
     Blank,
     Capabilities,
@@ -267,6 +269,64 @@ def encode_decision(decision: Decision) -> dict[str, Any]:
         "reason": decision.reason,
         "scores": {k: float(v) for k, v in decision.scores.items()},
     }
+
+
+def decode_decision(data: Any, where: str = "decision") -> Decision:
+    """A :class:`Decision` from :func:`encode_decision` output (a run log's decision event also
+    carries ``frame_index`` and ``observation``, which are not part of it)."""
+    if not isinstance(data, dict):
+        raise InputError(where, type(data).__name__, "must be a mapping")
+    scores = data.get("scores") or {}
+    if not isinstance(scores, dict):
+        raise InputError(f"{where}.scores", scores, "must be a mapping of names to numbers")
+    return Decision(command=decode_command(data.get("command"), f"{where}.command"), policy=str(data.get("policy", "")),
+                    reason=str(data.get("reason", "")), scores={str(k): float(v) for k, v in scores.items()})
+
+
+# --- atoms ----------------------------------------------------------------------------------
+
+
+def encode_atoms(atoms: Atoms) -> dict[str, Any]:
+    """The run log's ``atoms`` document (optional per-atom arrays as empty lists when absent)."""
+    return {
+        "frame_index": int(atoms.frame_index),
+        "positions_A": atoms.positions_A.tolist(),
+        "classes": atoms.classes.tolist(),
+        "confidence": atoms.confidence.tolist(),
+        "class_names": list(atoms.class_names),
+        "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A.tolist(),
+        "times_s": [] if atoms.times_s is None else atoms.times_s.tolist(),
+        "n_atoms": len(atoms),
+    }
+
+
+def decode_atoms(data: Any, where: str = "atoms") -> Atoms:
+    """:class:`~stemagent.types.Atoms` from :func:`encode_atoms` output (an optional array that is
+    empty, or of another length, is absent)."""
+    if not isinstance(data, dict):
+        raise InputError(where, type(data).__name__, "must be a mapping")
+    try:
+        n = int(data["n_atoms"])
+
+        def optional(key: str) -> np.ndarray | None:
+            v = np.asarray(data.get(key, []), dtype=np.float64)
+            return v if len(v) == n and n else None
+
+        return Atoms(
+            positions_A=np.asarray(data["positions_A"], dtype=np.float64).reshape(-1, 2),
+            classes=np.asarray(data["classes"], dtype=np.int64),
+            confidence=np.asarray(data["confidence"], dtype=np.float64),
+            frame_index=int(data["frame_index"]),
+            class_names=tuple(str(c) for c in data["class_names"]),
+            uncertainty_A=optional("uncertainty_A"),
+            times_s=optional("times_s"),
+        )
+    except KeyError as exc:
+        raise InputError(f"{where}.{exc.args[0]}", "<missing>", "is required") from None
+    except InputError as exc:
+        raise InputError(f"{where}.{exc.field}", exc.value, exc.problem) from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(where, str(data)[:60], f"is not an atoms document ({exc})") from None
 
 
 # --- frame metadata -----------------------------------------------------------------------

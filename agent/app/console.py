@@ -88,7 +88,7 @@ class StatusLine:
             return f"{self.state}"
         s = a.summary
         budget = a.gate.dose_budget_e_per_A2
-        lat = s.latencies_s[-20:]
+        lat = list(s.latencies_s)[-20:]
         latency = f"{1e3 * sorted(lat)[len(lat) // 2]:.0f} ms" if lat else "-"
         parts = [
             f"frame {s.frames}/{a.max_frames}",

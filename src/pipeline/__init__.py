@@ -6,12 +6,13 @@ protocol and :mod:`stemagent.pipeline.stages` for the adapters.
 """
 
 from stemagent.pipeline.core import DeviceCommand, Pipeline, Stage, StageFailed, StageOptions
-from stemagent.pipeline.stages import AtomFeatureStage, BoundaryTraceStage, PolicyStage, SegmentStage
+from stemagent.pipeline.stages import AtomFeatureStage, BoundaryTraceStage, DriftAdapter, PolicyStage, SegmentStage
 
 __all__ = [
     "AtomFeatureStage",
     "BoundaryTraceStage",
     "DeviceCommand",
+    "DriftAdapter",
     "Pipeline",
     "PolicyStage",
     "SegmentStage",

@@ -11,9 +11,10 @@ calls the part's own entry point and puts the result back.
 - :class:`BoundaryTraceStage` (``boundaries``): :class:`~stemagent.boundaries.trace.BoundaryStage`;
   the traces' summary in ``obs.records``.
 
-A drift stage plugs in the same way: ``process`` replaces ``obs.atoms`` by the estimate's
-sample-frame atoms and sets ``obs.drift``; ``to_device`` converts the next command to beam
-coordinates at the time it acts (see :mod:`stemagent.pipeline.core`).
+- :class:`DriftAdapter` (``drift``): a drift stage with ``update(frame, atoms) -> estimate``
+  (the estimate has ``atoms`` in the sample frame and ``to_dict()``); ``obs.drift``, ``obs.atoms``
+  replaced by the estimate's, and ``to_device`` through a conversion function (sample to beam
+  coordinates at the time the command acts).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import numpy as np
 
 from stemagent.boundaries.trace import BoundaryStage
 from stemagent.stages import Observation, Policy, Segmenter
-from stemagent.types import Atoms, Frame
+from stemagent.types import Atoms, BeamCommand, Frame
+
+#: converts a sample-frame command to what the device executes, at ``start_s``: ``(command, record)``
+Convert = Callable[[BeamCommand, float], tuple[BeamCommand, dict[str, Any]]]
 
 
 class SegmentStage:
@@ -95,3 +99,26 @@ class BoundaryTraceStage:
         obs.records[self.name] = {"n_traces": len(res.traces), "n_steps": int(sum(len(t) for t in res.traces))}
         obs.features["boundary_traces"] = np.asarray([len(res.traces)])
         return obs
+
+
+class DriftAdapter:
+    """A drift stage in the pipeline (duck-typed: ``stage.update(frame, atoms)`` returns an estimate
+    with ``atoms`` and ``to_dict()``). ``convert``: the command conversion the agent applies at
+    the time a command acts (e.g. ``stemagent.drift.commands``), or None (commands pass as they are)."""
+
+    name = "drift"
+
+    def __init__(self, stage: Any, convert: Convert | None = None) -> None:
+        self.stage = stage
+        self.convert = convert
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        estimate = self.stage.update(obs.frame, obs.atoms)
+        obs.drift = estimate
+        obs.atoms = estimate.atoms
+        obs.records[self.name] = estimate.to_dict()
+        return obs
+
+    def to_device(self, command: BeamCommand, start_s: float) -> tuple[BeamCommand, dict[str, Any]]:
+        return (command, {}) if self.convert is None else self.convert(command, start_s)

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from stemagent.codec import decode_frame_meta, decode_park_result
+from stemagent.codec import decode_atoms, decode_decision, decode_frame_meta, decode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, READABLE_VERSIONS, STOP_RESERVE
-from stemagent.types import Atoms, Frame, ParkResult
+from stemagent.types import Atoms, Decision, Frame, ParkResult
 
 
 @dataclass
@@ -168,23 +168,13 @@ class RunLog:
             yield self.frame_from_data(d)
 
     def atoms(self) -> list[Atoms]:
-        out = []
-        for d in self.event_data("atoms"):
-            unc = np.asarray(d.get("uncertainty_A", []), dtype=np.float64)
-            times = np.asarray(d.get("times_s", []), dtype=np.float64)
-            n = int(d["n_atoms"])
-            out.append(
-                Atoms(
-                    positions_A=np.asarray(d["positions_A"], dtype=np.float64).reshape(-1, 2),
-                    classes=np.asarray(d["classes"], dtype=np.int64),
-                    confidence=np.asarray(d["confidence"], dtype=np.float64),
-                    frame_index=int(d["frame_index"]),
-                    class_names=tuple(d["class_names"]),
-                    uncertainty_A=unc if len(unc) == n and n else None,
-                    times_s=times if len(times) == n and n else None,
-                )
-            )
-        return out
+        """Every ``atoms`` event as :class:`~stemagent.types.Atoms` (the atoms codec)."""
+        return [decode_atoms(d, f"atoms[{i}]") for i, d in enumerate(self.event_data("atoms"))]
+
+    def decisions(self) -> list[Decision]:
+        """Every ``decisions`` event as a :class:`~stemagent.types.Decision` (the decision codec)."""
+        return [decode_decision({k: d[k] for k in ("command", "policy", "reason", "scores") if k in d}, f"decisions[{i}]")
+                for i, d in enumerate(self.event_data("decisions"))]
 
 
 def _reserved_stop(path: Path) -> dict[str, Any] | None:

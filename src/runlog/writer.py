@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stemagent.codec import encode_command, encode_decision, encode_frame_meta, encode_park_result
+from stemagent.codec import encode_atoms, encode_command, encode_decision, encode_frame_meta, encode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.frames_store import FrameStore
 from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
@@ -254,17 +254,7 @@ class RunLogWriter:
         return doc
 
     def write_atoms(self, atoms: Atoms) -> dict[str, Any]:
-        data = {
-            "frame_index": int(atoms.frame_index),
-            "positions_A": atoms.positions_A,
-            "classes": atoms.classes,
-            "confidence": atoms.confidence,
-            "class_names": list(atoms.class_names),
-            "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A,
-            "times_s": [] if atoms.times_s is None else atoms.times_s,
-            "n_atoms": len(atoms),
-        }
-        return self.write_event("atoms", data)
+        return self.write_event("atoms", encode_atoms(atoms))
 
     def write_decision(self, decision: Decision, frame_index: int, observation: str = "frame") -> dict[str, Any]:
         """One ``decisions`` event; ``observation`` says what it was decided on: ``frame``, ``park``,

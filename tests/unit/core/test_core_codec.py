@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from stemagent.codec import (
+    decode_atoms,
     decode_capabilities,
     decode_command,
+    decode_decision,
     decode_frame_meta,
     decode_geometry,
     decode_park_result,
+    encode_atoms,
     encode_capabilities,
     encode_command,
     encode_decision,
@@ -20,7 +23,7 @@ from stemagent.codec import (
 )
 from stemagent.config import config_from_dict
 from stemagent.errors import InputError
-from stemagent.types import Blank, Capabilities, Decision, Frame, Park, ParkResult, ScanGeometry, ScanRegion
+from stemagent.types import Atoms, Blank, Capabilities, Decision, Frame, Park, ParkResult, ScanGeometry, ScanRegion
 
 G = ScanGeometry(center_A=(1.5, -2.0), fov_A=(20.0, 10.0), shape_px=(16, 32), rotation_rad=0.3, dwell_s=2e-6, flyback_s=1e-5)
 
@@ -84,6 +87,20 @@ def test_commands_and_decisions():
         decode_command({"kind": "park", "position_A": [0, 0], "dwell_s": -1})
     with pytest.raises(InputError, match=r"command.geometry.fov_A"):
         decode_command({"kind": "scan", "geometry": {**encode_geometry(G), "fov_A": [1.0]}})
+
+
+def test_atoms_and_decisions_round_trip():
+    atoms = Atoms(np.array([[1.0, 2.0], [3.0, 4.5]]), [0, 1], [0.9, 0.5], 3, class_names=("C", "Si"),
+                  uncertainty_A=[0.01, 0.02])
+    back = decode_atoms(encode_atoms(atoms))
+    assert np.array_equal(back.positions_A, atoms.positions_A) and back.class_names == ("C", "Si")
+    assert np.array_equal(back.uncertainty_A, [0.01, 0.02]) and back.times_s is None and back.frame_index == 3
+    with pytest.raises(InputError, match=r"atoms\[2\].classes"):
+        decode_atoms({**encode_atoms(atoms), "classes": [0, 5]}, "atoms[2]")
+    with pytest.raises(InputError, match=r"atoms.n_atoms"):
+        decode_atoms({k: v for k, v in encode_atoms(atoms).items() if k != "n_atoms"})
+    d = Decision(ScanRegion(G), policy="raster", reason="field 2", scores={"field": 2.0})
+    assert decode_decision(encode_decision(d)) == d
 
 
 def test_frame_metadata_round_trip():

@@ -87,3 +87,41 @@ def test_parks_go_only_to_stages_that_take_them_and_commands_are_converted_in_or
     assert dev.records == {"drift": {"shift_A": 0.5, "t_s": 7.0}, "policy": {"shift_A": 0.25, "t_s": 7.0}}
     assert p.to_device(ScanRegion(G), 0.0).records == {}
     assert p.run(obs(), only=("policy",)).records["order"] == ["policy"]
+
+
+class FakeDrift:
+    """A drift stage as the drift branch shapes it: update(frame, atoms) -> estimate (atoms, to_dict)."""
+
+    def __init__(self, d_A: tuple[float, float]) -> None:
+        self.d_A = np.asarray(d_A)
+
+    def update(self, frame, atoms):  # type: ignore[no-untyped-def]
+        shifted = type(atoms)(atoms.positions_A - self.d_A, atoms.classes, atoms.confidence, atoms.frame_index,
+                              atoms.class_names)
+        est = type("Estimate", (), {})()
+        est.atoms = shifted
+        est.to_dict = lambda: {"displacement_A": self.d_A.tolist()}
+        return est
+
+
+def test_the_drift_adapter_puts_atoms_in_the_sample_frame_and_converts_commands():
+    from stemagent.pipeline import DriftAdapter
+    from stemagent.types import Atoms, Frame
+
+    drift = FakeDrift((0.5, -0.25))
+
+    def to_beam(cmd, start_s):  # type: ignore[no-untyped-def]
+        if isinstance(cmd, Park):
+            return Park((cmd.position_A[0] + 0.5, cmd.position_A[1] - 0.25), cmd.dwell_s), {"offset_A": [0.5, -0.25]}
+        return cmd, {}
+
+    p = Pipeline([Mark("segment"), DriftAdapter(drift, to_beam), Mark("policy")])
+    frame = Frame(np.zeros(G.shape_px, np.float32), G, G.line_start_times_s(0.0), 0, 1.0)
+    o = obs()
+    o.frame = frame
+    o.atoms = Atoms(np.array([[1.0, 1.0]]), [0], [1.0], 0)
+    out = p.run(o)
+    assert np.allclose(out.atoms.positions_A, [[0.5, 1.25]]) and out.records["drift"] == {"displacement_A": [0.5, -0.25]}
+    assert out.drift is not None and "drift" in out.timings_ms
+    dev = p.to_device(Park((0.5, 1.25), 0.1), 1.0)
+    assert dev.command == Park((1.0, 1.0), 0.1) and dev.records == {"drift": {"offset_A": [0.5, -0.25]}}
