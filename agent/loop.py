@@ -44,16 +44,15 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
 from stemagent.agent.control import ControlAck, ControlMessage
 from stemagent.agent.safety import Prediction, SafetyGate
 from stemagent.agent.state import AgentState, StateMachine
-from stemagent.agent.streaming import FrameSlot
+from stemagent.agent.streaming import Streamer
+from stemagent.agent.summary import NullTelemetry, RunSummary, TelemetrySink
 from stemagent.clock import Clock
 from stemagent.codec import encode_decision
 from stemagent.driver import CommandRefused, Driver, DriverFault, EndOfData
@@ -69,58 +68,12 @@ log = logging.getLogger("stemagent.agent")
 T = TypeVar("T")
 
 
-class TelemetrySink(Protocol):
-    """Where status, frame summaries and decisions go (MQTT, or nothing). Must never block or raise."""
-
-    def publish(self, kind: str, payload: dict[str, Any]) -> None: ...
-
-
-class NullTelemetry:
-    def publish(self, kind: str, payload: dict[str, Any]) -> None:
-        return None
-
-
 class _Aborted(Exception):
     pass
 
 
 class _Left(Exception):
     """A wait ended because the run is stopping or aborting."""
-
-
-@dataclass
-class RunSummary:
-    log_path: str
-    state: str
-    exit_status: str = "success"
-    frames: int = 0
-    atoms_per_frame: float = 0.0
-    commands_sent: int = 0
-    commands_refused: int = 0
-    parks: int = 0
-    faults: int = 0
-    pauses: int = 0
-    peak_dose_e_per_A2: float = 0.0
-    beam_current_pA: float = 0.0
-    elapsed_s: float = 0.0
-    sim_time_s: float = 0.0
-    reason: str = ""
-    beam_blanked_at_end: bool = True
-    frames_dropped: int = 0
-    stage_errors: int = 0
-    latency_ms_p50: float = 0.0
-    latency_ms_p95: float = 0.0
-    atom_counts: list[int] = field(default_factory=list)
-    #: wall time from a frame's (or park's) arrival to the next command's issue, s (the last 10 000)
-    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d.pop("atom_counts")
-        d.pop("latencies_s")
-        return d
-
-
 
 
 class Agent:
@@ -195,6 +148,7 @@ class Agent:
         self._tasks: asyncio.TaskGroup | None = None
         self._finished = False
         self._stream_blocked = False  # a stream gave nothing: the next command goes one by one
+        self._streamer = Streamer(self)
         self._arrived_s: float | None = None
 
     @property
@@ -552,92 +506,6 @@ class Agent:
         except KeyError:
             return ""
 
-    # --- streaming (overlap) -----------------------------------------------------------------------
-    def _may_stream(self, cmd: BeamCommand) -> bool:
-        return (self.overlap and not self._stream_blocked and isinstance(cmd, ScanRegion) and self._last_obs is not None
-                and cmd.geometry == self._last_geometry and not (self._pause_requested or self._stop_requested))
-
-    def _dropped(self, frame: Frame, why: str) -> None:
-        self.summary.frames_dropped += 1
-        n = self.summary.frames_dropped
-        self._safe_write(lambda: self.writer.write_event("drops", {"frame_index": int(frame.index), "reason": why,
-                                                                    "dropped_so_far": n, "t_s": self._now()}), "drop")
-        if n == 1 or n % 100 == 0:
-            log.warning("analysis behind: frame %d dropped (%d so far)", frame.index, n)
-
-    async def _stream(self, geometry: ScanGeometry) -> BeamCommand | None:
-        """Stream ``geometry`` while the policy keeps asking for it; returns the next other command
-        (None when the stream ended first: refused by the gate, or the source ran out)."""
-        assert self._tasks is not None
-        slot = FrameSlot(1, on_drop=lambda f: self._dropped(f, "analysis behind: a newer frame arrived"))
-        keep_going = asyncio.Event()
-        keep_going.set()
-        task = self._tasks.create_task(self._acquire_stream(geometry, slot, keep_going), name="stemagent-stream")
-        try:
-            while True:
-                frame = await self._race(slot.get(), None, "stream")
-                if frame is None:
-                    return None
-                cmd = await self._analyse_frame(frame, logged=True)
-                if (not self._may_stream(cmd) or self.summary.frames >= self.max_frames
-                        or self._policy_finished()):
-                    return cmd
-        finally:
-            keep_going.clear()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            for f in slot.drain():
-                self._dropped(f, "the stream ended before it was analysed")
-
-    async def _acquire_stream(self, geometry: ScanGeometry, slot: FrameSlot, keep_going: asyncio.Event) -> None:
-        """The acquisition task: bursts of frames through the gate into ``slot``. Never raises
-        (an error ends the slot with it), and blanks the beam after each burst."""
-        try:
-            while keep_going.is_set():
-                cmd, extra = self._to_device(ScanRegion(geometry))
-                now = self._now()
-                predictions: list[Prediction] = []
-                for _ in range(self.stream_burst_frames):
-                    verdict = self.gate.check(cmd, now)
-                    if not verdict.allowed:
-                        if not predictions:
-                            self._refused(cmd, verdict.rule, verdict.detail, "refused", extra)
-                        break
-                    predictions.append(self.gate.record(cmd, now))
-                if not predictions:
-                    slot.close()
-                    return
-                self.summary.commands_sent += len(predictions)
-                self.writer.write_command(cmd, outcome="sent", t_s=now, frames=len(predictions),
-                                         converted=extra["converted"])
-                assert isinstance(cmd, ScanRegion)
-                frames = self.driver.stream(cmd.geometry, len(predictions))
-                try:
-                    for prediction in predictions:
-                        frame = await self._race(anext(frames), geometry.frame_time_s + self.gate.config.watchdog_s,
-                                                 "stream frame")
-                        self.gate.finished(prediction, self._now())
-                        frame = self._identify(frame)
-                        self._reconcile(prediction, frame.dose_e_per_A2)
-                        self._last_geometry = geometry
-                        self.writer.write_frame(frame)  # every frame is logged, analysed or dropped
-                        slot.put(frame)
-                finally:
-                    close = getattr(frames, "aclose", None)  # an async generator: end it on the device's side too
-                    if close is not None:
-                        try:
-                            await self._race(close(), self.gate.config.watchdog_s, "stream close")
-                        except Exception as exc:  # noqa: BLE001 - e.g. still unwinding a cancelled step; blank anyway
-                            log.warning("closing the stream failed: %r", exc)
-                    await self._blank("stream burst done")
-        except StopAsyncIteration:
-            slot.close()
-        except asyncio.CancelledError:
-            slot.close()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which faults, aborts or stops
-            slot.close(exc)
-
     # --- the loop ------------------------------------------------------------------------------
     async def _wait(self, timeout_s: float | None) -> None:
         """Sleep until woken (a control message), the timeout, or stop/abort."""
@@ -738,10 +606,10 @@ class Agent:
                     break
                 try:
                     refused_before = self.summary.commands_refused
-                    if self._may_stream(cmd):
+                    if self._streamer.may_stream(cmd):
                         assert isinstance(cmd, ScanRegion)
                         frames_before = self.summary.frames
-                        streamed = await self._stream(cmd.geometry)
+                        streamed = await self._streamer.stream(cmd.geometry)
                         if self.summary.commands_refused == refused_before:
                             refusals = 0
                             if streamed is not None:
