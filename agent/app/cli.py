@@ -33,7 +33,7 @@ from stemagent.agent.app.cli_support import (
     set_verbose,
     signal_exit_code,
 )
-from stemagent.agent.app.factory import build_agent, new_run_dir, new_run_id
+from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
 from stemagent.agent.app.replay_files import replay_file
 from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
 from stemagent.agent.app.replay_log import logged_controls, replay_config, unreadable_frames
@@ -74,7 +74,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 
 
 def _refuse_if_gate_would(cfg: RunConfig, source: Path) -> str:
-    """The gate's verdict on the config's initial scan; a refusal is bad input (exit 2)."""
+    """Stage options that name no stage are bad input; so is the initial scan the gate would refuse
+    (exit 2). Returns the gate's note."""
+    check_stage_options(cfg, str(source))
     verdict, note = preflight(cfg)
     if not verdict.allowed:
         fail(f"{source}: scan: the safety gate refuses the initial scan ({verdict.rule}): {verdict.detail}", EXIT_BAD_INPUT)

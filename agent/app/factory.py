@@ -100,16 +100,22 @@ def stage_names(cfg: RunConfig) -> list[str]:
     return ["segment", *(["boundaries"] if cfg.pipeline.boundaries is not None else []), "policy"]
 
 
+def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
+    """Stage options (``pipeline.stages``) may only name the run's stages: a one-line ConfigError otherwise."""
+    names = stage_names(cfg)
+    unknown = sorted(set(cfg.pipeline.stages) - set(names))
+    if unknown:
+        raise ConfigError(source, f"pipeline.stages.{unknown[0]}", unknown[0], f"names no stage of this run (its stages: {names})")
+
+
 def build_pipeline(cfg: RunConfig, rng: np.random.Generator) -> Pipeline:
     """The run's stages in order (``segment -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
     stages: list[Stage] = [SegmentStage(build_segmenter(cfg))]
     if cfg.pipeline.boundaries is not None:
         stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
     stages.append(PolicyStage(build_policy(cfg, rng)))
-    try:
-        return Pipeline(stages, dict(cfg.pipeline.stages))
-    except ValueError as exc:
-        raise ConfigError("<config>", "pipeline.stages", sorted(cfg.pipeline.stages), str(exc)) from None
+    check_stage_options(cfg)
+    return Pipeline(stages, dict(cfg.pipeline.stages))
 
 
 def new_run_id() -> str:

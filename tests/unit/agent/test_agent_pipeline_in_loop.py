@@ -71,8 +71,16 @@ async def test_stage_options_for_a_stage_the_run_does_not_have_are_a_config_erro
 
     from stemagent.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"pipeline.stages=\['encode'\].*name no stage"):
+    with pytest.raises(ConfigError, match=r"pipeline.stages.encode='encode': names no stage of this run"):
         await scripted_agent(tmp_path, pipeline={"stages": {"encode": {"on_error": "stop"}}})
+    from typer.testing import CliRunner
+
+    from stemagent.agent.app.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline:\n  stages:\n    drift: {enabled: false}\n")
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "pipeline.stages.drift='drift': names no stage of this run" in result.output
 
 
 async def test_a_stage_off_by_config_is_not_run(tmp_path):
