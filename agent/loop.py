@@ -43,6 +43,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import re
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -58,7 +59,7 @@ from stemagent.codec import encode_decision
 from stemagent.driver import CommandRefused, Driver, DriverFault, EndOfData
 from stemagent.errors import StemAgentError
 from stemagent.pipeline import Pipeline, PolicyStage, SegmentStage, StageFailed
-from stemagent.runlog import RunLogWriter
+from stemagent.runlog import STREAMS, RunLogWriter
 from stemagent.segmentation.classical import check_image
 from stemagent.stages import Observation, Policy, Segmenter, no_atoms
 from stemagent.types import BeamCommand, Decision, Frame, Park, ParkResult, ScanGeometry, ScanRegion
@@ -66,6 +67,9 @@ from stemagent.types import BeamCommand, Decision, Frame, Park, ParkResult, Scan
 log = logging.getLogger("stemagent.agent")
 
 T = TypeVar("T")
+
+#: streams a policy may write its own events to (``drain_events``): plain lower-case names
+POLICY_STREAM = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 class _Aborted(Exception):
@@ -489,6 +493,12 @@ class Agent:
             "errors": dict(obs.errors),
             "records": obs.records,
         })
+        for stream, doc in (obs.records.get("policy") or {}).get("events", []):
+            if stream in STREAMS or not POLICY_STREAM.fullmatch(stream):
+                self._log_interruption("stage_error", f"policy: event stream {stream!r} is reserved or not a plain name",
+                                       self.sm.state.value)
+                continue
+            self.writer.write_event(stream, dict(doc))
         if obs.decision is not None:
             self.writer.write_decision(obs.decision, obs.frame_index, obs.kind)
             self.telemetry.publish("decision", {"frame_index": obs.frame_index, "observation": obs.kind,

@@ -48,7 +48,11 @@ class SegmentStage:
 
 
 class PolicyStage:
-    """The decision: ``policy.decide(obs)``; after a park ``policy.observe_park(obs)`` if it has one."""
+    """The decision: ``policy.decide(obs)``; after a park ``policy.observe_park(obs)`` if it has one.
+
+    A policy with ``drain_events() -> [(stream, document), ...]`` (what it found out: steps in a
+    park signal, outcomes, re-plans) has them put into ``obs.records["policy"]["events"]``; the
+    agent writes each into the run log stream it names."""
 
     name = "policy"
 
@@ -57,12 +61,20 @@ class PolicyStage:
 
     def process(self, obs: Observation) -> Observation:
         obs.decision = self.policy.decide(obs)
+        self._drain(obs)
         return obs
 
     def process_park(self, obs: Observation) -> Observation:
         observe = getattr(self.policy, "observe_park", None)
         obs.decision = observe(obs) if observe is not None else None
+        self._drain(obs)
         return obs
+
+    def _drain(self, obs: Observation) -> None:
+        drain = getattr(self.policy, "drain_events", None)
+        events = list(drain()) if drain is not None else []
+        if events:
+            obs.records[self.name] = {"events": [[str(stream), doc] for stream, doc in events]}
 
     @property
     def stop_reason(self) -> str:

@@ -94,13 +94,19 @@ async def test_a_stage_off_by_config_is_not_run(tmp_path):
 
 
 class Manipulator:
-    """Park beside the field centre; after the park, look with a small confirmation scan; finish after two parks."""
+    """Park beside the field centre; after the park, look with a small confirmation scan; finish after two parks.
+    What it finds out goes to streams of its own (``drain_events``)."""
 
     name = "manipulator"
 
     def __init__(self) -> None:
         self.parks_seen: list[ParkResult] = []
         self.stop_reason = ""
+        self._events: list[tuple[str, dict]] = []
+
+    def drain_events(self) -> list[tuple[str, dict]]:
+        out, self._events = self._events, []
+        return out
 
     def decide(self, obs: Observation) -> Decision:
         if len(self.parks_seen) >= 2:
@@ -110,6 +116,9 @@ class Manipulator:
     def observe_park(self, obs: Observation) -> Decision | None:
         assert obs.kind == "park" and obs.park is not None and obs.frame is None
         self.parks_seen.append(obs.park)
+        self._events.append(("outcomes", {"park": len(self.parks_seen) - 1, "hopped": True}))
+        if len(self.parks_seen) == 2:
+            self._events.append(("frames", {"not": "allowed"}))  # a core stream: refused, logged
         small = ScanGeometry(center_A=obs.park.position_A, fov_A=(4.0, 4.0), shape_px=(16, 16), dwell_s=1e-5)
         return Decision(ScanRegion(small), self.name, "confirm the hop", scores={"signal_mean": float(np.mean(obs.park.signal))})
 
@@ -132,6 +141,8 @@ async def test_parks_are_observations_and_the_policy_asks_for_a_confirmation_sca
     assert [d["observation"] for d in decisions] == ["frame", "park", "frame", "park", "frame"]
     assert decisions[1]["reason"] == "confirm the hop" and decisions[1]["scores"]["signal_mean"] == (2 * 10.0 + 3 * 4.0) / 5
     assert len(log.park_results()) == 2 and drv.beam_blanked
+    assert log.event_data("outcomes") == [{"park": 0, "hopped": True}, {"park": 1, "hopped": True}]
+    assert any("'frames' is reserved" in e["reason"] for e in log.event_data("interruptions") if e["kind"] == "stage_error")
 
 
 async def test_without_a_park_hook_the_last_field_is_scanned_again(tmp_path):
