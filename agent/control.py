@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CONTROL_VERSION = 1
-
 Command = Literal["pause", "resume", "stop", "abort", "set_target", "set_dose_budget"]
 
 

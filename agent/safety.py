@@ -2,7 +2,9 @@
 
 Rules, each named in a refusal:
 - ``area``: scans (their whole field) and parks stay inside the allowed square of the specimen;
-- ``fov`` / ``pixels`` / ``dwell`` / ``park_dwell``: instrument limits of the run;
+- ``fov`` / ``pixels`` / ``dwell`` / ``park_dwell`` / ``park``: instrument limits, the device's
+  capabilities merged with the run's ``safety`` section (the stricter wins;
+  :class:`stemagent.limits.InstrumentLimits`; a refusal says when the device's limit decided);
 - ``dose``: the dose map (:class:`stemagent.dose.DoseMap`, an upper bound of the dose at every
   place) may not go past the dose budget anywhere the command's scan, flyback or park reaches.
   The map also holds the dose of an unblanked beam resting where the last command ended (or
@@ -28,7 +30,8 @@ import numpy as np
 
 from stemagent import dose
 from stemagent.config import RunConfig, SafetyConfig
-from stemagent.types import BeamCommand, Park, ScanGeometry, ScanRegion
+from stemagent.limits import InstrumentLimits
+from stemagent.types import BeamCommand, Capabilities, Park, ScanGeometry, ScanRegion
 
 MAX_CELLS = 1024
 
@@ -55,9 +58,24 @@ class Prediction:
 NOTHING = Prediction("blank", dose.Footprint(dose.EMPTY, 0.0, 0.0, None), 0.0)
 
 
+def site_limits(config: SafetyConfig) -> InstrumentLimits:
+    """The instrument limits a run's ``safety`` section sets."""
+    return InstrumentLimits.site(max_fov_A=config.max_fov_A, max_shape_px=config.max_shape_px, min_dwell_s=config.min_dwell_s,
+                                 max_dwell_s=config.max_dwell_s, max_park_s=config.max_park_s)
+
+
 class SafetyGate:
-    def __init__(self, config: SafetyConfig, beam_current_pA: float, probe_fwhm_A: float | None = None) -> None:
+    """``capabilities``: the device's; its limits (and probe, when narrower) are merged with the
+    site's, the stricter winning."""
+
+    def __init__(self, config: SafetyConfig, beam_current_pA: float, probe_fwhm_A: float | None = None,
+                 capabilities: Capabilities | None = None) -> None:
         self.config = config
+        self.limits = site_limits(config)
+        if capabilities is not None:
+            self.limits = self.limits.stricter(InstrumentLimits.of_capabilities(capabilities))
+            if probe_fwhm_A is None:
+                probe_fwhm_A = capabilities.probe_fwhm_A
         self.beam_current_pA = float(beam_current_pA)
         self.dose_budget_e_per_A2 = float(config.dose_budget_e_per_A2)
         # the narrower probe (the higher peak density) of the config's and the device's
@@ -122,18 +140,16 @@ class SafetyGate:
             return Verdict(False, "rate", f"{len(window)} commands in the last second; limit max_commands_per_s={cfg.max_commands_per_s}")
         if isinstance(cmd, ScanRegion):
             g = cmd.geometry
-            if max(g.fov_A) > cfg.max_fov_A:
-                return Verdict(False, "fov", f"fov_A={max(g.fov_A)} exceeds max_fov_A={cfg.max_fov_A}")
-            if max(g.shape_px) > cfg.max_shape_px:
-                return Verdict(False, "pixels", f"shape_px={g.shape_px} exceeds max_shape_px={cfg.max_shape_px}")
-            if not cfg.min_dwell_s <= g.dwell_s <= cfg.max_dwell_s:
-                return Verdict(False, "dwell", f"dwell_s={g.dwell_s} outside [{cfg.min_dwell_s}, {cfg.max_dwell_s}]")
+            over = self.limits.check_scan(g)
+            if over is not None:
+                return Verdict(False, *over)
             if not self.in_area(self.field_corners(g)):
                 return Verdict(False, "area", f"scan centred at {tuple(round(v, 3) for v in g.center_A)} Å with fov {g.fov_A} Å "
                                               f"leaves the allowed area (centre {cfg.area_center_A}, half width {cfg.area_half_width_A} Å)")
         elif isinstance(cmd, Park):
-            if cmd.dwell_s > cfg.max_park_s:
-                return Verdict(False, "park_dwell", f"dwell_s={cmd.dwell_s} exceeds max_park_s={cfg.max_park_s}")
+            over = self.limits.check_park(cmd.dwell_s)
+            if over is not None:
+                return Verdict(False, *over)
             if not self.in_area(np.asarray(cmd.position_A)):
                 return Verdict(False, "area", f"park position {cmd.position_A} Å is outside the allowed area")
         self._flush_idle(now_s)

@@ -250,7 +250,7 @@ class MqttTelemetry:
             self._have_output.clear()
             try:
                 await asyncio.wait_for(self._have_output.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _listen(self, client: aiomqtt.Client) -> None:

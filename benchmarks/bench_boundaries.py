@@ -44,7 +44,7 @@ from stemagent.boundaries.kmotifs import significant_kmotifs
 from stemagent.boundaries.lattice import PERMITTED, path_vertices
 from stemagent.boundaries.omega import alpha_of_d, exact_table, fit_growth, sampled_entropy
 from stemagent.boundaries.trace import BoundaryStage
-from stemagent.simulators.boundary_film import boundary_film, truth_sequences
+from stemagent.simulators.boundary_film import boundary_film
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.optics import Aberrations, ProbeOptics
 from stemagent.simulators.render import render_frame

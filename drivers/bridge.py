@@ -3,12 +3,14 @@
 Run it next to the microscope software::
 
     stemagent bridge --config configs/bridge.yaml
-    python -m stemagent.drivers.bridge --config configs/bridge.yaml   # without the agent's deps
+    python -m stemagent.drivers.bridge --config configs/bridge.yaml   # adapters only, without the agent's deps
 
 The bridge binds a ROUTER socket for commands and a PUB socket for frames (``drivers/PROTOCOL.md``).
 Its import footprint is numpy, pyzmq, pydantic and the stemagent core types; a backend is either
-a ``driver`` section (one of the agent's driver configs, e.g. the twin) or an ``adapter``
-import path ``"package.module:factory"`` returning a ``Driver`` (see ``drivers/ADAPTERS.md``).
+an ``adapter`` import path ``"package.module:factory"`` returning a ``Driver`` (see
+``drivers/ADAPTERS.md``) or a ``driver`` section (one of the agent's driver configs, e.g. the
+twin), which the wiring room builds: ``stemagent bridge`` hands :func:`run_bridge` its builder,
+so this module never imports the agent or a simulator.
 
 Safety on the console side, independent of the agent:
 
@@ -27,6 +29,11 @@ Safety on the console side, independent of the agent:
 
 At start it prints its backend, endpoints and limits; rejected messages are logged at WARNING,
 the first few one by one and then as a count every 10 s.
+
+Lifetime: ``async with Bridge(...) as bridge: await bridge.serve()`` (or :meth:`run`). The
+tasks that run device calls, streams and blanks live in an ``asyncio.TaskGroup`` for as long
+as :meth:`serve` runs; when it returns they have been cancelled and awaited, and
+:meth:`close` blanks and releases the backend. Every call to the backend has a timeout.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stemagent.codec import encode_capabilities
 from stemagent.driver import CommandRefused, Driver, DriverFault
 from stemagent.errors import ConfigError, InputError, StemAgentError
 from stemagent.drivers import wire
@@ -111,6 +119,7 @@ class Bridge:
         self._device_lock = asyncio.Lock()
         self._device_tasks: set[asyncio.Task[None]] = set()
         self._other_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None  # while serve() runs
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._caps: Capabilities | None = None
@@ -155,8 +164,8 @@ class Bridge:
                 pub.close(linger=0)
                 raise InputError(name, endpoint, f"cannot be bound ({exc.strerror})") from None
         router.copy_threshold = wire.ZERO_COPY_THRESHOLD_BYTES
-        self.control_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.frames_endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.control_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.frames_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router, self._pub = router, pub
         self._last_client_s = self._monotonic()
         log.info("%s", self.describe())
@@ -173,7 +182,7 @@ class Bridge:
         self.stop_reason = self.stop_reason or reason
         self._stopping.set()
         if self._blanking is None:
-            self._blanking = asyncio.ensure_future(self._blank_now(reason or "stop"))
+            self._blanking = self._task(self._blank_now(reason or "stop"), "bridge-blank")
 
     async def _blank_now(self, why: str) -> None:
         try:
@@ -183,11 +192,19 @@ class Bridge:
         except Exception:  # noqa: BLE001
             log.exception("bridge: blank (%s) failed", why)
 
+    async def __aenter__(self) -> Bridge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
     async def close(self) -> None:
         await self._blank_now("shutting down")  # first: nothing below may delay it
-        for t in list(self._streams.values()) + list(self._device_tasks):
+        pending = list(self._streams.values()) + list(self._device_tasks) + list(self._other_tasks)
+        for t in pending:
             t.cancel()
-        await asyncio.gather(*self._streams.values(), *self._device_tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         try:
             await asyncio.wait_for(self.driver.blank(), timeout=10.0)  # again: a cancelled command may have unblanked
             await asyncio.wait_for(self.driver.close(), timeout=10.0)
@@ -199,14 +216,27 @@ class Bridge:
         self._router = self._pub = None
 
     async def serve(self) -> None:
-        """Answer requests until :meth:`stop`; never raises on bad input."""
+        """Answer requests until :meth:`stop`; never raises on bad input. The tasks it starts are
+        cancelled and awaited before it returns."""
         if self._router is None:
             await self.start()
+        assert self._router is not None
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                await self._serve_requests()
+            finally:
+                self._tasks = None
+                for t in list(self._streams.values()) + list(self._device_tasks) + list(self._other_tasks):
+                    if t is not self._blanking:
+                        t.cancel()
+
+    async def _serve_requests(self) -> None:
         assert self._router is not None
         poll_ms = int(max(10, min(200, self.client_timeout_s * 250)))
         while not self._stopping.is_set():
             try:
-                ready = await self._router.poll(poll_ms, zmq.POLLIN)
+                ready = await self._router.poll(poll_ms, zmq.POLLIN)  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
             except zmq.ZMQError:
                 log.exception("bridge: polling the control socket failed")
                 break
@@ -318,8 +348,18 @@ class Bridge:
             **self.stats,
         }
 
-    def _spawn(self, coro: Any, device: bool = True) -> None:
+    def _task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """A task in serve()'s TaskGroup (outside serve, e.g. a signal before it started: a plain task
+        that close() awaits)."""
+        if self._tasks is not None:
+            return self._tasks.create_task(coro, name=name)
         task = asyncio.ensure_future(coro)
+        self._other_tasks.add(task)
+        task.add_done_callback(self._other_tasks.discard)
+        return task
+
+    def _spawn(self, coro: Any, device: bool = True) -> None:
+        task = self._task(coro, "bridge-device" if device else "bridge-other")
         if device:
             self._device_tasks.add(task)
             task.add_done_callback(self._device_tasks.discard)
@@ -370,7 +410,7 @@ class Bridge:
         try:
             if self._caps is None:
                 self._caps = await self.driver.capabilities()
-            await self._reply(identity, rid, True, self._caps.to_dict())
+            await self._reply(identity, rid, True, encode_capabilities(self._caps))
         except Exception as exc:  # noqa: BLE001
             await self._reply(identity, rid, False, error=("DriverFault", f"{type(exc).__name__}: {exc}"))
 
@@ -429,9 +469,10 @@ class Bridge:
         except wire.WireError as exc:
             await self._reply(identity, req.id, False, error=("InputError", str(exc)))
             return
-        task = asyncio.ensure_future(self._run_stream(req.stream, geometry, req.n_frames))
+        task = self._task(self._run_stream(req.stream, geometry, req.n_frames), f"bridge-stream-{req.stream}")
         self._streams[req.stream] = task
-        task.add_done_callback(lambda _t, s=req.stream: self._streams.pop(s, None))
+        stream = req.stream
+        task.add_done_callback(lambda _t: self._streams.pop(stream, None))
         await self._reply(identity, req.id, True, {"stream": req.stream})
 
     async def _run_stream(self, stream: str, geometry: Any, n_frames: int | None) -> None:
@@ -494,8 +535,14 @@ def load_bridge_config(path: str | Path) -> BridgeConfig:
     return cfg
 
 
-def backend_from_config(cfg: BridgeConfig) -> Driver:
-    """Build the backend: an adapter factory, or a driver from the agent's driver configs."""
+#: builds a backend from a ``driver`` section and a seed (the wiring room's
+#: :func:`stemagent.agent.app.factory.bridge_backend`, handed in by ``stemagent bridge``)
+DriverBuilder = Callable[[dict[str, Any], int], Driver]
+
+
+def backend_from_config(cfg: BridgeConfig, build_driver: DriverBuilder | None = None) -> Driver:
+    """Build the backend: an adapter factory, or (with ``build_driver``) a driver from one of the
+    agent's driver configs. Without ``build_driver`` only adapters can be served."""
     if cfg.adapter is not None:
         module_name, _, attr = cfg.adapter.partition(":")
         try:
@@ -504,20 +551,21 @@ def backend_from_config(cfg: BridgeConfig) -> Driver:
             raise ConfigError("<bridge config>", "adapter", cfg.adapter, f"cannot be imported ({exc})") from None
         driver = factory(**cfg.adapter_options)
     else:
-        from stemagent.agent.factory import build_clock, build_driver  # the agent's factory (heavier imports)
-        from stemagent.config import config_from_dict
-
-        run_cfg = config_from_dict({"driver": cfg.driver, "seed": cfg.seed}, source="<bridge config>")
-        driver = build_driver(run_cfg, build_clock(run_cfg))
+        assert cfg.driver is not None
+        if build_driver is None:
+            raise ConfigError("<bridge config>", "driver.kind", cfg.driver.get("kind"),
+                              "a 'driver' backend is built by `stemagent bridge`; `python -m stemagent.drivers.bridge` "
+                              "serves adapters only")
+        driver = build_driver(dict(cfg.driver), cfg.seed)
     if not isinstance(driver, Driver):
         raise ConfigError("<bridge config>", "adapter", cfg.adapter, "did not return an object implementing Driver")
     return driver
 
 
-async def serve_config(cfg: BridgeConfig) -> str:
+async def serve_config(cfg: BridgeConfig, build_driver: DriverBuilder | None = None) -> str:
     """Serve until SIGINT or SIGTERM (which blank first); returns what stopped it."""
     bridge = Bridge(
-        backend_from_config(cfg),
+        backend_from_config(cfg, build_driver),
         cfg.control_endpoint,
         cfg.frames_endpoint,
         frames_hwm=cfg.frames_hwm,
@@ -548,19 +596,20 @@ async def serve_config(cfg: BridgeConfig) -> str:
     return bridge.stop_reason
 
 
-def run_bridge(config_path: str | Path) -> int:
-    """Blocking entry point used by ``stemagent bridge`` and ``python -m stemagent.drivers.bridge``.
+def run_bridge(config_path: str | Path, build_driver: DriverBuilder | None = None) -> int:
+    """Blocking entry point used by ``stemagent bridge`` (which passes ``build_driver``) and
+    ``python -m stemagent.drivers.bridge`` (adapters only).
 
     Errors end in one line on stderr: exit 2 for a config or endpoint that cannot be used."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_bridge_config(config_path)
-        asyncio.run(serve_config(cfg))
+        asyncio.run(serve_config(cfg, build_driver))
     except (ConfigError, InputError) as exc:
         print(f"error: {config_path}: {exc}" if isinstance(exc, InputError) else f"error: {exc}", file=sys.stderr)
         return 2
-    except (StemAgentError, OSError, asyncio.TimeoutError) as exc:  # the backend would not start
+    except (TimeoutError, StemAgentError, OSError) as exc:  # the backend would not start
         print(f"error: {config_path}: the backend could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the signal handlers were installed: nothing was running

@@ -11,8 +11,10 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stemagent.limits import InstrumentLimits
 from stemagent.types import Capabilities, ScanGeometry
 
 
@@ -31,6 +33,7 @@ class BridgeLimits(BaseModel):
     max_dwell_s: float = Field(1e-2, gt=0)
     max_scan_s: float = Field(120.0, gt=0, description="longest single frame (lines x (pixels x dwell + flyback)), s")
     max_park_s: float = Field(10.0, gt=0, description="longest single park, s")
+    can_park: bool = Field(True, description="parks allowed at all (the device's capabilities may only turn them off)")
 
     @model_validator(mode="after")
     def _order(self) -> "BridgeLimits":
@@ -39,11 +42,18 @@ class BridgeLimits(BaseModel):
         return self
 
     def tightened(self, caps: Capabilities) -> "BridgeLimits":
+        """These limits merged with the device's capabilities, the stricter winning
+        (:meth:`stemagent.limits.InstrumentLimits.stricter`, as the agent's gate does)."""
+        site = InstrumentLimits.site(max_fov_A=self.max_fov_A, max_shape_px=self.max_shape_px, min_dwell_s=self.min_dwell_s,
+                                     max_dwell_s=self.max_dwell_s, max_park_s=self.max_park_s, can_park=self.can_park)
+        merged = site.stricter(InstrumentLimits.of_capabilities(caps))
         return self.model_copy(update={
-            "max_fov_A": min(self.max_fov_A, caps.max_fov_A),
-            "max_shape_px": min(self.max_shape_px, *caps.max_shape_px),
-            "min_dwell_s": max(self.min_dwell_s, caps.min_dwell_s),
-            "max_dwell_s": min(self.max_dwell_s, caps.max_dwell_s),
+            "max_fov_A": merged.max_fov_A,
+            "max_shape_px": min(merged.max_shape_px),
+            "min_dwell_s": merged.min_dwell_s,
+            "max_dwell_s": merged.max_dwell_s,
+            "max_park_s": merged.max_park_s,
+            "can_park": merged.can_park,
         })
 
     def _in_area(self, xy: Any) -> bool:
@@ -62,13 +72,15 @@ class BridgeLimits(BaseModel):
             return f"dwell_s={g.dwell_s} outside the bridge's [{self.min_dwell_s}, {self.max_dwell_s}] s"
         if g.frame_time_s > self.max_scan_s:
             return f"the frame takes {g.frame_time_s:.4g} s, above max_scan_s={self.max_scan_s}"
-        corners = g.pixel_to_sample([[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, -0.5], [rows - 0.5, cols - 0.5]])
+        corners = g.pixel_to_sample(np.array([[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, -0.5], [rows - 0.5, cols - 0.5]]))
         if not all(self._in_area(c) for c in corners):
             return (f"the field centred at {tuple(round(v, 3) for v in g.center_A)} Å leaves the bridge's area "
                     f"({self.area_half_width_A} Å around {self.area_center_A})")
         return None
 
     def check_park(self, position_A: Any, dwell_s: float) -> str | None:
+        if not self.can_park:
+            return "the device cannot park the beam (its capabilities say can_park=false)"
         if not dwell_s <= self.max_park_s:
             return f"dwell_s={dwell_s} exceeds the bridge's max_park_s={self.max_park_s}"
         if not self._in_area(position_A):

@@ -163,7 +163,8 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
     md = sig.get("metadata", {}) or {}
     mapped = _mapped(sig)
     om = sig.get("original_metadata", {}) or {}
-    velox_scan = om.get("Scan") if isinstance(om.get("Scan"), dict) else {}
+    scan = om.get("Scan")
+    velox_scan: dict[str, Any] = scan if isinstance(scan, dict) else {}
     dwell = (
         _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time"))
         or _positive(mapped.get("dwell_time"))
@@ -199,7 +200,7 @@ def _read_nion(path: Path, pixel_size_A: float | None) -> list[Acquisition]:
                 with z.open("data.npy") as f:
                     data = np.load(f, allow_pickle=False)
         else:
-            import h5py
+            import h5py  # optional: the 'files' extra
 
             with h5py.File(path, "r") as f:
                 if "data" not in f:
@@ -244,15 +245,15 @@ def read_acquisitions(path: str | Path, pixel_size_A: float | None = None) -> li
 
 
 def _rsciio_reader(suffix: str) -> Any:
-    try:
+    try:  # rosettasciio is optional (the 'files' extra): imported for the format at hand
         if suffix in (".dm3", ".dm4"):
-            from rsciio.digitalmicrograph import file_reader
+            from rsciio.digitalmicrograph import file_reader  # optional
         elif suffix == ".emd":
-            from rsciio.emd import file_reader
+            from rsciio.emd import file_reader  # optional
         elif suffix in (".tif", ".tiff"):
-            from rsciio.tiff import file_reader
+            from rsciio.tiff import file_reader  # optional
         elif suffix == ".hspy":
-            from rsciio.hspy import file_reader
+            from rsciio.hspy import file_reader  # optional
         else:
             raise InputError("path.suffix", suffix, f"is not one of {ACQUISITION_SUFFIXES}")
     except ImportError as exc:

@@ -38,7 +38,7 @@ from stemagent.boundaries.chain import BoundaryChain, ReducedParams
 from stemagent.boundaries.lattice import STATES, STEP_VECTORS, SUCCESSOR
 from stemagent.simulators.elements import atomic_number
 from stemagent.simulators.perovskites import _finish, _perovskite_columns, _stack_columns
-from stemagent.simulators.specimens import Specimen
+from stemagent.simulators.specimen import Specimen
 
 FILM_LATTICE_A = 3.9
 

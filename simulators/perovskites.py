@@ -21,7 +21,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from stemagent.simulators.elements import atomic_number
-from stemagent.simulators.specimens import Specimen
+from stemagent.simulators.specimen import Specimen
 
 PEROVSKITE_CLASSES = ("A", "B", "O", "vacancy")
 

@@ -20,7 +20,7 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Literal
 
 import numpy as np
 
@@ -69,9 +69,6 @@ class GroundTruth:
             if i == index:
                 return t
         return None
-
-    def events_between(self, t0: float, t1: float, kind: str | None = None) -> list[Event]:
-        return [e for e in self.events if t0 <= e.time_s < t1 and (kind is None or e.kind == kind)]
 
     def positions_at(self, t_s: float) -> tuple[np.ndarray, np.ndarray]:
         """Positions ``(N, 2)`` and presence ``(N,)`` of every atom at time ``t_s`` (replays events)."""
@@ -427,11 +424,3 @@ class TwinDriver:
             signal=noisy,
             dose_e_per_A2=float(dose),
         )
-
-    # --- construction ------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg: Any, clock: Clock | None = None, seed: int = 0) -> "TwinDriver":
-        """Build from a :class:`stemagent.config.TwinConfig`."""
-        from stemagent.simulators.factory import twin_from_config
-
-        return twin_from_config(cfg, clock=clock, seed=seed)

@@ -6,11 +6,13 @@ is an error that names the field and the value. :func:`load_config` turns every 
 one-line :class:`~stemagent.errors.ConfigError` naming the file, the field and the value.
 
 Core only describes configurations; building objects from them is done in
-``stemagent.agent.factory`` (which may import simulators and drivers).
+``stemagent.agent.app.factory`` (which may import simulators and drivers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
@@ -18,7 +20,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from stemagent.boundaries.config import BoundaryChainConfig
+from stemagent.boundaries.config import BoundaryChainConfig, BoundaryTraceConfig
+from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.types import ScanGeometry
 
@@ -31,25 +34,32 @@ class _Model(BaseModel):
 # --- scan ----------------------------------------------------------------------------------
 
 
-class ScanConfig(_Model):
-    """The survey scan the agent starts with (and the default for policies that scan)."""
+def square(v: Any) -> Any:
+    """A pair written as one number means a square: ``fov_A: 25.6`` is ``fov_A: [25.6, 25.6]``."""
+    return (v, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
-    center_A: tuple[float, float] = (0.0, 0.0)
-    fov_A: float = Field(51.2, gt=0, description="square field of view, Å")
-    shape_px: int = Field(256, ge=8, le=8192, description="pixels per side")
-    rotation_rad: float = 0.0
+
+ScanSide = Annotated[int, Field(ge=8, le=8192)]
+
+
+class ScanConfig(GeometryDoc):
+    """The survey scan the agent starts with (and the default for policies that scan): a
+    :class:`~stemagent.codec.GeometryDoc` (the scan geometry's one codec) with defaults. ``fov_A``
+    ``(x, y)`` and ``shape_px`` ``(rows, cols)`` may be written as one number for a square."""
+
+    center_A: tuple[Coordinate, Coordinate] = (0.0, 0.0)
+    fov_A: tuple[Length, Length] = Field((51.2, 51.2), description="field of view (x, y), Å; one number: a square")
+    shape_px: tuple[ScanSide, ScanSide] = Field((256, 256), description="pixels (rows, cols); one number: a square")
+    rotation_rad: float = Field(0.0, ge=-4 * math.pi, le=4 * math.pi)
     dwell_s: float = Field(2e-6, gt=0, le=1.0)
     flyback_s: float = Field(0.0, ge=0, le=1.0)
 
+    _square = field_validator("fov_A", "shape_px", mode="before")(square)
+
     def geometry(self, center_A: tuple[float, float] | None = None) -> ScanGeometry:
-        return ScanGeometry(
-            center_A=self.center_A if center_A is None else center_A,
-            fov_A=(self.fov_A, self.fov_A),
-            shape_px=(self.shape_px, self.shape_px),
-            rotation_rad=self.rotation_rad,
-            dwell_s=self.dwell_s,
-            flyback_s=self.flyback_s,
-        )
+        """The scan's geometry, optionally centred elsewhere."""
+        g = self.to_geometry()
+        return g if center_A is None else dataclasses.replace(g, center_A=(float(center_A[0]), float(center_A[1])))
 
 
 # --- drivers -------------------------------------------------------------------------------
@@ -181,8 +191,21 @@ class UNetSegmenterConfig(_Model):
 SegmenterConfig = Annotated[Union[LoGSegmenterConfig, UNetSegmenterConfig], Field(discriminator="kind")]
 
 
+class StageOptions(_Model):
+    """How the agent runs one pipeline stage (``pipeline.stages.<name>``)."""
+
+    enabled: bool = Field(True, description="off: the stage is left out of the pipeline")
+    on_error: Literal["skip", "stop"] = Field(
+        "skip", description="a stage that raises: 'skip' logs it and goes on without its output for that frame; 'stop' ends the run")
+
+
 class PipelineConfig(_Model):
+    """The analysis stages (``segment -> [boundaries] -> policy``; drift and encoding join as they
+    land) and how each runs (``stages.<name>``: ``enabled``, ``on_error``)."""
+
     segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
+    boundaries: BoundaryTraceConfig | None = Field(None, description="domain-boundary traces of every frame (None: no such stage)")
+    stages: dict[str, StageOptions] = Field(default_factory=dict, description="per stage name: enabled, on_error")
 
 
 # --- policy --------------------------------------------------------------------------------
@@ -267,11 +290,15 @@ class TelemetryConfig(_Model):
 
 
 class AgentConfig(_Model):
-    """How the agent behaves around faults and refusals."""
+    """How the agent behaves around faults and refusals, and whether it overlaps acquisition with analysis."""
 
     retry_s: float = Field(0.5, gt=0, le=60.0, description="how often to try a lost device again, s")
     auto_resume_after_fault: bool = Field(True, description="resume by itself when a lost device answers again")
     max_consecutive_refusals: int = Field(20, ge=1, description="stop after this many commands in a row refused")
+    overlap: bool = Field(False, description="when the policy asks for the field it just scanned, stream it: frame n+1 is "
+                                             "acquired while frame n is analysed (the newest frame wins; drops are logged)")
+    stream_burst_frames: int = Field(4, ge=1, le=64, description="frames per stream request; each burst passes the safety "
+                                                                 "gate before it starts and the beam is blanked after it")
 
 
 # --- run -----------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class DoseMap:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.values.shape  # type: ignore[return-value]
+        return (int(self.values.shape[0]), int(self.values.shape[1]))
 
     @property
     def peak(self) -> float:

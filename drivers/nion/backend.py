@@ -41,6 +41,7 @@ from nion.instrumentation import HardwareSource
 from nion.utils import Geometry
 
 from stemagent import dose as dose_model
+from stemagent.codec import encode_geometry
 from stemagent.driver import CommandRefused, DriverFault
 from stemagent.drivers.nion import geometry as ng
 from stemagent.drivers.nion.config import NionConfig
@@ -286,7 +287,7 @@ class NionDriver:
         if ng.same_geometry(geometry, got):
             got = geometry  # the same up to the nm/µs round trip: keep the caller's numbers
         else:
-            meta["requested_geometry"] = geometry.to_dict()
+            meta["requested_geometry"] = encode_geometry(geometry)
         start = ng.frame_start_s(r["end_s"], got, r["called_s"])
         frame = Frame(
             image=r["image"],

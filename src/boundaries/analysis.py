@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from stemagent.boundaries import steady_state
 from stemagent.boundaries.chain import BoundaryChain
@@ -29,8 +30,6 @@ def deduplicate_traces(traces: Sequence[BoundaryTrace], tolerance_A: float = 1.0
     """Drop traces that are another frame's boundary seen again (overlapping fields of view):
     a trace sharing at least ``min_shared`` of its columns (within ``tolerance_A``, sample frame)
     with a longer trace of another frame is removed."""
-    from scipy.spatial import cKDTree
-
     order = sorted(range(len(traces)), key=lambda i: -len(traces[i]))
     kept: list[int] = []
     for i in order:

@@ -18,7 +18,7 @@ mean log-likelihood per step (nats) with its standard error over folds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class StepMarkovModel:
 
     @property
     def n_params(self) -> int:
-        valid_hist = [i for i in range(4**self.order) if valid_word(tuple(np.unravel_index(i, (4,) * self.order)))]
+        valid_hist = [i for i in range(4**self.order) if valid_word(tuple(int(v) for v in np.unravel_index(i, (4,) * self.order)))]
         return int(sum(self._support[i].sum() - 1 for i in valid_hist))
 
     def fit(self, sequences: Sequence[np.ndarray]) -> "StepMarkovModel":
@@ -141,7 +141,8 @@ def cross_validate(sequences: Sequence[np.ndarray], n_folds: int = 5, orders: Se
         raise InputError("sequences", len(seqs), f"need at least n_folds={n_folds} boundaries longer than the highest order")
     start = max(max(orders), 3)
     folds = np.array_split(np.random.default_rng(seed).permutation(len(seqs)), n_folds)
-    builders = {"reduced (7 params)": lambda tr: fit_reduced_smoothed(tr, prior), "full 2-motif": lambda tr: fit_full_smoothed(tr, prior)}
+    builders: dict[str, Any] = {"reduced (7 params)": lambda tr: fit_reduced_smoothed(tr, prior),
+                                "full 2-motif": lambda tr: fit_full_smoothed(tr, prior)}
     for m in orders:
         if m != 3:
             builders[f"order-{m} steps"] = lambda tr, m=m: StepMarkovModel(m, prior).fit(tr)
@@ -155,7 +156,7 @@ def cross_validate(sequences: Sequence[np.ndarray], n_folds: int = 5, orders: Se
             model = build(train)
             ll, n = _score(model, test, start)
             per_fold[name].append(ll / max(n, 1))
-            n_params[name] = int(model.n_params)  # type: ignore[attr-defined]
+            n_params[name] = int(model.n_params)
         n_steps += n
     out = [ModelScore(k, n_params[k], float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))), n_steps) for k, v in per_fold.items()]
     return sorted(out, key=lambda s: -s.heldout_ll_per_step)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:
-    from stemagent.boundaries.chain import ReducedParams
+from stemagent.boundaries.chain import ReducedParams
 
 
 class _Model(BaseModel):
@@ -33,9 +32,7 @@ class BoundaryChainConfig(_Model):
                 raise ValueError(f"{pair[0]}+{pair[1]}={total:.6g}: must not exceed 1")
         return self
 
-    def params(self) -> "ReducedParams":
-        from stemagent.boundaries.chain import ReducedParams
-
+    def params(self) -> ReducedParams:
         return ReducedParams(**self.model_dump())
 
 

@@ -13,6 +13,7 @@ from stemagent.types import ScanGeometry
 
 
 def _plt() -> Any:
+    # matplotlib is optional (the 'bench' extra): imported when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")

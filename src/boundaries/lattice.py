@@ -80,7 +80,7 @@ def orbit_of_word(word: tuple[int, int, int]) -> str:
 
 
 def _build_states() -> tuple[tuple[int, int, int], ...]:
-    words = [w for w in itertools.product(range(4), repeat=3) if valid_word(w)]
+    words: list[tuple[int, int, int]] = [(a, b, c) for a, b, c in itertools.product(range(4), repeat=3) if valid_word((a, b, c))]
     # order: orbit X, Y1, Y2, Z (the paper's [x]*8 + [y]*16 + [z]*8), then by the word itself
     return tuple(sorted(words, key=lambda w: (ORBITS.index(orbit_of_word(w)), w)))
 
@@ -93,8 +93,8 @@ STATE_ORBIT = np.array([ORBITS.index(orbit_of_word(w)) for w in STATES], dtype=n
 
 def class_of_word(word: tuple[int, int, int, int]) -> int:
     """Isometry class (index into :data:`CLASS_NAMES`) of a permitted 3-motif (four steps)."""
-    src = orbit_of_word(word[:3])  # type: ignore[arg-type]
-    dst = orbit_of_word(word[1:])  # type: ignore[arg-type]
+    src = orbit_of_word(word[:3])
+    dst = orbit_of_word(word[1:])
     if src == "Y2":
         # Y2 = (u, v, v): the next step either returns to u (a stair) or is -u (a U)
         return CLASS_NAMES.index("Y2->Y1:stair" if word[3] == word[0] else "Y2->Y1:U")

@@ -219,8 +219,8 @@ def sampled_entropy(chain: BoundaryChain, n: int, n_samples: int, rng: np.random
             state = nxt
         # estimate from all samples; spread from batch means (each batch estimated the same way)
         def estimate(idx: np.ndarray) -> float:
-            h_path = float(-logp[idx].mean()) + np.log(p_e)
-            _, cnt = np.unique(pos[idx, 0] * 100003 + pos[idx, 1], return_counts=True)
+            h_path = float(-logp[idx].mean()) + np.log(p_e)  # noqa: B023 - called within this iteration
+            _, cnt = np.unique(pos[idx, 0] * 100003 + pos[idx, 1], return_counts=True)  # noqa: B023 - same
             q = cnt / cnt.sum()
             h_end = float(-(q * np.log(q)).sum()) + (len(cnt) - 1) / (2.0 * len(idx))  # Miller-Madow
             return h_path - h_end
@@ -230,8 +230,8 @@ def sampled_entropy(chain: BoundaryChain, n: int, n_samples: int, rng: np.random
         vals = [full + (v - float(np.mean(vals))) for v in vals]  # centred on the full-sample estimate
         per_rep.append((weight * p_e, np.array(vals)))
     weights_total = sum(w for w, _ in per_rep)
-    for w, vals in per_rep:
-        results += w * vals / weights_total
+    for w, batch in per_rep:
+        results += w * batch / weights_total
     return float(results.mean()), float(results.std(ddof=1) / np.sqrt(n_batches))
 
 

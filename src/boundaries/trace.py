@@ -29,6 +29,7 @@ from stemagent.boundaries.config import BoundaryTraceConfig
 from stemagent.boundaries.lattice import STEP_VECTORS, motif_name, states_of_steps, word_name
 from stemagent.boundaries.register import LatticeRegistration, register_lattice
 from stemagent.errors import InputError
+from stemagent.segmentation.classical import LoGFinder
 from stemagent.types import Atoms, Frame
 
 
@@ -240,8 +241,6 @@ class BoundaryStage:
     name = "boundaries"
 
     def __init__(self, config: BoundaryTraceConfig | None = None) -> None:
-        from stemagent.segmentation.classical import LoGFinder
-
         self.config = config or BoundaryTraceConfig()
         self.finder = LoGFinder(sigma_A=self.config.finder_sigma_A, threshold=self.config.finder_threshold,
                                 min_separation_A=self.config.finder_min_separation_A)

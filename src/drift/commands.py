@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from stemagent.codec import encode_command
 from stemagent.drift.estimate import DriftCheck
 from stemagent.drift.stage import DriftStage
 from stemagent.types import BeamCommand, Blank, Park, ScanRegion
@@ -70,8 +71,8 @@ class ConvertedCommand:
 
     def to_dict(self) -> dict:
         return {
-            "command": self.command.to_dict(),
-            "sample_command": self.sample_command.to_dict(),
+            "command": encode_command(self.command),
+            "sample_command": encode_command(self.sample_command),
             "time_s": float(self.time_s),
             "offset_A": [float(v) for v in self.offset_A],
             "std_A": [float(v) for v in self.std_A],

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
 
 ZSPY_VERSION = "3.3"
 
@@ -42,9 +44,6 @@ class FrameStore:
     """Appends frames to stacks; :meth:`append` returns (resource path, index in the stack)."""
 
     def __init__(self, path: Path) -> None:
-        import zarr  # imported here: readers of documents only need json
-
-        self._zarr = zarr
         self.path = path
         self._root = zarr.open_group(str(path), mode="w", zarr_format=3)
         self._root.attrs.update({"file_format": "ZSpy", "file_format_version": ZSPY_VERSION, "writer": "stemagent"})
@@ -63,7 +62,7 @@ class FrameStore:
             dimension_names=("frame", "y", "x"),
             # lz4 with byte shuffle: ~3x faster than zarr's default zstd, and detector
             # counts stored as float32 still shrink about 4x (benchmarks/bench_runlog.py)
-            compressors=self._zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
+            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
         )
         data.attrs.update({"units": "counts", "long_name": detector})
         frame_axis = g.create_group("axis-0")

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import zarr
 
+from stemagent.codec import decode_atoms, decode_decision, decode_frame_meta, decode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.writer import DOCUMENTS_FILE, FRAME_SPEC, READABLE_VERSIONS, STOP_RESERVE
-from stemagent.types import Atoms, Frame, ScanGeometry
+from stemagent.types import Atoms, Decision, Frame, ParkResult
 
 
 @dataclass
@@ -122,8 +124,6 @@ class RunLog:
     # --- frames --------------------------------------------------------------------------
     def _array(self, resource_uid: str) -> Any:
         if resource_uid not in self._arrays:
-            import zarr
-
             res = self._resources[resource_uid]
             if res.get("spec") != FRAME_SPEC:
                 raise InputError("resource.spec", res.get("spec"), f"this reader understands {FRAME_SPEC}")
@@ -153,43 +153,28 @@ class RunLog:
         return image
 
     def frame_from_data(self, d: dict[str, Any]) -> Frame:
-        return Frame(
-            image=self.read_image(d["image"]),
-            geometry=ScanGeometry.from_dict(d["geometry"]),
-            line_times_s=np.asarray(d["line_times_s"], dtype=np.float64),
-            index=int(d["frame_index"]),
-            dose_e_per_A2=float(d["dose_e_per_A2"]),
-            source=str(d.get("source", "unknown")),
-            detector=str(d.get("detector", "HAADF")),
-            meta=dict(d.get("meta", {})),
-        )
+        """The frame of one ``frames`` event (its metadata through the frame codec)."""
+        meta = {k: v for k, v in d.items() if k not in ("image", "log_index", "frame_index")}
+        meta["index"] = d.get("frame_index")
+        return decode_frame_meta(meta, self.read_image(d["image"]), f"frames[log_index={d.get('log_index', '?')}]")
 
-    def park_results(self) -> list[dict[str, Any]]:
-        """The logged parks (position, dwell, start time, sample interval, signal, dose)."""
-        return self.event_data("parks")
+    def park_results(self) -> list[ParkResult]:
+        """The logged parks as :class:`~stemagent.types.ParkResult` (logs before version 2 kept no dose: 0)."""
+        return [decode_park_result(d, d.get("signal", []), f"parks[{i}]", besides=("signal", "predicted_dose_e_per_A2"))
+                for i, d in enumerate(self.event_data("parks"))]
 
     def frames(self) -> Iterator[Frame]:
         for d in self.event_data("frames"):
             yield self.frame_from_data(d)
 
     def atoms(self) -> list[Atoms]:
-        out = []
-        for d in self.event_data("atoms"):
-            unc = np.asarray(d.get("uncertainty_A", []), dtype=np.float64)
-            times = np.asarray(d.get("times_s", []), dtype=np.float64)
-            n = int(d["n_atoms"])
-            out.append(
-                Atoms(
-                    positions_A=np.asarray(d["positions_A"], dtype=np.float64).reshape(-1, 2),
-                    classes=np.asarray(d["classes"], dtype=np.int64),
-                    confidence=np.asarray(d["confidence"], dtype=np.float64),
-                    frame_index=int(d["frame_index"]),
-                    class_names=tuple(d["class_names"]),
-                    uncertainty_A=unc if len(unc) == n and n else None,
-                    times_s=times if len(times) == n and n else None,
-                )
-            )
-        return out
+        """Every ``atoms`` event as :class:`~stemagent.types.Atoms` (the atoms codec)."""
+        return [decode_atoms(d, f"atoms[{i}]") for i, d in enumerate(self.event_data("atoms"))]
+
+    def decisions(self) -> list[Decision]:
+        """Every ``decisions`` event as a :class:`~stemagent.types.Decision` (the decision codec)."""
+        return [decode_decision({k: d[k] for k in ("command", "policy", "reason", "scores") if k in d}, f"decisions[{i}]")
+                for i, d in enumerate(self.event_data("decisions"))]
 
 
 def _reserved_stop(path: Path) -> dict[str, Any] | None:

@@ -38,19 +38,23 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stemagent.codec import encode_atoms, encode_command, encode_decision, encode_frame_meta, encode_park_result
 from stemagent.errors import InputError
 from stemagent.runlog.frames_store import FrameStore
-from stemagent.types import Atoms, BeamCommand, Decision, Frame
+from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 
-LOG_FORMAT_VERSION = 2  # 2: zspy frame store, log_index, parks with dose, controls, stop.json
-READABLE_VERSIONS = (1, 2)
+#: 2: zspy frame store, log_index, parks with dose, controls, stop.json;
+#: 3: the pipeline stream (per observation: stage timings, records, errors), drops, commands with
+#: frames and stage conversions, the pipeline's stages in the start document
+LOG_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 DOCUMENTS_FILE = "documents.jsonl"
 FRAMES_STORE = "frames.zarr"
 STOP_RESERVE = "stop.json"
 STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
-STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls")
+STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops")
 
 
 def _jsonable(value: Any) -> Any:
@@ -238,39 +242,39 @@ class RunLogWriter:
         res_uid = self._resources[resource_path]
         datum_id = f"{res_uid}/{index}"
         self._emit("datum", {"datum_id": datum_id, "resource": res_uid, "datum_kwargs": {"index": index}})
+        fields = encode_frame_meta(frame)
         data = {
             "image": datum_id,
             "log_index": self._frames_written,
-            "frame_index": int(frame.index),
-            "geometry": frame.geometry.to_dict(),
-            "line_times_s": frame.line_times_s,
-            "dose_e_per_A2": float(frame.dose_e_per_A2),
-            "source": frame.source,
-            "detector": frame.detector,
-            "meta": frame.meta,
+            "frame_index": fields.pop("index"),
+            **fields,
         }
         doc = self.write_event("frames", data, sync=True, external=frozenset({"image"}))
         self._frames_written += 1
         return doc
 
     def write_atoms(self, atoms: Atoms) -> dict[str, Any]:
-        data = {
-            "frame_index": int(atoms.frame_index),
-            "positions_A": atoms.positions_A,
-            "classes": atoms.classes,
-            "confidence": atoms.confidence,
-            "class_names": list(atoms.class_names),
-            "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A,
-            "times_s": [] if atoms.times_s is None else atoms.times_s,
-            "n_atoms": len(atoms),
-        }
-        return self.write_event("atoms", data)
+        return self.write_event("atoms", encode_atoms(atoms))
 
-    def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
-        return self.write_event("decisions", {"frame_index": int(frame_index), **decision.to_dict()})
+    def write_decision(self, decision: Decision, frame_index: int, observation: str = "frame") -> dict[str, Any]:
+        """One ``decisions`` event; ``observation`` says what it was decided on: ``frame``, ``park``,
+        or ``refused`` (asked again after a refusal, on the last frame)."""
+        return self.write_event("decisions", {"frame_index": int(frame_index), "observation": observation,
+                                              **encode_decision(decision)})
 
-    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "") -> dict[str, Any]:
-        return self.write_event("commands", {"command": command.to_dict(), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "", frames: int = 1,
+                      converted: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One ``commands`` event: the command as sent to the device, its outcome, how many frames
+        a streamed scan asked for, and what each pipeline stage converted (e.g. drift: sample to beam)."""
+        return self.write_event("commands", {"command": encode_command(command), "outcome": outcome, "t_s": float(t_s),
+                                             "detail": detail, "frames": int(frames), "converted": dict(converted or {})},
+                                sync=True)
+
+    def write_park(self, result: ParkResult, **extra: Any) -> dict[str, Any]:
+        """One ``parks`` event: the park result's document, its signal and ``extra`` (e.g. the
+        predicted dose), fsynced."""
+        fields, signal = encode_park_result(result)
+        return self.write_event("parks", {**fields, **extra, "signal": np.asarray(signal, dtype=np.float64)}, sync=True)
 
     def write_safety(self, *, verdict: str, rule: str, detail: str, t_s: float) -> dict[str, Any]:
         return self.write_event("safety", {"verdict": verdict, "rule": rule, "detail": detail, "t_s": float(t_s)}, sync=True)

@@ -32,7 +32,7 @@ def start(tmp_path: Path, cfg: dict) -> tuple[subprocess.Popen[str], Path]:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "stemagent.agent.cli", "run", "--config", str(path), "--log-dir", str(runs),
+    proc = subprocess.Popen([sys.executable, "-m", "stemagent.agent.app.cli", "run", "--config", str(path), "--log-dir", str(runs),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, runs
 

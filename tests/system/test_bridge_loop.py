@@ -19,8 +19,8 @@ from typing import Any, Callable
 import aiomqtt
 import pytest
 
-from stemagent.agent.factory import build_agent
-from stemagent.agent.telemetry_factory import open_telemetry
+from stemagent.agent.app.factory import build_agent
+from stemagent.agent.app.telemetry_factory import open_telemetry
 from stemagent.config import config_from_dict
 from stemagent.runlog import RunLog
 
@@ -70,7 +70,7 @@ def ack_for(cid: str) -> Callable[[str, dict[str, Any]], bool]:
 
 def start_bridge(config: Path, log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("stemagent")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.app.cli"]
     with open(log, "ab") as out:
         return subprocess.Popen([*cmd, "bridge", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT)
 

@@ -18,6 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from stemagent.codec import encode_geometry
 from stemagent.drivers.bridge import Bridge, BridgeLimits
 from stemagent.types import ScanGeometry
 
@@ -25,7 +26,7 @@ from transport_fakes import FakeMicroscope, free_port
 
 pytestmark = pytest.mark.system
 
-GEOM = ScanGeometry(center_A=(3.0, -2.0), fov_A=(20.0, 10.0), shape_px=(32, 64), dwell_s=1e-6).to_dict()
+GEOM = encode_geometry(ScanGeometry(center_A=(3.0, -2.0), fov_A=(20.0, 10.0), shape_px=(32, 64), dwell_s=1e-6))
 _ids = itertools.count()
 
 
@@ -89,7 +90,7 @@ async def test_the_bridge_refuses_commands_past_its_own_limits(op, fields, why):
     try:
         reply = await raw.send(op, **fields)
         assert reply["ok"] is False and why in reply["error"]["message"], reply
-        assert not ({"acquire", "park", "stream"} & set(scope.calls)) and scope.blanked
+        assert not ({"acquire", "park", "stream"} & set(scope.calls)) and scope.beam_blanked
         ok = await raw.send("acquire", geometry=GEOM)  # a sane command still runs
         assert ok["ok"] is True
     finally:
@@ -109,7 +110,7 @@ async def test_limits_follow_the_device_capabilities():
 async def test_only_the_controlling_client_feeds_the_watchdog():
     """Issue 10 defect 3: any message, even another client's status poll, held the watchdog off."""
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()  # the acquire hangs with the beam on until released
+    scope_gate = scope.hold("acquire")  # the acquire hangs with the beam on until released
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent, other = Raw(bridge.control_endpoint), Raw(bridge.control_endpoint)
     try:
@@ -125,11 +126,11 @@ async def test_only_the_controlling_client_feeds_the_watchdog():
             await other.sock.send_multipart([b"garbage"])
             assert time.monotonic() - t0 < 5.0, "the watchdog never fired"
             await asyncio.sleep(0.05)
-        assert scope.blanked and time.monotonic() - t0 > 0.25  # not before the controller's timeout
+        assert scope.beam_blanked and time.monotonic() - t0 > 0.25  # not before the controller's timeout
         reply = await agent.reply()
         assert reply["id"] == "scan1" and reply["error"]["type"] == "Cancelled"
         # control is free again: the other client may take the beam now
-        scope.gate.set()
+        scope_gate.set()
         assert (await other.send("acquire", client="other", geometry=GEOM))["ok"] is True
     finally:
         agent.close()
@@ -139,7 +140,7 @@ async def test_only_the_controlling_client_feeds_the_watchdog():
 
 async def test_the_controllers_heartbeats_keep_a_long_scan_going():
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()
+    scope_gate = scope.hold("acquire")
     bridge, task = await started(scope, client_timeout_s=0.3)
     agent = Raw(bridge.control_endpoint)
     try:
@@ -149,7 +150,7 @@ async def test_the_controllers_heartbeats_keep_a_long_scan_going():
             assert (await agent.send("heartbeat", client="agent"))["ok"]
             await asyncio.sleep(0.05)
         assert bridge.stats["watchdog_blanks"] == 0
-        scope.gate.set()
+        scope_gate.set()
         assert (await agent.reply())["ok"] is True
     finally:
         agent.close()
@@ -179,7 +180,7 @@ async def test_rejections_are_logged_a_few_then_counted(caplog):
 def bridge_process(tmp_path: Path, body: str) -> tuple[subprocess.Popen[str], Path]:
     cfg = tmp_path / "bridge.yaml"
     cfg.write_text(body)
-    proc = subprocess.Popen([sys.executable, "-m", "stemagent.drivers.bridge", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "stemagent.agent.app.cli", "bridge", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, cfg
 

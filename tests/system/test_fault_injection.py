@@ -27,7 +27,7 @@ from transport_fakes import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-CLI = [sys.executable, "-m", "stemagent.agent.cli"]
+CLI = [sys.executable, "-m", "stemagent.agent.app.cli"]
 
 
 def start_bridge(tmp_path: Path, ports: tuple[int, int], current_pA: float, tag: str) -> subprocess.Popen[str]:
@@ -37,7 +37,7 @@ def start_bridge(tmp_path: Path, ports: tuple[int, int], current_pA: float, tag:
         "client_timeout_s": 2.0, "seed": 5,
         "driver": {"kind": "twin", "specimen_size_A": 80.0, "beam_current_pA": current_pA, "pace": "realtime"},
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "stemagent.drivers.bridge", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "stemagent.agent.app.cli", "bridge", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert "stemagent bridge:" in proc.stderr.readline()  # serving
     return proc

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli() -> list[str]:
     exe = Path(sys.executable).with_name("stemagent")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.app.cli"]
 
 
 def test_bridge_and_run_from_the_shipped_configs(tmp_path: Path) -> None:

@@ -203,7 +203,7 @@ async def test_blank_blanks_also_mid_scan(served: tuple[ZmqDriver, NionDriver], 
 
 
 async def test_usim_stopped_mid_run_blanks_and_resumes(usim: Any, tmp_path: Path) -> None:
-    from stemagent.agent.factory import build_agent
+    from stemagent.agent.app.factory import build_agent
 
     backend = backend_on(usim)
     bridge = Bridge(backend, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", client_timeout_s=10.0)

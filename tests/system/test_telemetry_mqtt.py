@@ -93,7 +93,7 @@ async def test_unreachable_broker_is_a_clear_error() -> None:
 
 
 async def test_without_a_broker_telemetry_is_off() -> None:
-    from stemagent.agent.telemetry_factory import open_telemetry
+    from stemagent.agent.app.telemetry_factory import open_telemetry
 
     async with open_telemetry(RunConfig(), "x") as sink:
         assert sink is None

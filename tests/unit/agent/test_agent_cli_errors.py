@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stemagent.agent.cli import app
-from stemagent.agent.factory import build_agent, build_clock, run_metadata
+from stemagent.agent.app.cli import app
+from stemagent.agent.app.factory import build_agent, build_clock, run_metadata
 from stemagent.config import config_from_dict
 from stemagent.runlog import RunLog
 from stemagent.simulators.minimal import MinimalTwinDriver

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stemagent.agent.control import ControlMessage
-from stemagent.agent.factory import build_agent, build_clock
+from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.agent.telemetry import MqttTelemetry
 from stemagent.config import TelemetryConfig, config_from_dict
 from stemagent.driver import DriverFault

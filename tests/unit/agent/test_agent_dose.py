@@ -8,7 +8,7 @@ import numpy as np
 
 from stemagent import dose
 from stemagent.agent.control import ControlMessage
-from stemagent.agent.factory import build_agent, build_clock
+from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.config import config_from_dict
 from stemagent.driver import DriverFault
 from stemagent.runlog import RunLog

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from stemagent.agent.cli import app, compare_atoms
+from stemagent.agent.app.cli import app, compare_atoms
 from stemagent.agent.control import ControlMessage
-from stemagent.agent.factory import build_agent, build_clock
+from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.config import config_from_dict
 from stemagent.driver import DriverFault
 from stemagent.runlog import RunLog

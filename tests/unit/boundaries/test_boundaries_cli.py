@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from stemagent.agent.cli import app
+from stemagent.agent.app.cli import app
 
 
 def _config(tmp_path: Path) -> Path:

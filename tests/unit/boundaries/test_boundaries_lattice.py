@@ -48,7 +48,7 @@ def test_every_class_is_one_free_orbit_of_the_isometries() -> None:
 
 
 def test_rows_of_orbits_have_the_published_successors() -> None:
-    for i, w in enumerate(STATES):
+    for i, _w in enumerate(STATES):
         succ_classes = sorted(CLASS_NAMES[c] for c in CLASS_OF_PAIR[i][PERMITTED[i]])
         orbit = ("X", "Y1", "Y2", "Z")[STATE_ORBIT[i]]
         assert all(name.startswith(orbit + "->") for name in succ_classes)

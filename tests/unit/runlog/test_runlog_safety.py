@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ class FullDisk:
 
     def write(self, data) -> int:
         if len(data) > self.left:
-            n = self.real.write(bytes(data[: self.left]))  # a torn line, as a real short write leaves
+            self.real.write(bytes(data[: self.left]))  # a torn line, as a real short write leaves
             self.left = 0
             raise OSError(errno.ENOSPC, "No space left on device")
         self.left -= len(data)
@@ -124,7 +123,7 @@ def test_an_unwritable_log_directory_is_an_input_error(tmp_path):
 
 async def test_a_run_log_of_the_agent_opens_in_rosettasciio(tmp_path):
     zspy = pytest.importorskip("rsciio.zspy")
-    from stemagent.agent.factory import build_agent
+    from stemagent.agent.app.factory import build_agent
     from stemagent.config import config_from_dict
 
     cfg = config_from_dict({"max_frames": 3, "scan": {"fov_A": 12.8, "shape_px": 64, "dwell_s": 1e-5},

@@ -5,7 +5,8 @@ import pytest
 
 from stemagent import Atoms, Frame, Park, ScanGeometry
 from stemagent.errors import InputError
-from stemagent.types import Blank, ScanRegion, command_from_dict, dose_e_per_A2
+from stemagent.codec import decode_command, encode_command
+from stemagent.types import Blank, ScanRegion, dose_e_per_A2
 
 
 @pytest.mark.parametrize("rotation", [0.0, 0.3, -1.2, math.pi / 2])
@@ -80,13 +81,13 @@ def test_atoms_checks_and_filters():
 def test_commands_round_trip_and_reject_bad_values():
     g = ScanGeometry(center_A=(1.0, 2.0), shape_px=(64, 64))
     for cmd in (ScanRegion(g), Park((1.5, -2.0), 0.25), Blank()):
-        assert command_from_dict(cmd.to_dict()) == cmd
+        assert decode_command(encode_command(cmd)) == cmd
     with pytest.raises(InputError, match="dwell_s"):
         Park((0.0, 0.0), -1.0)
     with pytest.raises(InputError, match="position_A"):
         Park((float("inf"), 0.0), 1.0)
     with pytest.raises(InputError, match="kind"):
-        command_from_dict({"kind": "teleport"})
+        decode_command({"kind": "teleport"})
 
 
 def test_dose_from_current_and_dwell():

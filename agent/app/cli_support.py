@@ -25,6 +25,7 @@ from rich.console import Console
 from stemagent.driver import DriverFault
 from stemagent.errors import ConfigError, InputError, StemAgentError, shown
 
+console = Console()
 err_console = Console(stderr=True)
 
 EXIT_FAILED = 1

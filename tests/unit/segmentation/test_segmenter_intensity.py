@@ -133,7 +133,7 @@ def test_bad_inputs_name_the_field() -> None:
     ],
 )
 def test_segmenter_on_twin_frames_makes_fewer_class_errors_with_the_counts(kind: str, dose: float, options: dict, detector: tuple[float, float, float] | None) -> None:
-    from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame
+    from stemagent.agent.app.segmenter_training import LABEL_OFFSET, twin_frame
     from stemagent.segmentation.metrics import match
     from stemagent.segmentation.unet_segmenter import UNetSegmenter
     from stemagent.types import Frame

@@ -18,7 +18,9 @@ from stemagent.config import load_model
 from stemagent.errors import ConfigError
 from stemagent.segmentation.metrics import match
 from stemagent.segmentation.train import DataConfig, TrainConfig, TrainingSample, train, write_card
-from stemagent.types import ScanGeometry
+from stemagent.segmentation.unet_segmenter import UNetSegmenter
+from stemagent.simulators import DetectorModel, DriftModel, render_sample
+from stemagent.types import Frame, ScanGeometry
 
 #: specimen family -> offset of its labels in the unified class list
 #: (graphene: C, Si, vacancy -> 0..2; TMDs: metal, chalcogen, substituted, vacancy -> 3..6)
@@ -45,9 +47,6 @@ def twin_frame(
     specimen_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """One twin frame ``(image, truth)``. ``clean``: perfect optics, no drift/jitter, counting detector."""
-    from stemagent.simulators import render_sample
-    from stemagent.simulators import DetectorModel, DriftModel
-
     d = data or DataConfig()
     rot = float(rng.uniform(0, 2 * math.pi))
     if clean:
@@ -118,8 +117,6 @@ class TwinSource:
 
 def evaluate(segmenter: Any, seed: int, n_per_cell: int = 2, doses: tuple[float, ...] = (1e3, 1e4, 1e5), kinds: tuple[str, ...] = ("graphene", "mos2"), shape_px: int = 256, border_A: float = 1.0) -> dict[str, Any]:
     """Per-class F1 (radius 0.5 Å) of ``segmenter`` on clean held-out twin frames (0.1 Å/px)."""
-    from stemagent.types import Frame
-
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"frames_per_cell": n_per_cell, "shape_px": shape_px, "pixel_A": 0.1, "match_radius_A": 0.5, "f1": {}}
     d = DataConfig()
@@ -151,8 +148,6 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 def run_training(cfg: TrainConfig, *, show_progress: bool = True, evaluate_frames: int = 2) -> dict[str, Any]:
     """Train on the twin, then score the result on held-out frames and add that to the model card."""
-    from stemagent.segmentation.unet_segmenter import UNetSegmenter
-
     source = TwinSource(cfg)
     description = {
         "source": "stemagent.simulators.render_sample (fresh random specimen per sample)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemagent.agent.segmenter_training import twin_frame
+from stemagent.agent.app.segmenter_training import twin_frame
 from stemagent.errors import InputError
 from stemagent.segmentation.ideal_observer import (
     class_loglik,

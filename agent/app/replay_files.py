@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from stemagent.agent.app.cli_support import run_with_signals
+from stemagent.agent.app.factory import build_agent, new_run_dir
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.drivers.files import read_acquisitions
 
@@ -50,9 +52,6 @@ def file_replay_config(path: Path, *, pace: str = "fast", base: RunConfig | None
 async def replay_file(path: Path, *, log_dir: Path | None, pace: str, pixel_size_A: float | None = None) -> Any:
     """Run ``stemagent replay FILE`` for an acquisition file; returns the summary and the signal
     that interrupted it (or None). Errors are raised for the CLI to report."""
-    from stemagent.agent.cli_support import run_with_signals
-    from stemagent.agent.factory import build_agent, new_run_dir
-
     cfg = file_replay_config(path, pace=pace, pixel_size_A=pixel_size_A)
     _, summary, sig = await run_with_signals(
         # nothing reaches a beam and no operator watches: a dose report above prediction is logged only

@@ -175,7 +175,7 @@ def test_cli_replay_runs_the_pipeline_on_a_dm4_file(tmp_path: Path) -> None:
     from dm_writer import write_dm
     from typer.testing import CliRunner
 
-    from stemagent.agent.cli import app
+    from stemagent.agent.app.cli import app
     from stemagent.config import MinimalTwinConfig
     from stemagent.simulators.minimal import MinimalTwinDriver
 

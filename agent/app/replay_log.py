@@ -47,6 +47,8 @@ def replay_config(original: RunLog, log: Path, pace: str) -> RunConfig:
     data["max_frames"] = n_frames
     data["name"] = f"{data.get('name', 'run')}-replay"[:64]
     data["telemetry"] = {}
+    # frame by frame: a stream's newest-wins drops depend on timing and would not replay the same
+    data["agent"] = {**(data.get("agent") or {}), "overlap": False}
     # the logged safety limits stay: the same decisions pass the same gate again
     return config_from_dict(data, source=f"{log} (start.config)")
 

@@ -2,7 +2,7 @@
 
 Every command ends an error in one line on stderr naming what, where and the value; exit code 2
 for bad input, 1 for a failed run, 128 + n when signal n (SIGINT, SIGTERM) stopped it; ``-v``
-adds the traceback (``agent/cli_support.py``). ``run`` and ``replay`` treat SIGINT and SIGTERM
+adds the traceback (``agent/app/cli_support.py``). ``run`` and ``replay`` treat SIGINT and SIGTERM
 as a stop (a second one aborts): the beam is blanked, the log closed with the true exit status
 and reason, and the summary printed.
 """
@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from stemagent.agent.cli_support import (
+from stemagent.agent.app.cli_boundaries import analyze_boundaries
+from stemagent.agent.app.cli_simulate import simulate
+from stemagent.agent.app.console import StatusLine, Tee, announce
+from stemagent.agent.app.cli_support import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
+    console,
+    err_console,
     fail,
     ignore_late_signals,
     one_line_errors,
@@ -30,11 +33,21 @@ from stemagent.agent.cli_support import (
     set_verbose,
     signal_exit_code,
 )
+from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
+from stemagent.agent.app.replay_files import replay_file
+from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
+from stemagent.agent.app.replay_log import logged_controls, replay_config, unreadable_frames
+from stemagent.agent.app.telemetry_factory import open_telemetry
+from stemagent.agent.app.transport_cli import bridge
+from stemagent.agent.safety import preflight
 from stemagent.config import RunConfig, config_from_dict, load_config
+from stemagent.drivers.files import is_acquisition_file
+from stemagent.errors import InputError
+from stemagent.runlog import RunLog
+from stemagent.simulators.scoring import score_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="stemagent: an autonomous STEM agent.")
-console = Console()
 
 __all__ = ["app", "compare_atoms", "fail", "print_summary", "run_with_signals"]
 
@@ -61,9 +74,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 
 
 def _refuse_if_gate_would(cfg: RunConfig, source: Path) -> str:
-    """The gate's verdict on the config's initial scan; a refusal is bad input (exit 2)."""
-    from stemagent.agent.safety import preflight
-
+    """Stage options that name no stage are bad input; so is the initial scan the gate would refuse
+    (exit 2). Returns the gate's note."""
+    check_stage_options(cfg, str(source))
     verdict, note = preflight(cfg)
     if not verdict.allowed:
         fail(f"{source}: scan: the safety gate refuses the initial scan ({verdict.rule}): {verdict.detail}", EXIT_BAD_INPUT)
@@ -89,29 +102,41 @@ def run(
     log_dir: Optional[Path] = typer.Option(None, help="write the run log under this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Run the closed loop described by CONFIG and write a run log."""
-    from stemagent.agent.factory import build_agent, new_run_dir, new_run_id
-    from stemagent.agent.telemetry_factory import open_telemetry
+    """Run the closed loop described by CONFIG and write a run log.
 
+    At start it prints where the log and the telemetry go; while it runs, a status line (frame,
+    state, dose, last decision, latency); on every way out, the summary."""
     cfg = load_config(config)
     if max_frames is not None:
         cfg = config_from_dict({**cfg.model_dump(), "max_frames": max_frames}, source="--max-frames")  # secrets stay SecretStr
     _refuse_if_gate_would(cfg, config)
     run_id = new_run_id()
+    status = StatusLine(err_console)
+    ran: dict[str, Any] = {}  # the summary once there is one: printed whatever happens after
 
     async def go() -> Any:
         async with open_telemetry(cfg, run_id) as telemetry:
-            agent, summary, sig = await run_with_signals(
-                lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=telemetry),
-                attach=getattr(telemetry, "attach", None),
-            )
+
+            def started(agent: Any) -> None:
+                announce(err_console, cfg, run_id, str(agent.writer.path), telemetry)
+                if telemetry is not None:
+                    telemetry.attach(agent)
+                status.start(agent)
+
+            try:
+                agent, summary, sig = await run_with_signals(
+                    lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=Tee(telemetry, status)),
+                    attach=started,
+                )
+            finally:
+                status.stop()
+            ran.update(summary=summary, sig=sig)
         return summary, sig, score_against_twin(summary.log_path, agent.driver)
 
-    summary, sig, score = asyncio.run(go())
-    ignore_late_signals()
-    if json_out:
-        print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
-    else:
+    def show(summary: Any, score: dict[str, Any] | None) -> None:
+        if json_out:
+            print(json.dumps({**summary.to_dict(), **({"vs_ground_truth": score} if score else {})}))
+            return
         print_summary(summary, f"run {cfg.name} ({run_id})")
         if score:
             console.print(
@@ -120,6 +145,16 @@ def run(
                 f"position RMSE {score['rmse_A']:.3f} Å"
             )
         console.print(f"run log: [bold]{summary.log_path}[/]")
+
+    try:
+        summary, sig, score = asyncio.run(go())
+    except BaseException:
+        if "summary" in ran:  # the run ended but something after it failed: the summary still shows
+            ignore_late_signals()
+            show(ran["summary"], None)
+        raise
+    ignore_late_signals()
+    show(summary, score)
     code = exit_code(summary, sig)
     if code:
         fail(f"run {cfg.name}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
@@ -139,16 +174,11 @@ def replay(
     LOG may also be an acquisition from other software (.dm3/.dm4, .emd, .tif, Nion .ndata/.h5):
     its images are analysed with the default pipeline at their own pixel calibration (or at
     --pixel-size-A)."""
-    from stemagent.drivers.files import is_acquisition_file
-    from stemagent.errors import InputError
-
     if pace not in PACES:
         raise InputError("--pace", pace, f"must be one of {PACES}")
     if pixel_size_A is not None and not (0 < pixel_size_A < 1e4):
         raise InputError("--pixel-size-A", pixel_size_A, "must be a positive length in Å")
     if is_acquisition_file(log):
-        from stemagent.agent.replay_files import replay_file
-
         summary, sig = asyncio.run(replay_file(log, log_dir=log_dir, pace=pace, pixel_size_A=pixel_size_A))
         ignore_late_signals()
         if json_out:
@@ -162,10 +192,6 @@ def replay(
         return
     if pixel_size_A is not None:
         raise InputError("--pixel-size-A", pixel_size_A, "applies to acquisition files; a run log carries its calibration")
-    from stemagent.agent.factory import build_agent, new_run_dir
-    from stemagent.agent.replay_log import logged_controls, replay_config, unreadable_frames
-    from stemagent.runlog import RunLog
-
     original = RunLog.open(log)
     cfg = replay_config(original, log, pace)
     schedule = logged_controls(original)
@@ -206,7 +232,8 @@ def train_segmenter(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (for logs)"),
 ) -> None:
     """Train the U-Net atom finder on frames generated by the twin; write weights and model card."""
-    from stemagent.agent.segmenter_training import load_train_config, run_training
+    # heavy: torch and the training loop, imported only for this command
+    from stemagent.agent.app.segmenter_training import load_train_config, run_training
 
     card = run_training(load_train_config(config), show_progress=not no_progress)
     console.print(f"weights: [bold]{card['config']['out']}[/] ({card['trained']['steps']} steps, {card['trained']['seconds']} s)")
@@ -217,30 +244,17 @@ def score_against_twin(log_path: str, driver: Any) -> dict[str, Any] | None:
     truth = getattr(driver, "ground_truth", None)
     if truth is None or not hasattr(truth, "frame_truth"):
         return None
-    from stemagent.runlog import RunLog
-    from stemagent.simulators.scoring import score_run
-
     return score_run(RunLog.open(log_path), truth)
 
 
 def compare_atoms(a: Any, b: Any) -> tuple[int, int]:
     """(frames whose atoms are bit-for-bit equal, frames of the original with atoms), matched by identity."""
-    from stemagent.agent.replay_log import compare_atoms as by_identity
-
-    return by_identity(a, b)
+    return compare_by_identity(a, b)
 
 
-from stemagent.agent.transport_cli import bridge as _bridge  # noqa: E402 - the bridge command lives with the transport
-
-app.command("bridge")(one_line_errors(_bridge))
-
-from stemagent.agent.cli_simulate import simulate as _simulate  # noqa: E402 - the twin's data command
-
-app.command("simulate")(one_line_errors(_simulate))
-
-from stemagent.agent.cli_boundaries import analyze_boundaries as _analyze_boundaries  # noqa: E402 - boundary analysis
-
-app.command("analyze-boundaries")(_analyze_boundaries)
+app.command("bridge")(one_line_errors(bridge))
+app.command("simulate")(one_line_errors(simulate))
+app.command("analyze-boundaries")(analyze_boundaries)
 
 
 def main() -> None:  # pragma: no cover - console entry for python -m
@@ -248,4 +262,4 @@ def main() -> None:  # pragma: no cover - console entry for python -m
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -18,6 +18,8 @@ import typer
 from stemagent.clock import VirtualClock
 from stemagent.config import load_config
 from stemagent.errors import ConfigError, InputError
+from stemagent.simulators.factory import twin_from_config
+from stemagent.types import ScanGeometry
 
 
 def _check_writable(out: Path) -> None:
@@ -40,9 +42,6 @@ def simulate(
     random_centers: bool = typer.Option(False, "--random-centers", help="move the field to a random place each frame"),
 ) -> None:
     """Simulate frames with the digital twin and write them with their ground truth."""
-    from stemagent.simulators.factory import twin_from_config
-    from stemagent.types import ScanGeometry
-
     cfg = load_config(config)
     if cfg.driver.kind != "twin":
         raise ConfigError(str(config), "driver.kind", cfg.driver.kind, "simulate needs a 'twin' driver")
@@ -82,5 +81,5 @@ def simulate(
     arrays = asyncio.run(go())
     arrays["events_json"] = np.asarray(json.dumps([e.to_dict() for e in driver.ground_truth.events]))
     arrays["config_json"] = np.asarray(json.dumps(cfg.model_dump(mode="json")))
-    np.savez_compressed(out, **arrays)
+    np.savez_compressed(out, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     typer.echo(json.dumps({"out": str(out), "frames": n_frames, "events": len(driver.ground_truth.events)}))

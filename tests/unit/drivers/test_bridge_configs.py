@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 
 from stemagent.driver import Driver
+from stemagent.agent.app.factory import bridge_backend
 from stemagent.drivers.bridge import backend_from_config, load_bridge_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BRIDGE_CONFIGS = sorted((ROOT / "configs" / "bridge").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", BRIDGE_CONFIGS, ids=lambda p: p.name)
 def test_shipped_bridge_configs_build(path: Path) -> None:
     cfg = load_bridge_config(path)
-    assert isinstance(backend_from_config(cfg), Driver)
+    assert isinstance(backend_from_config(cfg, bridge_backend), Driver)
 
 
 def test_empty_bridge_config_serves_the_minimal_twin(tmp_path: Path) -> None:
@@ -24,7 +25,7 @@ def test_empty_bridge_config_serves_the_minimal_twin(tmp_path: Path) -> None:
     p.write_text("")
     cfg = load_bridge_config(p)
     assert cfg.driver == {"kind": "minimal-twin"}
-    assert type(backend_from_config(cfg)).__name__ == "MinimalTwinDriver"
+    assert type(backend_from_config(cfg, bridge_backend)).__name__ == "MinimalTwinDriver"
 
 
 def test_bridge_import_footprint_is_small() -> None:

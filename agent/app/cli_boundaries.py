@@ -24,7 +24,13 @@ from typing import Iterator, Optional
 import numpy as np
 import typer
 
+from stemagent.agent.app.cli_support import console, fail
+from stemagent.boundaries.analysis import analyze_sequences, deduplicate_traces, sequences_from_traces
+from stemagent.boundaries.config import BoundaryAnalysisConfig
+from stemagent.boundaries.trace import BoundaryStage
+from stemagent.drivers.files import is_acquisition_file, read_acquisitions
 from stemagent.errors import InputError
+from stemagent.runlog.reader import RunLog
 from stemagent.types import Frame, ScanGeometry
 
 
@@ -41,7 +47,7 @@ def _frames_from_npz(path: Path) -> Iterator[Frame]:
     fov = scan.get("fov_A")
     if fov is None:
         raise InputError(f"{path}:config_json.scan.fov_A", None, "is needed to place the frames in Å")
-    fov = (float(fov), float(fov)) if np.isscalar(fov) else tuple(float(v) for v in fov)
+    fov = (float(fov), float(fov)) if isinstance(fov, (int, float)) else tuple(float(v) for v in fov)
     for i, img in enumerate(images):
         geo = ScanGeometry(center_A=tuple(float(v) for v in centers[i]), fov_A=fov, shape_px=img.shape,  # type: ignore[arg-type]
                            rotation_rad=float(scan.get("rotation_rad", 0.0)), dwell_s=float(scan.get("dwell_s", 1e-6)))
@@ -52,8 +58,6 @@ def _frames_from_npz(path: Path) -> Iterator[Frame]:
 def frames_from_path(path: Path, pixel_size_A: Optional[float] = None) -> Iterator[Frame]:
     """Frames of a run log folder, a ``simulate`` .npz, or a microscope file."""
     if path.is_dir() or path.name == "documents.jsonl":
-        from stemagent.runlog.reader import RunLog
-
         yield from RunLog.open(path).frames()
         return
     if not path.is_file():
@@ -61,8 +65,6 @@ def frames_from_path(path: Path, pixel_size_A: Optional[float] = None) -> Iterat
     if path.suffix.lower() == ".npz":
         yield from _frames_from_npz(path)
         return
-    from stemagent.drivers.files import is_acquisition_file, read_acquisitions
-
     if not is_acquisition_file(path):
         raise InputError("path", str(path), "is not a run log, a .npz from 'stemagent simulate' or a microscope image file")
     for i, acq in enumerate(read_acquisitions(path, pixel_size_A=pixel_size_A)):
@@ -95,11 +97,6 @@ def analyze_boundaries(
     seed: int = typer.Option(0, help="seed of the bootstrap and the cross-validation folds"),
 ) -> None:
     """Read domain boundaries from frames, fit their 2-motif chain and write the analysis."""
-    from stemagent.agent.cli import console, fail
-    from stemagent.boundaries.analysis import analyze_sequences, deduplicate_traces, sequences_from_traces
-    from stemagent.boundaries.config import BoundaryAnalysisConfig
-    from stemagent.boundaries.trace import BoundaryStage
-
     try:
         cfg = BoundaryAnalysisConfig(fixed=_parse_fixed(fix), seed=seed, omega_n_max=omega_n_max, kmotif_boot=kmotif_boot)
         stage = BoundaryStage(cfg.trace)
@@ -137,7 +134,7 @@ def analyze_boundaries(
     written = list(files)
     if figures:
         try:
-            from stemagent.boundaries import figures as figs
+            from stemagent.boundaries import figures as figs  # matplotlib: optional (the bench extra)
         except ImportError:  # pragma: no cover - matplotlib is in the bench extra
             figures = False
         else:

@@ -8,7 +8,7 @@ from stemagent.errors import ConfigError
 # run configs; configs/train-*.yaml and configs/bridge-*.yaml have their own schemas and tests
 CONFIGS = sorted(
     p
-    for p in Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")
+    for p in Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml")
     if not p.name.startswith(("train-", "bridge-"))
 )
 
@@ -22,7 +22,8 @@ def test_shipped_configs_validate(path):
 def test_defaults_are_a_valid_run():
     cfg = config_from_dict({})
     assert cfg.driver.kind == "minimal-twin"
-    assert cfg.scan.geometry().shape_px == (cfg.scan.shape_px, cfg.scan.shape_px)
+    assert cfg.scan.geometry().shape_px == cfg.scan.shape_px == (256, 256)
+    assert config_from_dict({"scan": {"fov_A": 12.8, "shape_px": [64, 32]}}).scan.geometry().fov_A == (12.8, 12.8)
 
 
 @pytest.mark.parametrize(

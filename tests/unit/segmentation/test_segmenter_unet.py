@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame
+from stemagent.agent.app.segmenter_training import LABEL_OFFSET, twin_frame
 from stemagent.config import config_from_dict
 from stemagent.errors import InputError
 from stemagent.segmentation.metrics import match
@@ -112,7 +112,7 @@ def test_blank_frame_gives_no_atoms(seg):
 
 
 def test_config_and_factory_build_it():
-    from stemagent.agent.factory import build_segmenter
+    from stemagent.agent.app.factory import build_segmenter
 
     cfg = config_from_dict({"pipeline": {"segmenter": {"kind": "unet", "device": "cpu", "threshold": 0.45}}})
     s = build_segmenter(cfg)
