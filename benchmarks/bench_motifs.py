@@ -220,9 +220,8 @@ def layout_quality(y: np.ndarray, truth: np.ndarray) -> dict:
 def bench_layout(ml_python: str | None, thread_counts: list[int], tmp: Path) -> dict:
     enc = ZernikeEncoder()
     data = motif_dataset(("mos2",), 6, 500, enc) + motif_dataset(("graphene",), 3, 600, enc)
-    offset = 0
     xs, ys = [], []
-    for kind, x, y, names in data:  # disjoint label ranges for the two specimens
+    for kind, x, y, _names in data:  # disjoint label ranges for the two specimens
         xs.append(x)
         ys.append(y + (0 if kind == "mos2" else 10))
     x = np.concatenate(xs)[:5000]
@@ -276,7 +275,7 @@ def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segment
     stage = EncodingStage(EncodingConfig(clustering=method, seed=0, recluster_every=recluster_every))
     preds, truths = [], []
     seconds = 0.0
-    for frame, truth, labels, names, _ in frames:
+    for frame, truth, labels, _names, _ in frames:
         if atoms_from == "truth":
             pos = truth.positions_A
             lab = labels
@@ -307,7 +306,7 @@ def _motiflearn_labels(ml_python: str | None, frames: list, tmp: Path, threads: 
     size = int(2 * math.ceil(1.3 * nn_px))  # the same disk as ours, on integer-centred patches
     arrays: dict[str, Any] = {"n_frames": len(frames), "patch_px": size, "n_max": 10}
     keep_all = []
-    for i, (frame, truth, labels, names, _) in enumerate(frames):
+    for i, (frame, truth, _labels, _names, _) in enumerate(frames):
         rc = truth.pixels_rc
         keep = np.all((rc > size / 2 + 1) & (rc < np.array(frame.image.shape) - size / 2 - 2), axis=1)
         arrays[f"image_{i}"] = frame.image
@@ -319,7 +318,7 @@ def _motiflearn_labels(ml_python: str | None, frames: list, tmp: Path, threads: 
     # motif-learn's labels are per frame (no library): score each frame and pool the matched labels
     preds, truths = [], []
     base = 0
-    for i, (frame, truth, labels, names, _) in enumerate(frames):
+    for i, (_frame, _truth, labels, _names, _) in enumerate(frames):
         lab = out[f"labels_{i}"]
         preds.append(lab + base)
         base += int(lab.max()) + 1
@@ -414,7 +413,7 @@ def bench_stage(thread_counts: list[int]) -> dict:
         parts: dict[str, list[float]] = {}
         reclusters = 0
         for rep in range(3):
-            for frame, truth, labels, names, _ in frames:
+            for frame, truth, labels, _names, _ in frames:
                 atoms = Atoms(truth.positions_A, np.zeros(len(labels), dtype=int), np.ones(len(labels)), frame.index)
                 t0, c0 = time.perf_counter(), time.process_time()
                 stage.process(frame, atoms)

@@ -37,7 +37,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any

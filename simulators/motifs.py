@@ -86,7 +86,7 @@ def site_motifs(specimen: Specimen, wall_threshold: float = 0.5) -> tuple[np.nda
 
 def _film_motifs(specimen: Specimen, wall_threshold: float) -> tuple[np.ndarray, tuple[str, ...]]:
     ex = specimen.extras
-    variants = [tuple(float(c) for c in v) for v in ex.get("variant_vectors", ((0.0, 1.0), (0.0, -1.0)))]
+    variants = [(float(v[0]), float(v[1])) for v in ex.get("variant_vectors", ((0.0, 1.0), (0.0, -1.0)))]
     names = ["A", "O"] + [f"B{_variant_name(v)}" for v in variants] + ["domain-wall"]
     role = specimen.site_role
     labels = np.where(role == 0, 0, 1).astype(np.int64)

@@ -27,6 +27,7 @@ def make_driver(**options: Any) -> Any:
     """The bridge's adapter factory: validate ``options`` (a :class:`NionConfig`) and build the backend."""
     cfg = validate_model(NionConfig, options, source="adapter_options")
     try:
+        # Nion packages are an optional extra: imported only when this backend is selected
         from stemagent.drivers.nion.backend import NionDriver
 
         return NionDriver.from_config(cfg)

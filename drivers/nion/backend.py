@@ -92,7 +92,7 @@ class NionDriver:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.run_in_executor(pool, fn, *args), timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not blank_path:  # the worker may be stuck in Nion: abort, and let a fresh one take over
                 self._abort_soon()
                 self._scan_pool.shutdown(wait=False, cancel_futures=True)
@@ -335,6 +335,7 @@ class NionDriver:
     def from_config(cls, cfg: NionConfig) -> "NionDriver":
         if cfg.mode == "swift":
             return cls(cfg)
+        # usim (Nion's simulated microscope) is imported only in usim mode
         from stemagent.drivers.nion.usim import UsimMicroscope, build_generator
 
         generator = build_generator(cfg.usim, cfg.blank_control)

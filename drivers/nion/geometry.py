@@ -149,7 +149,7 @@ def position_from_fraction(context: ScanGeometry, fraction_yx: tuple[float, floa
 
 def monotonic_of(timestamp: _dt.datetime, now_monotonic_s: float, now_epoch_s: float) -> float:
     """A Nion data timestamp (UTC, naive or aware) on the process's monotonic clock."""
-    ts = timestamp if timestamp.tzinfo is not None else timestamp.replace(tzinfo=_dt.timezone.utc)
+    ts = timestamp if timestamp.tzinfo is not None else timestamp.replace(tzinfo=_dt.UTC)
     return now_monotonic_s - (now_epoch_s - ts.timestamp())
 
 

@@ -116,6 +116,7 @@ def build_generator(cfg: Any, blank_control: str = "C_Blank") -> Any:
     """The scan-data generator a :class:`~stemagent.drivers.nion.config.UsimConfig` asks for."""
     if cfg.generator == "sample":
         return InstrumentDevice.ScanDataGenerator(sample_index=cfg.sample_index)
+    # the twin generator needs the simulators (a test and demo path only, never on a real console)
     from stemagent.clock import SystemClock
     from stemagent.drivers.nion.usim_twin import TwinScanDataGenerator
     from stemagent.simulators.factory import twin_from_config

@@ -216,7 +216,7 @@ class DisplacementGP:
     def _fit(self, max_iter: int, n_starts: int) -> float:
         if self.n < 4:
             return math.nan
-        from botorch.optim.fit import fit_gpytorch_mll_scipy
+        from botorch.optim.fit import fit_gpytorch_mll_scipy  # botorch is heavy; only a refit needs it
 
         self.model.train()
         self.likelihood.train()

@@ -47,6 +47,7 @@ from stemagent.drift.gp import DisplacementGP
 from stemagent.drift.tracking import match
 from stemagent.errors import InputError
 from stemagent.types import Atoms, Frame, ScanGeometry
+from stemagent.drift.resample import corrected_image
 
 #: 95% two-sided Gaussian quantile
 Z95 = 1.959963984540054
@@ -506,8 +507,6 @@ class DriftStage:
         )
         image = None
         if corrected and self.config.resample_frame and status in ("reference", "tracking"):
-            from stemagent.drift.resample import corrected_image
-
             image = corrected_image(frame, lambda t: (self._drift_at(t)[0], np.sqrt(self._drift_at(t)[1])))
         shift = counts.pop("shift_A", np.zeros(2))
         est = DriftEstimate(

@@ -96,14 +96,14 @@ class ZernikeEncoder:
         if binning > 1:
             img = F.avg_pool2d(img[None, None], binning)[0, 0] * float(binning * binning)
             c = (c + 0.5) / binning - 0.5
-        inside = inside_mask(c, patch_px, tuple(img.shape))
+        inside = inside_mask(c, patch_px, (int(img.shape[0]), int(img.shape[1])))
         basis = self.basis(patch_px, radius_px)
         k = len(basis.n)
         moments = np.full((len(c), k), np.nan + 0j, dtype=np.complex128)
         symmetry = np.full((len(c), len(SYMMETRY_FOLDS)), np.nan)
         if inside.any():
             mom = zernike_moments_at(img, torch.as_tensor(c[inside], dtype=torch.float32, device=self.device), basis)
-            mom = rotate_moments(mom, basis.m, float(rotation_rad))
+            mom = torch.as_tensor(rotate_moments(mom, basis.m, float(rotation_rad)))
             symmetry[inside] = symmetry_scores(mom, basis.m, SYMMETRY_FOLDS).cpu().numpy()
             moments[inside] = mom.cpu().numpy()
         mag = np.abs(moments)

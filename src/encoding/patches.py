@@ -94,7 +94,7 @@ def extract_patches(image: torch.Tensor, centres_rc: torch.Tensor, patch_px: int
     offsets ``(N, 2)`` from the patch centres (see :func:`patch_anchors`)."""
     if image.ndim != 2:
         raise InputError("image.shape", tuple(image.shape), "must be (rows, cols)")
-    anchors, offsets = patch_anchors(centres_rc, patch_px, tuple(image.shape))
+    anchors, offsets = patch_anchors(centres_rc, patch_px, (int(image.shape[0]), int(image.shape[1])))
     windows = image.unfold(0, patch_px, 1).unfold(1, patch_px, 1)
     return windows[anchors[:, 0], anchors[:, 1]], offsets
 

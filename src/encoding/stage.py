@@ -99,11 +99,12 @@ class EncodingStage:
 
     def _new_tracker(self) -> MotifTracker:
         c = self.config
-        options: dict[str, Any] = {
+        all_options: dict[str, dict[str, Any]] = {
             "robust": {"alpha": c.outlier_alpha, "mode_fraction": c.mode_fraction, "min_cluster_size": c.min_cluster_size},
             "layout": {"n_neighbors": c.n_neighbors, "iterations": c.layout_iterations, "min_cluster_size": c.min_cluster_size},
             "gmm": {"max_components": c.max_components},
-        }[c.clustering]
+        }
+        options = all_options[c.clustering]
         library = MotifLibrary(c.novelty_sigmas, c.novelty_min_effect, c.library_memory)
         return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed)
 

@@ -40,6 +40,8 @@ from sklearn.mixture import GaussianMixture
 from torch.nn import functional as F
 
 from stemagent.errors import InputError
+from stemagent.encoding.hierarchy import _translation_lattice
+from stemagent.encoding.patches import nearest_neighbour_distance
 
 METHODS = ("pca", "nmf", "ica", "gmm")
 
@@ -224,9 +226,6 @@ class Lattice:
 def fit_lattice(xy: np.ndarray, vectors_guess: np.ndarray | None = None) -> Lattice:
     """Least-squares lattice through points ``xy`` ``(N, 2)`` of one sublattice (each point gets the
     nearest integer indices, then origin and vectors are refitted, twice)."""
-    from stemagent.encoding.hierarchy import _translation_lattice
-    from stemagent.encoding.patches import nearest_neighbour_distance
-
     p = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if len(p) < 4:
         raise InputError("reference sites", len(p), "need at least 4 sites to fit a lattice")

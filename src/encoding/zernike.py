@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from stemagent.errors import InputError
+from stemagent.encoding.patches import patch_anchors
 
 
 
@@ -198,7 +199,7 @@ class ZernikeBasis:
     def _phi(self, dy: float, dx: float) -> np.ndarray:
         """Separable products ``L_p(x) L_q(y)`` on the patch, ``(L, P * P)`` (row-major pixels)."""
         x, y = self._coords(dy, dx)
-        lx, ly = legendre(x, self.n_max), legendre(y, self.n_max)
+        lx, ly = np.asarray(legendre(x, self.n_max)), np.asarray(legendre(y, self.n_max))
         pp, qq = _legendre_pairs(self.n_max)
         return (ly[:, None, qq] * lx[None, :, pp]).reshape(-1, len(pp)).T
 
@@ -248,7 +249,7 @@ class ZernikeBasis:
         t = self._cache.get(key)
         if t is None:
             t = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in self._banks().items()}
-            t["shared_projector"] = self.correction == "none"  # type: ignore[assignment]
+            t["shared_projector"] = self.correction == "none"
             self._cache[key] = t
         return t
 
@@ -377,14 +378,12 @@ def zernike_moments_at(
     """Moments ``(N, K)`` of patches of ``image`` ``(H, W)`` centred on ``centres_rc`` ``(N, 2)``
     (fractional row, col). Patches are cut chunk by chunk right before their moments (they stay in
     cache). Every patch must lie inside the image (see :func:`~stemagent.encoding.patches.patch_anchors`)."""
-    from stemagent.encoding.patches import patch_anchors
-
     if image.ndim != 2:
         raise InputError("image.shape", tuple(image.shape), "must be (rows, cols)")
     dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
     image = image.to(dtype)
     t = basis.tensors(image.device, dtype)
-    anchors, offsets = patch_anchors(centres_rc.to(image.device, dtype), basis.patch_px, tuple(image.shape))
+    anchors, offsets = patch_anchors(centres_rc.to(image.device, dtype), basis.patch_px, (int(image.shape[0]), int(image.shape[1])))
     p = basis.patch_px
     if image.device.type == "cpu":  # numpy's fancy indexing of a strided view is several times faster here
         windows_np = np.lib.stride_tricks.sliding_window_view(image.numpy(), (p, p))

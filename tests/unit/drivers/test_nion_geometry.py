@@ -92,7 +92,7 @@ def test_probe_fraction_round_trip() -> None:
 
 def test_nion_timestamps_on_the_monotonic_clock() -> None:
     now_mono, now_epoch = 1000.0, 1_700_000_000.0
-    stamp = dt.datetime.fromtimestamp(now_epoch - 0.25, tz=dt.timezone.utc).replace(tzinfo=None)  # Nion: naive UTC
+    stamp = dt.datetime.fromtimestamp(now_epoch - 0.25, tz=dt.UTC).replace(tzinfo=None)  # Nion: naive UTC
     end = ng.monotonic_of(stamp, now_mono, now_epoch)
     assert end == pytest.approx(999.75)
     g = ScanGeometry(shape_px=(100, 100), dwell_s=1e-5)  # 0.1 s
