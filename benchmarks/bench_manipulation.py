@@ -1,8 +1,8 @@
 """Benchmark: move a Si dopant 5 sites through graphene on the twin, BO policy vs greedy vs random.
 
 Every run: a twin (graphene, one Si placed at the sheet's centre, a seed-drawn target 5 bonds
-away), a survey scan (20 Å, 1e4 e/Å²) segmented by the shipped U-Net, then the closed loop of
-:func:`stemagent.agent.manipulation.run_manipulation` (park -> steps in the signal -> small
+away), a survey scan (20 Å, 1e4 e/Å²) segmented by the shipped U-Net, then the ordinary agent run
+(``stemagent run`` with ``policy.kind: manipulation``: park -> steps in the signal -> small
 confirmation scan -> U-Net -> outcome -> model update -> re-plan), every command through the
 safety gate. The three policies run on the same twin seeds in the same process.
 
@@ -25,6 +25,8 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,14 +38,13 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 from scipy.spatial import cKDTree
 
-from stemagent.agent.manipulation import run_manipulation
-from stemagent.agent.safety import SafetyGate
+from stemagent.agent.app.factory import build_agent
 from stemagent.clock import VirtualClock
-from stemagent.config import SafetyConfig, TwinConfig
+from stemagent.config import RunConfig, TwinConfig, config_from_dict
 from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
 from stemagent.policies.manipulation.config import BaselineConfig, StopConfig
 from stemagent.simulators.factory import specimen_from_config, twin_from_config
-from stemagent.types import Park, ParkResult, ScanGeometry
+from stemagent.runlog import RunLog
 
 HOPS = 5
 MAX_PARKS = 3000  # per run; the dose budgets are left open so every policy can finish
@@ -94,54 +95,105 @@ def policy_config(strategy: str, target_A, dopant_A, baseline: BaselineConfig) -
                               stop=StopConfig(max_parks=MAX_PARKS))
 
 
-async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, baseline: BaselineConfig) -> dict[str, Any]:
-    cfg, clock, twin, s0, target = build_case(condition, seed)
+def run_config(condition: str, strategy: str, survey_center_A: tuple[float, float], target_A: Any, dopant_A: Any,
+               baseline: BaselineConfig, seed: int) -> RunConfig:
+    """The ordinary run configuration of one benchmark run (``policy.kind: manipulation``)."""
+    return config_from_dict({
+        "name": f"bench-manip-{condition}-{strategy}-{seed}", "seed": seed, "max_frames": 100000,
+        "driver": twin_config(condition).model_dump(mode="json"),
+        "scan": {"center_A": list(survey_center_A), "fov_A": SURVEY_FOV_A, "shape_px": 120, "dwell_s": 1e-5},
+        "pipeline": {"segmenter": {"kind": "unet", "device": "cpu", "num_threads": 1}},
+        "policy": policy_config(strategy, target_A, dopant_A, baseline).model_dump(mode="json"),
+        "safety": {"area_center_A": list(survey_center_A), "area_half_width_A": 20.0, "max_fov_A": 40.0, "max_park_s": 10.0,
+                   "dose_budget_e_per_A2": 1e14, "max_commands_per_s": 1e6},
+        "log": {"directory": "runs", "fsync": False},
+    }, source="<bench_manipulation>")
+
+
+class Timed:
+    """Wall and CPU (this thread) time of each of the policy's calls, and per park whether the
+    change-point test found a step and where the policy aimed the dopant; installed on the policy
+    instance the agent built (the pipeline calls the instance's methods)."""
+
+    def __init__(self, policy: ManipulationPolicy) -> None:
+        self.wall_s: list[float] = []
+        self.cpu_s: list[float] = []
+        self.detected: list[bool] = []
+        self.intended_A: list[np.ndarray] = []
+        decide, observe = policy.decide, policy.observe_park
+
+        def timed_decide(obs: Any) -> Any:
+            return self._time(decide, obs)
+
+        def timed_observe(obs: Any) -> Any:
+            p = policy.pending_park
+            self.intended_A.append(p.positions_A[p.intended_node].copy() if p is not None else np.full(2, np.nan))
+            before = policy.stats.parks_with_steps
+            out = self._time(observe, obs)
+            self.detected.append(policy.stats.parks_with_steps > before)
+            return out
+
+        policy.decide = timed_decide  # type: ignore[method-assign]
+        policy.observe_park = timed_observe  # type: ignore[method-assign]
+
+    def _time(self, fn: Any, obs: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = fn(obs)
+        self.wall_s.append(time.perf_counter() - t0)
+        self.cpu_s.append(time.thread_time() - c0)
+        return out
+
+
+async def one_run(condition: str, seed: int, strategy: str, baseline: BaselineConfig, log_dir: Path) -> dict[str, Any]:
+    """One experiment through the ordinary agent run (``build_agent`` + ``Agent.run``, the pipeline
+    U-Net -> manipulation policy, every command through the safety gate), then the ground truth of
+    every park read against the twin's events."""
+    _, clock, twin, s0, target = build_case(condition, seed)
     sp = twin.specimen
     start_A, target_A = sp.sites_A[s0].copy(), sp.sites_A[target].copy()
-    centre = tuple(float(v) for v in (start_A + target_A) / 2)
-    survey = ScanGeometry(center_A=centre, fov_A=(SURVEY_FOV_A, SURVEY_FOV_A), shape_px=(120, 120), dwell_s=1e-5)
-    policy = ManipulationPolicy(policy_config(strategy, target_A, start_A, baseline), seed=seed)
-    gate = SafetyGate(SafetyConfig(area_center_A=centre, area_half_width_A=20.0, max_fov_A=40.0, max_park_s=10.0,
-                                   max_total_dose_e_per_A2=1e14, max_commands_per_s=1e6), beam_current_pA=cfg.beam_current_pA)
+    centre = (float((start_A[0] + target_A[0]) / 2), float((start_A[1] + target_A[1]) / 2))
+    cfg = run_config(condition, strategy, centre, target_A, start_A, baseline, seed)
     gt = twin.ground_truth
     si_atom = int(np.flatnonzero(sp.numbers == 14)[0])
     to_target, site_tree = hops_to_target(twin, target)
-    parks: list[dict[str, Any]] = []
-
-    def on_command(cmd: Any, result: Any) -> None:
-        """Ground truth of each park: every event in it; a Si hop is 'intended' (to the site the policy
-        aimed at), 'toward' (another site closer to the target) or 'away' (a wrong-direction hop)."""
-        if isinstance(cmd, Park) and isinstance(result, ParkResult):
-            p = policy.pending_park
-            ev = gt.events_between(result.start_time_s, result.start_time_s + result.dwell_s + 1e-9)
-            kinds = []
-            for e in ev:
-                if e.kind == "swap" and si_atom in e.atoms:
-                    k = e.atoms.index(si_atom)
-                    old = int(site_tree.query(e.positions_before_A[k])[1])
-                    new = int(site_tree.query(e.positions_after_A[k])[1])
-                    aimed = p is not None and np.linalg.norm(np.asarray(e.positions_after_A[k]) - p.positions_A[p.intended_node]) < 0.6
-                    kinds.append("intended" if aimed and to_target[new] < to_target[old] else
-                                 "toward" if to_target[new] < to_target[old] else "away")
-                else:
-                    kinds.append(e.kind)
-            parks.append({"start": result.start_time_s, "events": kinds})
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    res = await run_manipulation(driver=twin, segmenter=segmenter, policy=policy, gate=gate, clock=clock, survey=survey,
-                                 on_command=on_command)
+    agent = await build_agent(cfg, run_dir=log_dir / f"{condition}-{strategy}-{seed}", driver=twin, clock=clock)
+    policy = agent.policy
+    assert isinstance(policy, ManipulationPolicy)
+    timed = Timed(policy)
+    summary = await agent.run()
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    steps_by_park = list(getattr(policy, "_bench_steps", []))  # see instrument()
+
+    log = RunLog.open(summary.log_path)
+    parks = []
+    for k, doc in enumerate(log.event_data("parks")):
+        t_a, t_b = doc["start_time_s"], doc["start_time_s"] + doc["dwell_s"] + 1e-9
+        kinds = []
+        for e in gt.events:
+            if not t_a <= e.time_s < t_b:
+                continue
+            if e.kind == "swap" and si_atom in e.atoms:
+                j = e.atoms.index(si_atom)
+                old = int(site_tree.query(e.positions_before_A[j])[1])
+                new = int(site_tree.query(e.positions_after_A[j])[1])
+                aimed = k < len(timed.intended_A) and np.linalg.norm(np.asarray(e.positions_after_A[j]) - timed.intended_A[k]) < 0.6
+                kinds.append("intended" if aimed and to_target[new] < to_target[old] else
+                             "toward" if to_target[new] < to_target[old] else "away")
+            else:
+                kinds.append(e.kind)
+        parks.append({"start": t_a, "events": kinds})
     knock = sum(1 for e in gt.events if e.kind == "knock_on")
     final_site = int(sp.site_of_atom[si_atom])
-    st = res.stats
+    st = policy.stats.to_dict()
     return {
         "condition": condition, "seed": seed, "strategy": strategy,
         "success": bool(final_site == target and knock == 0),
         "reached": bool(final_site == target),
-        "stop_reason": res.stop_reason,
+        "stop_reason": policy.stop_reason or summary.reason,
+        "exit_status": summary.exit_status, "beam_blanked_at_end": summary.beam_blanked_at_end,
         "dose_e_per_A2": st["dose_e_per_A2"],
         "beam_s": st["park_s"] + st["scan_s"],
         "parks": int(st["parks"]), "confirm_scans": int(st["confirm_scans"]),
@@ -150,25 +202,13 @@ async def one_run(condition: str, seed: int, strategy: str, segmenter: Any, base
         "away_hops": sum(p["events"].count("away") for p in parks),
         "damage_events": knock,
         "parks_truth": [len(p["events"]) > 0 for p in parks],
-        "parks_detected": steps_by_park[: len(parks)],
-        "decision_ms": [1e3 * t for t in res.decision_times_s],
-        "decision_cpu_ms": [1e3 * t for t in res.decision_cpu_s],
+        "parks_detected": timed.detected[: len(parks)],
+        "decision_ms": [1e3 * t for t in timed.wall_s],
+        "decision_cpu_ms": [1e3 * t for t in timed.cpu_s],
+        "loop_latency_ms_p95": summary.latency_ms_p95,
         "wall_s": wall, "cpu_s": cpu,
         "swap_rate": gt.swap_rate.get("model", "physical"),
     }
-
-
-def instrument(policy_cls: type) -> None:
-    """Record, per park, whether the policy's change-point test found a step (for precision/recall)."""
-    orig = policy_cls.observe_park
-
-    def observe_park(self, result):  # type: ignore[no-untyped-def]
-        before = self.stats.parks_with_steps
-        out = orig(self, result)
-        self.__dict__.setdefault("_bench_steps", []).append(self.stats.parks_with_steps > before)
-        return out
-
-    policy_cls.observe_park = observe_park
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,7 +269,7 @@ def slim(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def figure(runs: list[dict[str, Any]], path: Path) -> None:
     """Dose to the goal per run (log scale), one panel per condition, one column of points per policy."""
-    import matplotlib
+    import matplotlib  # only for --figure: the benchmark runs without it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,6 +306,7 @@ def main() -> None:
     ap.add_argument("--tune-greedy", action="store_true", help="grid over greedy offset x dwell on the physical twin")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/manipulation.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--log-dir", type=Path, default=None, help="keep the run logs here (default: a temporary folder, removed)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise the runs of these result files together")
     ap.add_argument("--figure", type=Path, default=None, help="with --merge: a PNG of the dose per run, policy and condition")
     args = ap.parse_args()
@@ -281,18 +322,16 @@ def main() -> None:
         return
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    from stemagent.segmentation.unet_segmenter import UNetSegmenter
-
-    instrument(ManipulationPolicy)
-    seg = UNetSegmenter(device="cpu", num_threads=args.threads)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-manip-")) if args.log_dir is None else args.log_dir
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     t_start = time.time()
+    load_start = os.getloadavg()
     if args.tune_greedy:
         grid = []
         for off in (0.0, 0.15, 0.3):
             for dwell in (0.5, 1.0, 2.0, 4.0):
                 base = BaselineConfig(offset_along_A=off, dwell_s=dwell)
-                rs = [asyncio.run(one_run("physical", s, "greedy", seg, base)) for s in seeds]
+                rs = [asyncio.run(one_run("physical", s, "greedy", base, log_dir)) for s in seeds]
                 cost = [r["beam_s"] + 0.1 * r["parks"] for r in rs]
                 grid.append({"offset_along_A": off, "dwell_s": dwell, "median_dose": float(np.median([r["dose_e_per_A2"] for r in rs])),
                              "median_cost_s": float(np.median(cost)), "success": float(np.mean([r["success"] for r in rs]))})
@@ -306,7 +345,7 @@ def main() -> None:
         for cond in args.conditions.split(","):
             for seed in seeds:
                 for strat in args.strategies.split(","):
-                    r = asyncio.run(one_run(cond, seed, strat, seg, base))
+                    r = asyncio.run(one_run(cond, seed, strat, base, log_dir))
                     runs.append(r)
                     print(json.dumps({k: r[k] for k in ("condition", "seed", "strategy", "success", "stop_reason", "dose_e_per_A2",
                                                          "beam_s", "parks", "intended_hops", "toward_hops", "away_hops", "damage_events",
@@ -315,9 +354,12 @@ def main() -> None:
     doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "load_avg_at_end": os.getloadavg(), "wall_min": (time.time() - t_start) / 60.0,
                       "date": time.strftime("%Y-%m-%d")}
+    doc["machine"]["load_avg_at_start"] = load_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=float))
     print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=1, default=float))
+    if args.log_dir is None:
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 GREEDY_OFFSET_A = 0.0  # tuned: benchmarks/bench_manipulation.py --tune-greedy (see BENCHMARKS.md)

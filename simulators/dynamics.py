@@ -202,8 +202,8 @@ class BeamDynamics:
         if self.swap_rate is not None:
             sw = np.array([k == "swap" for k, _, _ in chans])
             if sw.any():
-                struck = np.array([a for k, a, _ in chans if k == "swap"])
-                sig[sw] = self.swap_rate.scan_cross_section_A2(specimen.site_of_atom[struck])
+                swapped = np.array([a for k, a, _ in chans if k == "swap"])
+                sig[sw] = self.swap_rate.scan_cross_section_A2(specimen.site_of_atom[swapped])
         p = -np.expm1(-sig * dose_e_per_A2)
         hit = rng.random(len(chans)) < p
         for j in np.flatnonzero(hit):
@@ -276,15 +276,3 @@ class BeamDynamics:
                 off, unit = bond_offsets(b, specimen.positions_A[si_ids, :2], specimen.positions_A[c_ids, :2])
                 rates[sw] = flux * self.swap_rate.per_electron(off, unit, specimen.site_of_atom[c_ids])
         return rates
-
-    def park_signal(self, specimen: Specimen, beam_sample_A: np.ndarray, sigma_of_z, ids: np.ndarray) -> np.ndarray:
-        """Expected fraction of the beam reaching the ADF detector with the beam at each row of
-        ``beam_sample_A`` ``(T, 2)``, given the current specimen state, over atoms ``ids``."""
-        if len(ids) == 0:
-            return np.zeros(len(beam_sample_A))
-        pos = specimen.positions_A[ids, :2]
-        w = sigma_of_z(specimen.numbers[ids]) * specimen.present[ids]
-        out = np.empty(len(beam_sample_A))
-        for k, b in enumerate(beam_sample_A):
-            out[k] = float(np.sum(w * self.probe_density(pos - b)))
-        return out

@@ -19,6 +19,7 @@ from stemagent.simulators.hop_rates import (
 from stemagent.simulators.optics import Aberrations, ProbeOptics
 from stemagent.simulators.scan import DetectorModel, DriftModel
 from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen, build_specimen
+from stemagent.simulators.twin import TwinDriver
 
 
 def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
@@ -33,6 +34,9 @@ def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
         }
     elif cfg.specimen == "srtio3":
         opts = {"n_cells": cfg.n_cells}
+    elif cfg.specimen == "boundary_film":
+        opts = {"n_cells": cfg.n_cells, "chain": cfg.boundary_chain.params(), "displacement_A": cfg.displacement_A,
+                "tile_cells": cfg.boundary_tile_cells}
     else:
         opts = {"n_cells": cfg.n_cells, "domain_width_A": cfg.domain_width_A, "displacement_A": cfg.displacement_A}
     return build_specimen(cfg.specimen, size_A=size, center_A=(0.0, 0.0), rng=rng, **opts)
@@ -47,11 +51,9 @@ def optics_from_config(cfg: Any) -> ProbeOptics:
     )
 
 
-def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specimen: Specimen | None = None) -> Any:
+def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specimen: Specimen | None = None) -> TwinDriver:
     """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``.
     ``specimen``: use this one instead of building the configured specimen (e.g. a dopant placed by hand)."""
-    from stemagent.simulators.twin import TwinDriver
-
     ss = np.random.SeedSequence(seed)
     spec_seed, drift_seed, run_seed, rate_seed = ss.spawn(4)  # the first three as before: old seeds keep their twins
     if specimen is None:

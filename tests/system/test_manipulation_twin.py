@@ -1,17 +1,25 @@
-"""Closed loop on the twin: the manipulation policy moves a Si through graphene, every park through
-the safety gate, and the run log shows every park, outcome and re-plan."""
+"""Closed loop on the twin through the ordinary agent run (``policy.kind: manipulation``): the policy
+moves a Si through graphene, every park through the safety gate, and the run log shows every park,
+outcome and re-plan. Hostile cases: the operator's bad targets, a refused park, the Si lost, a
+driver fault in the middle of a park."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from stemagent.agent.factory import build_clock, build_driver
-from stemagent.agent.manipulation import main, run_from_config
-from stemagent.config import config_from_dict, load_config
+from stemagent.agent.app.factory import build_agent, build_clock, build_driver
+from stemagent.agent.control import ControlMessage
+from stemagent.config import RunConfig, config_from_dict, load_config
+from stemagent.driver import DriverFault
 from stemagent.runlog import RunLog
+from stemagent.simulators.twin import TwinDriver
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "twin-manipulation.yaml"
@@ -19,69 +27,154 @@ CONFIG = ROOT / "configs" / "twin-manipulation.yaml"
 pytestmark = pytest.mark.system
 
 
+def _config(**policy: Any) -> RunConfig:
+    data = load_config(CONFIG).model_dump(mode="json")
+    data["policy"].update(policy)
+    return config_from_dict(data)
+
+
+def _si_near(twin: TwinDriver, where_A: Any) -> int:
+    sp = twin.ground_truth.specimen
+    si = np.flatnonzero(sp.numbers == 14)
+    return int(si[np.argmin(np.linalg.norm(sp.positions_A[si, :2] - np.asarray(where_A), axis=1))])
+
+
+async def _run(cfg: RunConfig, tmp_path: Path, twin: TwinDriver | None = None, clock: Any = None,
+               schedule: list[tuple[int, ControlMessage]] | None = None) -> tuple[Any, TwinDriver, RunLog]:
+    clock = clock or build_clock(cfg)
+    twin = twin or build_driver(cfg, clock)  # type: ignore[assignment]
+    assert isinstance(twin, TwinDriver)
+    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=twin, clock=clock, schedule=schedule)
+    summary = await agent.run()
+    return summary, twin, RunLog.open(summary.log_path)
+
+
 async def test_the_policy_moves_the_si_to_the_target_on_the_twin_and_logs_it(tmp_path: Path) -> None:
     cfg = load_config(CONFIG)
     clock = build_clock(cfg)
     twin = build_driver(cfg, clock)
+    assert isinstance(twin, TwinDriver)
     gt = twin.ground_truth
-    si = int(np.flatnonzero(gt.specimen.numbers == 14)[np.argmin(np.linalg.norm(
-        gt.specimen.positions_A[gt.specimen.numbers == 14, :2] - np.asarray(cfg.policy.dopant_A), axis=1))])
+    si = _si_near(twin, cfg.policy.dopant_A)  # type: ignore[union-attr]
     start = gt.specimen.positions_A[si, :2].copy()
-    res = await run_from_config(cfg, tmp_path / "run", driver=twin, clock=clock)
+    summary, twin, log = await _run(cfg, tmp_path, twin, clock)
 
-    assert res.stop_reason == "target reached", res.stop_reason
-    assert res.beam_blanked_at_end and twin.beam_blanked
+    assert summary.reason == "the policy finished: target reached", summary.reason
+    assert summary.exit_status == "success" and log.stop["exit_status"] == "success"
+    assert summary.beam_blanked_at_end and twin.beam_blanked
     end = gt.specimen.positions_A[si, :2]
-    assert np.linalg.norm(end - np.asarray(cfg.policy.target_A)) < 0.3  # ground truth: the Si is on the target
+    assert np.linalg.norm(end - np.asarray(cfg.policy.target_A)) < 0.3  # type: ignore[union-attr]  # ground truth: on the target
     assert np.linalg.norm(end - start) > 2 * 1.42  # moved at least two sites
     swaps = [e for e in gt.events if e.kind == "swap" and si in e.atoms]
     assert len(swaps) >= 3 and not [e for e in gt.events if e.kind == "knock_on"]
     other = [int(a) for a in np.flatnonzero(gt.specimen.numbers == 14) if a != si]
     assert all(np.linalg.norm(gt.specimen.positions_A[o, :2] - gt.initial.positions_A[o, :2]) < 0.1 for o in other)
 
-    log = RunLog.open(res.log_path)
+    # every park: the loop's own parks stream (signals), the policy's parks_seen (steps found), and
+    # every park is a command that passed the gate
     parks = log.event_data("parks")
-    assert len(parks) == res.stats["parks"] >= 3
-    assert all(len(p["signal"]) > 10 for p in parks)
+    assert len(parks) == summary.parks >= 3 and all(len(p["signal"]) > 10 for p in parks)
+    seen = log.event_data("parks_seen")
+    assert [s["park"] for s in seen] == list(range(len(parks)))
+    sent = [c for c in log.event_data("commands") if c["outcome"] == "sent"]
+    assert sum(1 for c in sent if c["command"]["kind"] == "park") == len(parks)
+    # every outcome, every re-plan, the stop with the policy's counters
     outcomes = log.event_data("outcomes")
     assert [o["kind"] for o in outcomes].count("intended") >= 3
     plans = log.event_data("plans")
     replans = [p for p in plans if p.get("event") == "plan"]
-    assert len(replans) >= 3  # the first plan and one per observed hop
-    assert plans[-1]["event"] == "stop" and plans[-1]["reason"] == "target reached"
-    sent = log.event_data("commands")
-    assert sum(1 for c in sent if c["command"]["kind"] == "park") == len(parks)
+    assert len(replans) >= 3 and replans[0]["why"] == "new target"  # the first plan and one per observed hop
+    assert plans[-1]["event"] == "stop" and plans[-1]["reason"] == "target reached" and plans[-1]["parks"] == len(parks)
+    assert replans[-1]["path"][-1] == replans[-1]["target_node"]
     decisions = log.event_data("decisions")
     assert any("knowledge_gradient_per_s" in d["scores"] for d in decisions)
-    assert log.stop["exit_status"] == "success"
+    assert {d["observation"] for d in decisions} >= {"frame", "park"}  # the loop's park hook decided too
+    # the confirmation scans are small frames around the dopant, not re-surveys
+    fovs = [f.geometry.fov_A[0] for f in log.frames()]
+    assert fovs[0] == pytest.approx(25.6) and all(f == pytest.approx(9.0) for f in fovs[1:])
 
 
-def test_the_experiment_command_refuses_a_config_without_the_manipulation_policy(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "twin-graphene-si.yaml").read_text())
-    assert main(["--config", str(bad)]) == 2
-    assert "policy.kind" in capsys.readouterr().err
+def test_the_readme_command_runs_a_manipulation_experiment(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "stemagent.agent.app.cli", "run", "--config", str(CONFIG),
+                          "--log-dir", str(tmp_path), "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["reason"] == "the policy finished: target reached" and summary["beam_blanked_at_end"]
+    log = RunLog.open(summary["log_path"])
+    assert {"parks", "parks_seen", "outcomes", "plans"} <= set(log.streams())
 
 
-async def test_a_park_the_safety_gate_refuses_ends_the_experiment_blanked(tmp_path: Path) -> None:
+async def test_operator_targets_the_lattice_cannot_use_are_refused_and_a_good_one_is_taken(tmp_path: Path) -> None:
+    """No target in the config: the policy waits; set_target over the control path. Outside the
+    allowed area: the agent refuses it; off-lattice, occupied (the other Si), off the surveyed
+    field: the policy refuses it with the planner's reason and keeps waiting; then a good one."""
+    cfg = _config(target_A=None)
+    good = load_config(CONFIG).policy.target_A  # type: ignore[union-attr]
+    msgs = [
+        (1, ControlMessage(command="set_target", target_A=(500.0, 0.0), id="outside")),
+        (1, ControlMessage(command="set_target", target_A=(-3.0, -1.0), id="off-lattice")),
+        (2, ControlMessage(command="set_target", target_A=(-1.23, -16.33), id="occupied")),
+        (3, ControlMessage(command="set_target", target_A=(12.0, 10.0), id="off-field")),
+        (4, ControlMessage(command="set_target", target_A=tuple(good), id="good")),  # type: ignore[arg-type]
+    ]
+    summary, twin, log = await _run(cfg, tmp_path, schedule=msgs)
+    acks = {c["id"]: c for c in log.event_data("controls")}
+    assert not acks["outside"]["accepted"] and "outside the allowed area" in acks["outside"]["detail"]
+    refused = [p for p in log.event_data("plans") if p.get("event") == "target_refused"]
+    reasons = " | ".join(p["reason"] for p in refused)
+    assert len(refused) == 3, reasons
+    assert "off-lattice" in refused[0]["reason"]
+    assert "occupied by another dopant" in refused[1]["reason"]
+    assert "out-of-field" in refused[2]["reason"]
+    assert summary.reason == "the policy finished: target reached" and twin.beam_blanked
+    si = _si_near(twin, good)
+    assert np.linalg.norm(twin.ground_truth.specimen.positions_A[si, :2] - np.asarray(good)) < 0.3
+    # no park before the good target: the policy waited blanked, looking at the field
+    first_park = min(i for i, c in enumerate(log.event_data("commands")) if c["command"]["kind"] == "park")
+    assert sum(1 for c in log.event_data("commands")[:first_park] if c["command"]["kind"] == "scan") >= 5
+
+
+async def test_a_park_the_safety_gate_refuses_ends_the_run_blanked(tmp_path: Path) -> None:
     data = load_config(CONFIG).model_dump(mode="json")
     data["safety"]["max_park_s"] = 0.05  # shorter than any dwell the policy chooses
-    cfg = config_from_dict(data)
-    res = await run_from_config(cfg, tmp_path / "run")
-    assert res.refused and "park_dwell" in res.stop_reason and res.beam_blanked_at_end
-    log = RunLog.open(res.log_path)
+    summary, twin, log = await _run(config_from_dict(data), tmp_path)
+    assert "safety gate refused" in summary.reason and summary.beam_blanked_at_end and twin.beam_blanked
     assert [s["rule"] for s in log.event_data("safety")] == ["park_dwell"]
-    assert "parks" not in log.streams() or log.event_data("parks") == []
+    assert summary.parks == 0 and log.stop is not None
 
 
-async def test_a_driver_fault_mid_experiment_ends_it_blanked_with_the_log_closed(tmp_path: Path) -> None:
-    from stemagent.driver import DriverFault
-
+async def test_the_si_lost_mid_run_stops_the_policy_on_damage_after_a_second_look(tmp_path: Path) -> None:
     cfg = load_config(CONFIG)
     clock = build_clock(cfg)
     twin = build_driver(cfg, clock)
+    assert isinstance(twin, TwinDriver)
+    si = _si_near(twin, cfg.policy.dopant_A)  # type: ignore[union-attr]
     real_park = twin.park
     calls = {"n": 0}
+
+    async def park_then_lose_the_si(position_A, dwell_s):  # type: ignore[no-untyped-def]
+        out = await real_park(position_A, dwell_s)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            twin.ground_truth.specimen.present[si] = False  # sputtered away (the park signal shows no step)
+        return out
+
+    twin.park = park_then_lose_the_si  # type: ignore[method-assign]
+    summary, twin, log = await _run(cfg, tmp_path, twin, clock)
+    assert summary.reason.startswith("the policy finished: damage"), summary.reason
+    assert summary.beam_blanked_at_end and twin.beam_blanked and log.stop["exit_status"] == "success"
+    scans = [c for c in log.event_data("decisions") if "confirmation scan" in c["reason"]]
+    assert any("re-check" in c["reason"] for c in scans)  # believed only after a second look
+    assert log.event_data("outcomes")[-1]["kind"] == "damage"
+
+
+async def test_a_driver_fault_mid_park_blanks_the_beam_and_the_run_recovers_with_the_log_closed(tmp_path: Path) -> None:
+    cfg = load_config(CONFIG)
+    clock = build_clock(cfg)
+    twin = build_driver(cfg, clock)
+    assert isinstance(twin, TwinDriver)
+    real_park = twin.park
+    calls = {"n": 0, "blanked_after_fault": None}
 
     async def flaky_park(position_A, dwell_s):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -90,9 +183,18 @@ async def test_a_driver_fault_mid_experiment_ends_it_blanked_with_the_log_closed
         return await real_park(position_A, dwell_s)
 
     twin.park = flaky_park  # type: ignore[method-assign]
-    res = await run_from_config(cfg, tmp_path / "run", driver=twin, clock=clock)
-    assert res.failed and "console lost" in res.stop_reason
-    assert res.beam_blanked_at_end and twin.beam_blanked
-    log = RunLog.open(res.log_path)
-    assert log.stop["exit_status"] == "fail" and "console lost" in log.stop["reason"]
-    assert len(log.event_data("parks")) == 2
+    real_blank = twin.blank
+
+    async def watch_blank():  # type: ignore[no-untyped-def]
+        await real_blank()
+        if calls["n"] == 3 and calls["blanked_after_fault"] is None:
+            calls["blanked_after_fault"] = True
+
+    twin.blank = watch_blank  # type: ignore[method-assign]
+    summary, twin, log = await _run(cfg, tmp_path, twin, clock)
+    assert calls["blanked_after_fault"] and summary.faults == 1
+    kinds = [i["kind"] for i in log.event_data("interruptions")]
+    assert "fault" in kinds and "recovered" in kinds
+    assert summary.reason == "the policy finished: target reached" and summary.beam_blanked_at_end and twin.beam_blanked
+    assert log.stop["exit_status"] == "success"
+    assert len(log.event_data("parks")) == summary.parks == len(log.event_data("parks_seen"))

@@ -28,7 +28,10 @@ _WHERE = {
     "detect_steps": "changepoint",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "HopModel", "LatticeGraph", "ManipulationConfig", "ManipulationPolicy", "ManipulationStats", "Outcome", "PlanRefused",
+    "Step", "classify_outcome", "detect_steps",
+]
 
 
 def __getattr__(name: str) -> Any:

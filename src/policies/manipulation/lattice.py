@@ -15,7 +15,8 @@ A target it cannot use is refused with :class:`PlanRefused`, which names the rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -53,8 +54,8 @@ class LatticeGraph:
     neighbours: list[np.ndarray]
     field: ScanGeometry
     edge_margin_A: float = 1.5
-    shift_A: np.ndarray = field(default_factory=lambda: np.zeros(2))
-    misses: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # consecutive looks without an atom
+    shift_A: np.ndarray = dc_field(default_factory=lambda: np.zeros(2))
+    misses: np.ndarray = dc_field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # consecutive looks without an atom
     empty_after_misses: int = 2
     last_missing: tuple[int, ...] = ()  # covered by the last refresh but without an atom on them
 

@@ -1,23 +1,32 @@
 """The manipulation policy: plain observations in, a park or a small scan out.
 
-It is driven by two calls, both pure and deterministic given the seed and the inputs:
+It is a :class:`~stemagent.stages.Policy` of the ordinary agent loop (``policy.kind:
+manipulation``), driven by two calls, both pure and deterministic given the seed and the inputs:
 
 - :meth:`ManipulationPolicy.decide` with an :class:`~stemagent.stages.Observation` of a frame
   (the survey first, then each confirmation scan): reads the outcome of the last park off the
   atoms, updates the hop model, re-plans the path, checks its stopping rules and returns the
   next :class:`~stemagent.types.Park` (or a :class:`~stemagent.types.Blank` when it is done);
-- :meth:`ManipulationPolicy.observe_park` with the :class:`~stemagent.types.ParkResult`: looks
-  for steps in the signal; when something moved (or every ``confirm.every_parks`` parks) it asks
-  for a small confirmation :class:`~stemagent.types.ScanRegion` around the dopant, otherwise it
-  learns "no hop for the whole dwell" and returns the next park straight away.
+- :meth:`ManipulationPolicy.observe_park` with the park observation (``observation.park``, a
+  :class:`~stemagent.types.ParkResult`; a bare ParkResult is taken too): looks for steps in the
+  signal; when something moved (or every ``confirm.every_parks`` parks) it asks for a small
+  confirmation :class:`~stemagent.types.ScanRegion` around the dopant, otherwise it learns "no
+  hop for the whole dwell" and returns the next park straight away.
 
 A loop without the park hook may call :meth:`decide` after every park with a re-scanned frame:
 the outcome is then read from the frame alone and hop times are unknown (spread over the dwell).
 
+The target comes from the config (``target_A``) or from the operator (``set_target`` over MQTT
+or the console: the agent checks it is inside the allowed area and passes it as the
+observation feature ``target_A``); a target the lattice cannot use (off-lattice, outside the
+field, occupied, no path) is refused with its reason in the ``plans`` stream and the old target
+is kept. When the policy has finished it says so in :attr:`stop_reason` and the run ends.
+
 Strategies: ``bo`` (the hop model and its acquisition), ``greedy`` (beam on the target carbon at
 a fixed offset along the bond, fixed dwell) and ``random`` (a uniformly random candidate offset,
 the greedy dwell). The safety gate stays the last word: a refused command ends the policy's run.
-Every park, outcome and re-plan is also queued in :attr:`events` for the run log.
+Every park seen, outcome and re-plan is queued for :meth:`drain_events` (the run log streams
+``parks_seen``, ``outcomes`` and ``plans``).
 """
 
 from __future__ import annotations
@@ -98,28 +107,22 @@ class ManipulationPolicy:
         self._unchecked: list[_PendingPark] = []  # parks learned as "no move" since the last confirmation
         self._park_log: list[tuple[float, float, float]] = []  # (x, y, dose) of every park
         self._dose_per_s: float | None = None
-        self._awaiting = "survey"  # survey | park | frame
+        self._operator_target_A: tuple[float, float] | None = None  # the last set_target seen
 
     # --- public entry points ------------------------------------------------------------------
     def decide(self, observation: Observation) -> Decision:
         """After a frame: outcome of the last park (if any), model update, re-plan, next command."""
         if self.done:
             return self._stop_decision()
-        if "frame_dose_e_per_A2" in observation.features:
-            self.stats.dose_e_per_A2 += float(np.asarray(observation.features["frame_dose_e_per_A2"]).reshape(-1)[0])
         if "refused" in observation.features:
             return self._finish("the safety gate refused the last command")
-        if "target_A" in observation.features:
-            t = tuple(float(v) for v in np.asarray(observation.features["target_A"]).reshape(-1)[:2])
-            if t != self.target_A and self.graph is not None:
-                try:
-                    self.set_target(t)  # type: ignore[arg-type]
-                except PlanRefused as exc:
-                    self._event("plans", {"event": "target_refused", "target_A": list(t), "reason": exc.reason})
-            elif self.graph is None:
-                self.target_A = t  # type: ignore[assignment]
+        if observation.frame is not None:
+            self.stats.dose_e_per_A2 += float(observation.frame.dose_e_per_A2)
+        self._take_target(observation)
         if self.graph is None:
             return self._start(observation)
+        if self.target is None:
+            return self._wait_for_target()
         p = self._pending
         if p is None:
             return self._next()
@@ -137,10 +140,20 @@ class ManipulationPolicy:
             return self._confirm(p, recheck=True, why=f"re-check before stopping: {outcome.detail}")
         return self._learn(p, outcome)
 
-    def observe_park(self, result: ParkResult) -> Decision:
-        """After a park: steps in the signal; a confirmation scan if something moved, else the next park."""
+    def observe_park(self, observation: Observation | ParkResult) -> Decision:
+        """After a park: steps in the signal; a confirmation scan if something moved, else the next park.
+
+        ``observation``: the loop's park observation (``observation.park`` the result; its
+        ``features`` may carry the operator's ``target_A``), or a bare :class:`ParkResult`."""
         if self.done:
             return self._stop_decision()
+        if isinstance(observation, ParkResult):
+            result = observation
+        else:
+            if observation.park is None:
+                raise InputError("observation.park", None, "a park observation must carry its ParkResult")
+            result = observation.park
+            self._take_target(observation)
         p = self._pending
         if p is None:
             raise InputError("park", result.position_A, "no park was asked for")
@@ -177,6 +190,31 @@ class ManipulationPolicy:
         self._event("plans", self._plan_doc("new target"))
         return path
 
+    def _take_target(self, observation: Observation) -> None:
+        """The operator's target (feature ``target_A``), once per new value: re-plan, or log why not."""
+        if "target_A" not in observation.features:
+            return
+        raw = np.asarray(observation.features["target_A"], dtype=float).reshape(-1)
+        if raw.size < 2 or not np.all(np.isfinite(raw[:2])):
+            self._event("plans", {"event": "target_refused", "target_A": [str(v) for v in raw[:2]],
+                                  "reason": "target_A must be two finite numbers (x, y in Å)"})
+            return
+        t = (float(raw[0]), float(raw[1]))
+        if t == self._operator_target_A:
+            return  # already taken (or refused): the loop repeats it on every observation
+        self._operator_target_A = t
+        if self.graph is None:
+            self.target_A = t
+            return
+        try:
+            self.set_target(t)
+        except PlanRefused as exc:
+            self._event("plans", {"event": "target_refused", "target_A": list(t), "reason": exc.reason,
+                                  "kept_target_A": None if self.target is None else list(self.target_A or ())})
+
+    def _wait_for_target(self) -> Decision:
+        return Decision(Blank(), self.name, "waiting for a target (config target_A or the operator's set_target)")
+
     def drain_events(self) -> list[tuple[str, dict[str, Any]]]:
         out, self.events = self.events, []
         return out
@@ -199,10 +237,14 @@ class ManipulationPolicy:
         self.graph, self.dopant = g, int(dops[np.argmin(d)])
         if self.target_A is None:
             self._event("plans", {"event": "no_target", "dopant_node": self.dopant})
-            return Decision(Blank(), self.name, "waiting for a target (config target_A or the operator's set_target)")
+            return self._wait_for_target()
         try:
             self.set_target(self.target_A)
         except PlanRefused as exc:
+            if self.target_A == self._operator_target_A:  # the operator's: keep waiting for a usable one
+                self._event("plans", {"event": "target_refused", "target_A": list(self.target_A), "reason": exc.reason})
+                self.target_A = None
+                return self._wait_for_target()
             return self._finish(f"target refused: {exc.reason}")
         return self._next()
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from stemagent.policies.manipulation.lattice import GRAPHENE_BOND_A
 from stemagent.stages import Observation
-from stemagent.types import Atoms, ParkResult, ScanGeometry
+from stemagent.types import Atoms, Park, ParkResult, ScanGeometry, ScanRegion
 
 RateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -129,8 +129,6 @@ class SyntheticHopEnv:
 def drive(policy: object, env: SyntheticHopEnv, max_commands: int = 10000, survey_fov_A: float = 20.0) -> int:
     """Run ``policy`` (a :class:`~stemagent.policies.manipulation.ManipulationPolicy`) against
     ``env`` until it blanks or ``max_commands`` are spent; returns the number of commands."""
-    from stemagent.types import Park, ScanRegion
-
     decision = policy.decide(env.survey(survey_fov_A))  # type: ignore[attr-defined]
     for k in range(max_commands):
         cmd = decision.command

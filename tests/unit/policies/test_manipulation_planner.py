@@ -99,7 +99,6 @@ def test_occupied_targets_are_refused_with_what_occupies_them(sites: np.ndarray)
 def test_an_enclosed_target_is_refused_as_unreachable(sites: np.ndarray) -> None:
     si = _site(sites, (0, 0))
     target = _site(sites, (6.15, 1.42))
-    g = _graph([si], [], sites)
     ring = [int(n) for n in range(len(sites)) if 2.3 < np.linalg.norm(sites[n] - sites[target]) < 2.6]
     g2 = _graph([si], ring, sites)  # second neighbours of the target emptied: no way in
     node = g2.locate_target(tuple(g2.positions_A[target]), si)  # the target itself is fine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from stemagent.codec import encode_command
 from stemagent.errors import InputError
 from stemagent.policies.manipulation import ManipulationConfig, ManipulationPolicy
 from stemagent.policies.manipulation.config import AcquisitionConfig, StopConfig
@@ -80,7 +81,7 @@ def test_decisions_are_deterministic_given_seed_and_inputs(strategy: str) -> Non
         d = pol.decide(env.survey())
         out = []
         for _ in range(6):
-            out.append((d.command.to_dict(), d.reason, d.scores))
+            out.append((encode_command(d.command), d.reason, d.scores))
             if isinstance(d.command, Park):
                 d = pol.observe_park(env.park(d.command.position_A, d.command.dwell_s))
             elif isinstance(d.command, ScanRegion):
