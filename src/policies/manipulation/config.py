@@ -5,13 +5,13 @@ Units are in the names: Å, s, e/Å². Rates are per second of parked beam at th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # finite numbers only
 
 
 class LatticeConfig(_Model):
@@ -36,7 +36,8 @@ class ConfirmConfig(_Model):
 
 class ChangePointConfig(_Model):
     z_threshold: float = Field(6.0, gt=2.0, le=50.0)
-    windows: tuple[int, ...] = (4, 16, 64, 256)
+    windows: tuple[Annotated[int, Field(ge=2, le=100000)], ...] = Field(
+        (4, 16, 64, 256), min_length=1, description="window lengths (samples) of the level-change test")
     min_segment: int = Field(3, ge=1, le=1000)
 
 
@@ -80,7 +81,7 @@ class AcquisitionConfig(_Model):
     n_dwells: int = Field(12, ge=1, le=100)
     ucb_beta: float = Field(2.0, ge=0.0, le=10.0, description="optimism (sd of the log rate) that puts a candidate on the lookahead's short list")
     lookahead_top: int = Field(24, ge=1, le=1000, description="candidates on the short list by value and by optimism (each)")
-    lookahead_batches: tuple[int, ...] = Field((1,), description="KG*: value the information of n parks in a row at a candidate, per park (1: one-step KG)")
+    lookahead_batches: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = Field((1,), min_length=1, description="KG*: value the information of n parks in a row at a candidate, per park (1: one-step KG)")
     overhead_s: float = Field(0.1, ge=0.0, description="cost of one park and check cycle beyond its dwell, s of beam-on equivalent")
     wrong_hop_penalty: float = Field(1.0, ge=0.0, description="progress lost by a hop to another site, in hops")
     damage_penalty: float = Field(5.0, ge=0.0, description="progress lost by damage, in hops")

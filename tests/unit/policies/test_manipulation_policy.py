@@ -155,3 +155,60 @@ def test_the_multi_park_lookahead_option_gives_a_valid_park() -> None:
     d = pol.decide(env.survey())
     assert isinstance(d.command, Park) and d.scores["knowledge_gradient_per_s"] >= 0.0
     assert pol.cfg.acquisition.dwell_min_s <= d.command.dwell_s <= pol.cfg.acquisition.dwell_max_s
+
+
+def test_the_loops_park_observation_is_taken_like_a_bare_park_result() -> None:
+    """The agent loop passes a park Observation (``obs.park``); the policy decides the same as from the bare result."""
+    out = []
+    for wrap in (False, True):
+        env = _env(8)
+        pol = ManipulationPolicy(_cfg(env), seed=8)
+        survey = env.survey()
+        d = pol.decide(survey)
+        for _ in range(5):
+            assert isinstance(d.command, Park)
+            res = env.park(d.command.position_A, d.command.dwell_s)
+            obs = Observation(survey.frame_index, res.start_time_s + res.dwell_s, survey.geometry, survey.atoms,
+                              kind="park", park=res)
+            d = pol.observe_park(obs if wrap else res)
+            if not isinstance(d.command, Park):
+                break
+        out.append((encode_command(d.command), pol.stats.to_dict()))
+    assert out[0] == out[1]
+    pol = ManipulationPolicy(_cfg(_env(8)), seed=8)
+    pol.decide(_env(8).survey())
+    with pytest.raises(InputError, match="observation.park"):
+        pol.observe_park(Observation(0, 0.0, survey.geometry, survey.atoms, kind="park"))
+
+
+def test_an_operator_target_the_lattice_cannot_use_is_refused_once_and_the_old_target_kept() -> None:
+    env = _env(9)
+    good = _target(env, 2)
+    pol = ManipulationPolicy(ManipulationConfig(target_A=good), seed=9)
+    obs = env.survey()
+    assert isinstance(pol.decide(obs).command, Park)
+    pol.drain_events()
+    obs.features["target_A"] = np.asarray([0.7, 0.1])  # between two sites
+    for _ in range(3):  # the loop repeats the operator's target on every observation: refused once
+        pol._pending = None
+        assert isinstance(pol.decide(obs).command, Park)
+    refused = [doc for s, doc in pol.drain_events() if doc.get("event") == "target_refused"]
+    assert len(refused) == 1 and "off-lattice" in refused[0]["reason"]
+    assert pol.target_A == good and not pol.done
+    obs.features["target_A"] = np.asarray([np.nan, 1.0])  # not a position
+    pol._pending = None
+    pol.decide(obs)
+    refused = [doc for s, doc in pol.drain_events() if doc.get("event") == "target_refused"]
+    assert len(refused) == 1 and "finite" in refused[0]["reason"] and pol.target_A == good
+
+
+def test_an_operator_target_refused_before_any_plan_leaves_the_policy_waiting() -> None:
+    env = _env(10)
+    pol = ManipulationPolicy(ManipulationConfig(), seed=10)
+    obs = env.survey()
+    obs.features["target_A"] = np.asarray([50.0, 0.0])  # outside the surveyed field
+    d = pol.decide(obs)
+    assert isinstance(d.command, Blank) and not pol.done and "waiting" in d.reason
+    assert any(doc.get("event") == "target_refused" for _, doc in pol.drain_events())
+    obs.features["target_A"] = np.asarray(_target(env, 2))
+    assert isinstance(pol.decide(obs).command, Park)
