@@ -137,15 +137,17 @@ def chain_probabilities(a: torch.Tensor, w0: torch.Tensor, b: torch.Tensor, w1: 
     return torch.linalg.matrix_exp(qd)[..., 0, 1:]
 
 
-def _other_rates(graph: LatticeGraph, model: HopModel, s: int, j: int, beams: np.ndarray) -> tuple[np.ndarray, ...]:
+def _other_rates(graph: LatticeGraph, model: HopModel, s: int, j: int, beams: np.ndarray,
+                 also_good: tuple[int, ...] = ()) -> tuple[np.ndarray, ...]:
     """Median rates (1/s) of the moves other than ``s→j`` for beams ``(n, 2)``: ``w0`` (s to its other
-    neighbours), ``b`` (back, j→s), ``w1`` (j onwards)."""
+    neighbours but those in ``also_good``), ``b`` (back, j→s), ``w1`` (j onwards), ``g`` (s to the
+    neighbours in ``also_good``: hops that are progress too)."""
     pos, site = graph.positions_A, graph.site_A
     rows, owners = [], []
     for k in graph.neighbours[s]:
         if k != j:
             rows.append(np.concatenate([offsets_in_bond(beams, pos[s], pos[k]), np.repeat(site[k][None], len(beams), 0)], 1))
-            owners.append(0)
+            owners.append(3 if int(k) in also_good else 0)
     rows.append(np.concatenate([offsets_in_bond(beams, pos[j], pos[s]), np.repeat(site[s][None], len(beams), 0)], 1))
     owners.append(1)
     for k in graph.neighbours[j]:
@@ -158,10 +160,24 @@ def _other_rates(graph: LatticeGraph, model: HopModel, s: int, j: int, beams: np
     if inside.any():
         lograte[inside] = model.predict(allx[inside], with_sd=False, sweep=False)[0]
     rates = np.exp(lograte).reshape(len(rows), len(beams))
-    out = [np.zeros(len(beams)) for _ in range(3)]
+    out = [np.zeros(len(beams)) for _ in range(4)]
     for o, r in zip(owners, rates):
         out[o] += r
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], out[3]
+
+
+def _good_rates(graph: LatticeGraph, model: HopModel, s: int, beams: np.ndarray, also_good: tuple[int, ...]) -> np.ndarray:
+    """``(n,)`` summed median rates (1/s) of the hops ``s → k``, ``k`` in ``also_good``, for beams ``(n, 2)``."""
+    if not also_good:
+        return np.zeros(len(beams))
+    pos, site = graph.positions_A, graph.site_A
+    x = np.concatenate([np.concatenate([offsets_in_bond(beams, pos[s], pos[k]), np.repeat(site[k][None], len(beams), 0)], 1)
+                        for k in also_good])
+    inside = np.hypot(x[:, 0], x[:, 1]) <= model.cfg.max_offset_A
+    lograte = np.full(len(x), -np.inf)
+    if inside.any():
+        lograte[inside] = model.predict(x[inside], with_sd=False, sweep=False)[0]
+    return np.exp(lograte).reshape(len(also_good), len(beams)).sum(axis=0)
 
 
 def choose_park(
@@ -173,16 +189,22 @@ def choose_park(
     *,
     hops_to_go: int = 1,
     max_dwell_s: float | None = None,
+    also_good: tuple[int, ...] = (),
 ) -> ParkChoice:
     """The (position, dwell) of highest acquisition for the hop ``s → j``: to first order, the least expected
-    dose to the goal (module docstring). ``hops_to_go``: ``H``, the hops the lookahead's information serves."""
+    dose to the goal (module docstring). ``hops_to_go``: ``H``, the hops the lookahead's information serves.
+    ``also_good``: other neighbours of ``s`` a hop to which is progress too (one bond closer to the
+    goal); their rates at each candidate add to the intended hop's (median rates, not learned from
+    in the lookahead)."""
     pos, site = graph.positions_A, graph.site_A
     offs = candidate_offsets(cfg)
     dwells = dwell_grid(cfg, max_dwell_s)
     table = _exploit_table(tuple(float(d) for d in dwells), float(cfg.overhead_s))
     x = np.concatenate([offs, np.repeat(site[j][None, :], len(offs), axis=0)], axis=1)
-    mu, cov = model.predict_joint(x)
+    mu_j, cov = model.predict_joint(x)
     var = np.maximum(np.diag(cov), 1e-10)
+    extra = _good_rates(graph, model, s, beam_at(offs, pos[s], pos[j]), also_good)  # (M,) 1/s
+    mu = np.log(np.exp(mu_j) + extra)  # log of every progress rate: intended hop + other closer sites
     u_now = exploit_value(mu, table)
     r_now = float(u_now.max())
     h = max(1, int(hops_to_go))
@@ -191,7 +213,7 @@ def choose_park(
     short = np.unique(np.concatenate([np.argsort(-u_now)[:k], np.argsort(-(mu + cfg.ucb_beta * np.sqrt(var)))[:k]]))
     # immediate progress, every rate included, at each short-listed candidate and dwell (median rates)
     beams = beam_at(offs[short], pos[s], pos[j])
-    w0, b, w1 = _other_rates(graph, model, s, j, beams)
+    w0, b, w1, _ = _other_rates(graph, model, s, j, beams, also_good)
     delta = model.damage_rate_per_s()
     t = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
     p_hop = -np.expm1(-np.exp(mu[short])[:, None] * dwells[None, :])  # (S, D), intended hop alone, median rate
@@ -206,21 +228,23 @@ def choose_park(
     cols = cov[:, short]  # (M, S)
     vi = var[short]
     gain = cols / vi[None, :]  # (M, S): how a change at each candidate moves every candidate's mean
-    lam_med = np.exp(mu[short])[:, None]
+    lam_med = np.exp(mu_j[short])[:, None]  # the lookahead learns the intended hop's rate
     kg = np.zeros((len(short), len(dwells)))
     for n in cfg.lookahead_batches:
         span = n * dwells[None, :]
         ld = np.clip(lam_med * span, 1e-9, None)
         t_hop = np.where(ld < 1e-3, span / 2.0, 1.0 / lam_med - span * np.exp(-ld) / -np.expm1(-ld))
-        p_pred = expected_hop_probability(mu[short], var[short], n * dwells)  # predictive P(hop) in the span
+        p_pred = expected_hop_probability(mu_j[short], var[short], n * dwells)  # predictive P(hop) in the span
         expected_r = np.zeros((len(short), len(dwells)))
         for hops in (1, 0):
             exposure = t_hop if hops else np.broadcast_to(span, t_hop.shape)
-            m_new, _ = tilted_moments(np.repeat(mu[short][:, None], len(dwells), 1).ravel(),
+            m_new, _ = tilted_moments(np.repeat(mu_j[short][:, None], len(dwells), 1).ravel(),
                                       np.repeat(vi[:, None], len(dwells), 1).ravel(),
                                       np.full(t_hop.size, float(hops)), np.asarray(exposure).ravel())
             m_new = m_new.reshape(len(short), len(dwells))
-            mu_post = mu[:, None, None] + gain[:, :, None] * (m_new - mu[short][:, None])[None, :, :]
+            mu_post = mu_j[:, None, None] + gain[:, :, None] * (m_new - mu_j[short][:, None])[None, :, :]
+            if also_good:
+                mu_post = np.log(np.exp(mu_post) + extra[:, None, None])
             r_post = exploit_value(mu_post, table).max(axis=0)  # (S, D)
             expected_r += (p_pred if hops else 1.0 - p_pred) * r_post
         kg_n = np.maximum(expected_r - r_now, 0.0) * (dwells[None, :] + cfg.overhead_s) / (span + n * cfg.overhead_s)
@@ -246,7 +270,8 @@ def choose_park(
             "p_intended": float(pm[0]),
             "p_wrong": float(pm[1]),
             "p_damage": float(pm[2]),
-            "rate_per_s": float(math.exp(mu[kx])),
+            "rate_per_s": float(math.exp(mu_j[kx])),
+            "progress_rate_per_s": float(math.exp(mu[kx])),
             "log_rate_sd": float(math.sqrt(var[kx])),
             "wrong_rate_per_s": float(w0[ci]),
             "back_rate_per_s": float(b[ci]),

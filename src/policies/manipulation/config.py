@@ -83,6 +83,7 @@ class AcquisitionConfig(_Model):
     lookahead_top: int = Field(24, ge=1, le=1000, description="candidates on the short list by value and by optimism (each)")
     lookahead_batches: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = Field((1,), min_length=1, description="KG*: value the information of n parks in a row at a candidate, per park (1: one-step KG)")
     overhead_s: float = Field(0.1, ge=0.0, description="cost of one park and check cycle beyond its dwell, s of beam-on equivalent")
+    any_closer_site: bool = Field(False, description="a hop to any neighbour one bond closer to the target is progress: the park aims at each such site and counts the others' hops too")
     wrong_hop_penalty: float = Field(1.0, ge=0.0, description="progress lost by a hop to another site, in hops")
     damage_penalty: float = Field(5.0, ge=0.0, description="progress lost by damage, in hops")
 

@@ -172,7 +172,26 @@ class LatticeGraph:
         included; :class:`PlanRefused` if there is none."""
         if start == goal:
             return [start]
-        ok = self.passable(start)
+        _, pred = shortest_path(self._adjacency(start), directed=False, unweighted=True, indices=start, return_predecessors=True)
+        if pred[goal] < 0:
+            raise PlanRefused("target_A", tuple(self.positions_A[goal]), "cannot be reached from the dopant through carbon sites away from defects and edges")
+        path = [goal]
+        while path[-1] != start:
+            path.append(int(pred[path[-1]]))
+        return path[::-1]
+
+    def hops_to(self, goal: int, moving: int) -> np.ndarray:
+        """``(n,)`` bonds from every node to ``goal`` through the nodes the dopant at ``moving`` may
+        step onto (``inf`` where there is no way)."""
+        return np.asarray(shortest_path(self._adjacency(moving), directed=False, unweighted=True, indices=goal))
+
+    def closer_neighbours(self, node: int, goal: int) -> list[int]:
+        """The neighbours of ``node`` one bond closer to ``goal`` (a hop to any of them is progress)."""
+        d = self.hops_to(goal, node)
+        return [int(k) for k in self.neighbours[node] if np.isfinite(d[k]) and d[k] == d[node] - 1]
+
+    def _adjacency(self, moving: int) -> csr_matrix:
+        ok = self.passable(moving)
         rows, cols = [], []
         for i in np.flatnonzero(ok):
             for j in self.neighbours[i]:
@@ -180,14 +199,7 @@ class LatticeGraph:
                     rows.append(i)
                     cols.append(j)
         n = len(self)
-        adj = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-        _, pred = shortest_path(adj, directed=False, unweighted=True, indices=start, return_predecessors=True)
-        if pred[goal] < 0:
-            raise PlanRefused("target_A", tuple(self.positions_A[goal]), "cannot be reached from the dopant through carbon sites away from defects and edges")
-        path = [goal]
-        while path[-1] != start:
-            path.append(int(pred[path[-1]]))
-        return path[::-1]
+        return csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
 
     # --- keeping up with the specimen ---------------------------------------------------------
     def refresh(self, atoms: Atoms, geometry: ScanGeometry, *, dopant_class: str = "Si", vacancy_class: str = "vacancy",

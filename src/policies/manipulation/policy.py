@@ -342,6 +342,7 @@ class ManipulationPolicy:
         near = np.flatnonzero(np.linalg.norm(self.graph.positions_A - self.graph.positions_A[s], axis=1) < 4.0)
         self.model.compact(set(near.tolist()), self.cfg.model.max_cells)
         choice = self._choose(s, j)
+        j = int(choice.scores.get("aim_node", j))  # with acquisition.any_closer_site: the closer site aimed at
         if self._dose_per_s is not None:
             add = self._dose_per_s * choice.dwell_s
             if self.stats.dose_e_per_A2 + add > st.dose_budget_e_per_A2:
@@ -366,7 +367,18 @@ class ManipulationPolicy:
         acq = self.cfg.acquisition
         base = self.cfg.baseline
         if self.cfg.strategy == "bo":
-            return choose_park(self.graph, self.model, s, j, acq, hops_to_go=len(self.path) - 1)
+            if not acq.any_closer_site or self.target is None:
+                return choose_park(self.graph, self.model, s, j, acq, hops_to_go=len(self.path) - 1)
+            closer = self.graph.closer_neighbours(s, self.target) or [j]
+            best: ParkChoice | None = None
+            for k in closer:  # aim at each closer site in turn, the others' hops counted as progress too
+                c = choose_park(self.graph, self.model, s, k, acq, hops_to_go=len(self.path) - 1,
+                                also_good=tuple(o for o in closer if o != k))
+                c.scores["aim_node"] = float(k)
+                if best is None or c.scores["acquisition"] > best.scores["acquisition"]:
+                    best = c
+            assert best is not None
+            return best
         if self.cfg.strategy == "greedy":
             off = np.array([[base.offset_along_A, 0.0]])
         else:

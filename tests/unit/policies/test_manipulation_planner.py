@@ -131,3 +131,14 @@ def test_refresh_follows_a_drift_and_sees_the_dopant_move(sites: np.ndarray) -> 
     assert np.allclose(g.shift_A, shift, atol=0.02)
     assert np.allclose(g.positions_A[si], sites[si] + shift, atol=0.02)
     assert EMPTY not in g.occupant[inside]
+
+
+def test_closer_neighbours_are_the_ones_a_bond_nearer_the_target(sites: np.ndarray) -> None:
+    si = _site(sites, (0, 0))
+    g = _graph([si], [], sites)
+    target = _site(sites, (4.3, 2.5))  # off the bond directions: more than one first step is shortest
+    d = g.hops_to(target, si)
+    closer = g.closer_neighbours(si, target)
+    assert closer and all(d[k] == d[si] - 1 for k in closer)
+    assert set(closer) | {int(k) for k in g.neighbours[si] if d[k] == d[si] + 1} == {int(k) for k in g.neighbours[si]}
+    assert g.plan(si, target)[1] in closer

@@ -212,3 +212,14 @@ def test_an_operator_target_refused_before_any_plan_leaves_the_policy_waiting() 
     assert any(doc.get("event") == "target_refused" for _, doc in pol.drain_events())
     obs.features["target_A"] = np.asarray(_target(env, 2))
     assert isinstance(pol.decide(obs).command, Park)
+
+
+def test_with_any_closer_site_the_park_aims_at_a_site_nearer_the_target() -> None:
+    env = _env(11)
+    pol = ManipulationPolicy(_cfg(env, hops=3, acquisition=AcquisitionConfig(n_dwells=6, any_closer_site=True)), seed=11)
+    d = pol.decide(env.survey())
+    assert isinstance(d.command, Park) and pol.graph is not None and pol.target is not None
+    aim = int(d.scores["aim_node"])
+    assert aim in pol.graph.closer_neighbours(pol.dopant, pol.target)
+    assert pol.pending_park is not None and pol.pending_park.intended_node == aim
+    assert d.scores["progress_rate_per_s"] >= d.scores["rate_per_s"]
