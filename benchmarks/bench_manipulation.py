@@ -14,6 +14,8 @@ and the park-signal detection precision and recall are measured against it.
 
     .venv/bin/python benchmarks/bench_manipulation.py --seeds 20                # the BENCHMARKS.md run
     .venv/bin/python benchmarks/bench_manipulation.py --tune-greedy --seeds 10  # greedy's offset and dwell
+    .venv/bin/python benchmarks/bench_manipulation.py --seeds 10 --seed-offset 100 --strategies bo \
+        --policy '{"model": {"level_sd": 0.75}}' --out variant.json          # a prior variant on tuning seeds
 
 Prints one JSON document (and writes it to ``--out``).
 """
@@ -90,9 +92,15 @@ def hops_to_target(twin, target: int) -> tuple[np.ndarray, cKDTree]:  # type: ig
     return shortest_path(adj, directed=False, unweighted=True, indices=target), tree
 
 
+POLICY_OVERRIDES: dict[str, dict[str, Any]] = {}  # --policy: sections of ManipulationConfig to change (prior tuning)
+
+
 def policy_config(strategy: str, target_A, dopant_A, baseline: BaselineConfig) -> ManipulationConfig:
-    return ManipulationConfig(strategy=strategy, target_A=tuple(target_A), dopant_A=tuple(dopant_A), baseline=baseline,
-                              stop=StopConfig(max_parks=MAX_PARKS))
+    doc = ManipulationConfig(strategy=strategy, target_A=tuple(target_A), dopant_A=tuple(dopant_A), baseline=baseline,
+                             stop=StopConfig(max_parks=MAX_PARKS)).model_dump()
+    for section, values in POLICY_OVERRIDES.items():
+        doc[section].update(values)
+    return ManipulationConfig(**doc)
 
 
 def run_config(condition: str, strategy: str, survey_center_A: tuple[float, float], target_A: Any, dopant_A: Any,
@@ -306,6 +314,8 @@ def main() -> None:
     ap.add_argument("--tune-greedy", action="store_true", help="grid over greedy offset x dwell on the physical twin")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/manipulation.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--policy", type=json.loads, default={},
+                    help='JSON: ManipulationConfig sections to change, e.g. \'{"model": {"level_sd": 0.75}}\' (prior tuning)')
     ap.add_argument("--log-dir", type=Path, default=None, help="keep the run logs here (default: a temporary folder, removed)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise the runs of these result files together")
     ap.add_argument("--figure", type=Path, default=None, help="with --merge: a PNG of the dose per run, policy and condition")
@@ -323,6 +333,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-manip-")) if args.log_dir is None else args.log_dir
+    POLICY_OVERRIDES.update(args.policy)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     t_start = time.time()
     load_start = os.getloadavg()
@@ -350,7 +361,8 @@ def main() -> None:
                     print(json.dumps({k: r[k] for k in ("condition", "seed", "strategy", "success", "stop_reason", "dose_e_per_A2",
                                                          "beam_s", "parks", "intended_hops", "toward_hops", "away_hops", "damage_events",
                                                          "wall_s")}), flush=True)
-        doc = {"summary": summarise(runs), "greedy": base.model_dump(), "seeds": seeds, "runs": runs}
+        doc = {"summary": summarise(runs), "greedy": base.model_dump(), "policy_overrides": args.policy, "seeds": seeds,
+               "runs": runs}
     doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "load_avg_at_end": os.getloadavg(), "wall_min": (time.time() - t_start) / 60.0,
                       "date": time.strftime("%Y-%m-%d")}
