@@ -113,7 +113,7 @@ def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
 def build_drift_stage(config: DriftConfig) -> Stage:
     """The ``drift`` stage: a :class:`~stemagent.drift.stage.DriftStage` in the loop (refits in its own thread)."""
     from stemagent.drift.loop_stage import DriftLoopStage  # heavy: torch and gpytorch, imported only when asked for
-    from stemagent.drift.stage import DriftStage
+    from stemagent.drift.stage import DriftStage  # heavy: see above
 
     return DriftLoopStage(DriftStage(config))
 

@@ -271,7 +271,7 @@ class DriftStage:
         sd = float(np.sqrt(np.max(self._drift_at(np.array([t_mid]))[1])))
         limit = max(self.config.slip_A, self.config.slip_sigma * sd)
         if shift > limit:
-            return f"the atoms jumped {shift:.3f} Å against the forecast (limit {limit:.3f} Å): a stage slip?"
+            return f"tracking lost: the atoms jumped {shift:.3f} Å against the forecast (limit {limit:.3f} Å): a stage slip?"
         return ""
 
     def _atom_times(self, frame: Frame, atoms: Atoms) -> np.ndarray:
