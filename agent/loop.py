@@ -348,6 +348,10 @@ class Agent:
     def _to_device(self, cmd: BeamCommand) -> tuple[BeamCommand, dict[str, Any]]:
         """The command as it goes to the device, converted by the pipeline's stages at the time it acts."""
         converted = self.pipeline.to_device(cmd, self._now())
+        for stage, record in converted.records.items():
+            if isinstance(record, dict) and record.get("replaced"):  # e.g. drift: unreliable, the reference field again
+                self._log_interruption("command_replaced", f"{stage}: {record['replaced']}", self.sm.state.value)
+                self.telemetry.publish("error", {"stage": stage, "error": f"command replaced: {record['replaced']}"})
         return converted.command, {"converted": converted.records}
 
     def _refused(self, cmd: BeamCommand, rule: str, detail: str, outcome: str, extra: dict[str, Any]) -> None:
@@ -359,6 +363,7 @@ class Agent:
 
     async def _execute(self, cmd: BeamCommand) -> Frame | ParkResult | None:
         """Gate, send, blank, log. Returns the frame or park result; None for a blank or a refusal."""
+        asked = cmd  # in the sample frame; the device gets it converted
         cmd, extra = self._to_device(cmd)
         now = self._now()
         verdict = self.gate.check(cmd, now)
@@ -375,7 +380,10 @@ class Agent:
             except CommandRefused as exc:
                 self._device_refused(cmd, prediction, exc, extra)
                 return None
-            self._last_geometry = cmd.geometry
+            # the field as asked (sample frame): scanning "the last field" again converts it anew
+            # (a park a stage replaced by a scan of the reference field leaves the last field as it was)
+            if isinstance(asked, ScanRegion):
+                self._last_geometry = asked.geometry
             frame = self._identify(frame)
             self._reconcile(prediction, frame.dose_e_per_A2)
             return frame
@@ -493,6 +501,8 @@ class Agent:
             "errors": dict(obs.errors),
             "records": obs.records,
         })
+        if obs.kind == "frame" and obs.drift is not None and hasattr(obs.drift, "to_dict"):
+            self.writer.write_event("drift", obs.drift.to_dict())  # the drift estimate and its band, per frame
         for stream, doc in (obs.records.get("policy") or {}).get("events", []):
             if stream in STREAMS or not POLICY_STREAM.fullmatch(stream):
                 self._log_interruption("stage_error", f"policy: event stream {stream!r} is reserved or not a plain name",

@@ -158,6 +158,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
     err: dict[str, dict[float, list[np.ndarray]]] = {m: {h: [] for h in horizons} for m in ("gp", "none", "xcorr", "xcorr_lsq4", "kalman")}
     z_fc: list[np.ndarray] = []
     z_place: list[np.ndarray] = []
+    z_h: dict[float, list[np.ndarray]] = {}  # standardised forecast errors per horizon (calibration diagnosis)
     distortion = {"gp": [], "none": []}
     model_distortion = {"gp": [], "none": []}
     upd_ms, fit_ms, fc_ms, n_tracked, find_ms = [], [], [], [], []
@@ -231,6 +232,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
             }
             for m, b in land.items():
                 err[m][h].append(b - d_te - X)
+            z_h.setdefault(h, []).append((mu[0] - (d_te[0] - gauge)) / sd[0])
             if h == latency_s:
                 z_fc.append((mu[0] - (d_te[0] - gauge)) / sd[0])
                 place_sd = np.sqrt(sd[0][None, :] ** 2 + ref_sd[:, None] ** 2)
@@ -255,6 +257,9 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
         "placement_rms_A": {m: {str(h): per_frame_rms(v) for h, v in hs.items()} for m, hs in err.items()},
         "forecast_band95_coverage": float(np.mean(np.abs(zf) < 1.959964)),
         "placement_band95_coverage": float(np.mean(np.abs(zp) < 1.959964)),
+        "forecast_band95_coverage_by_horizon": {str(h): float(np.mean(np.abs(np.array(z)) < 1.959964)) for h, z in z_h.items()},
+        "forecast_z_mean": np.mean(zf, axis=0).tolist(),
+        "forecast_z_std": np.std(zf, axis=0).tolist(),
         "distortion_rms_A": {m: per_frame_rms(v) for m, v in distortion.items()},
         "distortion_model_rms_A": {m: per_frame_rms(v) for m, v in model_distortion.items()},
         "update_ms_median": float(np.median(upd_ms[WARMUP:])),

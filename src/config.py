@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from stemagent.boundaries.config import BoundaryChainConfig, BoundaryTraceConfig
+from stemagent.drift.config import DriftConfig
 from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.policies.manipulation.config import ManipulationConfig
@@ -209,6 +210,9 @@ class PipelineConfig(_Model):
 
     segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
     boundaries: BoundaryTraceConfig | None = Field(None, description="domain-boundary traces of every frame (None: no such stage)")
+    drift: DriftConfig | None = Field(None, description="drift stage after segment: atoms to the sample frame, commands to "
+                                      "beam coordinates at their execution time (None: no such stage; the twin configs set it; "
+                                      "'stages: {drift: {enabled: false}}' turns it off)")
     stages: dict[str, StageOptions] = Field(default_factory=dict, description="per stage name: enabled, on_error")
 
 

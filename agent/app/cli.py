@@ -36,7 +36,7 @@ from stemagent.agent.app.cli_support import (
 from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
 from stemagent.agent.app.replay_files import replay_file
 from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
-from stemagent.agent.app.replay_log import logged_controls, replay_config, unreadable_frames
+from stemagent.agent.app.replay_log import compare_drift, logged_controls, replay_config, unreadable_frames
 from stemagent.agent.app.telemetry_factory import open_telemetry
 from stemagent.agent.app.transport_cli import bridge
 from stemagent.agent.safety import preflight
@@ -208,12 +208,16 @@ def replay(
     replayed = RunLog.open(summary.log_path)
     same, compared = compare_atoms(original, replayed)
     skipped = unreadable_frames(replayed)
+    drift_same, drift_compared = compare_drift(original, replayed)
     if json_out:
         print(json.dumps({**summary.to_dict(), "atoms_identical_frames": same, "frames_compared": compared,
-                          "frames_unreadable": len(skipped)}))
+                          "frames_unreadable": len(skipped), "drift_reproduced_frames": drift_same,
+                          "drift_frames_compared": drift_compared}))
     else:
         print_summary(summary, f"replay of {original.path.name}")
         console.print(f"atoms identical in {same} of {compared} frames")
+        if drift_compared:
+            console.print(f"drift estimates: {drift_same} of {drift_compared} frames reproduced")
         console.print(f"replay log: [bold]{summary.log_path}[/]")
     code = exit_code(summary, sig)
     if code:
@@ -223,6 +227,10 @@ def replay(
              EXIT_FAILED)
     if same != compared:
         fail(f"replay of {log}: atoms differ in {compared - same} of {compared} frames", EXIT_FAILED)
+    # frames the original dropped (overlap) were never analysed there: the replay's estimates may part from its
+    if drift_same != drift_compared and not original.event_data("drops"):
+        fail(f"replay of {log}: drift estimates differ in {drift_compared - drift_same} of {drift_compared} frames",
+             EXIT_FAILED)
 
 
 @app.command("train-segmenter")

@@ -25,6 +25,7 @@ from stemagent.clock import Clock, SystemClock, VirtualClock
 from stemagent.codec import encode_capabilities
 from stemagent.boundaries.trace import BoundaryStage
 from stemagent.config import RunConfig, config_from_dict
+from stemagent.drift.config import DriftConfig
 from stemagent.errors import ConfigError
 from stemagent.pipeline import BoundaryTraceStage, Pipeline, PolicyStage, SegmentStage, Stage
 from stemagent.driver import Driver
@@ -102,7 +103,8 @@ def bridge_backend(driver_section: dict[str, Any], seed: int) -> Driver:
 
 def stage_names(cfg: RunConfig) -> list[str]:
     """The names of the run's stages, in order, before they are built."""
-    return ["segment", *(["boundaries"] if cfg.pipeline.boundaries is not None else []), "policy"]
+    return ["segment", *(["drift"] if cfg.pipeline.drift is not None else []),
+            *(["boundaries"] if cfg.pipeline.boundaries is not None else []), "policy"]
 
 
 def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
@@ -113,9 +115,19 @@ def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(source, f"pipeline.stages.{unknown[0]}", unknown[0], f"names no stage of this run (its stages: {names})")
 
 
+def build_drift_stage(config: DriftConfig) -> Stage:
+    """The ``drift`` stage: a :class:`~stemagent.drift.stage.DriftStage` in the loop (refits in its own thread)."""
+    from stemagent.drift.loop_stage import DriftLoopStage  # heavy: torch and gpytorch, imported only when asked for
+    from stemagent.drift.stage import DriftStage  # heavy: see above
+
+    return DriftLoopStage(DriftStage(config))
+
+
 def build_pipeline(cfg: RunConfig, rng: np.random.Generator) -> Pipeline:
-    """The run's stages in order (``segment -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
+    """The run's stages in order (``segment -> [drift] -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
     stages: list[Stage] = [SegmentStage(build_segmenter(cfg))]
+    if cfg.pipeline.drift is not None:
+        stages.append(build_drift_stage(cfg.pipeline.drift))
     if cfg.pipeline.boundaries is not None:
         stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
     stages.append(PolicyStage(build_policy(cfg, rng)))

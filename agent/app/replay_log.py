@@ -111,3 +111,37 @@ def compare_atoms(original: RunLog, replayed: RunLog) -> tuple[int, int]:
 def unreadable_frames(replayed: RunLog) -> list[str]:
     """Reasons of the frames the replay had to skip (their chunks could not be read)."""
     return [e["reason"] for e in replayed.event_data("interruptions") if e["kind"] == "bad_input" and "cannot be read" in e["reason"]]
+
+
+#: how closely a replayed drift estimate must match the logged one (Å; float noise of the GP's algebra)
+DRIFT_TOLERANCE_A = 1e-6
+
+
+def _same_drift(a: dict[str, Any], b: dict[str, Any], atol_A: float) -> bool:
+    if a.get("status") != b.get("status") or a.get("reference_id") != b.get("reference_id"):
+        return False
+    for key in ("times_s", "displacement_A", "std_A"):
+        x, y = np.asarray(a.get(key) or [], dtype=np.float64), np.asarray(b.get(key) or [], dtype=np.float64)
+        if x.shape != y.shape or not np.allclose(x, y, rtol=0.0, atol=atol_A):
+            return False
+    return True
+
+
+def compare_drift(original: RunLog, replayed: RunLog, atol_A: float = DRIFT_TOLERANCE_A) -> tuple[int, int]:
+    """(frames whose drift estimate the replay reproduced within ``atol_A``, frames of the original
+    with one). Frames are paired by identity (``replayed_from``), as the atoms are."""
+    left = {int(d["frame_index"]): d for d in original.event_data("drift")}
+    if not left:
+        return 0, 0
+    by_log_index = {int(f.get("log_index", i)): int(f["frame_index"]) for i, f in enumerate(original.event_data("frames"))}
+    source: dict[int, int] = {}
+    for f in replayed.event_data("frames"):
+        came_from = (f.get("meta") or {}).get("replayed_from")
+        if came_from is not None and int(came_from) in by_log_index:
+            source[int(f["frame_index"])] = by_log_index[int(came_from)]
+    same = 0
+    for d in replayed.event_data("drift"):
+        logged = left.get(source.get(int(d["frame_index"]), -1))
+        if logged is not None and _same_drift(logged, d, atol_A):
+            same += 1
+    return same, len(left)

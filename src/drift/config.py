@@ -38,6 +38,9 @@ class DriftConfig(BaseModel):
     edge_margin_A: float = Field(1.0, ge=0, description="detections this close to the frame edge are ignored")
     min_atoms: int = Field(10, ge=3, description="fewer matched atoms than this: the frame is reported, not used")
     min_match_fraction: float = Field(0.3, ge=0, le=1, description="fewer of the expected atoms matched: tracking lost")
+    slip_A: float = Field(0.3, gt=0, description="a common shift of the atoms against the forecast larger than this "
+                          "(and than slip_sigma forecast sigmas) is a jump (stage slip): tracking lost, new reference")
+    slip_sigma: float = Field(6.0, gt=0, description="see slip_A")
     max_missed_frames: int = Field(5, ge=0, description="a track unseen this many frames in a row is dropped")
     outlier_sigma: float = Field(5.0, gt=1, description="matched atoms whose residual exceeds this many robust sigmas are not used")
     # --- judgement and outputs -----------------------------------------------------------------

@@ -90,6 +90,7 @@ class DriftEstimate:
             "times_s": [float(v) for v in self.times_s],
             "displacement_A": [[float(a), float(b)] for a, b in self.displacement_A],
             "std_A": [[float(a), float(b)] for a, b in self.std_A],
+            "band95_A": float(1.959963984540054 * np.max(self.std_A)) if len(self.std_A) else None,
             "n_detected": int(self.n_detected),
             "n_matched": int(self.n_matched),
             "n_new": int(self.n_new),

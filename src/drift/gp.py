@@ -247,6 +247,15 @@ class DisplacementGP:
         self.fits += 1
         return best[0]
 
+    def raw_hyperparameters(self) -> dict[str, torch.Tensor]:
+        """The model's raw (unconstrained) parameters, copied: what :meth:`set_raw_hyperparameters` takes."""
+        return self._raw()
+
+    def set_raw_hyperparameters(self, raw: dict[str, torch.Tensor]) -> None:
+        """Take the raw parameters of another fit of the same model (e.g. one fitted on a copy)."""
+        self._set_raw(raw)
+        self._cache = None
+
     def _raw(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
 

@@ -34,9 +34,11 @@ sample-frame positions from before are then no longer comparable, which the esti
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -218,6 +220,12 @@ class DriftStage:
             return self._new_reference(frame, atoms, usable, times, sigma, t_start,
                                        f"tracking lost: {n_match} of {expected} expected atoms matched; "
                                        f"new reference (was {old_ref})", status="lost")
+        slip = self._slip(frame, m.shift_A)
+        if slip:
+            old_ref = self.reference_id
+            self.reset()
+            return self._new_reference(frame, atoms, usable, times, sigma, t_start, f"{slip}; new reference (was {old_ref})",
+                                       status="lost")
         tr = cand[m.pred]
         di = det_idx[m.det]
         # 3. outliers: residuals against the forecast, robust scale
@@ -252,6 +260,20 @@ class DriftStage:
                               fit_ms=fit_ms)
 
     # --- pieces of the update ----------------------------------------------------------------------
+    def _slip(self, frame: Frame, shift_A: np.ndarray) -> str:
+        """Why the atoms' common shift against the forecast is a jump, not drift ("" when it is not).
+
+        The matcher looks for a shift up to half the lattice spacing only, so a jump by a whole
+        lattice vector cannot be seen from a periodic lattice; any other jump shows as a shift
+        far outside the forecast's band."""
+        shift = float(np.hypot(*np.asarray(shift_A, dtype=np.float64)))
+        t_mid = 0.5 * (frame.start_time_s + frame.end_time_s)
+        sd = float(np.sqrt(np.max(self._drift_at(np.array([t_mid]))[1])))
+        limit = max(self.config.slip_A, self.config.slip_sigma * sd)
+        if shift > limit:
+            return f"tracking lost: the atoms jumped {shift:.3f} Å against the forecast (limit {limit:.3f} Å): a stage slip?"
+        return ""
+
     def _atom_times(self, frame: Frame, atoms: Atoms) -> np.ndarray:
         if atoms.times_s is not None:
             t = np.asarray(atoms.times_s, dtype=np.float64)
@@ -431,6 +453,32 @@ class DriftStage:
         self._update_grid()
         self._refresh_references()
         return ms
+
+    def refit_job(self) -> Callable[[], dict[str, torch.Tensor]]:
+        """A refit to run on another thread: it fits a copy of the GP (the data and
+        hyperparameters as they are now) and returns the fitted raw hyperparameters, which
+        :meth:`adopt_refit` applies. The stage itself is not touched until then."""
+        gp = copy.deepcopy(self.gp)
+        max_iter, starts = self.config.refit_max_iter, self.config.refit_starts
+
+        def job() -> dict[str, torch.Tensor]:
+            gp.fit(max_iter, starts)
+            return gp.raw_hyperparameters()
+
+        return job
+
+    def adopt_refit(self, raw: dict[str, torch.Tensor]) -> float:
+        """Apply hyperparameters from a :meth:`refit_job`, then refresh the posterior and the
+        references (as :meth:`refit` does after fitting in place); returns the time in ms."""
+        t0 = time.perf_counter()
+        self.gp.set_raw_hyperparameters(raw)
+        self.gp.fits += 1
+        self._frames_since_fit = 0
+        self.refit_due = False
+        if self.gp.n and self._window:
+            self._update_grid()
+            self._refresh_references()
+        return 1e3 * (time.perf_counter() - t0)
 
     def _score(self, t: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
         """Mean squared standardised residual of this frame's observations under the fit so far

@@ -54,7 +54,8 @@ STOP_RESERVE = "stop.json"
 STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
-STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops")
+STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops",
+           "drift")
 
 
 def _jsonable(value: Any) -> Any:
