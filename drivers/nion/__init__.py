@@ -8,8 +8,8 @@ Select it in a bridge config (``drivers/ADAPTERS.md``, section Nion Swift)::
 
 Importing this package imports no Nion package; :func:`make_driver` does, when the bridge selects
 it. Modules: ``config`` (options), ``geometry`` (units and axes, the only conversion), ``backend``
-(``NionDriver``), ``usim`` (a headless usim microscope), ``usim_twin`` (the twin as usim's
-scan-data generator), ``swift`` (start the bridge from Swift's Python console).
+(``NionDriver``), ``usim`` (a headless usim microscope; the twin as its scan-data generator is
+``stemagent.simulators.nion_twin``, loaded by name), ``swift`` (start the bridge from Swift's Python console).
 """
 
 from __future__ import annotations

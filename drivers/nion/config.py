@@ -19,6 +19,9 @@ class UsimConfig(_Model):
     generator: Literal["twin", "sample"] = Field(
         "twin", description="what the simulated scan shows: the stemagent twin, or one of usim's own samples")
     twin: TwinConfig = Field(default_factory=TwinConfig, description="the twin rendered through usim (generator: twin)")
+    twin_generator: str = Field(
+        "stemagent.simulators.nion_twin:make_generator", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:function building the generator for 'generator: twin' (called with this config and the blank control)")
     sample_index: int = Field(0, ge=0, le=2, description="usim's own sample (generator: sample): 0 flakes, 1 amorphous, 2 test")
     seed: int = Field(0, ge=0, description="seed of the twin's specimen, drift and noise")
 

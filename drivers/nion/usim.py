@@ -16,6 +16,9 @@ One usim microscope runs per process at a time (Nion's registry is process-wide)
 from __future__ import annotations
 
 import asyncio
+import atexit
+import importlib
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -26,6 +29,7 @@ from nion.usim_device import InstrumentDevice, ScanDevice
 from nion.utils import Registry
 
 from stemagent.driver import DriverFault
+from stemagent.errors import ConfigError
 
 INSTRUMENT_ID = "usim_stem_controller"
 SCAN_DEVICE_ID = "usim_scan_device"
@@ -43,7 +47,9 @@ def ensure_nion_platform() -> None:
         if Registry.get_component("hardware_source_manager") is None:
             HardwareSource.run()
         if getattr(scan_base, "_component_registered_listener", None) is None:
-            scan_base.run(Path(tempfile.mkdtemp(prefix="stemagent-nion-")))
+            config_dir = Path(tempfile.mkdtemp(prefix="stemagent-nion-"))  # usim's scan-device settings
+            atexit.register(shutil.rmtree, config_dir, ignore_errors=True)
+            scan_base.run(config_dir)
         _platform_started = True
 
 
@@ -113,13 +119,18 @@ class UsimMicroscope:
 
 
 def build_generator(cfg: Any, blank_control: str = "C_Blank") -> Any:
-    """The scan-data generator a :class:`~stemagent.drivers.nion.config.UsimConfig` asks for."""
+    """The scan-data generator a :class:`~stemagent.drivers.nion.config.UsimConfig` asks for.
+
+    ``generator: sample`` is one of usim's own samples; ``generator: twin`` is built by the factory
+    named in ``cfg.twin_generator`` (``module:function``, called as ``factory(cfg, blank_control)``):
+    by default the stemagent twin (:mod:`stemagent.simulators.nion_twin`), loaded by name so this
+    driver never imports a simulator.
+    """
     if cfg.generator == "sample":
         return InstrumentDevice.ScanDataGenerator(sample_index=cfg.sample_index)
-    # the twin generator needs the simulators (a test and demo path only, never on a real console)
-    from stemagent.clock import SystemClock
-    from stemagent.drivers.nion.usim_twin import TwinScanDataGenerator
-    from stemagent.simulators.factory import twin_from_config
-
-    twin = twin_from_config(cfg.twin, clock=SystemClock(), seed=cfg.seed)
-    return TwinScanDataGenerator(twin, blank_control=blank_control)
+    module_name, _, attr = cfg.twin_generator.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("adapter_options", "usim.twin_generator", cfg.twin_generator, f"cannot load it: {exc}") from exc
+    return factory(cfg, blank_control)

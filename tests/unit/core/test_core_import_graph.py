@@ -1,7 +1,7 @@
 """The rooms' import rules, read from the source with ``ast`` (nothing is imported).
 
 - core (``src/``) imports nothing of ``stemagent.simulators``, ``.drivers`` or ``.agent``;
-- simulators and drivers never import ``stemagent.agent``;
+- simulators and drivers never import ``stemagent.agent``, nor each other;
 - the agent's own modules import no simulator and no driver (the wiring room hands them over);
 - nothing outside the wiring room (``stemagent.agent.app``) imports it;
 - no import cycle between files (imports inside functions count too);
@@ -114,6 +114,12 @@ def test_core_imports_nothing_above_it():
 def test_drivers_and_simulators_never_import_the_agent():
     bad = [_where(e) for e in EDGES if room(e.source) in ("stemagent.drivers", "stemagent.simulators")
            and room(e.target).startswith("stemagent.agent")]
+    assert not bad, bad
+
+
+def test_drivers_and_simulators_never_import_each_other():
+    pair = {"stemagent.drivers", "stemagent.simulators"}
+    bad = [_where(e) for e in EDGES if {room(e.source), room(e.target)} == pair]
     assert not bad, bad
 
 

@@ -20,7 +20,10 @@ in the scan context; :meth:`sample_park` runs the twin's park there for the dwel
 ADF signal. While the instrument's blanker (``C_Blank``) is set, frames are dark and deliver no dose.
 
 No Nion import: the generator only reads the objects usim hands it (duck typing), and is
-thread-safe (usim calls it from its acquisition thread, the backend from its worker).
+thread-safe (usim calls it from its acquisition thread, the backend from its worker). It lives with
+the simulators, not with the Nion driver: the driver reaches it only through the factory named in
+its config (``usim.twin_generator``, default :func:`make_generator`), so a driver never imports
+a simulator.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stemagent.clock import SystemClock
+from stemagent.simulators.factory import twin_from_config
 from stemagent.simulators.render import FrameTruth
 from stemagent.simulators.twin import TwinDriver
 from stemagent.types import Frame, ParkResult, ScanGeometry
@@ -164,3 +169,9 @@ class TwinScanDataGenerator:
             return None
         index = self.frame_indices[nion_frame]
         return None if index is None else self.twin.ground_truth.frame_truth(index)
+
+
+def make_generator(usim_cfg: Any, blank_control: str = "C_Blank") -> TwinScanDataGenerator:
+    """The twin of a Nion ``UsimConfig`` (its ``twin`` and ``seed``) as usim's scan-data generator, on the system clock."""
+    twin = twin_from_config(usim_cfg.twin, clock=SystemClock(), seed=usim_cfg.seed)
+    return TwinScanDataGenerator(twin, blank_control=blank_control)
