@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
-from stemagent.driver import DriverFault
+from stemagent.driver import DriverFault, stream_by_acquire
 from stemagent.errors import InputError
 from stemagent.dose import dose_e_per_A2
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
@@ -132,11 +132,8 @@ class ConsoleAdapter:
         self._index += 1
         return frame
 
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        i = 0
-        while n_frames is None or i < n_frames:
-            yield await self.acquire(geometry)
-            i += 1
+    def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+        return stream_by_acquire(self, geometry, n_frames)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         # the console positions the probe in fractions of the last scan field: sample frame -> pixel -> fraction

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from stemagent.clock import Clock, VirtualClock
 from stemagent.config import MinimalTwinConfig
-from stemagent.driver import DriverFault
+from stemagent.driver import DriverFault, stream_by_acquire
 from stemagent import dose as dose_model
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
@@ -130,11 +130,8 @@ class MinimalTwinDriver:
             source=self.name,
         )
 
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        i = 0
-        while n_frames is None or i < n_frames:
-            yield await self.acquire(geometry)
-            i += 1
+    def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+        return stream_by_acquire(self, geometry, n_frames)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         self._check()

@@ -53,3 +53,11 @@ class Driver(Protocol):
 
     async def blank(self) -> None:
         """Blank the beam."""
+
+
+async def stream_by_acquire(driver: Driver, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+    """``driver.stream`` for a device without a streaming mode: one ``acquire`` after another (forever if ``n_frames`` is None)."""
+    i = 0
+    while n_frames is None or i < n_frames:
+        yield await driver.acquire(geometry)
+        i += 1

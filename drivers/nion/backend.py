@@ -42,7 +42,7 @@ from nion.utils import Geometry
 
 from stemagent import dose as dose_model
 from stemagent.codec import encode_geometry
-from stemagent.driver import CommandRefused, DriverFault
+from stemagent.driver import CommandRefused, DriverFault, stream_by_acquire
 from stemagent.drivers.nion import geometry as ng
 from stemagent.drivers.nion.config import NionConfig
 from stemagent.errors import InputError
@@ -303,11 +303,8 @@ class NionDriver:
         self._context, self._context_fp = got, r["fp"]
         return frame
 
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        i = 0
-        while n_frames is None or i < n_frames:
-            yield await self.acquire(geometry)
-            i += 1
+    def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
+        return stream_by_acquire(self, geometry, n_frames)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         if not (math.isfinite(dwell_s) and dwell_s > 0):
