@@ -72,7 +72,7 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
     raise ValueError(f"pipeline.segmenter.kind={s.kind!r}: no segmenter is registered for this kind")
 
 
-def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
+def build_policy(cfg: RunConfig, rng: np.random.Generator, beam_current_pA: float | None = None) -> Policy:
     p = cfg.policy
     area = (cfg.safety.area_center_A, cfg.safety.area_half_width_A)
     if p.kind == "raster":
@@ -83,6 +83,12 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
         from stemagent.policies.scanning import RandomPolicy
 
         return RandomPolicy(cfg.scan, area[0], area[1], rng)
+    if p.kind == "survey":
+        from stemagent.policies.survey import SurveyPolicy
+
+        current = beam_current_pA if beam_current_pA is not None else getattr(cfg.driver, "beam_current_pA", 20.0)
+        return SurveyPolicy(p, area_center_A=area[0], area_half_width_A=area[1], beam_current_pA=current,
+                            local_dose_budget_e_per_A2=cfg.safety.max_total_dose_e_per_A2, seed=cfg.seed)
     raise ValueError(f"policy.kind={p.kind!r}: no policy is registered for this kind")
 
 
@@ -123,7 +129,7 @@ async def build_agent(
     return Agent(
         driver=driver,
         segmenter=build_segmenter(cfg),
-        policy=build_policy(cfg, rng),
+        policy=build_policy(cfg, rng, caps.beam_current_pA),
         gate=SafetyGate(cfg.safety, beam_current_pA=caps.beam_current_pA),
         writer=writer,
         clock=clock,

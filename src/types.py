@@ -307,20 +307,29 @@ def command_from_dict(d: dict[str, Any]) -> BeamCommand:
 
 @dataclass(frozen=True)
 class Decision:
-    """What a policy wants done next and why. Policies return these; only the agent acts on them."""
+    """What a policy wants done next and why. Policies return these; only the agent acts on them.
+
+    ``details``: an optional JSON-able mapping a policy may add to make its choice checkable
+    (e.g. the survey's candidate set, acquisition values, chosen index and model state);
+    it is serialised in :meth:`to_dict` only when given.
+    """
 
     command: BeamCommand
     policy: str
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "command": self.command.to_dict(),
             "policy": self.policy,
             "reason": self.reason,
             "scores": {k: float(v) for k, v in self.scores.items()},
         }
+        if self.details is not None:
+            d["details"] = self.details
+        return d
 
 
 @dataclass(frozen=True)
