@@ -114,6 +114,7 @@ class Agent:
         self._stop_requested = False
         self._pause_requested = False
         self._last_obs: Observation | None = None
+        self._policy_done: str | None = None
         self._last_geometry = initial_scan
 
     # --- control (called from MQTT or the console; runs on the loop) ----------------------------
@@ -265,6 +266,7 @@ class Agent:
         )
         self.telemetry.publish("decision", {"frame_index": frame.index, **decision.to_dict()})
         self._last_obs = obs
+        self._policy_done = decision.reason if decision.stop else None
         return decision.command
 
     # --- the loop ------------------------------------------------------------------------------
@@ -343,12 +345,18 @@ class Agent:
                             reason = "the initial scan was refused by the safety gate"
                             break
                         cmd = await self._ask_again()
+                        if self._policy_done is not None:
+                            reason = f"policy done: {self._policy_done}"
+                            break
                         continue
                     refusals = 0
                     if frame is None:  # a park or a blank: look at the same field again
                         cmd = ScanRegion(self._last_geometry)
                         continue
                     cmd = await self._process(frame)
+                    if self._policy_done is not None:  # the policy has nothing more to do
+                        reason = f"policy done: {self._policy_done}"
+                        break
                 except _Aborted:
                     raise
                 except EndOfData as exc:
@@ -401,4 +409,5 @@ class Agent:
         obs.features["refused"] = np.ones(1)
         decision: Decision = await self._analyse(self.policy.decide, obs)
         self.writer.write_decision(decision, obs.frame_index)
+        self._policy_done = decision.reason if decision.stop else None
         return decision.command

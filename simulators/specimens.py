@@ -236,7 +236,7 @@ def _snap_separated(targets: np.ndarray, candidates: np.ndarray, xy: np.ndarray,
         return np.zeros(0, dtype=np.int64)
     tree = cKDTree(xy[candidates])
     chosen: list[int] = []
-    k = min(len(candidates), 64)
+    k = min(len(candidates), 2048)  # a dense cluster may push a dopant some way out
     for t in targets:
         _, near = tree.query(t, k=k)
         for j in np.atleast_1d(near):

@@ -311,7 +311,8 @@ class Decision:
 
     ``details``: an optional JSON-able mapping a policy may add to make its choice checkable
     (e.g. the survey's candidate set, acquisition values, chosen index and model state);
-    it is serialised in :meth:`to_dict` only when given.
+    it is serialised in :meth:`to_dict` only when given. ``stop``: the policy has nothing more
+    to do (its command is then a :class:`Blank`); the agent ends the run.
     """
 
     command: BeamCommand
@@ -319,6 +320,7 @@ class Decision:
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] | None = None
+    stop: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -329,6 +331,8 @@ class Decision:
         }
         if self.details is not None:
             d["details"] = self.details
+        if self.stop:
+            d["stop"] = True
         return d
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from linear_operator.utils.errors import NotPSDError
 
 from stemagent.errors import InputError
 from stemagent.policies.survey_acquisition import build_acquisition, evaluate_candidates
@@ -380,6 +381,15 @@ class SurveyPolicy:
         return self._scan_decision(k, why, phase="initial", acquisition=None, gain=None, model=None, note=note)
 
     def _model_decision(self, allowed: np.ndarray, observed: list[int], note: str | None) -> Decision:
+        try:
+            return self._model_decision_or_raise(allowed, observed, note)
+        except (NotPSDError, RuntimeError, ValueError) as exc:  # numerical trouble: never take the loop down
+            d = self._initial_decision(allowed, observed, note)
+            why = f"surrogate failed ({type(exc).__name__}: {str(exc)[:100]}); space-filling choice"
+            return Decision(command=d.command, policy=d.policy, reason=d.reason.split(": ", 1)[0] + ": " + why,
+                            scores=d.scores, details={**(d.details or {}), "phase": "fallback", "error": why})
+
+    def _model_decision_or_raise(self, allowed: np.ndarray, observed: list[int], note: str | None) -> Decision:
         c = self.config
         assert self._X_all is not None and self.surrogate is not None
         t0 = time.perf_counter()
@@ -423,6 +433,7 @@ class SurveyPolicy:
         summary = {
             **self.surrogate.summary(),
             "refit": report.refit,
+            "refit_failed": report.failed,
             "fit_iterations": report.iterations,
             "mll": None if report.mll is None else round(report.mll, 6),
             "mean_at_chosen": round(float(m[k]), 6),
@@ -508,4 +519,5 @@ class SurveyPolicy:
             reason=f"survey done: {why}" + (f"; operator target refused: {note}" if note else ""),
             scores={"n_subscans": float(self.n_subscans), "found": float(len(self.found_A)), "electrons_used": float(self.electrons_used)},
             details=self._details("stop", None, acquisition, gain, model, note, stop=True),
+            stop=True,
         )

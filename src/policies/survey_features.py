@@ -11,8 +11,9 @@ A survey starts from one coarse overview of the field. This module turns it into
   surrogate.
 
 The spot map is a matched filter: the overview smoothed by a Gaussian of about the probe's size,
-minus its local mean, divided by a robust (median absolute deviation) scale, so it reads in
-standard deviations whatever the detector's gain or offset. Heavy atoms (a Si in graphene
+minus its local mean, divided by its local noise (a wide RMS with bright peaks clipped, so the
+frame's edges, where the filters' mirrored border raises the noise, read like the middle), so it
+reads in standard deviations whatever the detector's gain or offset. Heavy atoms (a Si in graphene
 scatters ~4.6x a C) show as positive outliers; a low-dose overview shows single dopants only
 weakly, clusters of them more clearly.
 
@@ -80,7 +81,17 @@ def spot_map(image: np.ndarray, geometry: ScanGeometry, sigma_A: float = 0.6, ba
     d = s - ndi.uniform_filter(s, w)
     mad = float(np.median(np.abs(d - np.median(d))))
     scale = 1.4826 * mad if mad > 0 else float(np.std(d)) or 1.0
-    return (d / scale).astype(np.float32)
+    # the noise of the filtered image is not uniform: near the frame's edges the mirrored
+    # border makes it larger, so the scale is local (a wide RMS of d with bright peaks clipped)
+    clipped = np.clip(d, -3.0 * scale, 3.0 * scale)
+    local = np.sqrt(np.maximum(ndi.uniform_filter(clipped * clipped, 2 * w + 1), 1e-12 * scale * scale))
+    z = (d / local).astype(np.float32)
+    b = int(math.ceil(3.0 * sigma_A / px)) + 1  # the outermost pixels see mirrored noise: no spots there
+    z[:b] = 0.0
+    z[-b:] = 0.0
+    z[:, :b] = 0.0
+    z[:, -b:] = 0.0
+    return z
 
 
 def find_spots(z: np.ndarray, geometry: ScanGeometry, threshold: float = 4.0, min_separation_A: float = 1.2) -> np.ndarray:
