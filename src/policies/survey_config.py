@@ -66,7 +66,7 @@ class SurveyPolicyConfig(_Model):
     travel_length_A: float | None = Field(None, gt=0.0, description="proximal travel cost: acquisition weighted by exp(-d^2 / 2 L^2) from the beam; None = no travel cost")
     revisit_gain_fraction: float = Field(0.02, ge=0.0, le=1.0, description="each earlier visit leaves this share of what the model expects at a candidate (what one sub-scan misses: the segmenter's miss rate)")
     # stopping and dose
-    min_expected_gain: float = Field(1.0, ge=0.0, description="stop when no candidate's optimistic expected gain (objective units, e.g. new dopants per sub-scan) reaches this")
+    min_expected_gain: float = Field(0.5, ge=0.0, description="stop when no candidate's optimistic expected gain (objective units, e.g. new dopants per sub-scan) reaches this")
     stop_optimism_sd: float = Field(2.0, ge=0.0, le=10.0, description="the expected gain tested for stopping is at mean + this many sd")
     min_subscans_before_stop: int = Field(8, ge=0, description="never stop on expected gain before this many sub-scans")
     dose_budget_field_e_per_A2: float | None = Field(None, gt=0.0, description="budget of electrons (overview included) over the allowed area's size, e/Å²; None = no budget of the policy's own")
