@@ -14,8 +14,9 @@ Hyperparameters are refitted every ``refit_every`` sub-scans, warm-started; in b
 data change.
 
 A visited candidate stays in the set but is worth ``revisit_gain_fraction`` of its model value
-(what one scan misses), so a revisit happens only when the model asks for it. The policy stops
-(a :class:`~stemagent.types.Blank` decision with ``details["stop"] = True``) when no candidate's
+per earlier visit (what one scan misses), so a revisit happens only when the model asks for it.
+The policy stops (a :class:`~stemagent.types.Blank` decision with ``stop=True``; the agent then
+ends the run) when no candidate's
 optimistic expected gain reaches ``min_expected_gain``, when the next sub-scan would overrun its
 own dose budget (electrons over the allowed area, overview included), when no candidate is left
 under the local dose budget (the safety gate's, passed in), or after ``max_subscans``. The safety
@@ -24,7 +25,9 @@ gate still checks every command.
 Pure: no driver, no I/O, no wall-clock in the decision; the same seed and the same observations
 give the same decisions (``details`` carries the candidates, the acquisition values, the chosen
 index and a model summary, so a replay can compare them). Timings are kept apart, in
-:attr:`SurveyPolicy.last_timing_s`.
+:attr:`SurveyPolicy.last_timing_s`. Numerical trouble in the surrogate never raises: a failed
+refit keeps the last good hyperparameters, a failed model falls back to a space-filling choice.
+While deciding, torch runs on ``num_threads`` CPU threads (restored afterwards).
 """
 
 from __future__ import annotations
@@ -233,10 +236,12 @@ class SurveyPolicy:
         self.local_dose_e_per_A2 = np.zeros(n)
         inputs = np.concatenate([cand, values if c.model == "gp" else patches], axis=1)
         self._X_all = torch.as_tensor(inputs, dtype=torch.float64, device=self.device)
+        max_ls = c.position_lengthscale_max  # the unit cube spans the candidates
         if c.model == "gp":
-            self.surrogate = GPSurrogate(self._X_all, c.fit_maxiter)
+            self.surrogate = GPSurrogate(self._X_all, c.fit_maxiter, max_position_lengthscale_unit=max_ls)
         else:
-            self.surrogate = DeepKernelSurrogate(self._X_all, c.fit_maxiter, n_plain=2, embedding_dims=c.embedding_dims, seed=self.seed)
+            self.surrogate = DeepKernelSurrogate(self._X_all, c.fit_maxiter, n_plain=2, embedding_dims=c.embedding_dims,
+                                                 seed=self.seed, max_position_lengthscale_unit=max_ls)
         self._account(g)
         self._beam_A = np.asarray(g.center_A, dtype=np.float64)
 

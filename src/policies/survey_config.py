@@ -56,6 +56,7 @@ class SurveyPolicyConfig(_Model):
     model: Literal["gp", "deep_kernel"] = Field("gp", description="GP on position + overview features, or a deep-kernel GP on position + overview patches")
     patch_px: int = Field(8, ge=2, le=32, description="deep kernel: overview patch side, pixels after binning")
     embedding_dims: int = Field(2, ge=1, le=8, description="deep kernel: learned patch embedding size")
+    position_lengthscale_max: float = Field(0.25, gt=0.0, le=1.0, description="longest lengthscale of the kernel's position part, as a fraction of the candidate field's side (keeps it local)")
     refit_every: int = Field(4, ge=1, le=1000, description="refit hyperparameters after this many new sub-scans (warm-started); in between only the data change")
     fit_maxiter: int = Field(60, ge=1, le=10000, description="L-BFGS iterations per refit")
     n_initial: int = Field(3, ge=1, le=100, description="sub-scans chosen before the surrogate is used (best overview score, then space-filling)")
