@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_CONFIG ?= configs/twin-graphene-si.yaml
 
-.PHONY: demo test install install-test broker clean bench
+.PHONY: demo test lint install install-test broker clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e ".[test,files,bench]"
+	$(PIP) install -e ".[test,files,bench,nion]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -38,7 +38,12 @@ broker:
 demo: $(VENV)/.installed
 	$(VENV)/bin/stemagent run --config $(DEMO_CONFIG)
 
-test: $(VENV)/.installed-test broker
+# ruff (lint) and mypy (types, over the package's mapped folders) before the suite
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) tools/typecheck.py
+
+test: lint broker
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

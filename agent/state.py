@@ -26,9 +26,6 @@ ALLOWED: dict[AgentState, frozenset[AgentState]] = {
     AgentState.ABORTED: frozenset(),
 }
 
-BEAM_MAY_BE_ON = frozenset({AgentState.RUNNING})
-
-
 class IllegalTransition(RuntimeError):
     pass
 
@@ -37,9 +34,6 @@ class IllegalTransition(RuntimeError):
 class StateMachine:
     state: AgentState = AgentState.IDLE
     history: list[tuple[AgentState, AgentState, str]] = field(default_factory=list)
-
-    def can(self, target: AgentState) -> bool:
-        return target in ALLOWED[self.state]
 
     def to(self, target: AgentState, reason: str = "") -> AgentState:
         """Move to ``target``; raises :class:`IllegalTransition` if the table forbids it."""

@@ -1,19 +1,22 @@
 """MQTT telemetry and operator control (aiomqtt).
 
-Topics, with ``<p>`` the configured ``topic_prefix`` (default ``stemagent``) and ``<run>`` the
-run name:
+Topics, with ``<p>`` the configured ``topic_prefix`` (default ``stemagent``), ``<run>`` the
+run name and ``<id>`` the run id (the UTC start time and a random suffix, as in the log folder's
+name), so two agents started from the same configuration never share a topic:
 
-- ``<p>/<run>/<kind>``: JSON documents the agent publishes: ``status`` (retained, every state
-  change; ``{"state": "offline"}`` as the last will), ``frame`` (a per-frame summary),
-  ``decision``, ``safety``, ``fault``, ``error``, ``summary`` and ``ack``;
-- ``<p>/<run>/control``: operator requests, JSON validated as
+- ``<p>/<run>/<id>/<kind>``: JSON documents the agent publishes: ``status`` (retained, every
+  state change; ``{"state": "offline"}`` as the last will), ``frame`` (a per-frame summary),
+  ``decision``, ``safety``, ``fault``, ``error``, ``summary`` and ``ack``; subscribe to
+  ``<p>/<run>/+/status`` to find the id of a running agent;
+- ``<p>/<run>/<id>/control``: operator requests, JSON validated strictly as
   :class:`~stemagent.agent.control.ControlMessage` (``pause``, ``resume``, ``stop``, ``abort``,
   ``set_target``, ``set_dose_budget``); every request, valid or not, is answered on
-  ``<p>/<run>/ack`` with a :class:`~stemagent.agent.control.ControlAck` carrying its ``id``.
+  ``<p>/<run>/<id>/ack`` with a :class:`~stemagent.agent.control.ControlAck` carrying its ``id``.
 
-:meth:`MqttTelemetry.publish` never blocks and never raises: documents go into a bounded
-queue (the oldest is dropped and counted when it is full) that a background task sends.
-If the broker goes away mid-run the client reconnects with backoff; the run goes on.
+:meth:`MqttTelemetry.publish` never blocks and never raises. Acknowledgements have a queue of
+their own that never drops and is sent first; other documents go into a bounded queue (the
+oldest is dropped and counted when it is full). A background task sends both. If the broker
+goes away mid-run the client reconnects with backoff; the run goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pydantic import ValidationError
 
 from stemagent.agent.control import ControlAck, ControlMessage
 from stemagent.config import TelemetryConfig
-from stemagent.errors import ConfigError
+from stemagent.errors import ConfigError, shown
 
 log = logging.getLogger("stemagent.agent.telemetry")
 
@@ -86,6 +89,7 @@ class MqttTelemetry:
         cfg: TelemetryConfig,
         run_name: str,
         *,
+        run_id: str,
         queue_size: int = 256,
         connect_timeout_s: float = 10.0,
         publish_timeout_s: float = 5.0,
@@ -96,13 +100,15 @@ class MqttTelemetry:
             raise ConfigError("<config>", "telemetry.host", None, "is required for MQTT telemetry")
         self.cfg = cfg
         self.run_name = run_name
-        self.base = f"{cfg.topic_prefix.rstrip('/')}/{run_name}"
+        self.run_id = run_id
+        self.base = f"{cfg.topic_prefix}/{run_name}/{run_id}"
         self.control_topic = f"{self.base}/control"
         self.connect_timeout_s = connect_timeout_s
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self.identifier = identifier
         self._queue: deque[tuple[str, bytes, int, bool]] = deque(maxlen=queue_size)
+        self._acks: deque[tuple[str, bytes, int, bool]] = deque()  # never dropped
         self._have_output = asyncio.Event()
         self._connected = asyncio.Event()
         self._closing = False
@@ -121,14 +127,17 @@ class MqttTelemetry:
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
         """Queue a document for ``<p>/<run>/<kind>``; never blocks, never raises."""
         try:
-            body = encode_document({"run": self.run_name, "kind": kind, **payload})
+            body = encode_document({"run": self.run_name, "run_id": self.run_id, "kind": kind, **payload})
         except (TypeError, ValueError) as exc:
             log.error("telemetry: cannot encode a %s document: %s", kind, exc)
             return
-        reliable = kind in _RELIABLE
-        if len(self._queue) == self._queue.maxlen:
-            self.stats["dropped"] += 1
-        self._queue.append((f"{self.base}/{kind}", body, 1 if reliable else 0, kind == "status"))
+        item = (f"{self.base}/{kind}", body, 1 if kind in _RELIABLE else 0, kind == "status")
+        if kind == "ack":
+            self._acks.append(item)
+        else:
+            if len(self._queue) == self._queue.maxlen:
+                self.stats["dropped"] += 1
+            self._queue.append(item)
         self._have_output.set()
 
     def attach(self, target: ControlTarget) -> None:
@@ -162,7 +171,7 @@ class MqttTelemetry:
             # flush what is queued (bounded by the publish timeout), then give up on the rest
             done, _ = await asyncio.wait({self._task}, timeout=self.publish_timeout_s + 1.0)
             if not done:
-                log.warning("telemetry: %d documents not delivered at exit", len(self._queue))
+                log.warning("telemetry: %d documents not delivered at exit", len(self._queue) + len(self._acks))
                 self._task.cancel()
             results = await asyncio.gather(self._task, return_exceptions=True)
             if results and isinstance(results[0], Exception):
@@ -173,13 +182,14 @@ class MqttTelemetry:
         if self.cfg.tls:
             tls_context = ssl.create_default_context(cafile=str(self.cfg.tls_ca_file) if self.cfg.tls_ca_file else None)
         will = aiomqtt.Will(
-            f"{self.base}/status", encode_document({"run": self.run_name, "kind": "status", "state": "offline"}), qos=1, retain=True
+            f"{self.base}/status", encode_document({"run": self.run_name, "run_id": self.run_id, "kind": "status", "state": "offline"}),
+            qos=1, retain=True
         )
         return aiomqtt.Client(
             self.cfg.host or "",
             self.cfg.port,
             username=self.cfg.username,
-            password=self.cfg.password,
+            password=None if self.cfg.password is None else self.cfg.password.get_secret_value(),
             tls_context=tls_context,
             identifier=self.identifier,
             will=will,
@@ -228,17 +238,19 @@ class MqttTelemetry:
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            while self._queue:
-                topic, body, qos, retain = self._queue[0]
+            while self._acks or self._queue:
+                q = self._acks if self._acks else self._queue  # acknowledgements first
+                topic, body, qos, retain = q[0]
                 await client.publish(topic, body, qos=qos, retain=retain, timeout=self.publish_timeout_s)
-                self._queue.popleft()
+                if q and q[0][1] is body:
+                    q.popleft()
                 self.stats["published"] += 1
             if self._closing:
                 return
             self._have_output.clear()
             try:
                 await asyncio.wait_for(self._have_output.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _listen(self, client: aiomqtt.Client) -> None:
@@ -257,11 +269,15 @@ class MqttTelemetry:
         try:
             if len(raw) > MAX_CONTROL_BYTES:
                 raise ValueError(f"control message of {len(raw)} bytes exceeds {MAX_CONTROL_BYTES}")
-            data = json.loads(bytes(raw))
+            try:  # only to name the request in a refusal; validation below is strict
+                data = json.loads(bytes(raw))
+            except (ValueError, RecursionError):
+                data = None
             if isinstance(data, dict):
                 msg_id = data.get("id") if isinstance(data.get("id"), str) else None
+                msg_id = msg_id[:128] if msg_id is not None else None
                 command = str(data.get("command", command))[:64]
-            msg = ControlMessage.model_validate(data)
+            msg = ControlMessage.from_json(bytes(raw))
         except (ValueError, ValidationError, RecursionError) as exc:
             detail = _explain(exc)
             return self._reject(msg_id, command, f"invalid control message: {detail}")
@@ -278,7 +294,10 @@ class MqttTelemetry:
 
     def _reject(self, msg_id: str | None, command: str, detail: str) -> ControlAck:
         self.stats["control_rejected"] += 1
-        log.error("telemetry: control request %s (%s) refused: %s", msg_id, command, detail)
+        n = self.stats["control_rejected"]
+        if n <= 10 or n % 1000 == 0:  # every refusal is acknowledged; the log shows a few
+            log.warning("telemetry: control request %s (%s) refused: %s%s", msg_id, command, detail,
+                        "" if n < 10 else f" ({n} refused so far; logging every 1000th)")
         state = getattr(getattr(getattr(self._target, "sm", None), "state", None), "value", "unknown")
         ack = ControlAck(id=msg_id, command=command, accepted=False, state=str(state), detail=detail[:500])
         self.publish("ack", ack.model_dump())
@@ -296,7 +315,9 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err.get("loc", ())) or "<message>"
-        return f"{loc}={err.get('input')!r}: {err.get('msg')}"
+        if err.get("type") == "json_invalid":
+            return f"not valid JSON ({err.get('msg')})"
+        return f"{loc}={shown(err.get('input'))}: {err.get('msg')}"
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply"
     return str(exc)

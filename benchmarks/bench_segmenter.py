@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame
+from stemagent.agent.app.segmenter_training import LABEL_OFFSET, twin_frame
 from stemagent.segmentation.classical import LoGFinder
 from stemagent.segmentation.crlb import crlb_incoherent
 from stemagent.segmentation.ideal_observer import f1_scores, max_f1_over_thresholds, oracle_posteriors

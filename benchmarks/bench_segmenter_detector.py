@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_segmenter import DEFECTS, f1  # noqa: E402
 
-from stemagent.agent.segmenter_training import LABEL_OFFSET, twin_frame  # noqa: E402
+from stemagent.agent.app.segmenter_training import LABEL_OFFSET, twin_frame  # noqa: E402
 from stemagent.segmentation.metrics import match  # noqa: E402
 from stemagent.segmentation.unet_segmenter import UNetSegmenter  # noqa: E402
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from stemagent.codec import encode_geometry
 from stemagent.drivers import wire
 from stemagent.types import Frame, ScanGeometry
 
@@ -65,7 +66,7 @@ def _send_one(sock: zmq.Socket, frame: Frame, method: str, i: int) -> None:
         sock.send_multipart(parts, copy=False)
     else:
         sock.send_pyobj(
-            {"t_send": t0, "index": i, "image": frame.image, "geometry": frame.geometry.to_dict(),
+            {"t_send": t0, "index": i, "image": frame.image, "geometry": encode_geometry(frame.geometry),
              "line_times_s": frame.line_times_s, "dose_e_per_A2": frame.dose_e_per_A2}
         )
 

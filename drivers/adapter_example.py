@@ -25,7 +25,8 @@ import numpy as np
 
 from stemagent.driver import DriverFault
 from stemagent.errors import InputError
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent.dose import dose_e_per_A2
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ class ConsoleAdapter:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.run_in_executor(self._pool, fn, *args), timeout=self.call_timeout_s + extra_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DriverFault(f"console call {fn.__name__} did not return within {self.call_timeout_s + extra_s:.1f} s") from None
         except RuntimeError as exc:  # the vendor API's error type
             raise DriverFault(f"console refused {fn.__name__}: {exc}") from None
@@ -110,7 +111,7 @@ class ConsoleAdapter:
     async def acquire(self, geometry: ScanGeometry) -> Frame:
         rows, cols = geometry.shape_px
         if geometry.fov_A[0] != geometry.fov_A[1] or rows != cols:
-            raise InputError("geometry", geometry.to_dict(), "this console scans square fields only")
+            raise InputError("geometry.fov_A", geometry.fov_A, "this console scans square fields only")
         cx, cy = geometry.center_A
         await self._call(self.console.set_scan_field, (cx / 10.0, cy / 10.0), geometry.fov_A[0] / 10.0,
                          math.degrees(geometry.rotation_rad))

@@ -35,7 +35,8 @@ from stemagent.clock import Clock
 from stemagent.driver import DriverFault
 from stemagent.drivers.playback import PlaybackDriver
 from stemagent.errors import InputError
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent import dose as dose_model
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 #: suffixes this module reads
 ACQUISITION_SUFFIXES = (".dm3", ".dm4", ".emd", ".tif", ".tiff", ".hspy", ".ndata", ".h5")
@@ -78,7 +79,7 @@ def _angstrom_per_unit(units: Any, where: str) -> float:
     u = str(units or "").strip().lower().replace(" ", "")
     if u in _TO_ANGSTROM:
         return _TO_ANGSTROM[u]
-    raise InputError(where, units, "is not a length unit (m, mm, µm, nm, Å, pm); pass pixel_size_A to override")
+    raise InputError(where, units, "is not a length unit (m, mm, µm, nm, Å, pm); give the pixel size (stemagent replay --pixel-size-A, or pixel_size_A)")
 
 
 def _is_length(units: Any) -> bool:
@@ -162,7 +163,8 @@ def _from_signal(sig: dict[str, Any], path: Path, pixel_size_A: float | None) ->
     md = sig.get("metadata", {}) or {}
     mapped = _mapped(sig)
     om = sig.get("original_metadata", {}) or {}
-    velox_scan = om.get("Scan") if isinstance(om.get("Scan"), dict) else {}
+    scan = om.get("Scan")
+    velox_scan: dict[str, Any] = scan if isinstance(scan, dict) else {}
     dwell = (
         _positive(_find(md.get("Acquisition_instrument", {}), "dwell_time"))
         or _positive(mapped.get("dwell_time"))
@@ -198,7 +200,7 @@ def _read_nion(path: Path, pixel_size_A: float | None) -> list[Acquisition]:
                 with z.open("data.npy") as f:
                     data = np.load(f, allow_pickle=False)
         else:
-            import h5py
+            import h5py  # optional: the 'files' extra
 
             with h5py.File(path, "r") as f:
                 if "data" not in f:
@@ -243,15 +245,15 @@ def read_acquisitions(path: str | Path, pixel_size_A: float | None = None) -> li
 
 
 def _rsciio_reader(suffix: str) -> Any:
-    try:
+    try:  # rosettasciio is optional (the 'files' extra): imported for the format at hand
         if suffix in (".dm3", ".dm4"):
-            from rsciio.digitalmicrograph import file_reader
+            from rsciio.digitalmicrograph import file_reader  # optional
         elif suffix == ".emd":
-            from rsciio.emd import file_reader
+            from rsciio.emd import file_reader  # optional
         elif suffix in (".tif", ".tiff"):
-            from rsciio.tiff import file_reader
+            from rsciio.tiff import file_reader  # optional
         elif suffix == ".hspy":
-            from rsciio.hspy import file_reader
+            from rsciio.hspy import file_reader  # optional
         else:
             raise InputError("path.suffix", suffix, f"is not one of {ACQUISITION_SUFFIXES}")
     except ImportError as exc:
@@ -312,7 +314,7 @@ class FileDriver(PlaybackDriver):
         current = self.beam_current_pA or a.beam_current_pA
         dose = 0.0
         if current and a.dwell_s:
-            dose = dose_e_per_A2(current, a.dwell_s, a.pixel_size_A[0] * a.pixel_size_A[1])
+            dose = dose_model.dose_e_per_A2(current, a.dwell_s, a.pixel_size_A[0] * a.pixel_size_A[1])
         return Frame(
             image=a.image,
             geometry=g,
@@ -328,8 +330,7 @@ class FileDriver(PlaybackDriver):
         i = self._next
         self._next += 1
         g = self.acquisitions[i].geometry(self.default_dwell_s)
-        if self.pace == "recorded":
-            await self.clock.sleep(g.frame_time_s)
+        await self._pass(g.frame_time_s)
         frame = self.frame(i, start_s=self._t_s)
         self._t_s += g.frame_time_s
         return self._deliver(frame, geometry)

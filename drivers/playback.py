@@ -3,6 +3,11 @@
 The recording is what the microscope saw, so a requested geometry is not obeyed: a mismatch
 is counted in :attr:`PlaybackDriver.mismatched_geometries`. When the recording runs out,
 :class:`~stemagent.driver.EndOfData` ends the run.
+
+Time: the injected clock follows the recorded times at every pace. ``pace="recorded"`` waits
+them out; ``pace="fast"`` with a :class:`~stemagent.clock.VirtualClock` (what the agent's
+factory builds for it) moves the virtual clock by the same amounts at once, so time-based rules
+(the safety gate's command rate) see the run's own timing.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ class PlaybackDriver:
             raise DriverFault(f"{self.name} driver is not connected")
         if position >= total:
             raise EndOfData(f"all {total} frames of {what} replayed")
+
+    async def _pass(self, seconds: float) -> None:
+        """Let ``seconds`` of recorded time pass on the clock (at once on a virtual clock)."""
+        if seconds > 0 and (self.pace == "recorded" or isinstance(self.clock, VirtualClock)):
+            await self.clock.sleep(seconds)
 
     def _deliver(self, frame: Frame, requested: ScanGeometry) -> Frame:
         if frame.geometry != requested:

@@ -1,19 +1,23 @@
 """Replay a run log as a :class:`~stemagent.driver.Driver`.
 
 Frames come back in the order they were logged, whatever geometry is asked for (the log is
-what the microscope saw); parks return the logged park signals in order. With ``pace="recorded"``
-frames are released at their recorded times relative to the first, on the injected clock;
-with ``pace="fast"`` at once. When the log is exhausted :class:`~stemagent.driver.EndOfData`
-is raised.
+what the microscope saw); parks return the logged park signals and doses in order. The clock
+follows the recorded times: with ``pace="recorded"`` frames are released at their recorded
+times relative to the first; with ``pace="fast"`` at once, a virtual clock moving by the
+recorded amounts. Each replayed frame carries ``meta["replayed_from"]``, its ``log_index`` in
+the original log (its identity there). A frame whose chunk cannot be read raises
+:class:`~stemagent.errors.InputError` (the agent logs it as bad input and asks for the next);
+when the log is exhausted :class:`~stemagent.driver.EndOfData` is raised.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-import numpy as np
 
 from stemagent.clock import Clock
+from stemagent.codec import decode_capabilities, decode_geometry
 from stemagent.driver import Driver, EndOfData
+from stemagent.drivers.files import FileDriver, is_acquisition_file
 from stemagent.drivers.playback import PlaybackDriver
 from stemagent.runlog import RunLog
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
@@ -26,7 +30,7 @@ class ReplayDriver(PlaybackDriver):
         super().__init__(pace=pace, clock=clock)
         self.log = RunLog.open(path)
         self._frames = self.log.event_data("frames")
-        self._parks = self.log.event_data("parks")
+        self._parks = self.log.park_results()
         self._next_frame = 0
         self._next_park = 0
         self._t0_clock: float | None = None
@@ -38,7 +42,7 @@ class ReplayDriver(PlaybackDriver):
 
     async def capabilities(self) -> Capabilities:
         if self._frames:
-            g = ScanGeometry.from_dict(self._frames[0]["geometry"])
+            g = decode_geometry(self._frames[0]["geometry"], "frames[0].geometry")
             shape = g.shape_px
             fov = max(g.fov_A)
         else:
@@ -51,44 +55,43 @@ class ReplayDriver(PlaybackDriver):
             max_dwell_s=10.0,
             can_park=bool(self._parks),
             beam_current_pA=float(self.log.start.get("beam_current_pA", 20.0)),
+            probe_fwhm_A=self._logged_probe_fwhm_A(),
         )
 
+    def _logged_probe_fwhm_A(self) -> float | None:
+        logged = self.log.start.get("capabilities")
+        return decode_capabilities(logged, "start.capabilities").probe_fwhm_A if logged else None
+
     async def _pace_to(self, t_log: float) -> None:
-        if self.pace != "recorded":
-            return
         if self._t0_clock is None or self._t0_log is None:
             self._t0_clock, self._t0_log = self.clock.monotonic(), t_log
             return
         due = self._t0_clock + (t_log - self._t0_log)
-        await self.clock.sleep(due - self.clock.monotonic())
+        await self._pass(due - self.clock.monotonic())
 
     async def acquire(self, geometry: ScanGeometry) -> Frame:
         self._check_next(self._next_frame, len(self._frames), str(self.log.path))
-        data = self._frames[self._next_frame]
+        position = self._next_frame
+        data = self._frames[position]
         self._next_frame += 1
-        frame = self.log.frame_from_data(data)
-        await self._pace_to(frame.end_time_s)
+        end_s = float(data["line_times_s"][-1]) + decode_geometry(data["geometry"], f"frames[{position}].geometry").line_time_s
+        await self._pace_to(end_s)
+        frame = self.log.frame_from_data(data)  # InputError if its chunk is unreadable: skipped
+        frame.meta = {**frame.meta, "replayed_from": int(data.get("log_index", position))}
         return self._deliver(frame, geometry)
 
     async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
         if self._next_park >= len(self._parks):
             raise EndOfData(f"no more logged parks in {self.log.path}")
-        d = self._parks[self._next_park]
+        result = self._parks[self._next_park]  # logs before version 2 kept no dose: 0
         self._next_park += 1
-        await self._pace_to(float(d["start_time_s"]) + float(d["dwell_s"]))
-        return ParkResult(
-            position_A=(float(d["position_A"][0]), float(d["position_A"][1])),
-            dwell_s=float(d["dwell_s"]),
-            start_time_s=float(d["start_time_s"]),
-            sample_interval_s=float(d["sample_interval_s"]),
-            signal=np.asarray(d["signal"], dtype=np.float32),
-        )
+        await self._pace_to(result.start_time_s + result.dwell_s)
+        return result
 
 
-def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None) -> Driver:
-    """A run log, or an acquisition file from other software (``drivers/files.py``), as a driver."""
-    from stemagent.drivers.files import FileDriver, is_acquisition_file
-
+def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None, pixel_size_A: float | None = None) -> Driver:
+    """A run log, or an acquisition file from other software (``drivers/files.py``, with
+    ``pixel_size_A`` for files that carry no calibration), as a driver."""
     if is_acquisition_file(path):
-        return FileDriver(path, pace=pace, clock=clock)
+        return FileDriver(path, pace=pace, clock=clock, pixel_size_A=pixel_size_A)
     return ReplayDriver(path, pace=pace, clock=clock)

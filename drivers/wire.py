@@ -10,6 +10,10 @@ Everything arriving from a socket is validated here before anything else sees it
 that is malformed, truncated, oversized or of another protocol version raises
 :class:`WireError` naming the field, and is never interpreted further. Nothing is pickled.
 
+Core types are encoded by their one codec (:mod:`stemagent.codec`): a frame header is the
+frame's metadata document plus the wire's own fields, a park reply the park result's document
+plus its signal as a raw part, a capabilities reply the capabilities document.
+
 This module imports only numpy, pydantic and the stemagent core types, so the bridge can run
 inside a vendor's Python environment.
 """
@@ -23,10 +27,21 @@ from typing import Annotated, Any, Literal, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from stemagent.codec import (
+    Coordinate,
+    FrameMetaDoc,
+    GeometryDoc,
+    decode_capabilities,
+    decode_frame_meta,
+    decode_geometry,
+    decode_park_result,
+    encode_frame_meta,
+    encode_park_result,
+)
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: requests carry "client"; "Refused" errors; bounded geometry; capabilities.probe_fwhm_A
 
 #: Largest JSON part (request, reply or frame header) a peer accepts, bytes.
 MAX_JSON_BYTES = 1 << 20
@@ -44,7 +59,7 @@ class WireError(InputError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _finite(v: float, name: str) -> float:
@@ -53,29 +68,8 @@ def _finite(v: float, name: str) -> float:
     return v
 
 
-class GeometryModel(_Msg):
-    """Wire form of :class:`~stemagent.types.ScanGeometry` (same fields, same units)."""
-
-    center_A: tuple[float, float]
-    fov_A: tuple[float, float]
-    shape_px: tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
-    rotation_rad: float = 0.0
-    dwell_s: float = Field(gt=0)
-    flyback_s: float = Field(0.0, ge=0)
-
-    def to_geometry(self) -> ScanGeometry:
-        return ScanGeometry(
-            center_A=self.center_A,
-            fov_A=self.fov_A,
-            shape_px=self.shape_px,
-            rotation_rad=self.rotation_rad,
-            dwell_s=self.dwell_s,
-            flyback_s=self.flyback_s,
-        )
-
-    @classmethod
-    def of(cls, g: ScanGeometry) -> "GeometryModel":
-        return cls.model_validate(g.to_dict())
+#: the wire form of :class:`~stemagent.types.ScanGeometry` is its one codec's document
+GeometryModel = GeometryDoc
 
 
 # --- control requests ---------------------------------------------------------------------
@@ -84,8 +78,10 @@ RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z
 
 
 class _Request(_Msg):
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
+    #: who sends it (the client's session); the bridge gives the beam to one client at a time
+    client: RequestId | None = None
 
 
 class HeartbeatRequest(_Request):
@@ -111,7 +107,7 @@ class AcquireRequest(_Request):
 
 class ParkRequest(_Request):
     op: Literal["park"]
-    position_A: tuple[float, float]
+    position_A: tuple[Coordinate, Coordinate]
     dwell_s: float = Field(gt=0, le=3600.0)
 
     @field_validator("position_A")
@@ -173,7 +169,7 @@ class Reply(_Msg):
     ``arrays`` lists raw parts that follow this JSON part in the same message, in order.
     """
 
-    v: Literal[1]
+    v: Literal[2]
     id: RequestId
     ok: bool
     result: dict[str, Any] = Field(default_factory=dict)
@@ -184,21 +180,15 @@ class Reply(_Msg):
 # --- frames -------------------------------------------------------------------------------
 
 
-class FrameHeader(_Msg):
-    """The JSON part in front of every frame's pixel buffer."""
+class FrameHeader(FrameMetaDoc):
+    """The JSON part in front of every frame's pixel buffer: the frame's metadata document
+    (:class:`~stemagent.codec.FrameMetaDoc`) plus the wire's version, stream, shape and dtype."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["frame"] = "frame"
     stream: str = Field("", max_length=64)
-    index: int = Field(ge=0)
     shape: tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
     dtype: Literal["<f4", "<f8", "<u1", "<u2", "<u4", "<i2", "<i4"]
-    geometry: GeometryModel
-    line_times_s: list[float]
-    dose_e_per_A2: float = Field(ge=0)
-    source: str = Field("unknown", max_length=256)
-    detector: str = Field("HAADF", max_length=64)
-    meta: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("line_times_s")
     @classmethod
@@ -369,18 +359,9 @@ def decode_reply(parts: Sequence[Any], max_array_bytes: int = DEFAULT_MAX_ARRAY_
 
 def frame_header(frame: Frame, stream: str = "") -> tuple[FrameHeader, np.ndarray, bool]:
     image, zero_copy = array_part(np.asarray(frame.image))
-    header = FrameHeader(
-        v=PROTOCOL_VERSION,
-        stream=stream,
-        index=int(frame.index),
-        shape=image.shape,  # type: ignore[arg-type]
-        dtype=wire_dtype(image.dtype),  # type: ignore[arg-type]
-        geometry=GeometryModel.of(frame.geometry),
-        line_times_s=[float(t) for t in frame.line_times_s],
-        dose_e_per_A2=float(frame.dose_e_per_A2),
-        source=str(frame.source)[:256],
-        detector=str(frame.detector)[:64],
-        meta=_json_safe(frame.meta),
+    header = FrameHeader.model_validate(
+        {**encode_frame_meta(frame), "v": PROTOCOL_VERSION, "stream": stream, "shape": image.shape,
+         "dtype": wire_dtype(image.dtype)}
     )
     return header, image, zero_copy
 
@@ -432,111 +413,45 @@ def build_frame(header: FrameHeader, image: np.ndarray) -> Frame:
     """The :class:`Frame` described by a validated header; ``image`` must match its shape and dtype."""
     if tuple(image.shape) != tuple(header.shape) or image.dtype != np.dtype(header.dtype):
         raise WireError("frame.image", f"{image.dtype}{tuple(image.shape)}", f"must be {header.dtype}{tuple(header.shape)}")
-    geometry = _geometry(header.geometry, "frame.header.geometry")
     if image.dtype != np.float32:
         image = image.astype(np.float32)
+    meta = header.model_dump(include=set(FrameMetaDoc.model_fields))
     try:
-        return Frame(
-            image=image,
-            geometry=geometry,
-            line_times_s=np.asarray(header.line_times_s, dtype=np.float64),
-            index=header.index,
-            dose_e_per_A2=header.dose_e_per_A2,
-            source=header.source,
-            detector=header.detector,
-            meta=dict(header.meta),
-        )
+        return decode_frame_meta(meta, image, "frame.header")
     except InputError as exc:
-        raise WireError(f"frame.{exc.field}", exc.value, exc.problem) from None
+        field = exc.field.replace("frame.header.image", "frame.image", 1)
+        raise WireError(field, exc.value, exc.problem) from None
 
 
-def _geometry(model: GeometryModel, what: str) -> ScanGeometry:
+def geometry_from_wire(model: GeometryDoc) -> ScanGeometry:
     try:
-        return model.to_geometry()
+        return decode_geometry(model, "geometry")
     except InputError as exc:
-        raise WireError(f"{what}.{exc.field}", exc.value, exc.problem) from None
-
-
-def geometry_from_wire(model: GeometryModel) -> ScanGeometry:
-    return _geometry(model, "geometry")
+        raise WireError(exc.field, exc.value, exc.problem) from None
 
 
 # --- park and capabilities ----------------------------------------------------------------
 
 
 def park_result_fields(p: ParkResult) -> tuple[dict[str, Any], np.ndarray]:
-    result = {
-        "position_A": [float(p.position_A[0]), float(p.position_A[1])],
-        "dwell_s": float(p.dwell_s),
-        "start_time_s": float(p.start_time_s),
-        "sample_interval_s": float(p.sample_interval_s),
-        "dose_e_per_A2": float(p.dose_e_per_A2),
-    }
-    sig = np.asarray(p.signal)
-    if sig.dtype.kind not in "fiu":
-        sig = sig.astype(np.float64)
-    return result, sig.reshape(-1)
-
-
-class ParkResultModel(_Msg):
-    position_A: tuple[float, float]
-    dwell_s: float = Field(gt=0)
-    start_time_s: float
-    sample_interval_s: float = Field(gt=0)
-    dose_e_per_A2: float = Field(0.0, ge=0)
+    """A park reply's ``result`` and its signal part (the park result's codec)."""
+    return encode_park_result(p)
 
 
 def park_result_from(reply: Reply, arrays: list[np.ndarray]) -> ParkResult:
-    try:
-        m = ParkResultModel.model_validate(reply.result)
-    except ValidationError as exc:
-        raise _validation_error("reply.result", reply.result, exc) from None
     if len(arrays) != 1 or arrays[0].ndim != 1:
         raise WireError("reply.arrays", len(arrays), "a park reply carries one 1-D signal array")
-    return ParkResult(
-        position_A=m.position_A,
-        dwell_s=m.dwell_s,
-        start_time_s=m.start_time_s,
-        sample_interval_s=m.sample_interval_s,
-        signal=arrays[0].astype(np.float64),
-        dose_e_per_A2=m.dose_e_per_A2,
-    )
-
-
-class CapabilitiesModel(_Msg):
-    name: str = Field(max_length=256)
-    max_fov_A: float = Field(gt=0)
-    max_shape_px: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
-    min_dwell_s: float = Field(gt=0)
-    max_dwell_s: float = Field(gt=0)
-    can_park: bool = True
-    detectors: tuple[str, ...] = ("HAADF",)
-    beam_energy_keV: float = Field(60.0, gt=0)
-    beam_current_pA: float = Field(20.0, ge=0)
+    try:
+        return decode_park_result(reply.result, arrays[0], "reply.result")
+    except InputError as exc:
+        raise WireError(exc.field, exc.value, exc.problem) from None
 
 
 def capabilities_from(result: dict[str, Any]) -> Capabilities:
     try:
-        m = CapabilitiesModel.model_validate(result)
-    except ValidationError as exc:
-        raise _validation_error("reply.result", result, exc) from None
-    return Capabilities.from_dict(m.model_dump())
-
-
-def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the metadata entries that survive a JSON round trip (numbers, strings, lists)."""
-    out: dict[str, Any] = {}
-    for k, v in meta.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray) and v.size <= 64:
-            v = v.tolist()
-        try:
-            json.dumps(v, allow_nan=False)
-        except (TypeError, ValueError):
-            continue
-        out[str(k)] = v
-    return out
+        return decode_capabilities(result, "reply.result")
+    except InputError as exc:
+        raise WireError(exc.field, exc.value, exc.problem) from None
 
 
 # --- stream control messages on the frame channel ------------------------------------------
@@ -545,7 +460,7 @@ def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
 class StreamEnd(_Msg):
     """Single-part message on the frame channel: a stream finished (``error`` set if it failed)."""
 
-    v: Literal[1]
+    v: Literal[2]
     kind: Literal["stream_end"] = "stream_end"
     stream: RequestId
     frames: int = Field(ge=0)

@@ -14,6 +14,11 @@ On loss the driver
 While the link is down every call raises :class:`DriverFault` at once; :meth:`connect` waits
 (up to ``connect_timeout_s``) for the link to come back. Each request carries a fresh id; the
 bridge refuses an id it has seen, so a request can never run twice.
+
+Lifetime: ``async with ZmqDriver(...) as driver:`` (or :meth:`connect` ... :meth:`close`). The
+driver's background tasks (supervisor, reply reader, frame reader) live in one
+``asyncio.TaskGroup`` inside a service task started by :meth:`connect` and ended by
+:meth:`close`; none outlives the driver. Every wait on the bridge has a timeout.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from stemagent.clock import Clock, SystemClock
-from stemagent.driver import DriverFault
+from stemagent.codec import encode_geometry
+from stemagent.driver import CommandRefused, DriverFault
 from stemagent.drivers import wire
 from stemagent.errors import InputError
 from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
@@ -100,9 +106,9 @@ class ZmqDriver:
         self._streams: dict[str, _Stream] = {}
         self._link_up = asyncio.Event()
         self._closed = False
-        self._supervisor: asyncio.Task[None] | None = None
+        self._service: asyncio.Task[None] | None = None  # owns the TaskGroup of the tasks below
+        self._tasks: asyncio.TaskGroup | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._frame_reader: asyncio.Task[None] | None = None
         self._caps: Capabilities | None = None
         #: why the link was last lost (None while it has never failed)
         self.fault: str | None = None
@@ -147,12 +153,13 @@ class ZmqDriver:
         """Start link supervision (once) and wait until the bridge answers."""
         if self._closed:
             raise DriverFault("the ZeroMQ driver is closed")
-        if self._supervisor is None or self._supervisor.done():
-            self._open_sub()
-            self._supervisor = asyncio.ensure_future(self._supervise())
+        if self._service is None or self._service.done():
+            started = asyncio.Event()
+            self._service = asyncio.ensure_future(self._serve(started))
+            await started.wait()
         try:
             await asyncio.wait_for(self._link_up.wait(), timeout=self.connect_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DriverFault(
                 f"no bridge answered at {self.control_endpoint} within {self.connect_timeout_s} s"
                 + (f" (last fault: {self.fault})" if self.fault else "")
@@ -167,16 +174,39 @@ class ZmqDriver:
             except (DriverFault, InputError) as exc:
                 log.warning("zmq driver: blank on close failed: %s", exc)
         self._closed = True
-        for t in (self._supervisor, self._reader, self._frame_reader):
-            if t is not None:
-                t.cancel()
-        await asyncio.gather(
-            *(t for t in (self._supervisor, self._reader, self._frame_reader) if t is not None), return_exceptions=True
-        )
+        if self._service is not None:
+            self._service.cancel()
+            await asyncio.gather(self._service, return_exceptions=True)
         self._drop_link("driver closed", report=False)
         if self._sub is not None:
             self._sub.close(linger=0)
             self._sub = None
+
+    async def __aenter__(self) -> ZmqDriver:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _serve(self, started: asyncio.Event) -> None:
+        """The service task: the driver's tasks in one TaskGroup, until :meth:`close` cancels it."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                self._open_sub()
+                tasks.create_task(self._supervise(), name="zmq-supervisor")
+                started.set()
+        except* Exception as group:  # pragma: no cover - every task catches its own errors; a bug ends the link
+            log.error("zmq driver: a background task failed: %r", group.exceptions)
+            self._drop_link(f"driver task failed: {group.exceptions[0]!r}", report=True)
+        finally:
+            self._tasks = None
+            started.set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        assert self._tasks is not None, "the driver is not connected"
+        return self._tasks.create_task(coro, name=name)
 
     async def capabilities(self) -> Capabilities:
         if self._caps is None:
@@ -188,7 +218,7 @@ class ZmqDriver:
         reply, arrays = await self._request(
             "acquire",
             timeout_s=self.request_timeout_s + 2.0 * geometry.frame_time_s,
-            geometry=geometry.to_dict(),
+            geometry=encode_geometry(geometry),
         )
         try:
             header = wire.frame_header_from_dict(reply.result.get("frame"))
@@ -224,13 +254,13 @@ class ZmqDriver:
 
     async def _blank_out_of_band(self, timeout_s: float) -> None:
         rid = f"{self._session}-{next(self._ids)}"
-        req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, op="blank")
+        req = wire.BlankRequest(v=wire.PROTOCOL_VERSION, id=rid, client=self._session, op="blank")
         s = self._open_dealer()
         try:
-            if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLOUT):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 raise DriverFault(f"blank: bridge unreachable at {self.control_endpoint} ({self.fault or 'link down'})")
             await s.send_multipart(wire.encode_request(req), flags=zmq.NOBLOCK)
-            if not await s.poll(int(1000 * timeout_s), zmq.POLLIN):
+            if not await s.poll(int(1000 * timeout_s), zmq.POLLIN):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 raise DriverFault(f"blank {rid}: no reply within {timeout_s:.2f} s while the link is down")
             reply, _ = wire.decode_reply(await s.recv_multipart(flags=zmq.NOBLOCK), self.max_frame_bytes)
         except (zmq.ZMQError, wire.WireError) as exc:
@@ -253,7 +283,7 @@ class ZmqDriver:
         self._streams[sid] = state
         frame_timeout_s = self.request_timeout_s + 2.0 * geometry.frame_time_s
         try:
-            await self._request("stream_start", stream=sid, geometry=geometry.to_dict(), n_frames=n_frames)
+            await self._request("stream_start", stream=sid, geometry=encode_geometry(geometry), n_frames=n_frames)
             state.started = True
             while True:
                 if state.frames:
@@ -266,7 +296,7 @@ class ZmqDriver:
                 state.wake.clear()
                 try:
                     await asyncio.wait_for(state.wake.wait(), timeout=frame_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise DriverFault(f"stream {sid}: no frame within {frame_timeout_s:.1f} s") from None
         finally:
             self._streams.pop(sid, None)
@@ -289,7 +319,8 @@ class ZmqDriver:
             raise DriverFault(f"{op}: no connection to the bridge")
         rid = f"{self._session}-{next(self._ids)}"
         try:
-            req = wire._request_adapter.validate_python({"v": wire.PROTOCOL_VERSION, "id": rid, "op": op, **fields})
+            req = wire._request_adapter.validate_python(
+                {"v": wire.PROTOCOL_VERSION, "id": rid, "client": self._session, "op": op, **fields})
         except ValidationError as exc:
             raise wire._validation_error(f"{op} request", fields, exc) from None
         fut: asyncio.Future[tuple[wire.Reply, list[np.ndarray]]] = asyncio.get_running_loop().create_future()
@@ -303,7 +334,7 @@ class ZmqDriver:
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         try:
             reply, arrays = await asyncio.wait_for(fut, timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(rid, None)
             if op != "heartbeat":
                 self.stats["unconfirmed_commands"] += 1
@@ -314,6 +345,8 @@ class ZmqDriver:
             err = reply.error or wire.ErrorInfo(type="DriverFault", message="no error details")
             if err.type in ("InputError", "WireError"):
                 raise InputError(op, rid, f"rejected by the bridge: {err.message}")
+            if err.type == "Refused":
+                raise CommandRefused(f"{op} {rid} refused by the bridge: {err.message}")
             raise DriverFault(f"{op} {rid} failed on the bridge: {err.type}: {err.message}")
         return reply, arrays
 
@@ -364,7 +397,7 @@ class ZmqDriver:
         s.setsockopt(zmq.SUBSCRIBE, b"")
         s.connect(self.frames_endpoint)
         self._sub = s
-        self._frame_reader = asyncio.ensure_future(self._read_frames(s))
+        self._spawn(self._read_frames(s), "zmq-frames")
 
     async def _supervise(self) -> None:
         while not self._closed:
@@ -382,10 +415,10 @@ class ZmqDriver:
         while not self._closed:
             if self._dealer is None:
                 self._dealer = self._open_dealer()
-                self._reader = asyncio.ensure_future(self._read_replies(self._dealer))
+                self._reader = self._spawn(self._read_replies(self._dealer), "zmq-replies")
             # with IMMEDIATE set, POLLOUT means a connection to the bridge is established
             wait_ms = int(1000 * self._backoff(attempt))
-            if not await self._dealer.poll(wait_ms, zmq.POLLOUT):
+            if not await self._dealer.poll(wait_ms, zmq.POLLOUT):  # type: ignore[call-arg]  # the stubs give Socket the Poller's poll()
                 attempt += 1
                 continue
             try:

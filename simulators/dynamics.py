@@ -251,15 +251,3 @@ class BeamDynamics:
                 near = specimen.in_box(tuple(b - self.reach_A), tuple(b + self.reach_A))
                 chans = self._channels(specimen, near)
         return events
-
-    def park_signal(self, specimen: Specimen, beam_sample_A: np.ndarray, sigma_of_z, ids: np.ndarray) -> np.ndarray:
-        """Expected fraction of the beam reaching the ADF detector with the beam at each row of
-        ``beam_sample_A`` ``(T, 2)``, given the current specimen state, over atoms ``ids``."""
-        if len(ids) == 0:
-            return np.zeros(len(beam_sample_A))
-        pos = specimen.positions_A[ids, :2]
-        w = sigma_of_z(specimen.numbers[ids]) * specimen.present[ids]
-        out = np.empty(len(beam_sample_A))
-        for k, b in enumerate(beam_sample_A):
-            out[k] = float(np.sum(w * self.probe_density(pos - b)))
-        return out

@@ -12,6 +12,7 @@ from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.optics import Aberrations, ProbeOptics
 from stemagent.simulators.scan import DetectorModel, DriftModel
 from stemagent.simulators.specimens import TMD_LATTICE_A, Specimen, build_specimen
+from stemagent.simulators.twin import TwinDriver
 
 
 def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
@@ -34,6 +35,9 @@ def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
         }
     elif cfg.specimen == "srtio3":
         opts = {"n_cells": cfg.n_cells}
+    elif cfg.specimen == "boundary_film":
+        opts = {"n_cells": cfg.n_cells, "chain": cfg.boundary_chain.params(), "displacement_A": cfg.displacement_A,
+                "tile_cells": cfg.boundary_tile_cells}
     else:
         opts = {"n_cells": cfg.n_cells, "domain_width_A": cfg.domain_width_A, "displacement_A": cfg.displacement_A}
     return build_specimen(cfg.specimen, size_A=size, center_A=(0.0, 0.0), rng=rng, **opts)
@@ -48,10 +52,8 @@ def optics_from_config(cfg: Any) -> ProbeOptics:
     )
 
 
-def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> Any:
+def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0) -> TwinDriver:
     """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``."""
-    from stemagent.simulators.twin import TwinDriver
-
     ss = np.random.SeedSequence(seed)
     spec_seed, drift_seed, run_seed = ss.spawn(3)
     specimen = specimen_from_config(cfg, np.random.default_rng(spec_seed))

@@ -18,7 +18,8 @@ from scipy import ndimage
 from stemagent.clock import Clock, VirtualClock
 from stemagent.config import MinimalTwinConfig
 from stemagent.driver import DriverFault
-from stemagent.types import ELECTRON_CHARGE_C, Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent import dose as dose_model
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 
 def honeycomb_positions(lattice_A: float, size_A: float) -> np.ndarray:
@@ -96,7 +97,13 @@ class MinimalTwinDriver:
             detectors=("HAADF",),
             beam_energy_keV=60.0,
             beam_current_pA=self.config.beam_current_pA,
+            probe_fwhm_A=self.probe_fwhm_A,
         )
+
+    @property
+    def probe_fwhm_A(self) -> float:
+        """The probe is as wide as an atom's image (``atom_sigma_A``)."""
+        return dose_model.FWHM_PER_SIGMA * self.config.atom_sigma_A
 
     def _check(self) -> None:
         if not self.connected:
@@ -107,7 +114,7 @@ class MinimalTwinDriver:
         start = max(self.clock.monotonic(), self._busy_until_s)
         self.beam_blanked = False
         px, py = geometry.pixel_size_A
-        dose = dose_e_per_A2(self.config.beam_current_pA, geometry.dwell_s, px * py)
+        dose = dose_model.scan_dose_e_per_A2(self.config.beam_current_pA, geometry)
         electrons = dose * px * py
         expected = electrons * self.noiseless_image(geometry)
         image = self._rng.poisson(expected).astype(np.float32)
@@ -137,7 +144,7 @@ class MinimalTwinDriver:
         interval = dwell_s / n
         g = ScanGeometry(center_A=tuple(position_A), fov_A=(0.1, 0.1), shape_px=(1, 1), dwell_s=interval)  # type: ignore[arg-type]
         level = float(self.noiseless_image(g)[0, 0])
-        electrons = self.config.beam_current_pA * 1e-12 * interval / ELECTRON_CHARGE_C
+        electrons = dose_model.electrons(self.config.beam_current_pA, interval)
         signal = self._rng.poisson(electrons * level, size=n).astype(np.float32)
         await self.clock.sleep(start + dwell_s - self.clock.monotonic())
         self._busy_until_s = start + dwell_s
@@ -147,7 +154,7 @@ class MinimalTwinDriver:
             start_time_s=start,
             sample_interval_s=interval,
             signal=signal,
-            dose_e_per_A2=dose_e_per_A2(self.config.beam_current_pA, dwell_s, 1.0),  # spread over a ~1 Å² probe
+            dose_e_per_A2=dose_model.park_dose_e_per_A2(self.config.beam_current_pA, dwell_s, self.probe_fwhm_A),
         )
 
     async def blank(self) -> None:

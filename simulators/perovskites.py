@@ -21,7 +21,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from stemagent.simulators.elements import atomic_number
-from stemagent.simulators.specimens import Specimen
+from stemagent.simulators.specimen import Specimen
 
 PEROVSKITE_CLASSES = ("A", "B", "O", "vacancy")
 
@@ -210,12 +210,22 @@ def ferroelectric_film(
     displacement_A: float = 0.3,
     motif_chain: MotifChain | None = None,
     oxygen_vacancy_fraction: float = 0.0,
+    polarization_variants: Sequence[tuple[float, float]] | None = None,
 ) -> Specimen:
     """PbTiO3-like film with vertical 180-degree walls every ``domain_width_A`` along x.
 
-    Ground truth extras: ``polarization`` ``(M,)`` (p in [-1, 1] at B sites, 0 elsewhere),
-    ``wall_motifs`` (list per wall of motif names per cell row), ``wall_x_A`` ``(walls, rows)``,
-    ``row_y_A`` ``(rows,)``.
+    ``polarization_variants``: unit directions ``(dx, dy)`` of the B-site displacement; domain ``k``
+    (counted from the left) takes variant ``k % len(variants)`` and the walls blend neighbouring
+    variants with the wall motif's profile. None (the default) keeps the up/down film exactly as
+    before (variants ``(0, 1), (0, -1)``).
+
+    Ground truth extras: ``polarization`` ``(M,)`` (p in [-1, 1] at B sites, 0 elsewhere: the
+    y component of the displacement direction), ``wall_motifs`` (list per wall of motif names per
+    cell row), ``wall_x_A`` ``(walls, rows)``, ``row_y_A`` ``(rows,)``; per site (all columns of a
+    cell share them): ``domain`` ``(M,)`` the stripe index (0 = leftmost), ``variant`` ``(M,)`` the
+    polarisation variant of that stripe (index into ``variant_vectors``), ``polarization_vector``
+    ``(M, 2)`` the blended unit displacement direction, and ``polarization_strength`` ``(M,)`` in
+    [0, 1] (1 inside a domain, 0 at the centre of a wall).
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     chain: MotifChain = motif_chain if motif_chain is not None else MarkovMotifChain()
@@ -247,13 +257,36 @@ def ferroelectric_film(
         dx = xs - wall_x[k, rows]
         p *= -np.tanh(dx / wall_w[k, rows])
     # left of every wall each factor is +1: the leftmost domain points up (+y)
+    # domain membership of every site: stripe k lies between walls k-1 and k
+    right = np.stack([0.5 * (1.0 + np.tanh((xs - wall_x[k, rows]) / wall_w[k, rows])) for k in range(n_walls)])
+    member = np.empty((n_walls + 1, len(sites)))
+    left_of = np.ones(len(sites))
+    for k in range(n_walls + 1):
+        past = right[k] if k < n_walls else np.zeros(len(sites))
+        member[k] = left_of * (1.0 - past)
+        left_of = left_of * past
+    vectors = np.asarray(polarization_variants if polarization_variants is not None else ((0.0, 1.0), (0.0, -1.0)), dtype=np.float64)
+    if vectors.ndim != 2 or vectors.shape[1] != 2 or len(vectors) < 1:
+        raise ValueError(f"polarization_variants={polarization_variants!r}: must be a list of (dx, dy) directions")
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    stripe_variant = np.arange(n_walls + 1) % len(vectors)
+    domain = np.argmax(member, axis=0)
     pos, num, site_of = _stack_columns(sites, role, a, n_cells, pb, ti, o, u)
     shift = np.zeros(len(sites))
     shift[role == 1] = displacement_A
     shift[role == 2] = 1.5 * displacement_A
-    pos[:, 1] += (p * shift)[site_of]
     sites = sites.copy()
-    sites[:, 1] += p * shift
+    if polarization_variants is None:
+        pol_vec = np.stack([np.zeros(len(sites)), p], axis=1)
+        strength = np.abs(p)
+        pos[:, 1] += (p * shift)[site_of]
+        sites[:, 1] += p * shift
+    else:
+        pol_vec = member.T @ vectors[stripe_variant]  # (M, 2) blended direction
+        strength = 2.0 * member.max(axis=0) - 1.0
+        p = pol_vec[:, 1]
+        pos[:, :2] += (pol_vec * shift[:, None])[site_of]
+        sites += pol_vec * shift[:, None]
     y0 = center_A[1] - n_rows * a / 2.0 + a / 4.0
     extras = {
         "lattice_A": a,
@@ -262,6 +295,11 @@ def ferroelectric_film(
         "wall_motifs": wall_motifs,
         "wall_x_A": wall_x,
         "row_y_A": y0 + np.arange(n_rows) * a,
+        "domain": domain.astype(np.int64),
+        "variant": stripe_variant[domain].astype(np.int64),
+        "variant_vectors": vectors,
+        "polarization_vector": pol_vec,
+        "polarization_strength": np.clip(strength, 0.0, 1.0),
     }
     return _finish("film", sites, role, pos, num, site_of, pb, ti, o, n_cells, u, size_A, center_A, rng,
                    oxygen_vacancy_fraction, extras)

@@ -358,7 +358,7 @@ def sample_conditions(rng: np.random.Generator, specimen_kind: str | None = None
             read_noise=float(rng.uniform(0.0, 2.0)),
         ),
         "drift": DriftModel(
-            velocity_A_per_s=tuple(float(v) for v in rng.normal(0.0, 2.0, size=2)),
+            velocity_A_per_s=(float(rng.normal(0.0, 2.0)), float(rng.normal(0.0, 2.0))),
             wobble_amplitude_A=float(rng.uniform(0.0, 0.3)),
             wobble_period_s=float(rng.uniform(0.5, 5.0)),
             random_walk_A_per_sqrt_s=float(rng.uniform(0.0, 0.1)),

@@ -7,6 +7,7 @@ occupy. Atoms are never created or deleted: a sputtered atom keeps its row with
 
 Each site has a role (e.g. metal or chalcogen column) and a class label computed from what
 occupies it now (:meth:`Specimen.site_labels`), which is the ground truth a segmenter learns.
+The data model is :mod:`stemagent.simulators.specimen` (re-exported here).
 
 Built-in specimens (this module and :mod:`stemagent.simulators.perovskites`):
 ``graphene`` (C with substitutional Si and vacancies), ``mos2`` / ``ws2`` (2H monolayers with
@@ -18,116 +19,19 @@ a field of view; the scan centre selects what is seen.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from stemagent.simulators.elements import atomic_number
+from stemagent.simulators.elements import atomic_number, symbol
+from stemagent.simulators import perovskites
+from stemagent.simulators.boundary_film import boundary_film
+from stemagent.simulators.specimen import TMD_LATTICE_A, Specimen
 
 GRAPHENE_A = 2.46
 GRAPHENE_CLASSES = ("C", "Si", "vacancy")
 TMD_CLASSES = ("metal", "chalcogen", "substituted", "vacancy")
-TMD_LATTICE_A = {"mos2": 3.16, "ws2": 3.18, "mose2": 3.29}
 TMD_CHALCOGEN_Z_A = 1.56  # half the S-S distance along the beam
-
-
-@dataclass
-class Specimen:
-    """Atoms and sites of one specimen (arrays are mutated in place by beam-induced events).
-
-    ``positions_A`` ``(N, 3)``; ``numbers`` ``(N,)`` Z; ``present`` ``(N,)`` bool;
-    ``site_of_atom`` ``(N,)`` index into ``sites_A`` ``(M, 2)``; ``site_role`` ``(M,)`` int
-    (meaning depends on ``kind``); ``u_rms_A`` ``(N,)`` thermal rms displacement per direction;
-    ``class_names``: labels :meth:`site_labels` indexes into.
-    """
-
-    kind: str
-    positions_A: np.ndarray
-    numbers: np.ndarray
-    present: np.ndarray
-    site_of_atom: np.ndarray
-    sites_A: np.ndarray
-    site_role: np.ndarray
-    u_rms_A: np.ndarray
-    class_names: tuple[str, ...]
-    host_number: np.ndarray  # (M,) Z of the species that nominally occupies each site
-    host_count: np.ndarray  # (M,) number of atoms nominally in each site's column
-    extent_A: tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.numbers)
-
-    @property
-    def n_sites(self) -> int:
-        return len(self.sites_A)
-
-    def copy(self) -> "Specimen":
-        return Specimen(
-            kind=self.kind,
-            positions_A=self.positions_A.copy(),
-            numbers=self.numbers.copy(),
-            present=self.present.copy(),
-            site_of_atom=self.site_of_atom.copy(),
-            sites_A=self.sites_A.copy(),
-            site_role=self.site_role.copy(),
-            u_rms_A=self.u_rms_A.copy(),
-            class_names=self.class_names,
-            host_number=self.host_number.copy(),
-            host_count=self.host_count.copy(),
-            extent_A=self.extent_A,
-            extras=dict(self.extras),
-        )
-
-    # --- ground truth labels ---------------------------------------------------------
-    def site_occupancy(self, atoms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Per site: number of present atoms and number of present atoms that are not the host
-        species. ``atoms``: restrict the count to these atom indices (sites outside get zeros)."""
-        m = self.n_sites
-        idx = np.flatnonzero(self.present) if atoms is None else atoms[self.present[atoms]]
-        site = self.site_of_atom[idx]
-        count = np.bincount(site, minlength=m)
-        foreign = np.bincount(site, weights=(self.numbers[idx] != self.host_number[site]), minlength=m).astype(np.int64)
-        return count, foreign
-
-    def site_labels(self, atoms: np.ndarray | None = None) -> np.ndarray:
-        """Class index (into ``class_names``) of every site, from its current occupancy
-        (counting only ``atoms`` when given: then only the sites those atoms cover are valid)."""
-        count, foreign = self.site_occupancy(atoms)
-        labels = np.zeros(self.n_sites, dtype=np.int64)
-        if self.kind == "graphene":
-            labels[foreign > 0] = 1
-            labels[count == 0] = 2
-        elif self.kind in TMD_LATTICE_A:
-            chal = self.site_role == 1
-            labels[~chal] = 0
-            labels[chal] = 1
-            labels[chal & (foreign > 0)] = 2
-            labels[chal & (count < self.host_count)] = 3
-            labels[~chal & (count == 0)] = 3
-        else:  # perovskites and isolated atoms: label is the site role; empty columns are 'vacancy'
-            labels[:] = self.site_role
-            if "vacancy" in self.class_names:
-                labels[count == 0] = self.class_names.index("vacancy")
-        return labels
-
-    def site_numbers(self, atoms: np.ndarray | None = None) -> np.ndarray:
-        """Summed Z of the atoms present in each site's column, ``(M,)`` (over ``atoms`` if given)."""
-        idx = np.flatnonzero(self.present) if atoms is None else atoms[self.present[atoms]]
-        return np.bincount(self.site_of_atom[idx], weights=self.numbers[idx], minlength=self.n_sites)
-
-    def in_box(self, xy_min: tuple[float, float], xy_max: tuple[float, float], margin_A: float = 0.0) -> np.ndarray:
-        """Indices of present atoms whose (x, y) lies in the box grown by ``margin_A``."""
-        x, y = self.positions_A[:, 0], self.positions_A[:, 1]
-        keep = (
-            self.present
-            & (x >= xy_min[0] - margin_A)
-            & (x <= xy_max[0] + margin_A)
-            & (y >= xy_min[1] - margin_A)
-            & (y <= xy_max[1] + margin_A)
-        )
-        return np.flatnonzero(keep)
 
 
 def specimen_from_atoms(
@@ -146,8 +50,6 @@ def specimen_from_atoms(
     if z_A is not None:
         pos[:, 2] = z_A
     uniq = sorted(set(zs.tolist()))
-    from stemagent.simulators.elements import symbol as _symbol
-
     lo = xy.min(axis=0) if n else np.zeros(2)
     hi = xy.max(axis=0) if n else np.zeros(2)
     return Specimen(
@@ -157,9 +59,9 @@ def specimen_from_atoms(
         present=np.ones(n, dtype=bool),
         site_of_atom=np.arange(n),
         sites_A=xy.copy(),
-        site_role=np.asarray([uniq.index(z) for z in zs], dtype=np.int64),
+        site_role=np.asarray([uniq.index(int(z)) for z in zs], dtype=np.int64),
         u_rms_A=np.full(n, u_rms_A),
-        class_names=tuple(_symbol(z) for z in uniq) + ("vacancy",),
+        class_names=tuple(symbol(z) for z in uniq) + ("vacancy",),
         host_number=zs.copy(),
         host_count=np.ones(n, dtype=np.int64),
         extent_A=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
@@ -407,7 +309,7 @@ def tmd(
     )
 
 
-SPECIMEN_KINDS = ("graphene", "mos2", "ws2", "mose2", "srtio3", "film")
+SPECIMEN_KINDS = ("graphene", "mos2", "ws2", "mose2", "srtio3", "film", "boundary_film")
 
 
 def build_specimen(
@@ -423,10 +325,10 @@ def build_specimen(
         return graphene(size_A=size_A, center_A=center_A, rng=rng, **options)
     if kind in TMD_LATTICE_A:
         return tmd(kind=kind, size_A=size_A, center_A=center_A, rng=rng, **options)
-    from stemagent.simulators import perovskites
-
     if kind == "srtio3":
         return perovskites.srtio3(size_A=size_A, center_A=center_A, rng=rng, **options)
     if kind == "film":
         return perovskites.ferroelectric_film(size_A=size_A, center_A=center_A, rng=rng, **options)
+    if kind == "boundary_film":  # boundaries from the 2-motif chain (stemagent.simulators.boundary_film)
+        return boundary_film(size_A=size_A, center_A=center_A, rng=rng, **options)
     raise ValueError(f"specimen kind={kind!r}: must be one of {SPECIMEN_KINDS}")

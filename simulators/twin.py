@@ -20,7 +20,7 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Literal
 
 import numpy as np
 
@@ -33,7 +33,8 @@ from stemagent.simulators.optics import ProbeOptics
 from stemagent.simulators.render import FrameTruth, frame_bounds, render_frame
 from stemagent.simulators.scan import DetectorModel, DriftModel, atom_scan_pixels, line_jitter_A
 from stemagent.simulators.specimens import Specimen
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry, dose_e_per_A2
+from stemagent import dose as dose_model
+from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
 
 
 @dataclass
@@ -105,9 +106,6 @@ class GroundTruth:
                 return t
         return None
 
-    def events_between(self, t0: float, t1: float, kind: str | None = None) -> list[Event]:
-        return [e for e in self.events if t0 <= e.time_s < t1 and (kind is None or e.kind == kind)]
-
     def positions_at(self, t_s: float) -> tuple[np.ndarray, np.ndarray]:
         """Positions ``(N, 2)`` and presence ``(N,)`` of every atom at time ``t_s`` (replays events)."""
         pos = self.initial.positions_A[:, :2].copy()
@@ -160,6 +158,8 @@ class TwinDriver:
         self.beam_current_pA = float(beam_current_pA)
         self.park_sample_interval_s = float(park_sample_interval_s)
         self.dynamics = BeamDynamics(self.optics, self.beam_current_pA, cross_sections or CrossSections(), enabled=dynamics)
+        # the Gaussian with this probe's peak intensity: the dose model's probe (stemagent.dose)
+        self.probe_fwhm_A = dose_model.probe_fwhm_for_peak_density(float(self.dynamics.probe_density(np.zeros((1, 2)))[0]))
         self._caps = Capabilities(
             name=name,
             max_fov_A=float(max_fov_A),
@@ -170,6 +170,7 @@ class TwinDriver:
             detectors=("HAADF",),
             beam_energy_keV=self.optics.energy_keV,
             beam_current_pA=self.beam_current_pA,
+            probe_fwhm_A=self.probe_fwhm_A,
         )
         drift = drift or DriftModel()
         if drift.origin_s is None:  # the specimen starts drifting when the twin is built
@@ -295,6 +296,36 @@ class TwinDriver:
             self._last_beam = (start + dwell_s, b)
             return result
 
+    # --- synchronous entry points for a host scan engine ---------------------------------
+    # A host that runs its own scan loop and clock (the Nion usim generator, drivers/nion/) drives
+    # the twin through these: same physics and ground truth as the async Driver methods, no pacing.
+    def scan_now(self, geometry: ScanGeometry, start_s: float) -> Frame:
+        """Render one frame of ``geometry`` scanned from ``start_s`` (dose, dynamics and truth included)."""
+        self._check_open()
+        self._check_geometry(geometry)
+        self._expose_idle(start_s)
+        self._set_beam("scan", np.asarray(geometry.center_A))
+        frame = self._render_sync(geometry, start_s)
+        end_pix = geometry.pixel_to_sample(np.array([[geometry.shape_px[0] - 1, geometry.shape_px[1] - 1]]))[0]
+        self._last_beam = (frame.end_time_s, end_pix)
+        return frame
+
+    def park_now(self, position_A: tuple[float, float], dwell_s: float, start_s: float) -> ParkResult:
+        """Park at ``position_A`` (beam frame) for ``dwell_s`` from ``start_s``; the signal and the truth as :meth:`park`."""
+        self._check_open()
+        self._expose_idle(start_s)
+        b = np.array([float(position_A[0]), float(position_A[1])])
+        self._set_beam("park", b)
+        result = self._park_sync(b, float(dwell_s), start_s)
+        self._last_beam = (start_s + dwell_s, b)
+        return result
+
+    def blank_now(self) -> None:
+        """Blank at the clock's now (an unblanked beam left idle doses until then)."""
+        self._expose_idle(self.clock.monotonic())
+        if not self.beam_blanked:
+            self._set_beam("blanked", None)
+
     # --- work -----------------------------------------------------------------------------
     async def _render(self, geometry: ScanGeometry, start: float) -> Frame:
         self._expose_idle(start)
@@ -312,7 +343,7 @@ class TwinDriver:
         gt = self.ground_truth
         rows, cols = geometry.shape_px
         px, py = geometry.pixel_size_A
-        dose = dose_e_per_A2(self.beam_current_pA, geometry.dwell_s, px * py)
+        dose = dose_model.scan_dose_e_per_A2(self.beam_current_pA, geometry)
         electrons = dose * px * py
         jit = line_jitter_A(rows, self.jitter_A, self.rng)
         # atoms the beam passes over this frame, and when
@@ -420,7 +451,7 @@ class TwinDriver:
         electrons = self.dynamics.electrons_per_s * dt
         lam = (signal + self.adf.background) * electrons
         noisy = self.detector.sample(lam, self.rng).astype(np.float64)
-        dose = self.dynamics.electrons_per_s * dwell_s * float(self.dynamics.probe_density(np.zeros((1, 2)))[0])
+        dose = dose_model.park_dose_e_per_A2(self.beam_current_pA, dwell_s, self.probe_fwhm_A)
         gt.park_doses_e_per_A2.append(dose)
         gt.exposures.append(Exposure(start, "park", float(dose), float(self.dynamics.electrons_per_s * dwell_s), position_A=(float(b[0]), float(b[1]))))
         return ParkResult(
@@ -431,11 +462,3 @@ class TwinDriver:
             signal=noisy,
             dose_e_per_A2=float(dose),
         )
-
-    # --- construction ------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg: Any, clock: Clock | None = None, seed: int = 0) -> "TwinDriver":
-        """Build from a :class:`stemagent.config.TwinConfig`."""
-        from stemagent.simulators.factory import twin_from_config
-
-        return twin_from_config(cfg, clock=clock, seed=seed)

@@ -6,48 +6,61 @@ is an error that names the field and the value. :func:`load_config` turns every 
 one-line :class:`~stemagent.errors.ConfigError` naming the file, the field and the value.
 
 Core only describes configurations; building objects from them is done in
-``stemagent.agent.factory`` (which may import simulators and drivers).
+``stemagent.agent.app.factory`` (which may import simulators and drivers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from stemagent.boundaries.config import BoundaryChainConfig, BoundaryTraceConfig
+from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.policies.survey_config import SurveyPolicyConfig
 from stemagent.types import ScanGeometry
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity anywhere in a configuration: every limit and setting is a finite number
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- scan ----------------------------------------------------------------------------------
 
 
-class ScanConfig(_Model):
-    """The survey scan the agent starts with (and the default for policies that scan)."""
+def square(v: Any) -> Any:
+    """A pair written as one number means a square: ``fov_A: 25.6`` is ``fov_A: [25.6, 25.6]``."""
+    return (v, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
-    center_A: tuple[float, float] = (0.0, 0.0)
-    fov_A: float = Field(51.2, gt=0, description="square field of view, Å")
-    shape_px: int = Field(256, ge=8, le=8192, description="pixels per side")
-    rotation_rad: float = 0.0
+
+ScanSide = Annotated[int, Field(ge=8, le=8192)]
+
+
+class ScanConfig(GeometryDoc):
+    """The survey scan the agent starts with (and the default for policies that scan): a
+    :class:`~stemagent.codec.GeometryDoc` (the scan geometry's one codec) with defaults. ``fov_A``
+    ``(x, y)`` and ``shape_px`` ``(rows, cols)`` may be written as one number for a square."""
+
+    center_A: tuple[Coordinate, Coordinate] = (0.0, 0.0)
+    fov_A: tuple[Length, Length] = Field((51.2, 51.2), description="field of view (x, y), Å; one number: a square")
+    shape_px: tuple[ScanSide, ScanSide] = Field((256, 256), description="pixels (rows, cols); one number: a square")
+    rotation_rad: float = Field(0.0, ge=-4 * math.pi, le=4 * math.pi)
     dwell_s: float = Field(2e-6, gt=0, le=1.0)
     flyback_s: float = Field(0.0, ge=0, le=1.0)
 
+    _square = field_validator("fov_A", "shape_px", mode="before")(square)
+
     def geometry(self, center_A: tuple[float, float] | None = None) -> ScanGeometry:
-        return ScanGeometry(
-            center_A=self.center_A if center_A is None else center_A,
-            fov_A=(self.fov_A, self.fov_A),
-            shape_px=(self.shape_px, self.shape_px),
-            rotation_rad=self.rotation_rad,
-            dwell_s=self.dwell_s,
-            flyback_s=self.flyback_s,
-        )
+        """The scan's geometry, optionally centred elsewhere."""
+        g = self.to_geometry()
+        return g if center_A is None else dataclasses.replace(g, center_A=(float(center_A[0]), float(center_A[1])))
 
 
 # --- drivers -------------------------------------------------------------------------------
@@ -71,6 +84,7 @@ class ReplayDriverConfig(_Model):
     kind: Literal["replay"] = "replay"
     path: Path
     pace: Literal["recorded", "fast"] = "fast"
+    pixel_size_A: float | None = Field(None, gt=0, le=1e4, description="for files without a pixel calibration, Å")
 
 
 class ZmqDriverConfig(_Model):
@@ -95,7 +109,7 @@ class TwinConfig(_Model):
     drift and beam-induced dynamics. Lengths Å, times s, energies keV, angles mrad."""
 
     kind: Literal["twin"] = "twin"
-    specimen: Literal["graphene", "mos2", "ws2", "mose2", "srtio3", "film"] = "graphene"
+    specimen: Literal["graphene", "mos2", "ws2", "mose2", "srtio3", "film", "boundary_film"] = "graphene"
     specimen_size_A: float = Field(200.0, gt=1.0, le=5000.0, description="side of the square specimen, Å")
     # specimen composition (each applies to the specimens that have it)
     si_per_nm2: float = Field(0.02, ge=0, le=5, description="graphene: Si dopants per nm²")
@@ -111,7 +125,9 @@ class TwinConfig(_Model):
     substituent: Literal["Se", "S", "Te"] = "Se"
     n_cells: int = Field(8, ge=1, le=100, description="perovskites: thickness in unit cells")
     domain_width_A: float = Field(30.0, gt=1.0, description="film: domain wall spacing, Å")
-    displacement_A: float = Field(0.3, ge=0, le=2.0, description="film: B-site polar displacement, Å")
+    displacement_A: float = Field(0.3, ge=0, le=2.0, description="film: B-site polar displacement, Å; boundary_film: A-site displacement along a boundary")
+    boundary_chain: BoundaryChainConfig = Field(default_factory=BoundaryChainConfig, description="boundary_film: the 2-motif chain's reduced parameters")
+    boundary_tile_cells: int = Field(15, ge=5, le=1000, description="boundary_film: one boundary per tile of this many A sites")
     # optics
     energy_keV: float = Field(60.0, gt=1.0, le=1000.0)
     convergence_mrad: float = Field(30.0, gt=0.1, le=200.0, description="probe semi-angle, mrad")
@@ -181,8 +197,21 @@ class UNetSegmenterConfig(_Model):
 SegmenterConfig = Annotated[Union[LoGSegmenterConfig, UNetSegmenterConfig], Field(discriminator="kind")]
 
 
+class StageOptions(_Model):
+    """How the agent runs one pipeline stage (``pipeline.stages.<name>``)."""
+
+    enabled: bool = Field(True, description="off: the stage is left out of the pipeline")
+    on_error: Literal["skip", "stop"] = Field(
+        "skip", description="a stage that raises: 'skip' logs it and goes on without its output for that frame; 'stop' ends the run")
+
+
 class PipelineConfig(_Model):
+    """The analysis stages (``segment -> [boundaries] -> policy``; drift and encoding join as they
+    land) and how each runs (``stages.<name>``: ``enabled``, ``on_error``)."""
+
     segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
+    boundaries: BoundaryTraceConfig | None = Field(None, description="domain-boundary traces of every frame (None: no such stage)")
+    stages: dict[str, StageOptions] = Field(default_factory=dict, description="per stage name: enabled, on_error")
 
 
 # --- policy --------------------------------------------------------------------------------
@@ -208,7 +237,11 @@ PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig, SurveyPol
 
 
 class SafetyConfig(_Model):
-    """Hard limits enforced by the agent's safety gate on every command."""
+    """Hard limits enforced by the agent's safety gate on every command (``agent/safety.py``).
+
+    Dose follows the model of :mod:`stemagent.dose`: the probe is a Gaussian of ``probe_fwhm_A``
+    (the device's own, if it reports a narrower one), and the dose map keeps, on cells of
+    ``dose_cell_A``, an upper bound of the dose any point has received."""
 
     area_center_A: tuple[float, float] = (0.0, 0.0)
     area_half_width_A: float = Field(150.0, gt=0, description="beam positions must stay within this square, Å")
@@ -217,7 +250,11 @@ class SafetyConfig(_Model):
     min_dwell_s: float = Field(1e-7, gt=0)
     max_dwell_s: float = Field(1e-3, gt=0, description="per-pixel dwell limit for scans, s")
     max_park_s: float = Field(10.0, gt=0, description="longest single park, s")
-    max_total_dose_e_per_A2: float = Field(1e9, gt=0, description="run dose budget at any one place, e/Å²")
+    dose_budget_e_per_A2: float = Field(1e9, gt=0, description="most dose any one place may receive in the run, e/Å²")
+    dose_cell_A: float = Field(1.0, gt=0, le=100.0, description="cell of the dose map, Å (coarser for very large areas)")
+    probe_fwhm_A: float = Field(0.8, gt=0, le=50.0, description="full width at half maximum of the probe's intensity, Å")
+    flyback_blanked: bool = Field(False, description="the instrument blanks the beam during line flyback")
+    dose_tolerance: float = Field(0.1, ge=0, le=10.0, description="a frame or park may report this fraction more dose than predicted before the run pauses")
     max_commands_per_s: float = Field(50.0, gt=0)
     watchdog_s: float = Field(30.0, gt=0, description="blank and pause if no frame or reply arrives for this long")
 
@@ -242,21 +279,32 @@ class TelemetryConfig(_Model):
     host: str | None = None
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = Field(None, description="never printed or logged: shown as '**********'")
     tls: bool = False
     tls_ca_file: Path | None = None
-    topic_prefix: str = "stemagent"
+    topic_prefix: str = Field("stemagent", max_length=200, description="topics are <prefix>/<run name>/<run id>/<kind>")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_levels(cls, v: str) -> str:
+        if not re.fullmatch(r"[^/+#\x00\s]+(/[^/+#\x00\s]+)*", v):
+            raise ValueError("must be MQTT topic levels joined by '/', with no wildcard ('+', '#'), no empty level and no spaces")
+        return v
 
 
 # --- agent ---------------------------------------------------------------------------------
 
 
 class AgentConfig(_Model):
-    """How the agent behaves around faults and refusals."""
+    """How the agent behaves around faults and refusals, and whether it overlaps acquisition with analysis."""
 
     retry_s: float = Field(0.5, gt=0, le=60.0, description="how often to try a lost device again, s")
     auto_resume_after_fault: bool = Field(True, description="resume by itself when a lost device answers again")
     max_consecutive_refusals: int = Field(20, ge=1, description="stop after this many commands in a row refused")
+    overlap: bool = Field(False, description="when the policy asks for the field it just scanned, stream it: frame n+1 is "
+                                             "acquired while frame n is analysed (the newest frame wins; drops are logged)")
+    stream_burst_frames: int = Field(4, ge=1, le=64, description="frames per stream request; each burst passes the safety "
+                                                                 "gate before it starts and the beam is blanked after it")
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -301,6 +349,9 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
 
 M = TypeVar("M", bound=BaseModel)
 
+#: field names whose values are never shown in an error message
+SECRET_FIELDS = frozenset({"password", "secret", "token"})
+
 
 def validate_model(model: type[M], data: Any, source: str = "<dict>") -> M:
     """Validate a mapping as ``model``; the first problem becomes a one-line :class:`ConfigError`
@@ -327,7 +378,9 @@ def validate_model(model: type[M], data: Any, source: str = "<dict>") -> M:
             expected = (err.get("ctx") or {}).get("expected_tags") or _union_tags(model, clean)
             problem = f"is not a known kind (expected one of {expected})"
         else:
-            problem = err.get("msg", "is invalid")
+            problem = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        if any(str(p).lower() in SECRET_FIELDS for p in clean):
+            value = "<redacted>"  # a secret is never printed, even when it is wrong
         raise ConfigError(source, _describe(clean) or "<top level>", value, problem) from None
 
 
@@ -376,6 +429,9 @@ def read_yaml(path: str | Path) -> Any:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), "<file>", str(p), f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(str(p), f"line {line}", exc.object[exc.start : exc.start + 4], "is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

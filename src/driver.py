@@ -21,6 +21,10 @@ class DriverFault(StemAgentError):
     """The device failed or was lost; the agent blanks, logs the fault and pauses."""
 
 
+class CommandRefused(StemAgentError):
+    """The device refused a command under its own limits (nothing was done; the beam stayed blanked)."""
+
+
 class EndOfData(StemAgentError):
     """A finite source (a replayed log or file) has no more frames."""
 

@@ -8,6 +8,9 @@ Conventions (see shared/design.md):
   shape ``(N, 2)``;
 - images are indexed ``[row, col]``; row runs along the slow scan axis, col along the fast axis;
 - times are seconds on the run's injected monotonic clock.
+
+Documents (wire, run log, configs) are made and read by :mod:`stemagent.codec`, the one codec
+of each type.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from stemagent.dose import ELECTRON_CHARGE_C, dose_e_per_A2  # noqa: F401 - dose lives in stemagent.dose; kept importable here
 from stemagent.errors import InputError
 
 
@@ -117,27 +121,6 @@ class ScanGeometry:
             & (rc[:, 0] <= rows - 0.5 - mr)
             & (rc[:, 1] >= -0.5 + mc)
             & (rc[:, 1] <= cols - 0.5 - mc)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "center_A": [float(v) for v in self.center_A],
-            "fov_A": [float(v) for v in self.fov_A],
-            "shape_px": [int(v) for v in self.shape_px],
-            "rotation_rad": float(self.rotation_rad),
-            "dwell_s": float(self.dwell_s),
-            "flyback_s": float(self.flyback_s),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScanGeometry":
-        return cls(
-            center_A=tuple(float(v) for v in d["center_A"]),  # type: ignore[arg-type]
-            fov_A=tuple(float(v) for v in d["fov_A"]),  # type: ignore[arg-type]
-            shape_px=tuple(int(v) for v in d["shape_px"]),  # type: ignore[arg-type]
-            rotation_rad=float(d.get("rotation_rad", 0.0)),
-            dwell_s=float(d["dwell_s"]),
-            flyback_s=float(d.get("flyback_s", 0.0)),
         )
 
 
@@ -257,9 +240,6 @@ class ScanRegion:
     geometry: ScanGeometry
     kind: Literal["scan"] = "scan"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "scan", "geometry": self.geometry.to_dict()}
-
 
 @dataclass(frozen=True)
 class Park:
@@ -275,9 +255,6 @@ class Park:
         if not (math.isfinite(self.dwell_s) and self.dwell_s > 0):
             raise InputError("dwell_s", self.dwell_s, "must be a positive time in s")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "park", "position_A": [float(v) for v in self.position_A], "dwell_s": float(self.dwell_s)}
-
 
 @dataclass(frozen=True)
 class Blank:
@@ -285,24 +262,9 @@ class Blank:
 
     kind: Literal["blank"] = "blank"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "blank"}
 
 
 BeamCommand = Union[ScanRegion, Park, Blank]
-
-
-def command_from_dict(d: dict[str, Any]) -> BeamCommand:
-    """Rebuild a command from :meth:`to_dict` output; unknown kinds raise :class:`InputError`."""
-    kind = d.get("kind")
-    if kind == "scan":
-        return ScanRegion(ScanGeometry.from_dict(d["geometry"]))
-    if kind == "park":
-        pos = d["position_A"]
-        return Park(position_A=(float(pos[0]), float(pos[1])), dwell_s=float(d["dwell_s"]))
-    if kind == "blank":
-        return Blank()
-    raise InputError("kind", kind, "must be one of 'scan', 'park', 'blank'")
 
 
 @dataclass(frozen=True)
@@ -310,9 +272,9 @@ class Decision:
     """What a policy wants done next and why. Policies return these; only the agent acts on them.
 
     ``details``: an optional JSON-able mapping a policy may add to make its choice checkable
-    (e.g. the survey's candidate set, acquisition values, chosen index and model state);
-    it is serialised in :meth:`to_dict` only when given. ``stop``: the policy has nothing more
-    to do (its command is then a :class:`Blank`); the agent ends the run.
+    (e.g. the survey's candidate set, acquisition values, chosen index and model state); the
+    codec (:func:`stemagent.codec.encode_decision`) writes it only when given, so run logs and
+    replays carry it. A policy that has finished says so with its ``stop_reason``.
     """
 
     command: BeamCommand
@@ -320,20 +282,6 @@ class Decision:
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] | None = None
-    stop: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "command": self.command.to_dict(),
-            "policy": self.policy,
-            "reason": self.reason,
-            "scores": {k: float(v) for k, v in self.scores.items()},
-        }
-        if self.details is not None:
-            d["details"] = self.details
-        if self.stop:
-            d["stop"] = True
-        return d
 
 
 @dataclass(frozen=True)
@@ -358,45 +306,14 @@ class Capabilities:
 
     name: str
     max_fov_A: float
-    max_shape_px: tuple[int, int]
+    max_shape_px: tuple[int, int]  # (rows, cols)
     min_dwell_s: float
     max_dwell_s: float
     can_park: bool = True
     detectors: tuple[str, ...] = ("HAADF",)
     beam_energy_keV: float = 60.0
     beam_current_pA: float = 20.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "max_fov_A": float(self.max_fov_A),
-            "max_shape_px": [int(v) for v in self.max_shape_px],
-            "min_dwell_s": float(self.min_dwell_s),
-            "max_dwell_s": float(self.max_dwell_s),
-            "can_park": bool(self.can_park),
-            "detectors": list(self.detectors),
-            "beam_energy_keV": float(self.beam_energy_keV),
-            "beam_current_pA": float(self.beam_current_pA),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Capabilities":
-        return cls(
-            name=str(d["name"]),
-            max_fov_A=float(d["max_fov_A"]),
-            max_shape_px=tuple(int(v) for v in d["max_shape_px"]),  # type: ignore[arg-type]
-            min_dwell_s=float(d["min_dwell_s"]),
-            max_dwell_s=float(d["max_dwell_s"]),
-            can_park=bool(d.get("can_park", True)),
-            detectors=tuple(str(v) for v in d.get("detectors", ("HAADF",))),
-            beam_energy_keV=float(d.get("beam_energy_keV", 60.0)),
-            beam_current_pA=float(d.get("beam_current_pA", 20.0)),
-        )
-
-
-ELECTRON_CHARGE_C = 1.602176634e-19
-
-
-def dose_e_per_A2(beam_current_pA: float, dwell_s: float, pixel_area_A2: float) -> float:
-    """Electron dose per Å² for one pixel's dwell: ``I * t / (e * area)``."""
-    return beam_current_pA * 1e-12 * dwell_s / ELECTRON_CHARGE_C / pixel_area_A2
+    #: FWHM of the Gaussian with the probe's peak intensity (``stemagent.dose``), if the device knows it
+    probe_fwhm_A: float | None = None
+    #: longest single park the device allows, s (None: the device sets no limit of its own)
+    max_park_s: float | None = None

@@ -31,7 +31,7 @@ def _field_centres(area_center_A: tuple[float, float], area_half_width_A: float,
             f"(at most {MAX_FIELDS_PER_SIDE} per side); use a larger field or a smaller area"
         )
     offsets = np.linspace(-usable / 2, usable / 2, n) if n > 1 else np.zeros(1)
-    centres = []
+    centres: list[tuple[float, float]] = []
     for j, oy in enumerate(offsets):
         row = offsets if j % 2 == 0 else offsets[::-1]
         centres.extend((area_center_A[0] + ox, area_center_A[1] + oy) for ox in row)
@@ -45,7 +45,7 @@ class RasterPolicy:
 
     def __init__(self, scan: ScanConfig, area_center_A: tuple[float, float], area_half_width_A: float, overlap: float = 0.1) -> None:
         self.scan = scan
-        self.centres = _field_centres(area_center_A, area_half_width_A, scan.fov_A, overlap)
+        self.centres = _field_centres(area_center_A, area_half_width_A, max(scan.fov_A), overlap)
         self._next = 1  # field 0 is the agent's initial survey scan
 
     def decide(self, observation: Observation) -> Decision:
@@ -68,7 +68,7 @@ class RandomPolicy:
     def __init__(self, scan: ScanConfig, area_center_A: tuple[float, float], area_half_width_A: float, rng: np.random.Generator) -> None:
         self.scan = scan
         self.area_center_A = area_center_A
-        self.half_range_A = max(0.0, area_half_width_A - scan.fov_A / 2.0)
+        self.half_range_A = max(0.0, area_half_width_A - max(scan.fov_A) / 2.0)
         self.rng = rng
 
     def decide(self, observation: Observation) -> Decision:

@@ -15,8 +15,8 @@ data change.
 
 A visited candidate stays in the set but is worth ``revisit_gain_fraction`` of its model value
 per earlier visit (what one scan misses), so a revisit happens only when the model asks for it.
-The policy stops (a :class:`~stemagent.types.Blank` decision with ``stop=True``; the agent then
-ends the run) when no candidate's
+The policy stops (a :class:`~stemagent.types.Blank` decision whose ``details["stop"]`` is true, and
+a non-empty :attr:`SurveyPolicy.stop_reason`, on which the agent ends the run) when no candidate's
 optimistic expected gain reaches ``min_expected_gain``, when the next sub-scan would overrun its
 own dose budget (electrons over the allowed area, overview included), when no candidate is left
 under the local dose budget (the safety gate's, passed in), or after ``max_subscans``. The safety
@@ -130,6 +130,11 @@ class SurveyPolicy:
         self._last_target: tuple[float, float] | None = None
         self._beam_A = np.asarray(self.area_center_A, dtype=np.float64)
         self.last_timing_s: dict[str, float] = {}
+
+    @property
+    def stop_reason(self) -> str:
+        """Non-empty once the survey has finished: why (the agent ends the run on it)."""
+        return self.stopped or ""
 
     @property
     def n_subscans(self) -> int:
@@ -333,10 +338,11 @@ class SurveyPolicy:
         target_note: str | None = None
         target = obs.features.get("target_A")
         if target is not None:
-            t = tuple(float(v) for v in np.asarray(target, dtype=np.float64).reshape(-1)[:2])
+            xy = np.asarray(target, dtype=np.float64).reshape(-1)
+            t = (float(xy[0]), float(xy[1])) if xy.size == 2 else (math.nan, math.nan)
             if t != self._last_target:
                 self._last_target = t  # an operator target is honoured once
-                target_note = self.check_target(t)
+                target_note = self.check_target(t) if xy.size == 2 else f"target_A={xy.tolist()}: must be two coordinates in Å"
                 if target_note is None:
                     return self._target_decision(t)
         decision = self._choose(target_note)
@@ -524,5 +530,4 @@ class SurveyPolicy:
             reason=f"survey done: {why}" + (f"; operator target refused: {note}" if note else ""),
             scores={"n_subscans": float(self.n_subscans), "found": float(len(self.found_A)), "electrons_used": float(self.electrons_used)},
             details=self._details("stop", None, acquisition, gain, model, note, stop=True),
-            stop=True,
         )

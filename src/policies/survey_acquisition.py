@@ -50,7 +50,7 @@ class LogTravelWeightedAcquisition(AcquisitionFunction):
         self.travel_length_A = None if travel_length_A is None else float(travel_length_A)
         self.register_buffer("beam_xy_A", None if beam_xy_A is None else beam_xy_A.reshape(1, 1, 2))
 
-    @t_batch_mode_transform(expected_q=1, assert_output_shape=False)
+    @t_batch_mode_transform(expected_q=1, assert_output_shape=False)  # type: ignore[arg-type]  # botorch's decorator is typed for the base class
     def forward(self, X: Tensor) -> Tensor:
         v = self.base(X)
         if self.log_base:
@@ -58,8 +58,9 @@ class LogTravelWeightedAcquisition(AcquisitionFunction):
         else:  # back to objective units first when the model sees log(1 + value)
             v = torch.expm1(v) if self.log1p_outcome else v
             out = torch.log(torch.nn.functional.softplus(v, beta=self.beta).clamp_min(1e-300))
-        if self.travel_length_A is not None and self.beam_xy_A is not None:
-            d2 = ((X[..., :2] - self.beam_xy_A) ** 2).sum(dim=-1).reshape(out.shape)
+        beam = self.beam_xy_A
+        if self.travel_length_A is not None and isinstance(beam, Tensor):
+            d2 = ((X[..., :2] - beam) ** 2).sum(dim=-1).reshape(out.shape)
             out = out - 0.5 * d2 / self.travel_length_A**2
         return out
 

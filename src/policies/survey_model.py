@@ -197,8 +197,10 @@ class PatchEmbeddingKernel(Kernel):
             if pca is not None:  # first layer starts on the patches' principal directions (no labels used)
                 mean, comps = pca
                 k = min(hidden, comps.shape[0])
-                self.net[0].weight[:k] = comps[:k]
-                self.net[0].bias[:k] = -(comps[:k] @ mean)
+                first = self.net[0]
+                assert isinstance(first, torch.nn.Linear)
+                first.weight[:k] = comps[:k]
+                first.bias[:k] = -(comps[:k] @ mean)
         self.base = RBFKernel(
             ard_num_dims=embedding_dims,
             lengthscale_prior=LogNormalPrior(loc=math.sqrt(2) + 0.5 * math.log(embedding_dims), scale=math.sqrt(3)),

@@ -3,8 +3,10 @@
 Layout of one run directory::
 
     <run>/documents.jsonl   one JSON document per line: ["start", {...}], ["descriptor", {...}], ...
-    <run>/frames.zarr/      Zarr v3 group; one array per frame shape, named "<rows>x<cols>",
-                            shape (n_frames, rows, cols), one chunk per frame
+    <run>/frames.zarr/      Zarr v3 group in HyperSpy's zspy layout (``frames_store.py``): one
+                            calibrated stack (n_frames, rows, cols) per frame shape and pixel size
+    <run>/stop.json         a reserved block holding the stop document when the document file
+                            could not take it (a full disk); absent after a normal close
 
 Documents follow the bluesky event-model shapes (start / descriptor / event / stop, with
 resource / datum documents pointing at frames stored out of band), so a run log is a valid
@@ -15,7 +17,13 @@ chunk and metadata file to a temporary name and renames it into place, so each f
 old or new, never torn), then its datum and event documents are appended to the document file,
 flushed and fsynced. A reader trusts only complete document lines, and an event only points at
 a frame whose chunk was already on disk, so a process killed at any moment leaves a log
-readable up to the last completed frame.
+readable up to the last completed frame. A write that fails (a full disk, a file size limit)
+is cut back to the last complete line, and the stop document then goes into ``stop.json``,
+whose space was taken when the run started, so even a log that filled the disk ends with its
+exit status and reason.
+
+Frames are numbered by the log itself: every ``frames`` event carries ``log_index`` (0, 1, 2, ...
+in the order written) beside the frame's own ``frame_index``.
 """
 
 from __future__ import annotations
@@ -30,14 +38,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stemagent.types import Atoms, BeamCommand, Decision, Frame
+from stemagent.codec import encode_atoms, encode_command, encode_decision, encode_frame_meta, encode_park_result
+from stemagent.errors import InputError
+from stemagent.runlog.frames_store import FrameStore
+from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 
-LOG_FORMAT_VERSION = 1
+#: 2: zspy frame store, log_index, parks with dose, controls, stop.json;
+#: 3: the pipeline stream (per observation: stage timings, records, errors), drops, commands with
+#: frames and stage conversions, the pipeline's stages in the start document
+LOG_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 DOCUMENTS_FILE = "documents.jsonl"
 FRAMES_STORE = "frames.zarr"
+STOP_RESERVE = "stop.json"
+STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
-STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions")
+STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops")
 
 
 def _jsonable(value: Any) -> Any:
@@ -85,19 +102,24 @@ class RunLogWriter:
         fsync: bool = True,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        import zarr  # imported here: readers of documents only need json
-
         self.path = Path(directory)
-        self.path.mkdir(parents=True, exist_ok=False)
+        try:
+            self.path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise InputError("log directory", str(self.path), "already exists; a run log is never written over") from None
+        except OSError as exc:
+            raise InputError("log directory", str(self.path), f"cannot be created ({exc.strerror or exc})") from None
         self._fsync = fsync
         self._wall = wall_clock
-        self._doc_file = open(self.path / DOCUMENTS_FILE, "a", encoding="utf-8")
-        self._zarr = zarr
-        self._group = zarr.open_group(str(self.path / FRAMES_STORE), mode="w", zarr_format=3)
-        self._arrays: dict[str, Any] = {}
+        # unbuffered: every document is one write, and a failed write is cut back to the last whole line
+        self._doc_file = open(self.path / DOCUMENTS_FILE, "ab", buffering=0)
+        self._good_bytes = 0
+        self._reserve_stop()
+        self._frames = FrameStore(self.path / FRAMES_STORE)
         self._resources: dict[str, str] = {}
         self._descriptors: dict[str, str] = {}
         self._seq: dict[str, int] = {}
+        self._frames_written = 0
         self._closed = False
         self.run_uid = str(uuid.uuid4())
         start = {
@@ -111,12 +133,35 @@ class RunLogWriter:
         self._sync()
 
     # --- low level ----------------------------------------------------------------------
+    def _reserve_stop(self) -> None:
+        """Take the space the stop document needs now, while the disk has room."""
+        with open(self.path / STOP_RESERVE, "wb") as fh:
+            fh.write(b" " * STOP_RESERVE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def _emit(self, name: str, doc: dict[str, Any]) -> None:
-        line = json.dumps([name, doc], separators=(",", ":"), allow_nan=False)
-        self._doc_file.write(line + "\n")
+        line = (json.dumps([name, doc], separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+        try:
+            view = memoryview(line)
+            while view:
+                n = self._doc_file.write(view)
+                if not n:
+                    raise OSError(28, "No space left on device (short write)")
+                view = view[n:]
+        except OSError:
+            self._cut_back()
+            raise
+        self._good_bytes += len(line)
+
+    def _cut_back(self) -> None:
+        """Remove a partly written line, so the file always ends with a whole document."""
+        try:
+            os.ftruncate(self._doc_file.fileno(), self._good_bytes)
+        except OSError:
+            pass  # the reader ignores a torn last line anyway
 
     def _sync(self) -> None:
-        self._doc_file.flush()
         if self._fsync:
             os.fsync(self._doc_file.fileno())
 
@@ -166,77 +211,70 @@ class RunLogWriter:
         self._emit("event", doc)
         if sync:
             self._sync()
-        else:
-            self._doc_file.flush()
         return doc
 
     # --- streams ------------------------------------------------------------------------
     def write_frame(self, frame: Frame) -> dict[str, Any]:
-        """Store the image out of band, then log its datum and event (fsynced)."""
+        """Store the image out of band, then log its datum and event (fsynced).
+
+        The event carries ``log_index``, this log's own count of frames, beside the frame's
+        ``frame_index``."""
+        if self._closed:
+            raise RuntimeError("run log is closed")
         image = np.ascontiguousarray(np.asarray(frame.image, dtype=np.float32))
-        rows, cols = image.shape
-        key = f"{rows}x{cols}"
-        arr = self._arrays.get(key)
-        if arr is None:
-            arr = self._group.create_array(
-                key,
-                shape=(0, rows, cols),
-                chunks=(1, rows, cols),
-                dtype="float32",
-                fill_value=float("nan"),
-                # lz4 with byte shuffle: ~3x faster than zarr's default zstd, and detector
-                # counts stored as float32 still shrink about 4x (benchmarks/bench_runlog.py)
-                compressors=self._zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
-            )
-            self._arrays[key] = arr
+        resource_path, index, new = self._frames.append(image, frame.geometry.pixel_size_A, frame.detector)
+        if new:
             res_uid = str(uuid.uuid4())
-            self._resources[key] = res_uid
+            self._resources[resource_path] = res_uid
+            rows, cols = image.shape
             self._emit(
                 "resource",
                 {
                     "uid": res_uid,
                     "spec": FRAME_SPEC,
                     "root": str(self.path.resolve()),
-                    "resource_path": f"{FRAMES_STORE}/{key}",
+                    "resource_path": resource_path,
                     "resource_kwargs": {"shape": [rows, cols], "dtype": "float32"},
                     "path_semantics": "posix",
                     "run_start": self.run_uid,
                 },
             )
-        index = arr.shape[0]
-        arr.append(image[None])
-        datum_id = f"{self._resources[key]}/{index}"
-        self._emit("datum", {"datum_id": datum_id, "resource": self._resources[key], "datum_kwargs": {"index": index}})
+        res_uid = self._resources[resource_path]
+        datum_id = f"{res_uid}/{index}"
+        self._emit("datum", {"datum_id": datum_id, "resource": res_uid, "datum_kwargs": {"index": index}})
+        fields = encode_frame_meta(frame)
         data = {
             "image": datum_id,
-            "frame_index": int(frame.index),
-            "geometry": frame.geometry.to_dict(),
-            "line_times_s": frame.line_times_s,
-            "dose_e_per_A2": float(frame.dose_e_per_A2),
-            "source": frame.source,
-            "detector": frame.detector,
-            "meta": frame.meta,
+            "log_index": self._frames_written,
+            "frame_index": fields.pop("index"),
+            **fields,
         }
-        return self.write_event("frames", data, sync=True, external=frozenset({"image"}))
+        doc = self.write_event("frames", data, sync=True, external=frozenset({"image"}))
+        self._frames_written += 1
+        return doc
 
     def write_atoms(self, atoms: Atoms) -> dict[str, Any]:
-        data = {
-            "frame_index": int(atoms.frame_index),
-            "positions_A": atoms.positions_A,
-            "classes": atoms.classes,
-            "confidence": atoms.confidence,
-            "class_names": list(atoms.class_names),
-            "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A,
-            "times_s": [] if atoms.times_s is None else atoms.times_s,
-            "n_atoms": len(atoms),
-        }
-        return self.write_event("atoms", data)
+        return self.write_event("atoms", encode_atoms(atoms))
 
-    def write_decision(self, decision: Decision, frame_index: int) -> dict[str, Any]:
-        return self.write_event("decisions", {"frame_index": int(frame_index), **decision.to_dict()})
+    def write_decision(self, decision: Decision, frame_index: int, observation: str = "frame") -> dict[str, Any]:
+        """One ``decisions`` event; ``observation`` says what it was decided on: ``frame``, ``park``,
+        or ``refused`` (asked again after a refusal, on the last frame)."""
+        return self.write_event("decisions", {"frame_index": int(frame_index), "observation": observation,
+                                              **encode_decision(decision)})
 
-    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "") -> dict[str, Any]:
-        return self.write_event("commands", {"command": command.to_dict(), "outcome": outcome, "t_s": float(t_s), "detail": detail}, sync=True)
+    def write_command(self, command: BeamCommand, *, outcome: str, t_s: float, detail: str = "", frames: int = 1,
+                      converted: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One ``commands`` event: the command as sent to the device, its outcome, how many frames
+        a streamed scan asked for, and what each pipeline stage converted (e.g. drift: sample to beam)."""
+        return self.write_event("commands", {"command": encode_command(command), "outcome": outcome, "t_s": float(t_s),
+                                             "detail": detail, "frames": int(frames), "converted": dict(converted or {})},
+                                sync=True)
+
+    def write_park(self, result: ParkResult, **extra: Any) -> dict[str, Any]:
+        """One ``parks`` event: the park result's document, its signal and ``extra`` (e.g. the
+        predicted dose), fsynced."""
+        fields, signal = encode_park_result(result)
+        return self.write_event("parks", {**fields, **extra, "signal": np.asarray(signal, dtype=np.float64)}, sync=True)
 
     def write_safety(self, *, verdict: str, rule: str, detail: str, t_s: float) -> dict[str, Any]:
         return self.write_event("safety", {"verdict": verdict, "rule": rule, "detail": detail, "t_s": float(t_s)}, sync=True)
@@ -245,24 +283,42 @@ class RunLogWriter:
         return self.write_event("interruptions", {"kind": kind, "reason": reason, "state": state, "t_s": float(t_s)}, sync=True)
 
     def close(self, exit_status: str = "success", reason: str = "") -> None:
+        """Write the stop document (into ``stop.json`` if the document file cannot take it)."""
         if self._closed:
             return
         if exit_status not in ("success", "abort", "fail"):
             raise ValueError(f"exit_status={exit_status!r}: must be 'success', 'abort' or 'fail'")
-        self._emit(
-            "stop",
-            {
-                "uid": str(uuid.uuid4()),
-                "run_start": self.run_uid,
-                "time": self._wall(),
-                "exit_status": exit_status,
-                "reason": reason,
-                "num_events": dict(self._seq),
-            },
-        )
-        self._sync()
-        self._doc_file.close()
+        stop = {
+            "uid": str(uuid.uuid4()),
+            "run_start": self.run_uid,
+            "time": self._wall(),
+            "exit_status": exit_status,
+            "reason": reason,
+            "num_events": dict(self._seq),
+        }
         self._closed = True
+        try:
+            self._emit("stop", stop)
+            self._sync()
+        except OSError as exc:
+            self._stop_into_reserve(stop, exc)
+            raise
+        finally:
+            self._doc_file.close()
+        try:
+            (self.path / STOP_RESERVE).unlink()
+        except OSError:
+            pass
+
+    def _stop_into_reserve(self, stop: dict[str, Any], exc: OSError) -> None:
+        why = f"{stop['reason']}"[:2000] + f"; the stop document went to {STOP_RESERVE}: {exc.strerror or exc}"
+        body = json.dumps(["stop", {**stop, "reason": why}], separators=(",", ":"), allow_nan=False).encode("utf-8")
+        fd = os.open(self.path / STOP_RESERVE, os.O_WRONLY)
+        try:
+            os.pwrite(fd, body.ljust(STOP_RESERVE_BYTES), 0)  # overwrites the reserved bytes: no new space
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def closed(self) -> bool:

@@ -2,7 +2,7 @@
 
 Core code: it knows nothing about the twin. The data come from a *sample source*, a callable
 ``source(rng) -> TrainingSample`` (the agent wires the twin in, see
-``stemagent.agent.segmenter_training``). Each sample is resampled to the model grid, normalised
+``stemagent.agent.app.segmenter_training``). Each sample is resampled to the model grid, normalised
 exactly as at inference (:func:`~stemagent.segmentation.unet_segmenter.normalize_images`) and
 paired with a class map drawn from the ground truth: a disk of ``mask_radius_A`` per site,
 background elsewhere.
@@ -146,7 +146,8 @@ def make_batch(source: SampleSource, rng: np.random.Generator, cfg: TrainConfig)
     return torch.stack(xs), torch.stack(ys), samples
 
 
-def _progress():  # rich is optional at import time for library users
+def _progress():  # type: ignore[no-untyped-def]
+    # rich is optional at import time for library users
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -229,7 +230,7 @@ def train(
         "output": "logits (background + classes) per model-grid pixel",
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "trained": {
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "steps": steps_done,
             "batch_size": cfg.batch_size,
             "samples_seen": steps_done * cfg.batch_size,

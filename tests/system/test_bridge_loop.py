@@ -19,8 +19,8 @@ from typing import Any, Callable
 import aiomqtt
 import pytest
 
-from stemagent.agent.factory import build_agent
-from stemagent.agent.telemetry_factory import open_telemetry
+from stemagent.agent.app.factory import build_agent
+from stemagent.agent.app.telemetry_factory import open_telemetry
 from stemagent.config import config_from_dict
 from stemagent.runlog import RunLog
 
@@ -29,6 +29,7 @@ from transport_fakes import free_port
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 RUN = "bridgeloop"
+RUN_ID = "t1"
 
 
 class Collector:
@@ -69,7 +70,7 @@ def ack_for(cid: str) -> Callable[[str, dict[str, Any]], bool]:
 
 def start_bridge(config: Path, log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("stemagent")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stemagent.agent.app.cli"]
     with open(log, "ab") as out:
         return subprocess.Popen([*cmd, "bridge", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT)
 
@@ -111,18 +112,18 @@ async def test_closed_loop_over_bridge_with_mqtt_control(mosquitto: int, tmp_pat
     coll = Collector()
     try:
         async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="operator") as op:
-            await op.subscribe(f"stemagent/{RUN}/#", qos=1)
+            await op.subscribe(f"stemagent/{RUN}/{RUN_ID}/#", qos=1)
             pump = asyncio.ensure_future(coll.pump(op))
 
             async def send(cid: str, command: str, **fields: Any) -> int:
                 body = json.dumps({"command": command, "id": cid, **fields})
-                await op.publish(f"stemagent/{RUN}/control", body, qos=1)
+                await op.publish(f"stemagent/{RUN}/{RUN_ID}/control", body, qos=1)
                 i = await coll.wait(ack_for(cid))
                 assert coll.docs[i][1]["accepted"] is True, coll.docs[i][1]
                 return i
 
             try:
-                async with open_telemetry(cfg) as telemetry:
+                async with open_telemetry(cfg, RUN_ID) as telemetry:
                     assert telemetry is not None
                     agent = await build_agent(cfg, run_dir=tmp_path / "runs" / "r1", telemetry=telemetry)
                     telemetry.attach(agent)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stemagent.agent.cli import app
+from stemagent.agent.app.cli import app
 from stemagent.config import MinimalTwinConfig
 from stemagent.simulators.minimal import MinimalTwinDriver
 from stemagent.types import ScanGeometry

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from pydantic import SecretStr
 
 from stemagent.agent.control import ControlAck, ControlMessage
 from stemagent.agent.telemetry import MqttTelemetry
@@ -50,36 +51,36 @@ async def next_message(client: aiomqtt.Client, topic: str) -> dict[str, Any]:
 async def test_publish_and_control_round_trip(mosquitto: int) -> None:
     cfg = TelemetryConfig(host="127.0.0.1", port=mosquitto)
     async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="observer") as obs:
-        await obs.subscribe("stemagent/run1/#", qos=1)
-        async with MqttTelemetry(cfg, run_name="run1") as sink:
+        await obs.subscribe("stemagent/run1/id1/#", qos=1)
+        async with MqttTelemetry(cfg, run_name="run1", run_id="id1") as sink:
             sink.publish("status", {"state": "running"})
-            doc = await next_message(obs, "stemagent/run1/status")
-            assert doc == {"run": "run1", "kind": "status", "state": "running"}
+            doc = await next_message(obs, "stemagent/run1/id1/status")
+            assert doc == {"run": "run1", "run_id": "id1", "kind": "status", "state": "running"}
             sink.publish("frame", {"frame_index": 3, "n_atoms": 12, "score": float("nan")})
-            doc = await next_message(obs, "stemagent/run1/frame")
+            doc = await next_message(obs, "stemagent/run1/id1/frame")
             assert doc["n_atoms"] == 12 and doc["score"] is None  # strict JSON
 
             # before attach: refused with an ack
-            await obs.publish("stemagent/run1/control", json.dumps({"command": "pause", "id": "c0"}), qos=1)
-            ack = await next_message(obs, "stemagent/run1/ack")
+            await obs.publish("stemagent/run1/id1/control", json.dumps({"command": "pause", "id": "c0"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/id1/ack")
             assert ack["id"] == "c0" and ack["accepted"] is False and "not running" in ack["detail"]
 
             target = Target(sink)
             sink.attach(target)
-            await obs.publish("stemagent/run1/control", json.dumps({"command": "pause", "id": "c1"}), qos=1)
-            ack = await next_message(obs, "stemagent/run1/ack")
+            await obs.publish("stemagent/run1/id1/control", json.dumps({"command": "pause", "id": "c1"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/id1/ack")
             assert ack["id"] == "c1" and ack["accepted"] is True
             assert [m.command for m in target.got] == ["pause"]
 
             for bad, why in [(b"\xff not json", "invalid control"), (json.dumps({"command": "explode", "id": "c2"}), "command"),
                              (json.dumps({"command": "pause", "id": "c3", "extra": 1}), "extra")]:
-                await obs.publish("stemagent/run1/control", bad, qos=1)
-                ack = await next_message(obs, "stemagent/run1/ack")
+                await obs.publish("stemagent/run1/id1/control", bad, qos=1)
+                ack = await next_message(obs, "stemagent/run1/id1/ack")
                 assert ack["accepted"] is False and why in ack["detail"]
             assert [m.command for m in target.got] == ["pause"]  # nothing invalid reached the agent
 
-            await obs.publish("stemagent/run1/control", json.dumps({"command": "set_target", "target_A": [1, 2], "id": "c4"}), qos=1)
-            ack = await next_message(obs, "stemagent/run1/ack")
+            await obs.publish("stemagent/run1/id1/control", json.dumps({"command": "set_target", "target_A": [1, 2], "id": "c4"}), qos=1)
+            ack = await next_message(obs, "stemagent/run1/id1/ack")
             assert ack["id"] == "c4" and target.got[-1].target_A == (1.0, 2.0)
             assert sink.stats["control_rejected"] == 4
 
@@ -87,14 +88,14 @@ async def test_publish_and_control_round_trip(mosquitto: int) -> None:
 async def test_unreachable_broker_is_a_clear_error() -> None:
     cfg = TelemetryConfig(host="127.0.0.1", port=free_port())
     with pytest.raises(ConfigError, match="telemetry.host"):
-        async with MqttTelemetry(cfg, run_name="r", connect_timeout_s=1.0):
+        async with MqttTelemetry(cfg, run_name="r", run_id="x", connect_timeout_s=1.0):
             pass
 
 
 async def test_without_a_broker_telemetry_is_off() -> None:
-    from stemagent.agent.telemetry_factory import open_telemetry
+    from stemagent.agent.app.telemetry_factory import open_telemetry
 
-    async with open_telemetry(RunConfig()) as sink:
+    async with open_telemetry(RunConfig(), "x") as sink:
         assert sink is None
 
 
@@ -125,23 +126,23 @@ async def test_username_password_and_tls(tmp_path: Path) -> None:
                 f"allow_anonymous false\npassword_file {tmp_path / 'passwd'}\n")
     with run_mosquitto(tmp_path, settings) as port:
         good = TelemetryConfig(host="127.0.0.1", port=port, username="agent", password="s3cret", tls=True, tls_ca_file=ca)
-        async with MqttTelemetry(good, run_name="secure", connect_timeout_s=10.0) as sink:
+        async with MqttTelemetry(good, run_name="secure", run_id="x", connect_timeout_s=10.0) as sink:
             sink.publish("status", {"state": "running"})
         assert sink.stats["published"] == 1
-        wrong_password = good.model_copy(update={"password": "nope"})
+        wrong_password = good.model_copy(update={"password": SecretStr("nope")})
         with pytest.raises(ConfigError, match="telemetry.username.*refused"):  # at once, no retries
-            async with MqttTelemetry(wrong_password, run_name="secure", connect_timeout_s=30.0):
+            async with MqttTelemetry(wrong_password, run_name="secure", run_id="x", connect_timeout_s=30.0):
                 pass
         no_tls = good.model_copy(update={"tls": False})
         with pytest.raises(ConfigError, match="telemetry.host"):
-            async with MqttTelemetry(no_tls, run_name="secure", connect_timeout_s=1.0):
+            async with MqttTelemetry(no_tls, run_name="secure", run_id="x", connect_timeout_s=1.0):
                 pass
 
 
 async def test_telemetry_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
     with run_mosquitto(tmp_path) as port:
         cfg = TelemetryConfig(host="127.0.0.1", port=port)
-        sink = MqttTelemetry(cfg, run_name="rb", reconnect_max_s=0.5)
+        sink = MqttTelemetry(cfg, run_name="rb", run_id="id2", reconnect_max_s=0.5)
         await sink.__aenter__()
         target = Target(sink)
         sink.attach(target)
@@ -152,9 +153,33 @@ async def test_telemetry_reconnects_after_the_broker_restarts(tmp_path: Path) ->
             while sink.stats["reconnects"] < 1:
                 await asyncio.sleep(0.05)  # the client's backoff is on wall time
             async with aiomqtt.Client("127.0.0.1", port, identifier="op2") as op:
-                await op.subscribe("stemagent/rb/#", qos=1)
-                await op.publish("stemagent/rb/control", json.dumps({"command": "resume", "id": "after"}), qos=1)
-                ack = await next_message(op, "stemagent/rb/ack")
+                await op.subscribe("stemagent/rb/id2/#", qos=1)
+                await op.publish("stemagent/rb/id2/control", json.dumps({"command": "resume", "id": "after"}), qos=1)
+                ack = await next_message(op, "stemagent/rb/id2/ack")
                 assert ack["id"] == "after" and [m.command for m in target.got] == ["resume"]
     finally:
         await sink.__aexit__(None, None, None)
+
+
+async def test_a_thousand_controls_get_a_thousand_acks_through_the_broker(mosquitto: int) -> None:
+    """Issue 10 defect 7: acks shared a 256-slot drop-oldest queue with telemetry; 1000 'resume'
+    messages gave 452 acks."""
+    cfg = TelemetryConfig(host="127.0.0.1", port=mosquitto)
+    async with aiomqtt.Client("127.0.0.1", mosquitto, identifier="flood-op", max_queued_incoming_messages=0) as op:
+        await op.subscribe("stemagent/flood/f1/ack", qos=1)
+        async with MqttTelemetry(cfg, run_name="flood", run_id="f1") as sink:
+            sink.attach(Target(sink))
+            for i in range(1000):
+                sink.publish("frame", {"frame_index": i})  # telemetry keeps flowing meanwhile
+            await asyncio.gather(*(op.publish("stemagent/flood/f1/control", json.dumps({"command": "resume", "id": f"r{i}"}),
+                                              qos=1) for i in range(1000)))
+            got: set[str] = set()
+
+            async def collect() -> None:
+                async for m in op.messages:
+                    got.add(json.loads(m.payload)["id"])  # type: ignore[arg-type]
+                    if len(got) == 1000:
+                        return
+
+            await asyncio.wait_for(collect(), timeout=60)
+    assert got == {f"r{i}" for i in range(1000)}

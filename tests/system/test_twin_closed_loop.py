@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from stemagent.agent.factory import build_agent, build_clock, build_driver
+from stemagent.agent.app.factory import build_agent, build_clock, build_driver
 from stemagent.config import config_from_dict, load_config
 from stemagent.runlog import RunLog
 from stemagent.simulators.twin import TwinDriver
@@ -69,7 +69,7 @@ def test_simulate_cli_writes_frames_and_ground_truth(tmp_path) -> None:
     text = (ROOT / "configs" / "twin-mos2-survey.yaml").read_text().replace("shape_px: 256", "shape_px: 64")
     cfg.write_text(text)
     proc = subprocess.run(
-        [sys.executable, "-m", "stemagent.agent.cli", "simulate", "--config", str(cfg), "--out", str(out), "-n", "2"],
+        [sys.executable, "-m", "stemagent.agent.app.cli", "simulate", "--config", str(cfg), "--out", str(out), "-n", "2"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -83,6 +83,6 @@ def test_simulate_cli_writes_frames_and_ground_truth(tmp_path) -> None:
     assert json.loads(str(z["config_json"]))["driver"]["specimen"] == "mos2"
     bad = tmp_path / "bad.yaml"
     bad.write_text("driver:\n  kind: twin\n  specimen: mos3\n")
-    proc = subprocess.run([sys.executable, "-m", "stemagent.agent.cli", "simulate", "--config", str(bad), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "stemagent.agent.app.cli", "simulate", "--config", str(bad), "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "specimen" in proc.stderr

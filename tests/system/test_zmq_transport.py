@@ -10,6 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from stemagent.codec import encode_geometry
 from stemagent.driver import Driver, DriverFault
 from stemagent.drivers import wire
 from stemagent.drivers.bridge import Bridge
@@ -38,15 +39,13 @@ async def stop_bridge(bridge: Bridge, task: asyncio.Task[None]) -> None:
 
 
 async def crash_bridge(bridge: Bridge, task: asyncio.Task[None]) -> None:
-    """Like a killed process: sockets vanish, nothing more is sent."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    """Like a killed process: sockets vanish first, nothing more is sent (then its tasks end)."""
     for sock in (bridge._router, bridge._pub):
         assert sock is not None
         sock.close(linger=0)
     bridge._router = bridge._pub = None
-    for t in list(bridge._device_tasks) + list(bridge._streams.values()):
-        t.cancel()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def client(bridge: Bridge, **kw: object) -> ZmqDriver:
@@ -67,12 +66,12 @@ async def test_round_trip_every_command(fake_microscope: FakeMicroscope) -> None
         frame = await drv.acquire(GEOM)
         assert frame.image.dtype == np.float32 and frame.image.shape == (32, 64)
         assert frame.geometry == GEOM
-        np.testing.assert_array_equal(frame.line_times_s, GEOM.line_start_times_s(0.0))
+        np.testing.assert_allclose(frame.line_times_s - frame.line_times_s[0], GEOM.line_start_times_s(0.0), atol=1e-12)
         assert frame.dose_e_per_A2 == 1.5 and frame.source == "fake" and frame.meta == {"seed": 0}
         park = await drv.park((1.0, 2.0), 0.01)
         assert park.position_A == (1.0, 2.0) and park.signal.tolist() == list(range(10))
         await drv.blank()
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
         frames = [f async for f in drv.stream(GEOM, n_frames=3)]
         assert [f.index for f in frames] == [1, 2, 3]
         status = await drv.status()
@@ -98,7 +97,7 @@ async def test_large_frame_goes_zero_copy(fake_microscope: FakeMicroscope) -> No
 
 async def test_lost_bridge_fails_in_flight_command_without_resending_and_reconnects() -> None:
     scope = FakeMicroscope()
-    scope.gate = asyncio.Event()  # acquire hangs: the command is in flight when the bridge dies
+    scope.hold("acquire")  # acquire hangs: the command is in flight when the bridge dies
     bridge, task = await start_bridge(scope)
     faults: list[str] = []
     lost = asyncio.Event()
@@ -183,11 +182,11 @@ async def test_bridge_survives_garbage_and_answers_afterwards(fake_microscope: F
         bad = [
             [b"\x00\xff garbage"],
             [b"{}"],
-            [json.dumps({"v": 2, "id": "a1", "op": "heartbeat"}).encode()],
-            [json.dumps({"v": 1, "id": "a2", "op": "explode"}).encode()],
-            [json.dumps({"v": 1, "id": "a3", "op": "acquire", "geometry": {"center_A": [0, 0], "fov_A": [-1, 1],
+            [json.dumps({"v": 3, "id": "a1", "op": "heartbeat"}).encode()],  # a future version
+            [json.dumps({"v": 2, "id": "a2", "op": "explode"}).encode()],
+            [json.dumps({"v": 2, "id": "a3", "op": "acquire", "geometry": {"center_A": [0, 0], "fov_A": [-1, 1],
                                                                           "shape_px": [4, 4], "dwell_s": 1e-6}}).encode()],
-            [json.dumps({"v": 1, "id": "a4", "op": "park", "position_A": [float("nan"), 0], "dwell_s": 1}).encode()],
+            [json.dumps({"v": 2, "id": "a4", "op": "park", "position_A": [float("nan"), 0], "dwell_s": 1}).encode()],
             [b"{}", b"two parts"],
         ]
         for msg in bad:
@@ -199,11 +198,11 @@ async def test_bridge_survives_garbage_and_answers_afterwards(fake_microscope: F
             assert not reply.ok and reply.error is not None
             errors[reply.id] = reply.error.type
         assert set(errors) == {"a1", "a2", "a3", "a4"}
-        await raw.send_multipart([json.dumps({"v": 1, "id": "ok1", "op": "heartbeat"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "ok1", "op": "heartbeat"}).encode()])
         reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
         assert reply.ok and reply.id == "ok1"
         # the same id again is refused, never executed twice
-        await raw.send_multipart([json.dumps({"v": 1, "id": "ok1", "op": "blank"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "ok1", "op": "blank"}).encode()])
         reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
         assert not reply.ok and reply.error is not None and reply.error.type == "DuplicateRequest"
         assert bridge.stats["rejected"] >= 6 and "acquire" not in fake_microscope.calls
@@ -233,9 +232,9 @@ async def test_client_survives_garbage_from_a_bad_bridge() -> None:
                 await pub.send_multipart([b"not json", b"x"])  # junk on the frame channel too
             elif req["op"] == "acquire":
                 # a frame reply whose image is truncated
-                header = {"v": 1, "index": 0, "shape": [2, 2], "dtype": "<f4", "geometry": {"center_A": [0, 0],
+                header = {"v": 2, "index": 0, "shape": [2, 2], "dtype": "<f4", "geometry": {"center_A": [0, 0],
                           "fov_A": [1, 1], "shape_px": [2, 2], "dwell_s": 1e-6}, "line_times_s": [0, 1], "dose_e_per_A2": 0}
-                rep = {"v": 1, "id": req["id"], "ok": True, "result": {"frame": header},
+                rep = {"v": 2, "id": req["id"], "ok": True, "result": {"frame": header},
                        "arrays": [{"dtype": "<f4", "shape": [2, 2]}]}
                 await router.send_multipart([ident, json.dumps(rep).encode(), b"\x00" * 7])
             else:
@@ -266,20 +265,20 @@ async def test_bridge_watchdog_blanks_when_the_client_goes_silent(fake_microscop
     try:
         await drv.connect()
         await drv.acquire(GEOM)
-        assert not fake_microscope.blanked
+        assert not fake_microscope.beam_blanked
         await drv.close()  # close blanks; unblank again through a raw request to test the watchdog
-        fake_microscope.blanked = False
+        fake_microscope.beam_blanked = False
         bridge._beam_maybe_on = True
         while bridge.stats["watchdog_blanks"] == 0:
             await asyncio.sleep(0.02)
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
     finally:
         await stop_bridge(bridge, task)
 
 
 def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
     """Random bytes, truncated and mutated valid requests, wrong versions, extra parts."""
-    valid = json.dumps({"v": 1, "id": "x", "op": "acquire", "geometry": GEOM.to_dict()}).encode()
+    valid = json.dumps({"v": 2, "id": "x", "op": "acquire", "geometry": encode_geometry(GEOM)}).encode()
     out: list[list[bytes]] = []
     for i in range(n):
         kind = i % 5
@@ -293,7 +292,7 @@ def _junk_messages(rng: np.random.Generator, n: int) -> list[list[bytes]]:
                 b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
             out.append([bytes(b)])
         elif kind == 3:
-            out.append([valid.replace(b'"v": 1', f'"v": {int(rng.integers(2, 99))}'.encode())])
+            out.append([valid.replace(b'"v": 2', f'"v": {int(rng.integers(3, 99))}'.encode())])
         else:
             out.append([valid, rng.bytes(16)])
     return out
@@ -329,13 +328,13 @@ async def test_bridge_and_client_survive_a_fuzzed_stream_of_junk() -> None:
         for msg in _junk_messages(rng, 300):
             await raw.send_multipart(msg)
             await junk_pub.send_multipart(msg)
-        good_header = json.loads(wire.encode_frame(scope._frame(GEOM))[0][0])
+        good_header = json.loads(wire.encode_frame(scope.make_frame(GEOM))[0][0])
         for _ in range(100):  # random corruptions of a valid frame header
             h = dict(good_header)
             key = str(rng.choice(list(h)))
             h[key] = [None, -1, "x", 1e308, {"a": 1}, [1, 2, 3]][int(rng.integers(0, 6))]
             await junk_pub.send_multipart([json.dumps(h).encode(), rng.bytes(64)])
-        await raw.send_multipart([json.dumps({"v": 1, "id": "after-junk", "op": "heartbeat"}).encode()])
+        await raw.send_multipart([json.dumps({"v": 2, "id": "after-junk", "op": "heartbeat"}).encode()])
         while True:  # drain error replies until the heartbeat's answer
             reply, _ = wire.decode_reply(await asyncio.wait_for(raw.recv_multipart(), timeout=5))
             if reply.id == "after-junk":
@@ -383,10 +382,10 @@ async def test_blank_gets_through_on_a_fresh_socket_while_the_link_is_down(fake_
     try:
         await drv.connect()
         await drv.acquire(GEOM)
-        assert not fake_microscope.blanked
+        assert not fake_microscope.beam_blanked
         drv._drop_link("simulated heartbeat loss", report=True)  # the bridge itself is fine
         await drv.blank()
-        assert fake_microscope.blanked
+        assert fake_microscope.beam_blanked
         with pytest.raises(DriverFault, match="link is down"):
             await drv.acquire(GEOM)  # everything else still refuses until the link is back
     finally:

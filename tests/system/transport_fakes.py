@@ -1,70 +1,31 @@
-"""A small in-process fake microscope implementing ``Driver`` (for the transport tests)."""
+"""The transport tests' microscope: the package's :class:`~stemagent.drivers.scripted.ScriptedDriver`
+set up as a small deterministic console (noise frames, instant scans, a log of calls)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import AsyncIterator
 
 import numpy as np
 
-from stemagent.types import Capabilities, Frame, ParkResult, ScanGeometry
+from stemagent.clock import SystemClock
+from stemagent.drivers.scripted import ScriptedDriver
+from stemagent.types import Capabilities
 
 
-class FakeMicroscope:
-    """A deterministic in-process ``Driver``: frames of noise, instant scans, a log of calls."""
-
-    def __init__(self, seed: int = 0, frame_delay_s: float = 0.0) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.calls: list[str] = []
-        self.blanked = True
-        self.index = 0
-        self.frame_delay_s = frame_delay_s
-        self.gate: asyncio.Event | None = None  # when set, acquire waits for it
-
-    async def connect(self) -> None:
-        self.calls.append("connect")
-
-    async def close(self) -> None:
-        self.calls.append("close")
-        self.blanked = True
-
-    async def capabilities(self) -> Capabilities:
-        self.calls.append("capabilities")
-        return Capabilities(name="fake", max_fov_A=512.0, max_shape_px=(4096, 4096), min_dwell_s=1e-7, max_dwell_s=1e-2)
-
-    def _frame(self, geometry: ScanGeometry) -> Frame:
-        img = self.rng.random(geometry.shape_px, dtype=np.float32)
-        f = Frame(image=img, geometry=geometry, line_times_s=geometry.line_start_times_s(float(self.index)),
-                  index=self.index, dose_e_per_A2=1.5, source="fake", meta={"seed": 0})
-        self.index += 1
-        return f
-
-    async def acquire(self, geometry: ScanGeometry) -> Frame:
-        self.calls.append("acquire")
-        self.blanked = False
-        if self.gate is not None:
-            await asyncio.wait_for(self.gate.wait(), timeout=30)
-        return self._frame(geometry)
-
-    async def stream(self, geometry: ScanGeometry, n_frames: int | None = None) -> AsyncIterator[Frame]:
-        self.calls.append("stream")
-        self.blanked = False
-        i = 0
-        while n_frames is None or i < n_frames:
-            await asyncio.sleep(self.frame_delay_s)
-            yield self._frame(geometry)
-            i += 1
-
-    async def park(self, position_A: tuple[float, float], dwell_s: float) -> ParkResult:
-        self.calls.append("park")
-        self.blanked = False
-        return ParkResult(position_A=position_A, dwell_s=dwell_s, start_time_s=0.0, sample_interval_s=dwell_s / 10,
-                          signal=np.arange(10, dtype=np.float64), dose_e_per_A2=2.0)
-
-    async def blank(self) -> None:
-        self.calls.append("blank")
-        self.blanked = True
+def FakeMicroscope(seed: int = 0, frame_delay_s: float = 0.0) -> ScriptedDriver:  # noqa: N802 - reads as the class it was
+    """Noise frames of dose 1.5 e/Å², parks of 10 samples and 2 e/Å², on the system clock."""
+    return ScriptedDriver(
+        capabilities=Capabilities(name="fake", max_fov_A=512.0, max_shape_px=(4096, 4096), min_dwell_s=1e-7, max_dwell_s=1e-2),
+        image=lambda g, i, rng=np.random.default_rng(seed): rng.random(g.shape_px, dtype=np.float32),
+        park_signal=lambda position_A, dwell_s, n: np.arange(10, dtype=np.float64),
+        frame_dose_e_per_A2=1.5,
+        park_dose_e_per_A2=2.0,
+        delay_s={"frame": frame_delay_s},
+        clock=SystemClock(),
+        seed=seed,
+        source="fake",
+        frame_meta={"seed": 0},
+    )
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from stemagent.codec import encode_decision
 from stemagent.errors import InputError
 from stemagent.policies.survey import SurveyPolicy
 from stemagent.policies.survey_config import SurveyPolicyConfig
@@ -37,7 +38,7 @@ def run(pol: SurveyPolicy, world: PointField, steps: int) -> list[dict]:
     obs = world.overview(256)
     for _ in range(steps):
         d = pol.decide(obs)
-        out.append(d.to_dict())
+        out.append(encode_decision(d))
         if isinstance(d.command, Blank):
             break
         obs = world.subscan(d.command.geometry)

@@ -1,0 +1,50 @@
+"""Configuration of the drift stage (:class:`~stemagent.drift.stage.DriftStage`).
+
+A pydantic model with ``extra="forbid"``, like every run configuration: a misspelt key is a
+clear error naming the field. Lengths in Å, times in s.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DriftConfig(BaseModel):
+    """How the drift stage tracks atoms, models drift over acquisition time and judges itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="off: positions pass through unchanged and commands are not converted")
+    # --- model ---------------------------------------------------------------------------------
+    window_frames: int = Field(20, ge=2, le=400, description="frames of displacement history the GP sees (bounded cost)")
+    bins_per_frame: int = Field(8, ge=1, le=256, description="time bins per frame: each is one GP observation per axis")
+    min_atoms_per_bin: int = Field(3, ge=1, description="bins with fewer matched atoms are left out")
+    refit_every_frames: int = Field(10, ge=1, description="hyperparameters are refit this often (warm-started)")
+    refit_max_iter: int = Field(40, ge=1, le=1000, description="L-BFGS iterations per start of a hyperparameter refit")
+    refit_starts: int = Field(2, ge=1, le=2, description="2: refit from the last fit and from the initial values "
+                              "(the better wins); 1: from the last fit only (half the cost)")
+    refit_in_update: bool = Field(True, description="refit inside update(); False: update() only sets refit_due and "
+                                  "the caller runs DriftStage.refit() when it has time")
+    stale_chi2: float = Field(4.0, gt=0, description="refit at once when a new frame's bins score a mean squared "
+                              "standardised residual above this under the current fit")
+    random_walk_A_per_sqrt_s: tuple[float, float] = Field(
+        (0.005, 0.1), description="range allowed for the random-walk part of the drift, Å/sqrt(s): a short window "
+        "cannot tell a steady drift from a fast random walk, and a random walk forecasts no motion")
+    min_slope_A_per_s: float = Field(0.1, gt=0, description="smallest prior scale of the steady drift, Å/s")
+    # --- tracking ------------------------------------------------------------------------------
+    gate_fraction: float = Field(0.4, gt=0, lt=0.5, description="match gate as a fraction of the nearest-neighbour spacing")
+    edge_margin_A: float = Field(1.0, ge=0, description="detections this close to the frame edge are ignored")
+    min_atoms: int = Field(10, ge=3, description="fewer matched atoms than this: the frame is reported, not used")
+    min_match_fraction: float = Field(0.3, ge=0, le=1, description="fewer of the expected atoms matched: tracking lost")
+    max_missed_frames: int = Field(5, ge=0, description="a track unseen this many frames in a row is dropped")
+    outlier_sigma: float = Field(5.0, gt=1, description="matched atoms whose residual exceeds this many robust sigmas are not used")
+    # --- judgement and outputs -----------------------------------------------------------------
+    band_limit_A: float = Field(0.2, gt=0, description="95% half-width of the forecast above which the estimate is unreliable")
+    positions: Literal["refined", "measured"] = Field(
+        "refined", description="'refined': each tracked atom's position averaged over its sightings; 'measured': this frame's only"
+    )
+    resample_frame: bool = Field(False, description="also produce the drift-corrected (resampled) image of each frame")
+    device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="torch device of the GP ('auto': CUDA when available)")
+    gp_threads: int | None = Field(1, ge=1, description="torch CPU threads while the GP computes (None: leave torch's setting)")

@@ -1,0 +1,122 @@
+"""Motif ids for a stream of frames: pooled clustering, and a fast classifier in between.
+
+One frame holds few atoms of a rare motif (three C atoms around one Si), often too few to form a
+cluster against the photon noise. The tracker therefore clusters a *pool* of the most recent
+atoms of several frames (``pool_size`` atoms), maps the pool's clusters to stable ids with the
+:class:`~stemagent.encoding.library.MotifLibrary`, and fits a classifier to the result: the
+motifs' means and their pooled within-motif covariance in the pool's first principal components
+(linear discriminant analysis). Each frame is then classified in well under a millisecond. It
+reclusters every ``recluster_every`` frames (0: never on a schedule) and whenever the classifier
+meets atoms that no motif explains (squared Mahalanobis distance to the nearest motif beyond the
+``1 - novelty_alpha`` chi-square quantile), which is how a new motif enters the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import chi2
+
+from stemagent.encoding.clustering import cluster_features, fit_reduction
+from stemagent.encoding.library import MotifLibrary
+from stemagent.errors import InputError
+
+
+@dataclass
+class TrackResult:
+    """``ids`` ``(N,)`` motif ids; ``novel`` ``(N,)`` atoms no motif explained; ``reclustered``;
+    ``clusters`` found if reclustered; ``new`` motif ids founded by this frame."""
+
+    ids: np.ndarray
+    novel: np.ndarray
+    reclustered: bool
+    clusters: int = 0
+    new: list[int] = field(default_factory=list)
+
+
+class MotifClassifier:
+    """Linear discriminant on the pool's principal components (fitted by :meth:`fit`)."""
+
+    def __init__(self, components: int) -> None:
+        self.components = int(components)
+        self.centre: np.ndarray | None = None
+        self.proj: np.ndarray | None = None
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.means = np.zeros((0, 0))
+        self.whiten: np.ndarray | None = None
+
+    def fit(self, x: np.ndarray, ids: np.ndarray) -> None:
+        self.centre, self.proj = fit_reduction(x, self.components)
+        z = (x - self.centre) @ self.proj
+        self.ids = np.unique(ids)
+        self.means = np.stack([z[ids == i].mean(axis=0) for i in self.ids])
+        resid = z - self.means[np.searchsorted(self.ids, ids)]
+        k = z.shape[1]
+        cov = resid.T @ resid / max(1, len(z) - len(self.ids)) + 1e-9 * np.eye(k) * max(1.0, float(np.trace(resid.T @ resid)) / max(1, len(z)))
+        self.whiten = np.linalg.inv(np.linalg.cholesky(cov))
+
+    def distances2(self, x: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance ``(N, motifs)`` of each atom to each motif's mean."""
+        assert self.centre is not None and self.proj is not None and self.whiten is not None
+        z = (x - self.centre) @ self.proj
+        w = z @ self.whiten.T
+        m = self.means @ self.whiten.T
+        return np.sum((w[:, None, :] - m[None, :, :]) ** 2, axis=2)
+
+
+class MotifTracker:
+    """See the module docstring. ``options`` go to the clustering method."""
+
+    def __init__(self, method: str = "robust", components: int = 4, options: dict[str, Any] | None = None,
+                 library: MotifLibrary | None = None, pool_size: int = 4000, recluster_every: int = 1,
+                 novelty_alpha: float = 1e-4, seed: int = 0) -> None:
+        if pool_size < 10:
+            raise InputError("pool_size", pool_size, "must be at least 10 atoms")
+        if recluster_every < 0:
+            raise InputError("recluster_every", recluster_every, "must be >= 0 (0: only on novelty)")
+        self.method = method
+        self.components = int(components)
+        self.options = dict(options or {})
+        self.library = library or MotifLibrary()
+        self.pool_size = int(pool_size)
+        self.recluster_every = int(recluster_every)
+        self.novelty_alpha = float(novelty_alpha)
+        self.seed = int(seed)
+        self.pool = np.zeros((0, 0))
+        self.classifier = MotifClassifier(components)
+        self._frames_since = 0
+        self._fitted = False
+
+    def _recluster(self, x: np.ndarray, frame_index: int) -> TrackResult:
+        pool = np.concatenate([self.pool, x]) if len(self.pool) else x
+        pool = pool[-self.pool_size:]
+        clusters = cluster_features(pool, self.method, self.components, self.seed, **self.options)
+        upd = self.library.update(pool, clusters.labels, frame_index, replace=True)
+        self.classifier.fit(pool, upd.ids)
+        self._fitted = True
+        self.pool = pool
+        self._frames_since = 0
+        return TrackResult(upd.ids[-len(x):], np.zeros(len(x), dtype=bool), True, clusters.n_clusters, upd.new)
+
+    def process(self, x: np.ndarray, frame_index: int = 0) -> TrackResult:
+        """Motif ids of one frame's atoms (``x`` ``(N, d)`` finite features)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0 or not np.all(np.isfinite(x)):
+            raise InputError("features", getattr(x, "shape", None), "must be a non-empty (N, d) array of finite numbers")
+        if len(self.pool) and self.pool.shape[1] != x.shape[1]:
+            raise InputError("features.shape", x.shape, f"must have {self.pool.shape[1]} columns like the pool")
+        self._frames_since += 1
+        due = not self._fitted or (self.recluster_every > 0 and self._frames_since >= self.recluster_every)
+        if due:
+            return self._recluster(x, frame_index)
+        d2 = self.classifier.distances2(x)
+        best = np.argmin(d2, axis=1)
+        novel = d2[np.arange(len(x)), best] > chi2.ppf(1.0 - self.novelty_alpha, self.classifier.means.shape[1])
+        if novel.any():
+            res = self._recluster(x, frame_index)
+            res.novel = novel
+            return res
+        self.pool = np.concatenate([self.pool, x])[-self.pool_size:]
+        return TrackResult(self.classifier.ids[best], novel, False)

@@ -1,0 +1,136 @@
+"""Adapters that make analysis parts into pipeline stages (:class:`~stemagent.pipeline.core.Stage`).
+
+Each is a few lines: it reads what it needs from the :class:`~stemagent.stages.Observation`,
+calls the part's own entry point and puts the result back.
+
+- :class:`SegmentStage` (``segment``): a :class:`~stemagent.stages.Segmenter`; ``obs.atoms``;
+- :class:`PolicyStage` (``policy``): a :class:`~stemagent.stages.Policy`; ``obs.decision``, and
+  for a park observation the policy's ``observe_park`` when it has one;
+- :class:`AtomFeatureStage`: any ``fn(frame, atoms) -> {name: (N, ...) array}`` (e.g.
+  ``EncodingStage.process``); ``obs.atom_features``;
+- :class:`BoundaryTraceStage` (``boundaries``): :class:`~stemagent.boundaries.trace.BoundaryStage`;
+  the traces' summary in ``obs.records``.
+
+- :class:`DriftAdapter` (``drift``): a drift stage with ``update(frame, atoms) -> estimate``
+  (the estimate has ``atoms`` in the sample frame and ``to_dict()``); ``obs.drift``, ``obs.atoms``
+  replaced by the estimate's, and ``to_device`` through a conversion function (sample to beam
+  coordinates at the time the command acts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from stemagent.boundaries.trace import BoundaryStage
+from stemagent.stages import Observation, Policy, Segmenter
+from stemagent.types import Atoms, BeamCommand, Frame
+
+#: converts a sample-frame command to what the device executes, at ``start_s``: ``(command, record)``
+Convert = Callable[[BeamCommand, float], tuple[BeamCommand, dict[str, Any]]]
+
+
+class SegmentStage:
+    """Atoms of the frame from a segmenter."""
+
+    name = "segment"
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        obs.atoms = self.segmenter.find(obs.frame)
+        obs.records[self.name] = {"n_atoms": len(obs.atoms), "class_names": list(obs.atoms.class_names),
+                                  "counts": np.bincount(obs.atoms.classes, minlength=len(obs.atoms.class_names)).tolist()}
+        return obs
+
+
+class PolicyStage:
+    """The decision: ``policy.decide(obs)``; after a park ``policy.observe_park(obs)`` if it has one.
+
+    A policy with ``drain_events() -> [(stream, document), ...]`` (what it found out: steps in a
+    park signal, outcomes, re-plans) has them put into ``obs.records["policy"]["events"]``; the
+    agent writes each into the run log stream it names."""
+
+    name = "policy"
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def process(self, obs: Observation) -> Observation:
+        obs.decision = self.policy.decide(obs)
+        self._drain(obs)
+        return obs
+
+    def process_park(self, obs: Observation) -> Observation:
+        observe = getattr(self.policy, "observe_park", None)
+        obs.decision = observe(obs) if observe is not None else None
+        self._drain(obs)
+        return obs
+
+    def _drain(self, obs: Observation) -> None:
+        drain = getattr(self.policy, "drain_events", None)
+        events = list(drain()) if drain is not None else []
+        if events:
+            obs.records[self.name] = {"events": [[str(stream), doc] for stream, doc in events]}
+
+    @property
+    def stop_reason(self) -> str:
+        """Non-empty when the policy has finished (``policy.stop_reason``)."""
+        return str(getattr(self.policy, "stop_reason", "") or "")
+
+
+class AtomFeatureStage:
+    """Per-atom features from ``fn(frame, atoms) -> {name: (N, ...) array}``."""
+
+    def __init__(self, name: str, fn: Callable[[Frame, Atoms], dict[str, Any]]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        out = self.fn(obs.frame, obs.atoms)
+        obs.atom_features.update({k: np.asarray(v) for k, v in out.items()})
+        obs.records[self.name] = {"features": sorted(out)}
+        return obs
+
+
+class BoundaryTraceStage:
+    """Domain-boundary traces of the frame (:class:`~stemagent.boundaries.trace.BoundaryStage`)."""
+
+    name = "boundaries"
+
+    def __init__(self, stage: BoundaryStage) -> None:
+        self.stage = stage
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        res = self.stage.process(obs.frame)
+        obs.records[self.name] = {"n_traces": len(res.traces), "n_steps": int(sum(len(t) for t in res.traces))}
+        obs.features["boundary_traces"] = np.asarray([len(res.traces)])
+        return obs
+
+
+class DriftAdapter:
+    """A drift stage in the pipeline (duck-typed: ``stage.update(frame, atoms)`` returns an estimate
+    with ``atoms`` and ``to_dict()``). ``convert``: the command conversion the agent applies at
+    the time a command acts (e.g. ``stemagent.drift.commands``), or None (commands pass as they are)."""
+
+    name = "drift"
+
+    def __init__(self, stage: Any, convert: Convert | None = None) -> None:
+        self.stage = stage
+        self.convert = convert
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        estimate = self.stage.update(obs.frame, obs.atoms)
+        obs.drift = estimate
+        obs.atoms = estimate.atoms
+        obs.records[self.name] = estimate.to_dict()
+        return obs
+
+    def to_device(self, command: BeamCommand, start_s: float) -> tuple[BeamCommand, dict[str, Any]]:
+        return (command, {}) if self.convert is None else self.convert(command, start_s)
