@@ -44,6 +44,7 @@ from linear_operator.utils.errors import NotPSDError
 from stemagent.errors import InputError
 from stemagent.policies.survey_acquisition import build_acquisition, evaluate_candidates
 from stemagent.policies.survey_config import SurveyPolicyConfig
+from stemagent.policies.survey_dose import LocalDoseLedger
 from stemagent.policies.survey_features import (
     OverviewFeatures,
     candidate_grid,
@@ -82,6 +83,9 @@ class SurveyPolicy:
         area_half_width_A: float,
         beam_current_pA: float,
         local_dose_budget_e_per_A2: float = math.inf,
+        probe_fwhm_A: float = 0.8,
+        dose_cell_A: float = 1.0,
+        flyback_blanked: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -105,6 +109,9 @@ class SurveyPolicy:
         area_A2 = (2.0 * self.area_half_width_A) ** 2
         b = config.dose_budget_field_e_per_A2
         self.budget_electrons = math.inf if b is None else b * area_A2
+        # local dose on the gate's own model; it outlives reset(): dose delivered stays delivered
+        self.ledger = LocalDoseLedger(self.area_center_A, self.area_half_width_A, self.local_dose_budget_e_per_A2,
+                                      self.beam_current_pA, probe_fwhm_A, dose_cell_A, flyback_blanked)
         self.reset()
 
     # --- state ------------------------------------------------------------------------------
@@ -119,7 +126,7 @@ class SurveyPolicy:
         self.value_of: dict[int, float] = {}  # candidate -> objective summed over its visits
         self.visits = np.zeros(len(self.candidates_A), dtype=np.int64)
         self.refused = np.zeros(len(self.candidates_A), dtype=bool)
-        self.local_dose_e_per_A2 = np.zeros(len(self.candidates_A))
+        self.ledger.set_candidates([self.subscan_geometry(c) for c in self.candidates_A])
         self.electrons_used = 0.0
         self.found_A = np.zeros((0, 2))
         self.pending: list[int] = []
@@ -150,17 +157,11 @@ class SurveyPolicy:
         )
 
     # --- dose -------------------------------------------------------------------------------
-    def _field_overlaps(self, geometry: ScanGeometry) -> np.ndarray:
-        """Candidates ``(n,)`` bool whose sub-scan field overlaps the scanned field (rotation ignored)."""
-        half = np.asarray(geometry.fov_A) / 2.0 + self.config.subscan_fov_A / 2.0
-        d = np.abs(self.candidates_A - np.asarray(geometry.center_A))
-        return np.all(d < half - 1e-9, axis=1)
-
     def _account(self, geometry: ScanGeometry) -> None:
         px, py = geometry.pixel_size_A
         dose = dose_e_per_A2(self.beam_current_pA, geometry.dwell_s, px * py)
         self.electrons_used += dose * geometry.fov_A[0] * geometry.fov_A[1]
-        self.local_dose_e_per_A2[self._field_overlaps(geometry)] += dose
+        self.ledger.add(geometry)
 
     # --- targets and pending points ------------------------------------------------------------
     def check_target(self, center_A: tuple[float, float]) -> str | None:
@@ -180,10 +181,10 @@ class SurveyPolicy:
             p = self.candidates_A[k]
             if max(abs(x - p[0]), abs(y - p[1])) < self.config.subscan_fov_A / 2.0:
                 return f"target_A=({x:.2f}, {y:.2f}) Å: occupied by the pending sub-scan at ({p[0]:.2f}, {p[1]:.2f}) Å (candidate {k}), still in flight"
-        near = self._nearest_candidate(np.array([x, y]))
-        if near is not None and self.local_dose_e_per_A2[near] + self.subscan_dose_e_per_A2 > self.local_dose_budget_e_per_A2:
+        peak = self.ledger.peak_with(self.subscan_geometry((x, y)))
+        if peak > self.local_dose_budget_e_per_A2:
             return (f"target_A=({x:.2f}, {y:.2f}) Å: the local dose would reach "
-                    f"{self.local_dose_e_per_A2[near] + self.subscan_dose_e_per_A2:.4g} e/Å² > budget {self.local_dose_budget_e_per_A2:.4g} e/Å²")
+                    f"{peak:.4g} e/Å² > budget {self.local_dose_budget_e_per_A2:.4g} e/Å²")
         return None
 
     def add_pending(self, center_A: tuple[float, float]) -> int:
@@ -238,7 +239,7 @@ class SurveyPolicy:
         n = len(cand)
         self.visits = np.zeros(n, dtype=np.int64)
         self.refused = np.zeros(n, dtype=bool)
-        self.local_dose_e_per_A2 = np.zeros(n)
+        self.ledger.set_candidates([self.subscan_geometry(c) for c in cand])
         inputs = np.concatenate([cand, values if c.model == "gp" else patches], axis=1)
         self._X_all = torch.as_tensor(inputs, dtype=torch.float64, device=self.device)
         max_ls = c.position_lengthscale_max  # the unit cube spans the candidates
@@ -352,7 +353,7 @@ class SurveyPolicy:
     def _allowed(self) -> np.ndarray:
         ok = ~self.refused
         ok[self.pending] = False
-        ok &= self.local_dose_e_per_A2 + self.subscan_dose_e_per_A2 <= self.local_dose_budget_e_per_A2
+        ok &= self.ledger.candidates_fit()
         return ok
 
     def _choose(self, target_note: str | None) -> Decision:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity: every setting is a finite number (as in stemagent.config)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SurveyObjectiveConfig(_Model):
@@ -76,8 +77,10 @@ class SurveyPolicyConfig(_Model):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device of the surrogate ('auto': CUDA when available); a few hundred candidates run fastest on the CPU")
     num_threads: int | None = Field(1, ge=1, le=256, description="torch CPU threads while deciding (restored after); the GP's small matrices gain nothing from more, and on a busy CPU extra threads cost several times over; None leaves torch's setting")
 
-    @model_validator(mode="after")
-    def _initial_vs_refit(self) -> "SurveyPolicyConfig":
-        if self.min_subscans_before_stop < self.n_initial:
-            raise ValueError(f"min_subscans_before_stop={self.min_subscans_before_stop} must be at least n_initial={self.n_initial}")
-        return self
+    @field_validator("min_subscans_before_stop")
+    @classmethod
+    def _not_before_the_model(cls, v: int, info: ValidationInfo) -> int:
+        n_initial = info.data.get("n_initial")
+        if n_initial is not None and v < n_initial:
+            raise ValueError(f"must be at least n_initial={n_initial} (the survey never stops before its model is used)")
+        return v

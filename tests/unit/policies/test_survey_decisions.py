@@ -148,6 +148,9 @@ def test_survey_respects_the_local_dose_budget() -> None:
             break
         seen.append(d.details["chosen"])
         obs = world.subscan(d.command.geometry)
-    assert len(seen) == len(set(seen)) == len(pol.candidates_A) == 16, "every place once, none twice"
+    # on the gate's dose model (fields grown by the probe's reach), abutting sub-scans share their
+    # edge cells: no place twice, and some neighbours of visited places are left out
+    assert len(seen) == len(set(seen)) and 4 <= len(seen) < len(pol.candidates_A) == 16
     assert "local dose budget" in d.reason
-    assert pol.local_dose_e_per_A2.max() <= ov_dose + 1.5 * sub_dose
+    assert pol.ledger.map is not None and pol.ledger.map.peak <= ov_dose + 1.5 * sub_dose + 1e-9
+    assert not pol.ledger.candidates_fit().any()
