@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from stemagent.simulators.elements import atomic_number, symbol
 from stemagent.simulators import perovskites
@@ -132,8 +133,6 @@ def thomas_cluster_points(
 def _snap_separated(targets: np.ndarray, candidates: np.ndarray, xy: np.ndarray, min_sep_A: float) -> np.ndarray:
     """For each target position (in order) the nearest candidate site at least ``min_sep_A`` from
     the sites already taken (searching outwards); returns the taken site indices."""
-    from scipy.spatial import cKDTree
-
     if len(targets) == 0 or len(candidates) == 0:
         return np.zeros(0, dtype=np.int64)
     tree = cKDTree(xy[candidates])

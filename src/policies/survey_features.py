@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.cluster.hierarchy import fcluster, linkage
 
 from stemagent.errors import InputError
 from stemagent.types import Atoms, ScanGeometry
@@ -229,7 +230,6 @@ def peak_candidates(
     Returns ``(n, 2)``, grid first."""
     if len(spots_A) == 0:
         return grid_A
-    from scipy.cluster.hierarchy import fcluster, linkage
 
     if len(spots_A) == 1:
         centres = spots_A.copy()
