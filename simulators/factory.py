@@ -26,6 +26,14 @@ def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
     size = (cfg.specimen_size_A, cfg.specimen_size_A)
     if cfg.specimen == "graphene":
         opts: dict[str, Any] = {"si_per_nm2": cfg.si_per_nm2, "vacancy_per_nm2": cfg.vacancy_per_nm2, "n_si": cfg.n_si}
+        if getattr(cfg, "si_layout", "uniform") != "uniform":
+            opts.update(
+                si_layout=cfg.si_layout,
+                si_n_clusters=cfg.si_n_clusters,
+                si_clusters_per_nm2=cfg.si_clusters_per_nm2,
+                si_cluster_sigma_A=cfg.si_cluster_sigma_A,
+                si_background_fraction=cfg.si_background_fraction,
+            )
     elif cfg.specimen in TMD_LATTICE_A:
         opts = {
             "vacancy_fraction": cfg.chalcogen_vacancy_fraction,

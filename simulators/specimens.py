@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from stemagent.simulators.elements import atomic_number, symbol
 from stemagent.simulators import perovskites
@@ -102,6 +103,60 @@ def _pick_separated(rng: np.random.Generator, candidates: np.ndarray, xy: np.nda
     return np.asarray(chosen, dtype=np.int64)
 
 
+def thomas_cluster_points(
+    rng: np.random.Generator, n: int, n_clusters: int, sigma_A: float, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """``n`` points ``(n, 2)`` of a Thomas cluster process inside the box ``[lo, hi]``.
+
+    ``n_clusters`` parents are uniform in the box; each point picks a parent with weights drawn
+    from a flat Dirichlet (so clusters are uneven in size) and is displaced from it by an
+    isotropic Gaussian of ``sigma_A`` per axis; points falling outside are drawn again.
+    """
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    if n <= 0:
+        return np.zeros((0, 2))
+    parents = rng.uniform(lo, hi, size=(max(1, n_clusters), 2))
+    weights = rng.dirichlet(np.ones(len(parents)))
+    out = np.empty((0, 2))
+    for _ in range(100):
+        need = n - len(out)
+        if need <= 0:
+            break
+        which = rng.choice(len(parents), size=need, p=weights)
+        pts = parents[which] + rng.normal(0.0, sigma_A, size=(need, 2))
+        inside = np.all((pts >= lo) & (pts <= hi), axis=1)
+        out = np.concatenate([out, pts[inside]])
+    return out[:n]
+
+
+def _snap_separated(targets: np.ndarray, candidates: np.ndarray, xy: np.ndarray, min_sep_A: float) -> np.ndarray:
+    """For each target position (in order) the nearest candidate site at least ``min_sep_A`` from
+    the sites already taken (searching outwards); returns the taken site indices."""
+    if len(targets) == 0 or len(candidates) == 0:
+        return np.zeros(0, dtype=np.int64)
+    tree = cKDTree(xy[candidates])
+    chosen: list[int] = []
+    k = min(len(candidates), 2048)  # a dense cluster may push a dopant some way out
+    for t in targets:
+        _, near = tree.query(t, k=k)
+        for j in np.atleast_1d(near):
+            idx = int(candidates[j])
+            if chosen and np.min(np.linalg.norm(xy[chosen] - xy[idx], axis=1)) < min_sep_A:
+                continue
+            chosen.append(idx)
+            break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def _drop_near(picked: np.ndarray, xy: np.ndarray, taken: np.ndarray, min_sep_A: float) -> np.ndarray:
+    """``picked`` without the sites closer than ``min_sep_A`` to any of ``taken``."""
+    if len(picked) == 0 or len(taken) == 0:
+        return picked
+    d = np.linalg.norm(xy[picked][:, None, :] - xy[taken][None, :, :], axis=2).min(axis=1)
+    return picked[d >= min_sep_A]
+
+
 # --- graphene ----------------------------------------------------------------------------
 
 
@@ -114,11 +169,24 @@ def graphene(
     n_si: int | None = None,
     u_rms_A: float = 0.08,
     min_dopant_separation_A: float = 6.0,
+    si_layout: str = "uniform",
+    si_clusters_per_nm2: float = 0.0012,
+    si_n_clusters: int | None = None,
+    si_cluster_sigma_A: float = 12.0,
+    si_background_fraction: float = 0.0,
 ) -> Specimen:
     """Monolayer graphene with substitutional Si dopants and single vacancies.
 
     ``n_si`` overrides the areal density ``si_per_nm2``. Dopants and vacancies are kept at least
     ``min_dopant_separation_A`` apart so every Si has three C neighbours.
+
+    ``si_layout``: ``"uniform"`` (default: every inner site equally likely) or ``"clustered"``: a
+    Thomas cluster process (see :func:`thomas_cluster_points`), ``si_n_clusters`` parents (else
+    Poisson with ``si_clusters_per_nm2``) placed uniformly, each dopant assigned to a parent with
+    uneven (flat-Dirichlet) weights and displaced from it by a Gaussian of ``si_cluster_sigma_A``
+    per axis, then snapped to the nearest free lattice site; ``si_background_fraction`` of the
+    dopants stay uniformly scattered. Vacancies stay uniform. The uniform case draws exactly what
+    it drew before this option existed.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     w, h = size_A
@@ -135,8 +203,23 @@ def graphene(
     n_vac = int(rng.poisson(vacancy_per_nm2 * area_nm2))
     # keep defects away from the edge so neighbours exist
     inner = np.flatnonzero(_clip_box(xy, w - 2 * a, h - 2 * a, center_A))
-    picked = _pick_separated(rng, inner, xy, n_si_ + n_vac, min_dopant_separation_A)
-    si_idx, vac_idx = picked[:n_si_], picked[n_si_:]
+    if si_layout == "uniform":
+        picked = _pick_separated(rng, inner, xy, n_si_ + n_vac, min_dopant_separation_A)
+        si_idx, vac_idx = picked[:n_si_], picked[n_si_:]
+    elif si_layout == "clustered":
+        n_bg = int(round(si_background_fraction * n_si_))
+        area_inner = (w - 2 * a) * (h - 2 * a) / 100.0
+        n_par = int(si_n_clusters) if si_n_clusters is not None else max(1, int(rng.poisson(si_clusters_per_nm2 * area_inner)))
+        lo = np.asarray(center_A) - np.array([w / 2 - a, h / 2 - a])
+        hi = np.asarray(center_A) + np.array([w / 2 - a, h / 2 - a])
+        targets = thomas_cluster_points(rng, n_si_ - n_bg, n_par, si_cluster_sigma_A, lo, hi)
+        clustered = _snap_separated(targets, inner, xy, min_dopant_separation_A)
+        rest = _pick_separated(rng, np.setdiff1d(inner, clustered), xy, n_bg + n_vac, min_dopant_separation_A)
+        rest = _drop_near(rest, xy, clustered, min_dopant_separation_A)
+        si_idx = np.concatenate([clustered, rest[:n_bg]])
+        vac_idx = rest[n_bg:]
+    else:
+        raise ValueError(f"si_layout={si_layout!r}: must be 'uniform' or 'clustered'")
     numbers[si_idx] = 14
     present[vac_idx] = False
     pos = np.zeros((n, 3))

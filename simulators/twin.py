@@ -45,6 +45,22 @@ class BeamLogEntry:
     position_A: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """One dose the beam delivered: a scan (``geometry`` set) or a park (``position_A`` set).
+
+    ``dose_e_per_A2``: the scan's areal dose, or the park's peak dose at the probe centre;
+    ``electrons``: every electron of it (a scan's dose times its area; a park's current times dwell).
+    """
+
+    time_s: float
+    kind: Literal["scan", "park"]
+    dose_e_per_A2: float
+    electrons: float
+    geometry: ScanGeometry | None = None
+    position_A: tuple[float, float] | None = None
+
+
 @dataclass
 class GroundTruth:
     """Everything the twin knows that a real microscope would not tell the agent."""
@@ -57,6 +73,26 @@ class GroundTruth:
     frames: deque = field(default_factory=lambda: deque(maxlen=16))  # (frame index, FrameTruth)
     park_doses_e_per_A2: list[float] = field(default_factory=list)
     swap_rate: dict = field(default_factory=lambda: {"model": "physical"})  # the hop-rate model in force
+    exposures: list[Exposure] = field(default_factory=list)  # every scan and park, for dose per area
+
+    @property
+    def electrons_total(self) -> float:
+        """Electrons delivered by every scan and park so far."""
+        return float(sum(e.electrons for e in self.exposures))
+
+    def dose_map_e_per_A2(self, lo_A: tuple[float, float], hi_A: tuple[float, float], cell_A: float) -> np.ndarray:
+        """Scan dose accumulated on a grid of ``cell_A`` cells over the box ``[lo_A, hi_A]``
+        (beam frame), ``(rows along y, cols along x)`` e/Å²: a cell takes a scan's dose when its
+        centre lies inside the scanned field. Parks are left out (their dose is a point's)."""
+        xs = np.arange(lo_A[0] + cell_A / 2.0, hi_A[0], cell_A)
+        ys = np.arange(lo_A[1] + cell_A / 2.0, hi_A[1], cell_A)
+        xx, yy = np.meshgrid(xs, ys)
+        pts = np.stack([xx.ravel(), yy.ravel()], axis=1)
+        out = np.zeros(len(pts))
+        for e in self.exposures:
+            if e.geometry is not None:
+                out[e.geometry.contains(pts)] += e.dose_e_per_A2
+        return out.reshape(len(ys), len(xs))
 
     def drift_at(self, t_s: float | np.ndarray) -> np.ndarray:
         """Specimen drift ``d(t)`` (Å, (x, y)); a sample point ``X`` is under the beam at ``X + d(t)``."""
@@ -336,6 +372,7 @@ class TwinDriver:
         index = self._frame_index
         self._frame_index += 1
         gt.frames.append((index, truth))
+        gt.exposures.append(Exposure(start, "scan", float(dose), float(electrons) * rows * cols, geometry=geometry))
         return Frame(
             image=image,
             geometry=geometry,
@@ -423,6 +460,7 @@ class TwinDriver:
         noisy = self.detector.sample(lam, self.rng).astype(np.float64)
         dose = dose_model.park_dose_e_per_A2(self.beam_current_pA, dwell_s, self.probe_fwhm_A)
         gt.park_doses_e_per_A2.append(dose)
+        gt.exposures.append(Exposure(start, "park", float(dose), float(self.dynamics.electrons_per_s * dwell_s), position_A=(float(b[0]), float(b[1]))))
         return ParkResult(
             position_A=(float(b[0]), float(b[1])),
             dwell_s=float(dwell_s),

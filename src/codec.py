@@ -263,12 +263,16 @@ def decode_command(data: Any, where: str = "command") -> BeamCommand:
 
 
 def encode_decision(decision: Decision) -> dict[str, Any]:
-    return {
+    """The decision's document; ``details`` (a policy's JSON-able record of how it chose) only when given."""
+    doc: dict[str, Any] = {
         "command": encode_command(decision.command),
         "policy": decision.policy,
         "reason": decision.reason,
         "scores": {k: float(v) for k, v in decision.scores.items()},
     }
+    if decision.details is not None:
+        doc["details"] = decision.details
+    return doc
 
 
 def decode_decision(data: Any, where: str = "decision") -> Decision:
@@ -279,8 +283,12 @@ def decode_decision(data: Any, where: str = "decision") -> Decision:
     scores = data.get("scores") or {}
     if not isinstance(scores, dict):
         raise InputError(f"{where}.scores", scores, "must be a mapping of names to numbers")
+    details = data.get("details")
+    if details is not None and not isinstance(details, dict):
+        raise InputError(f"{where}.details", type(details).__name__, "must be a mapping (or absent)")
     return Decision(command=decode_command(data.get("command"), f"{where}.command"), policy=str(data.get("policy", "")),
-                    reason=str(data.get("reason", "")), scores={str(k): float(v) for k, v in scores.items()})
+                    reason=str(data.get("reason", "")), scores={str(k): float(v) for k, v in scores.items()},
+                    details=details)
 
 
 # --- atoms ----------------------------------------------------------------------------------

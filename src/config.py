@@ -25,6 +25,7 @@ from stemagent.drift.config import DriftConfig
 from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.policies.manipulation.config import ManipulationConfig
+from stemagent.policies.survey_config import SurveyPolicyConfig
 from stemagent.types import ScanGeometry
 
 
@@ -116,6 +117,11 @@ class TwinConfig(_Model):
     si_per_nm2: float = Field(0.02, ge=0, le=5, description="graphene: Si dopants per nm²")
     n_si: int | None = Field(None, ge=0, le=10000, description="graphene: exact number of Si (overrides si_per_nm2)")
     vacancy_per_nm2: float = Field(0.01, ge=0, le=5, description="graphene: vacancies per nm²")
+    si_layout: Literal["uniform", "clustered"] = Field("uniform", description="graphene: Si scattered uniformly, or in a seeded Thomas cluster process")
+    si_n_clusters: int | None = Field(None, ge=1, le=1000, description="graphene, clustered: number of clusters (None: Poisson with si_clusters_per_nm2)")
+    si_clusters_per_nm2: float = Field(0.0012, gt=0, le=1, description="graphene, clustered: cluster centres per nm² when si_n_clusters is None")
+    si_cluster_sigma_A: float = Field(12.0, gt=0, le=1000, description="graphene, clustered: Gaussian spread of a cluster per axis, Å")
+    si_background_fraction: float = Field(0.0, ge=0, le=1, description="graphene, clustered: share of the Si scattered uniformly")
     chalcogen_vacancy_fraction: float = Field(0.02, ge=0, le=1, description="TMD: missing chalcogen atoms")
     substitution_fraction: float = Field(0.03, ge=0, le=1, description="TMD: chalcogens replaced by the substituent")
     substituent: Literal["Se", "S", "Te"] = "Se"
@@ -232,7 +238,7 @@ class RandomPolicyConfig(_Model):
     kind: Literal["random"] = "random"
 
 
-PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig, ManipulationConfig], Field(discriminator="kind")]
+PolicyConfig = Annotated[Union[RasterPolicyConfig, RandomPolicyConfig, ManipulationConfig, SurveyPolicyConfig], Field(discriminator="kind")]
 
 
 # --- safety --------------------------------------------------------------------------------

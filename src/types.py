@@ -269,12 +269,19 @@ BeamCommand = Union[ScanRegion, Park, Blank]
 
 @dataclass(frozen=True)
 class Decision:
-    """What a policy wants done next and why. Policies return these; only the agent acts on them."""
+    """What a policy wants done next and why. Policies return these; only the agent acts on them.
+
+    ``details``: an optional JSON-able mapping a policy may add to make its choice checkable
+    (e.g. the survey's candidate set, acquisition values, chosen index and model state); the
+    codec (:func:`stemagent.codec.encode_decision`) writes it only when given, so run logs and
+    replays carry it. A policy that has finished says so with its ``stop_reason``.
+    """
 
     command: BeamCommand
     policy: str
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,18 +26,19 @@ from stemagent.codec import encode_capabilities
 from stemagent.boundaries.trace import BoundaryStage
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.drift.config import DriftConfig
-from stemagent.errors import ConfigError
+from stemagent.errors import ConfigError, InputError
 from stemagent.pipeline import BoundaryTraceStage, Pipeline, PolicyStage, SegmentStage, Stage
 from stemagent.driver import Driver
 from stemagent.drivers.replay import open_replay
 from stemagent.drivers.zmq_driver import ZmqDriver
 from stemagent.policies.scanning import RandomPolicy, RasterPolicy
+from stemagent.policies.survey_features import candidate_grid
 from stemagent.runlog import RunLogWriter
 from stemagent.segmentation.classical import LoGFinder
 from stemagent.simulators.factory import twin_from_config
 from stemagent.simulators.minimal import MinimalTwinDriver
 from stemagent.stages import Policy, Segmenter
-from stemagent.types import Capabilities
+from stemagent.types import Capabilities, ScanGeometry, ScanRegion
 
 log = logging.getLogger("stemagent.agent.app.factory")
 
@@ -81,7 +82,8 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
     raise ValueError(f"pipeline.segmenter.kind={s.kind!r}: no segmenter is registered for this kind")
 
 
-def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
+def build_policy(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities | None = None) -> Policy:
+    """The run's policy; the device's capabilities (beam current, probe) set the dose a survey plans with."""
     p = cfg.policy
     area = (cfg.safety.area_center_A, cfg.safety.area_half_width_A)
     if p.kind == "raster":
@@ -92,6 +94,15 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator) -> Policy:
         from stemagent.policies.manipulation.policy import ManipulationPolicy  # heavy: torch and gpytorch, imported only when asked for
 
         return ManipulationPolicy(p, seed=cfg.seed)
+    if p.kind == "survey":
+        from stemagent.policies.survey import SurveyPolicy  # heavy: botorch and torch, imported only when asked for
+
+        s = cfg.safety
+        current = caps.beam_current_pA if caps is not None else float(getattr(cfg.driver, "beam_current_pA", 20.0))
+        fwhm = s.probe_fwhm_A if caps is None or caps.probe_fwhm_A is None else min(s.probe_fwhm_A, caps.probe_fwhm_A)  # as the gate
+        return SurveyPolicy(p, area_center_A=area[0], area_half_width_A=area[1], beam_current_pA=current,
+                            local_dose_budget_e_per_A2=s.dose_budget_e_per_A2, probe_fwhm_A=fwhm, dose_cell_A=s.dose_cell_A,
+                            flyback_blanked=s.flyback_blanked, seed=cfg.seed)
     raise ValueError(f"policy.kind={p.kind!r}: no policy is registered for this kind")
 
 
@@ -113,6 +124,7 @@ def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
     unknown = sorted(set(cfg.pipeline.stages) - set(names))
     if unknown:
         raise ConfigError(source, f"pipeline.stages.{unknown[0]}", unknown[0], f"names no stage of this run (its stages: {names})")
+    check_policy_options(cfg, source)
 
 
 def build_drift_stage(config: DriftConfig) -> Stage:
@@ -123,15 +135,56 @@ def build_drift_stage(config: DriftConfig) -> Stage:
     return DriftLoopStage(DriftStage(config))
 
 
-def build_pipeline(cfg: RunConfig, rng: np.random.Generator) -> Pipeline:
+#: the gate's rule for a refused sub-scan -> the survey field that sets it
+_SUBSCAN_FIELD = {"fov": "subscan_fov_A", "area": "subscan_fov_A", "pixels": "subscan_shape_px", "dwell": "subscan_dwell_s",
+                  "dose": "subscan_dwell_s"}
+
+
+def check_policy_options(cfg: RunConfig, source: str = "<config>") -> None:
+    """A survey whose sub-scans the safety gate would refuse, or that fit no candidate grid in the
+    allowed area, is a one-line ConfigError naming the policy field (checked before anything runs)."""
+    p = cfg.policy
+    if p.kind != "survey":
+        return
+    try:
+        candidate_grid(cfg.safety.area_center_A, cfg.safety.area_half_width_A, p.subscan_fov_A, p.overlap)
+    except InputError as exc:
+        raise ConfigError(source, f"policy.{exc.field}", exc.value,
+                          f"{exc.problem} (the allowed square: safety.area_half_width_A)") from None
+    current = getattr(cfg.driver, "beam_current_pA", None)
+    gate = SafetyGate(cfg.safety, beam_current_pA=float(current or 0.0))
+    geometry = ScanGeometry(center_A=cfg.safety.area_center_A, fov_A=(p.subscan_fov_A, p.subscan_fov_A),
+                            shape_px=(p.subscan_shape_px, p.subscan_shape_px), dwell_s=p.subscan_dwell_s)
+    verdict = gate.check(ScanRegion(geometry), 0.0)
+    if not verdict.allowed:
+        field = _SUBSCAN_FIELD.get(verdict.rule, "subscan_fov_A")
+        raise ConfigError(source, f"policy.{field}", getattr(p, field),
+                          f"the safety gate would refuse every sub-scan ({verdict.rule}): {verdict.detail}")
+
+
+def check_segmenter_classes(cfg: RunConfig, segmenter: Segmenter, source: str = "<config>") -> None:
+    """A survey counting classes the segmenter never reports would never find anything: a ConfigError."""
+    p = cfg.policy
+    names = getattr(segmenter, "class_names", None)
+    if p.kind != "survey" or p.objective.kind != "class_count" or names is None:
+        return
+    missing = [c for c in p.objective.classes if c not in names]
+    if missing:
+        raise ConfigError(source, "policy.objective.classes", list(p.objective.classes),
+                          f"{missing} are not classes of the segmenter (it reports {list(names)})")
+
+
+def build_pipeline(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities | None = None) -> Pipeline:
     """The run's stages in order (``segment -> [drift] -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
-    stages: list[Stage] = [SegmentStage(build_segmenter(cfg))]
+    check_stage_options(cfg)
+    segmenter = build_segmenter(cfg)
+    check_segmenter_classes(cfg, segmenter)
+    stages: list[Stage] = [SegmentStage(segmenter)]
     if cfg.pipeline.drift is not None:
         stages.append(build_drift_stage(cfg.pipeline.drift))
     if cfg.pipeline.boundaries is not None:
         stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
-    stages.append(PolicyStage(build_policy(cfg, rng)))
-    check_stage_options(cfg)
+    stages.append(PolicyStage(build_policy(cfg, rng, caps)))
     return Pipeline(stages, dict(cfg.pipeline.stages))
 
 
@@ -187,7 +240,7 @@ async def build_agent(
         await asyncio.wait_for(driver.connect(), timeout=cfg.safety.watchdog_s)
         caps = await asyncio.wait_for(driver.capabilities(), timeout=cfg.safety.watchdog_s)
         writer = RunLogWriter(run_dir or new_run_dir(cfg), run_metadata(cfg, caps, extra_metadata), fsync=cfg.log.fsync)
-        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
+        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), caps)
         return Agent(
             driver=driver,
             pipeline=pipeline,
