@@ -487,22 +487,26 @@ class Agent:
         self._record(obs)
         return self._next_command(obs)
 
-    def _record(self, obs: Observation) -> None:
-        """The observation's per-stage timings, records and errors, and its decision, into the log."""
+    def _record(self, obs: Observation, observation: str | None = None) -> None:
+        """The observation's per-stage timings, records and errors, the documents of the stages'
+        own streams, and its decision, into the log. ``observation``: what it was (``frame``,
+        ``park``, or ``refused``: the policy asked again after a refusal); ``obs.kind`` by default."""
+        seen = observation or obs.kind
         for stage, why in obs.errors.items():
             self.summary.stage_errors += 1
             self._log_interruption("stage_error", f"{stage}: {why}", self.sm.state.value)
             self.telemetry.publish("error", {"stage": stage, "error": why, "frame_index": obs.frame_index})
         self.writer.write_event("pipeline", {
             "frame_index": int(obs.frame_index),
-            "observation": obs.kind,
+            "observation": seen,
             "park_index": self.summary.parks - 1 if obs.kind == "park" else -1,
             "timings_ms": {k: float(v) for k, v in obs.timings_ms.items()},
             "errors": dict(obs.errors),
             "records": obs.records,
         })
-        if obs.kind == "frame" and obs.drift is not None and hasattr(obs.drift, "to_dict"):
-            self.writer.write_event("drift", obs.drift.to_dict())  # the drift estimate and its band, per frame
+        if seen != "refused":
+            for stream, doc in self.pipeline.documents(obs):
+                self.writer.write_event(stream, doc)
         for stream, doc in (obs.records.get("policy") or {}).get("events", []):
             if stream in STREAMS or not POLICY_STREAM.fullmatch(stream):
                 self._log_interruption("stage_error", f"policy: event stream {stream!r} is reserved or not a plain name",
@@ -510,8 +514,8 @@ class Agent:
                 continue
             self.writer.write_event(stream, dict(doc))
         if obs.decision is not None:
-            self.writer.write_decision(obs.decision, obs.frame_index, obs.kind)
-            self.telemetry.publish("decision", {"frame_index": obs.frame_index, "observation": obs.kind,
+            self.writer.write_decision(obs.decision, obs.frame_index, seen)
+            self.telemetry.publish("decision", {"frame_index": obs.frame_index, "observation": seen,
                                                 **encode_decision(obs.decision)})
             self.last_decision = obs.decision
 
@@ -729,14 +733,14 @@ class Agent:
         self.telemetry.publish("summary", self.summary.to_dict())
 
     async def _ask_again(self) -> BeamCommand:
-        """A command was refused: ask the policy again on the last observation, marked as such."""
-        obs = self._last_obs
-        assert obs is not None
-        obs.features["refused"] = np.ones(1)
-        obs.decision = None
+        """A command was refused: ask the policy again on the last frame's observation, marked as
+        such (``features["refused"]``); logged as a ``refused`` observation."""
+        last = self._last_obs
+        assert last is not None
+        obs = dataclasses.replace(last, features={**last.features, "refused": np.ones(1)}, decision=None, records={},
+                                  timings_ms={}, errors={})
         obs = await self._analyse(obs, only=("policy",))
+        self._record(obs, "refused")
         if obs.decision is None:
             return ScanRegion(self._last_geometry)
-        self.writer.write_decision(obs.decision, obs.frame_index, "refused")
-        self.last_decision = obs.decision
         return obs.decision.command

@@ -35,8 +35,9 @@ from stemagent.agent.app.cli_support import (
 )
 from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
 from stemagent.agent.app.replay_files import replay_file
+from stemagent.agent.app.report import write_report
 from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
-from stemagent.agent.app.replay_log import compare_drift, logged_controls, replay_config, unreadable_frames
+from stemagent.agent.app.replay_log import compare_drift, logged_controls, replay_config, unreadable_frames, verify_run_log
 from stemagent.agent.app.telemetry_factory import open_telemetry
 from stemagent.agent.app.transport_cli import bridge
 from stemagent.agent.safety import preflight
@@ -101,6 +102,8 @@ def run(
     max_frames: Optional[int] = typer.Option(None, help="override max_frames"),
     log_dir: Optional[Path] = typer.Option(None, help="write the run log under this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    with_report: bool = typer.Option(True, "--report/--no-report", help="write the run report (report.md, report.html, "
+                                                                         "figures) into the run log's folder at the end"),
 ) -> None:
     """Run the closed loop described by CONFIG and write a run log.
 
@@ -155,6 +158,8 @@ def run(
         raise
     ignore_late_signals()
     show(summary, score)
+    if with_report:
+        report_at_end(summary.log_path, json_out)
     code = exit_code(summary, sig)
     if code:
         fail(f"run {cfg.name}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
@@ -168,8 +173,16 @@ def replay(
     pace: str = typer.Option("fast", help="'fast' or 'recorded'"),
     pixel_size_A: Optional[float] = typer.Option(None, "--pixel-size-A", help="pixel size (Å) for a file without calibration"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    verify: bool = typer.Option(False, "--verify", help="re-run the log's pipeline on every logged observation and check "
+                                                          "every output (atoms, stage records, labels, decisions) equals the log"),
+    rtol: float = typer.Option(0.0, "--rtol", help="with --verify: relative tolerance of numbers (0: bit for bit)"),
 ) -> None:
     """Run a recorded log back through the same pipeline and compare the atoms found.
+
+    With --verify, no device and no new log: the pipeline of the log's configuration re-runs
+    every observation the run analysed (frames, parks, re-asks after a refusal; dropped frames are
+    skipped as the run skipped them) and every output is compared with the log; the first
+    difference of each observation is printed with its frame and field (exit 1 on a difference).
 
     LOG may also be an acquisition from other software (.dm3/.dm4, .emd, .tif, Nion .ndata/.h5):
     its images are analysed with the default pipeline at their own pixel calibration (or at
@@ -178,7 +191,11 @@ def replay(
         raise InputError("--pace", pace, f"must be one of {PACES}")
     if pixel_size_A is not None and not (0 < pixel_size_A < 1e4):
         raise InputError("--pixel-size-A", pixel_size_A, "must be a positive length in Å")
+    if rtol != 0.0 and not verify:
+        raise InputError("--rtol", rtol, "applies with --verify")
     if is_acquisition_file(log):
+        if verify:
+            raise InputError("--verify", log.name, "applies to run logs (an acquisition file has no decisions to check)")
         summary, sig = asyncio.run(replay_file(log, log_dir=log_dir, pace=pace, pixel_size_A=pixel_size_A))
         ignore_late_signals()
         if json_out:
@@ -193,6 +210,9 @@ def replay(
     if pixel_size_A is not None:
         raise InputError("--pixel-size-A", pixel_size_A, "applies to acquisition files; a run log carries its calibration")
     original = RunLog.open(log)
+    if verify:
+        show_verification(verify_run_log(original, log, rtol), original, json_out)
+        return
     cfg = replay_config(original, log, pace)
     schedule = logged_controls(original)
 
@@ -231,6 +251,59 @@ def replay(
     if drift_same != drift_compared and not original.event_data("drops"):
         fail(f"replay of {log}: drift estimates differ in {drift_compared - drift_same} of {drift_compared} frames",
              EXIT_FAILED)
+
+
+def report_at_end(log_path: str, json_out: bool) -> None:
+    """The run report after a run; a report that cannot be written is a warning, never the run's failure."""
+    try:
+        _, path, _ = write_report(RunLog.open(log_path))
+    except Exception as exc:  # noqa: BLE001 - the run is done and logged; the report is a convenience
+        err_console.print(f"warning: no run report: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        return
+    (err_console if json_out else console).print(f"run report: [bold]{path}[/] (stemagent report {log_path})", soft_wrap=True)
+
+
+def show_verification(report: Any, original: RunLog, json_out: bool) -> None:
+    """Print a ``replay --verify`` report; exit 1 when anything differs or could not be read."""
+    if json_out:
+        print(json.dumps(report.to_dict()))
+    else:
+        for note in report.notes:
+            console.print(f"note: {note}", highlight=False)
+        for d in report.divergences:
+            console.print(f"differs: {d.describe()}", highlight=False, soft_wrap=True)
+        for why in report.skipped[:10]:
+            console.print(f"skipped: {why}", highlight=False)
+        speed = f", {report.speed:.3g}x real time" if report.run_span_s > 0 else ""
+        console.print(f"verified {report.observations} observations ({report.frames} frames, {report.parks} parks, "
+                      f"{report.refused} re-asks; {len(report.skipped)} frames skipped as in the run) in "
+                      f"{report.elapsed_s:.3g} s{speed}: " + ("identical" if report.ok else f"{report.differing} differ"),
+                      highlight=False)
+    if report.unreadable:
+        fail(f"replay --verify of {original.path}: {len(report.unreadable)} frames could not be read; first: {report.unreadable[0]}",
+             EXIT_FAILED)
+    if report.differing:
+        fail(f"replay --verify of {original.path}: {report.differing} of {report.observations} observations differ; first: "
+             f"{report.divergences[0].describe() if report.divergences else '?'}", EXIT_FAILED)
+
+
+@app.command()
+@one_line_errors
+def report(
+    log: Path = typer.Argument(..., help="a run log folder (or its documents.jsonl)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the report here (default: the run log's folder)"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the PNG figures (matplotlib)"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON instead of Markdown"),
+) -> None:
+    """Summarise a run from its log: frames, atoms, per-stage wall times (p50/p95), dose used
+    against the budget, decisions, refusals, faults, drops, parks, motifs and the stop reason;
+    written as report.md and report.html with PNG figures, and printed."""
+    summary, path, md = write_report(RunLog.open(log), out, figures=figures)
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        console.print(md, highlight=False, markup=False, soft_wrap=True)
+        console.print(f"report: [bold]{path}[/] (and {path.with_suffix('.html').name})")
 
 
 @app.command("train-segmenter")

@@ -26,8 +26,9 @@ from stemagent.codec import encode_capabilities
 from stemagent.boundaries.trace import BoundaryStage
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.drift.config import DriftConfig
+from stemagent.encoding.config import EncodingConfig
 from stemagent.errors import ConfigError, InputError
-from stemagent.pipeline import BoundaryTraceStage, Pipeline, PolicyStage, SegmentStage, Stage
+from stemagent.pipeline import BoundaryTraceStage, EncodingAdapter, Pipeline, PolicyStage, SegmentStage, Stage
 from stemagent.driver import Driver
 from stemagent.drivers.replay import open_replay
 from stemagent.drivers.zmq_driver import ZmqDriver
@@ -112,10 +113,21 @@ def bridge_backend(driver_section: dict[str, Any], seed: int) -> Driver:
     return build_driver(run_cfg, build_clock(run_cfg))
 
 
+def build_encoding(cfg: RunConfig) -> EncodingAdapter:
+    """The encoding stage of ``pipeline.encoding`` (torch: imported when a config asks for it)."""
+    from stemagent.encoding.stage import EncodingStage  # heavy: torch, imported only when asked for
+
+    enc = cfg.pipeline.encoding
+    assert enc is not None
+    settings = enc.model_dump(exclude={"log_symmetry"})
+    return EncodingAdapter(EncodingStage(EncodingConfig(**settings)), log_symmetry=enc.log_symmetry)
+
+
 def stage_names(cfg: RunConfig) -> list[str]:
     """The names of the run's stages, in order, before they are built."""
     return ["segment", *(["drift"] if cfg.pipeline.drift is not None else []),
-            *(["boundaries"] if cfg.pipeline.boundaries is not None else []), "policy"]
+            *(["boundaries"] if cfg.pipeline.boundaries is not None else []),
+            *(["encoding"] if cfg.pipeline.encoding is not None else []), "policy"]
 
 
 def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
@@ -175,7 +187,7 @@ def check_segmenter_classes(cfg: RunConfig, segmenter: Segmenter, source: str = 
 
 
 def build_pipeline(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities | None = None) -> Pipeline:
-    """The run's stages in order (``segment -> [drift] -> [boundaries] -> policy``), switched by ``pipeline.stages``."""
+    """The run's stages in order (``segment -> [drift] -> [boundaries] -> [encoding] -> policy``), switched by ``pipeline.stages``."""
     check_stage_options(cfg)
     segmenter = build_segmenter(cfg)
     check_segmenter_classes(cfg, segmenter)
@@ -184,6 +196,8 @@ def build_pipeline(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities 
         stages.append(build_drift_stage(cfg.pipeline.drift))
     if cfg.pipeline.boundaries is not None:
         stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
+    if cfg.pipeline.encoding is not None:
+        stages.append(build_encoding(cfg))
     stages.append(PolicyStage(build_policy(cfg, rng, caps)))
     return Pipeline(stages, dict(cfg.pipeline.stages))
 

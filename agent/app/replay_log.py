@@ -4,6 +4,9 @@
   with the replay driver in place of the device and telemetry off.
 * The operator's control messages (``controls`` stream: targets, dose budgets, pause, resume,
   stop) are applied again after the same number of frames.
+* ``--verify`` (:func:`verify_run_log`): no device and no new log; the log's own pipeline,
+  built fresh from its configuration, re-runs every observation and every output is compared
+  (:mod:`stemagent.pipeline.verify`).
 * Frames are compared by identity: a replayed frame carries ``meta["replayed_from"]``, the
   ``log_index`` of the original frame; a frame whose chunk cannot be read is skipped in the
   replay and reported, never paired with the wrong original.
@@ -16,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from stemagent.agent.app.factory import build_pipeline
 from stemagent.agent.control import ControlMessage
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.errors import InputError
+from stemagent.pipeline.verify import VerifyReport, verify_log
 from stemagent.runlog import RunLog
 from stemagent.types import Atoms
 
@@ -145,3 +150,14 @@ def compare_drift(original: RunLog, replayed: RunLog, atol_A: float = DRIFT_TOLE
         if logged is not None and _same_drift(logged, d, atol_A):
             same += 1
     return same, len(left)
+
+
+def verify_run_log(original: RunLog, log: Path, rtol: float = 0.0) -> VerifyReport:
+    """``replay LOG --verify``: the log's pipeline, built fresh from its configuration, on every
+    logged observation, every output compared (:func:`~stemagent.pipeline.verify.verify_log`)."""
+    cfg = replay_config(original, log, "fast")
+    pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
+    try:
+        return verify_log(original, pipeline, rtol=rtol)
+    finally:
+        pipeline.close()

@@ -58,6 +58,7 @@ class DriftLoopStage:
     """``drift`` stage of the pipeline around ``stage`` (see the module docstring)."""
 
     name = "drift"
+    stream = "drift"  # the run log's stream of this stage's per-frame estimates (Pipeline.documents)
 
     def __init__(self, stage: DriftStage, *, background_refit: bool = True) -> None:
         self.stage = stage
@@ -108,6 +109,12 @@ class DriftLoopStage:
             "sample_center_A": [float(v) for v in geometry.center_A],
         }
         return obs
+
+    def log_document(self, obs: Observation) -> dict[str, Any] | None:
+        """The ``drift`` stream's document for a frame: the estimate and its band (none for a park)."""
+        if obs.kind != "frame" or obs.drift is None or not hasattr(obs.drift, "to_dict"):
+            return None
+        return dict(obs.drift.to_dict())
 
     def _sample_geometry(self, frame: Frame, est: DriftEstimate) -> ScanGeometry:
         """The frame's field in the sample frame: the converted scan it came from, else its

@@ -9,9 +9,24 @@
 - :mod:`.hierarchy`: motif-cells, their counts and composition tree, rare cells;
 - :mod:`.unmixing`: PCA / NMF / ICA / GMM of neighbourhood sub-images, loading maps, lattice
   displacements;
-- :mod:`.stage`: :class:`EncodingStage` and :class:`EncodingConfig`.
+- :mod:`.config`: :class:`EncodingConfig` (pydantic only: the run config imports it);
+- :mod:`.stage`: :class:`EncodingStage`.
+
+``EncodingStage`` is imported on first use (PEP 562): the run config reads
+:mod:`stemagent.encoding.config` without importing torch.
 """
 
-from stemagent.encoding.stage import EncodingConfig, EncodingStage
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from stemagent.encoding.config import EncodingConfig
 
 __all__ = ["EncodingConfig", "EncodingStage"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EncodingStage":
+        return importlib.import_module("stemagent.encoding.stage").EncodingStage
+    raise AttributeError(f"module 'stemagent.encoding' has no attribute {name!r}")

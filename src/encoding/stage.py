@@ -34,11 +34,11 @@ atoms no motif explained, the library size and the timings.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from stemagent.encoding.config import EncodingConfig
 from stemagent.encoding.features import ZernikeEncoder
 from stemagent.encoding.hierarchy import motif_cells
 from stemagent.encoding.library import MotifLibrary
@@ -46,38 +46,6 @@ from stemagent.encoding.tracker import MotifTracker
 from stemagent.encoding.patches import check_image
 from stemagent.errors import InputError, StemAgentError
 from stemagent.types import Atoms, Frame
-
-
-class EncodingConfig(BaseModel):
-    """Settings of the encoding stage (lengths in Å, sizes in pixels)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_max: int = Field(10, ge=1, le=20, description="highest Zernike radial order")
-    radius_factor: float = Field(1.3, gt=0.3, le=4.0, description="patch disk radius / nearest-neighbour distance")
-    radius_A: float | None = Field(None, gt=0, description="fixed disk radius; None: from the first frame's atoms")
-    max_radius_px: float = Field(20.0, ge=4.0, le=64.0, description="larger disks bin the frame first")
-    subpixel_steps: int = Field(8, ge=2, le=32, description="patch centres quantised to 1/steps px (even)")
-    correction: Literal["none", "gram"] = Field("none", description="moments: projections, or Gram-corrected least squares")
-    clustering: Literal["robust", "layout", "gmm"] = Field("robust", description="see stemagent.encoding.clustering")
-    components: int = Field(4, ge=1, le=64, description="principal components of the features that are clustered")
-    outlier_alpha: float = Field(0.01, gt=0, lt=0.5, description="robust: chi-square tail beyond which an atom is not host")
-    mode_fraction: float = Field(0.1, gt=0, lt=1, description="robust: smallest host mode, as a share of the atoms")
-    n_neighbors: int = Field(10, ge=2, le=100)
-    layout_iterations: int = Field(100, ge=10, le=2000)
-    min_cluster_size: int = Field(3, ge=2, description="smallest motif cluster (robust, layout)")
-    max_components: int = Field(10, ge=1, le=50, description="largest mixture tried (gmm)")
-    novelty_sigmas: float = Field(6.0, gt=0, description="a cluster is a new motif when its mean differs from the nearest by more than this over sqrt(atoms) ...")
-    novelty_min_effect: float = Field(1.0, gt=0, description="... and by more than this many noise widths of one atom, in some feature")
-    library_memory: int = Field(5000, ge=10)
-    pool_size: int = Field(4000, ge=10, description="recent atoms clustered together (several frames)")
-    recluster_every: int = Field(1, ge=0, description="recluster the pool every n frames (0: only when atoms no motif explains appear)")
-    novelty_alpha: float = Field(1e-4, gt=0, lt=0.5, description="classifier: chi-square tail beyond which an atom is unexplained")
-    min_atoms: int = Field(8, ge=3, description="frames with fewer encoded atoms get no motifs")
-    hierarchy: bool = True
-    rare_fraction: float = Field(0.05, gt=0, lt=1)
-    seed: int = 0
-    device: str | None = Field(None, description="torch device; None: CUDA when present")
 
 
 class EncodingStage:

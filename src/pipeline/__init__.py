@@ -6,13 +6,21 @@ protocol and :mod:`stemagent.pipeline.stages` for the adapters.
 """
 
 from stemagent.pipeline.core import DeviceCommand, Pipeline, Stage, StageFailed, StageOptions
-from stemagent.pipeline.stages import AtomFeatureStage, BoundaryTraceStage, DriftAdapter, PolicyStage, SegmentStage
+from stemagent.pipeline.stages import (
+    AtomFeatureStage,
+    BoundaryTraceStage,
+    DriftAdapter,
+    EncodingAdapter,
+    PolicyStage,
+    SegmentStage,
+)
 
 __all__ = [
     "AtomFeatureStage",
     "BoundaryTraceStage",
     "DeviceCommand",
     "DriftAdapter",
+    "EncodingAdapter",
     "Pipeline",
     "PolicyStage",
     "SegmentStage",

@@ -12,7 +12,10 @@ A stage may also implement
 - ``to_device(command, start_s) -> (command, record)``: called by the agent on the command it is
   about to send, at the time it will act (a drift stage converts sample-frame positions to beam
   positions); ``record`` is a JSON-able document logged with the command;
-- ``close()``: release what it holds (called once when the run ends).
+- ``close()``: release what it holds (called once when the run ends);
+- ``stream`` and ``log_document(obs) -> dict | None``: a run-log stream of the stage's own
+  (e.g. ``motifs``: per-atom labels); the agent writes each observation's document there
+  (:meth:`Pipeline.documents`).
 
 Each stage is switched and guarded by its :class:`StageOptions` (``pipeline.stages.<name>`` in
 the run config): ``enabled: false`` leaves it out without a code change; ``on_error`` says what
@@ -127,6 +130,18 @@ class Pipeline:
             if record:
                 records[stage.name] = record
         return DeviceCommand(command, records)
+
+    def documents(self, obs: Observation) -> list[tuple[str, dict[str, Any]]]:
+        """``(stream, document)`` of every enabled stage with a stream of its own, for ``obs``."""
+        out = []
+        for stage in self.stages:
+            document = getattr(stage, "log_document", None)
+            if document is None:
+                continue
+            doc = document(obs)
+            if doc is not None:
+                out.append((str(getattr(stage, "stream", stage.name)), doc))
+        return out
 
     def close(self) -> None:
         for stage in self.stages:

@@ -11,6 +11,12 @@ calls the part's own entry point and puts the result back.
 - :class:`BoundaryTraceStage` (``boundaries``): :class:`~stemagent.boundaries.trace.BoundaryStage`;
   the traces' summary in ``obs.records``.
 
+- :class:`EncodingAdapter` (``encoding``): :class:`~stemagent.encoding.stage.EncodingStage`
+  (duck-typed: ``process(frame, atoms) -> {name: array}`` and ``last_report``); per-atom motif
+  labels, motif-cells, symmetry scores and Zernike magnitudes in ``obs.atom_features``, a summary
+  in ``obs.records``, and the per-atom labels as the run log's ``motifs`` stream
+  (:meth:`EncodingAdapter.log_document`).
+
 - :class:`DriftAdapter` (``drift``): a drift stage with ``update(frame, atoms) -> estimate``
   (the estimate has ``atoms`` in the sample frame and ``to_dict()``); ``obs.drift``, ``obs.atoms``
   replaced by the estimate's, and ``to_device`` through a conversion function (sample to beam
@@ -111,6 +117,66 @@ class BoundaryTraceStage:
         obs.records[self.name] = {"n_traces": len(res.traces), "n_steps": int(sum(len(t) for t in res.traces))}
         obs.features["boundary_traces"] = np.asarray([len(res.traces)])
         return obs
+
+
+#: the encoding outputs the policy sees (``obs.atom_features``); the complex moments stay in the stage
+ENCODING_FEATURES = ("motif", "motif_cell", "rare_cell", "encoded", "symmetry", "zernike_magnitude")
+
+
+class EncodingAdapter:
+    """The encoding stage (motifs) in the pipeline: see the module docstring.
+
+    A frame with no atoms is not an error: it gets no motifs (``records["encoding"]["skipped"]``).
+    ``log_symmetry``: the motifs stream carries the symmetry scores too (rounded to 6 digits)."""
+
+    name = "encoding"
+    stream = "motifs"
+
+    def __init__(self, stage: Any, log_symmetry: bool = True) -> None:
+        self.stage = stage
+        self.log_symmetry = log_symmetry
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        if len(obs.atoms) == 0:
+            obs.records[self.name] = {"skipped": "no atoms"}
+            return obs
+        out = self.stage.process(obs.frame, obs.atoms)
+        obs.atom_features.update({k: np.asarray(out[k]) for k in ENCODING_FEATURES if k in out})
+        obs.features["symmetry_folds"] = np.asarray(out.get("symmetry_folds", []))
+        rep = dict(getattr(self.stage, "last_report", {}) or {})
+        motif = np.asarray(out["motif"])
+        ids, counts = np.unique(motif[motif >= 0], return_counts=True)
+        cells = rep.get("motif_cells") or {}
+        obs.records[self.name] = {
+            "encoded": int(np.count_nonzero(out["encoded"])),
+            "motif_counts": {str(int(i)): int(c) for i, c in zip(ids, counts)},
+            "rare_atoms": int(np.count_nonzero(out["rare_cell"])),
+            "library_size": int(rep.get("library_size", 0)),
+            "new_motifs": [int(m) for m in rep.get("new_motifs", [])],
+            "reclustered": bool(rep.get("reclustered", False)),
+            "unexplained": int(rep.get("unexplained", 0)),
+            "radius_A": float(rep.get("radius_A") or 0.0),
+            "cell_types": [{k: t.get(k) for k in ("members", "count", "rare")} for t in cells.get("types", [])][:16],
+        }
+        return obs
+
+    def log_document(self, obs: Observation) -> dict[str, Any] | None:
+        """The ``motifs`` stream's document of a frame observation (None: nothing to log)."""
+        if obs.kind != "frame" or "motif" not in obs.atom_features or self.name in obs.errors:
+            return None
+        f = obs.atom_features
+        doc: dict[str, Any] = {
+            "frame_index": int(obs.frame_index),
+            "motif": f["motif"].astype(np.int64).tolist(),
+            "motif_cell": f["motif_cell"].astype(np.int64).tolist(),
+            "rare_cell": f["rare_cell"].astype(bool).tolist(),
+        }
+        if self.log_symmetry and "symmetry" in f:
+            sym = np.round(np.nan_to_num(f["symmetry"].astype(np.float64), nan=-1.0), 6)
+            doc["symmetry"] = sym.tolist()
+            doc["symmetry_folds"] = np.asarray(obs.features.get("symmetry_folds", [])).astype(np.int64).tolist()
+        return doc
 
 
 class DriftAdapter:

@@ -45,7 +45,9 @@ from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 
 #: 2: zspy frame store, log_index, parks with dose, controls, stop.json;
 #: 3: the pipeline stream (per observation: stage timings, records, errors), drops, commands with
-#: frames and stage conversions, the pipeline's stages in the start document
+#: frames and stage conversions, the pipeline's stages in the start document; later in version 3
+#: (readers need nothing new): ``motifs`` (the encoding stage's per-atom labels), ``pipeline``
+#: events of ``observation: refused`` (the policy asked again after a refusal)
 LOG_FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 DOCUMENTS_FILE = "documents.jsonl"
@@ -55,7 +57,7 @@ STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
 STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops",
-           "drift")
+           "drift", "motifs")
 
 
 def _jsonable(value: Any) -> Any:
@@ -76,6 +78,10 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+#: the conversion every logged value goes through (public: ``replay --verify`` compares through it)
+jsonable = _jsonable
 
 
 def _dtype_of(value: Any) -> tuple[str, list[int]]:

@@ -1,0 +1,189 @@
+"""The whole agent on the twin: latency per stage, sustained streaming, replay speed (issue 17 targets).
+
+1. **Latency**, 512 x 512 px graphene frames on the physical twin (virtual clock: the twin renders
+   as fast as it can; latency is wall time from a frame's arrival to the next command's issue),
+   raster policy, one command at a time, for three pipelines in the same run:
+   ``log`` (LoG finder + policy, the baseline), ``unet`` (U-Net + policy), ``log+encoding`` and
+   ``all`` (U-Net + encoding + policy: every stage on main). Latency p50/p95 and each stage's p50/p95.
+2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding`` and ``all`` runs: wall time against the run's
+   acquisition time span (x real time), and whether every output was reproduced.
+3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
+   that keeps asking for the same field, ``--sustain-pipeline`` (``log+encoding``: what this CPU
+   can keep up with), overlap off (one command at a time) and
+   on (streaming, newest frame wins), ``--sustain-s`` seconds each: analysed frames/s, drops,
+   peak RSS and its samples (flat after warm-up?), and lost log entries (frames acquired that
+   have no ``frames`` event: must be 0).
+
+Prints one JSON document. Usage:
+``python benchmarks/bench_loop.py [--frames 20] [--sustain-s 60] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stemagent.agent.app.factory import build_agent, build_clock, build_pipeline
+from stemagent.agent.app.report import stage_timings
+from stemagent.agent.control import ControlMessage
+from stemagent.config import config_from_dict
+from stemagent.pipeline.verify import verify_log
+from stemagent.runlog import RunLog
+from stemagent.stages import Observation
+from stemagent.types import Decision, ScanRegion
+
+BASE: dict[str, Any] = {
+    "name": "bench-loop", "seed": 3,
+    "driver": {"kind": "twin", "specimen": "graphene", "specimen_size_A": 160.0, "n_si": 20, "vacancy_per_nm2": 0.005,
+               "pace": "fast"},
+    "scan": {"fov_A": 51.2, "shape_px": 512, "dwell_s": 2e-6},
+    "policy": {"kind": "raster", "overlap": 0.1},
+    "safety": {"area_half_width_A": 60.0, "max_fov_A": 100.0, "dose_budget_e_per_A2": 1e12},
+    "log": {"fsync": False},
+}
+PIPELINES = {
+    "log": {"segmenter": {"kind": "log"}},
+    "unet": {"segmenter": {"kind": "unet", "device": "auto"}},
+    "log+encoding": {"segmenter": {"kind": "log"}, "encoding": {}},
+    "all": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": {}},
+}
+
+
+class Stare:
+    """Asks for the field it was shown, again and again (a survey's overview stream)."""
+
+    name = "stare"
+
+    def decide(self, obs: Observation) -> Decision:
+        return Decision(ScanRegion(obs.geometry), self.name, "the same field again")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s, self.samples, self._stop = every_s, [], threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append((round(time.perf_counter() - self._t0, 1), round(rss_mib(), 1)))
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def one_run(cfg_dict: dict[str, Any], out: Path, stare: bool = False, stop_after_s: float | None = None) -> tuple[Any, str]:
+    cfg = config_from_dict(cfg_dict)
+    agent = await build_agent(cfg, run_dir=out, clock=build_clock(cfg))
+    if stare:
+        agent.policy = Stare()
+    if stop_after_s is not None:
+        asyncio.get_running_loop().call_later(stop_after_s, agent.control, ControlMessage(command="stop"))
+    summary = await agent.run()
+    return summary, summary.log_path
+
+
+def latency(frames: int, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, pipe in PIPELINES.items():
+        cfg = {**BASE, "max_frames": frames, "pipeline": pipe}
+        summary, log_path = asyncio.run(one_run(cfg, tmp / f"lat-{name}"))
+        lat = np.asarray(list(summary.latencies_s)[1:]) * 1e3  # the first frame warms torch and the library up
+        stages = stage_timings(RunLog.open(log_path))
+        out[name] = {
+            "frames": summary.frames, "exit": summary.exit_status, "atoms_per_frame": round(summary.atoms_per_frame, 1),
+            "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p95": float(np.percentile(lat, 95)),
+            "stages_ms": {s: {"p50": round(t["p50_ms"], 2), "p95": round(t["p95_ms"], 2)} for s, t in stages.items()},
+            "log": log_path,
+        }
+    return out
+
+
+def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in ("log", "log+encoding", "all"):
+        log = RunLog.open(runs[name]["log"])
+        cfg = config_from_dict({**log.start["config"], "driver": {"kind": "minimal-twin"}})
+        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
+        rep = verify_log(log, pipeline)
+        out[name] = {"ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
+                     "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
+                     "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+    return out
+
+
+def sustained(seconds: float, tmp: Path, pipeline: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"pipeline": pipeline}
+    frame_s = 512 * 512 * 0.95e-6
+    for overlap in (False, True):
+        cfg = {**BASE, "max_frames": 10**6, "pipeline": PIPELINES[pipeline], "scan": {**BASE["scan"], "dwell_s": 0.95e-6},
+               "driver": {**BASE["driver"], "pace": "realtime"}, "agent": {"overlap": overlap, "stream_burst_frames": 8}}
+        t0 = time.perf_counter()
+        with RssSampler() as rss:
+            summary, log_path = asyncio.run(one_run(cfg, tmp / f"sustain-{overlap}", stare=True, stop_after_s=seconds))
+        wall = time.perf_counter() - t0
+        log = RunLog.open(log_path)
+        frames_logged = len(log.event_data("frames"))
+        acquired = summary.frames + summary.frames_dropped
+        samples = rss.samples
+        half = [r for t, r in samples if t > wall / 2]
+        first = [r for t, r in samples if wall / 4 < t <= wall / 2]
+        out["overlap" if overlap else "sequential"] = {
+            "wall_s": round(wall, 1), "frame_time_s": round(frame_s, 4), "frames_analysed": summary.frames,
+            "frames_dropped": summary.frames_dropped, "analysed_per_s": round(summary.frames / wall, 2),
+            "acquired_per_s": round(acquired / wall, 2), "latency_ms_p95": round(summary.latency_ms_p95, 1),
+            "frames_logged": frames_logged, "lost_log_entries": acquired - frames_logged,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_second_quarter_mib": round(float(np.mean(first)), 1) if first else None,
+            "rss_second_half_mib": round(float(np.mean(half)), 1) if half else None,
+            "rss_samples": samples[:: max(1, len(samples) // 30)],
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--sustain-s", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sustain-pipeline", default="log+encoding", choices=sorted(PIPELINES))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        t0 = time.time()
+        lat = latency(args.frames, tmp)
+        rep = replay_speed(lat)
+        sus = sustained(args.sustain_s, tmp, args.sustain_pipeline) if args.sustain_s > 0 else {}
+        for v in lat.values():
+            v.pop("log")
+    print(json.dumps({
+        "bench": "loop", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "load_avg": os.getloadavg(),
+        "torch_threads": args.threads, "cuda": torch.cuda.is_available(), "frame_px": 512,
+        "latency": lat, "replay": rep, "sustained": sus,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

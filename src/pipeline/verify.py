@@ -1,0 +1,369 @@
+"""Verified replay: run a log's observations through a pipeline again and compare every output.
+
+:func:`verify_log` walks the run log in the order it was written and re-runs the pipeline on
+each observation the run analysed (the ``pipeline`` stream says which: a ``frame``, a ``park``,
+or a ``refused`` re-ask of the policy on the last frame), with what the stages saw then: the
+logged frame (image from the store), the park results since the last frame, the operator's
+target (``controls``: ``set_target``), ``refused`` on a re-ask. It compares what the run logged
+with what the pipeline gives now:
+
+- ``atoms``: the segmenter's atoms (positions, classes, confidence, ...);
+- ``records.<stage>``: every stage's record (drift estimate, motif counts, boundary traces,
+  policy events), and ``errors`` (which stages failed);
+- ``decision``: the policy's command, reason and scores;
+- ``<stream>`` (e.g. ``motifs``): the documents of the stages' own streams (per-atom labels).
+
+Frames the run did not analyse (dropped by the newest-wins slot, bad input) have no pipeline
+event and are skipped, exactly as the run skipped them; so are their parks' missing decisions.
+Logs written before the ``pipeline`` stream existed (format 1 and 2) are verified on what they
+hold: each ``atoms`` event is a frame observation, and its decision the one that follows.
+
+Numbers are compared exactly unless ``rtol`` is given (a log replayed on another device: GPU
+against CPU). Every comparison goes through the run log's own JSON encoding, so a value
+compares equal to itself written and read back. Nothing here touches a driver or a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from stemagent.codec import encode_atoms, encode_decision
+from stemagent.errors import InputError
+from stemagent.pipeline.core import Pipeline
+from stemagent.runlog import RunLog
+from stemagent.runlog.writer import jsonable
+from stemagent.stages import Observation, no_atoms
+from stemagent.types import Frame, ParkResult
+
+#: what an atoms event holds besides the atoms (not compared)
+_ATOMS_META = ("n_atoms",)
+
+
+@dataclass
+class Divergence:
+    """One difference: observation number ``index`` (0-based, in log order), what it was, the frame
+    it belongs to, the field (a dotted path, list positions in brackets) and both values."""
+
+    index: int
+    observation: str
+    frame_index: int
+    field: str
+    logged: Any
+    replayed: Any
+
+    def describe(self) -> str:
+        return (f"observation {self.index} ({self.observation} of frame {self.frame_index}): {self.field}: "
+                f"logged {_short(self.logged)}, replayed {_short(self.replayed)}")
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_log` found. ``divergences``: the first difference of each observation
+    that differs (at most ``max_divergences``); ``skipped``: frames the run did not analyse, with why."""
+
+    observations: int = 0
+    frames: int = 0
+    parks: int = 0
+    refused: int = 0
+    differing: int = 0
+    divergences: list[Divergence] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    compared: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    run_span_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.differing == 0 and not self.unreadable
+
+    @property
+    def speed(self) -> float:
+        """The run's acquisition time span over the verification's wall time (``x real time``)."""
+        return self.run_span_s / self.elapsed_s if self.elapsed_s > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "observations": self.observations, "frames": self.frames, "parks": self.parks,
+            "refused": self.refused, "differing_observations": self.differing,
+            "first_divergence": self.divergences[0].describe() if self.divergences else "",
+            "divergences": [d.describe() for d in self.divergences], "frames_skipped": len(self.skipped),
+            "skipped": self.skipped[:20], "frames_unreadable": len(self.unreadable), "unreadable": self.unreadable[:20],
+            "compared": dict(self.compared), "elapsed_s": self.elapsed_s, "run_span_s": self.run_span_s,
+            "x_real_time": self.speed if math.isfinite(self.speed) else None, "notes": self.notes,
+        }
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def plain(value: Any) -> Any:
+    """``value`` as the run log writes and reads it (JSON types; non-finite floats as strings)."""
+    return json.loads(json.dumps(jsonable(value), allow_nan=False))
+
+
+def first_difference(logged: Any, replayed: Any, path: str = "", rtol: float = 0.0) -> tuple[str, Any, Any] | None:
+    """The first place where two plain JSON values differ: ``(path, logged, replayed)``, or None."""
+    if isinstance(logged, dict) and isinstance(replayed, dict):
+        for key in list(logged) + [k for k in replayed if k not in logged]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in logged or key not in replayed:
+                return where, logged.get(key, "<absent>"), replayed.get(key, "<absent>")
+            found = first_difference(logged[key], replayed[key], where, rtol)
+            if found is not None:
+                return found
+        return None
+    if isinstance(logged, list) and isinstance(replayed, list):
+        if len(logged) != len(replayed):
+            return f"{path} (length)", len(logged), len(replayed)
+        for i, (a, b) in enumerate(zip(logged, replayed)):
+            found = first_difference(a, b, f"{path}[{i}]", rtol)
+            if found is not None:
+                return found
+        return None
+    numbers = (int, float)
+    if (isinstance(logged, numbers) and isinstance(replayed, numbers) and not isinstance(logged, bool)
+            and not isinstance(replayed, bool)):
+        if logged == replayed or (rtol > 0 and math.isclose(logged, replayed, rel_tol=rtol, abs_tol=rtol)):
+            return None
+        return path, logged, replayed
+    return None if logged == replayed else (path, logged, replayed)
+
+
+@dataclass
+class _Expected:
+    """What the replay of one observation produced, waiting for the logged events that follow it."""
+
+    index: int
+    obs: Observation
+    seen: str
+    decision: dict[str, Any] | None
+    documents: dict[str, dict[str, Any]]
+
+
+class _Verifier:
+    def __init__(self, log: RunLog, pipeline: Pipeline, rtol: float, max_divergences: int) -> None:
+        self.log = log
+        self.pipeline = pipeline
+        self.rtol = rtol
+        self.max_divergences = max_divergences
+        self.report = VerifyReport()
+        self.frames: dict[int, dict[str, Any]] = {}
+        self.analysed: set[int] = set()
+        self.unreadable_frames: set[int] = set()
+        self.all_frames: list[tuple[int, int]] = []  # (log_index, frame_index)
+        self.parks: list[ParkResult] = log.park_results() if "parks" in log.streams() else []
+        self.park_count = 0
+        self.parks_since: list[ParkResult] = []
+        self.target_A: tuple[float, float] | None = None
+        self.atoms: dict[int, dict[str, Any]] = {}
+        self.last: Observation | None = None
+        self.pending: _Expected | None = None
+        self._differs: set[int] = set()
+
+    # --- differences ------------------------------------------------------------------------
+    def differ(self, index: int, seen: str, frame_index: int, where: str, logged: Any, replayed: Any) -> None:
+        if index not in self._differs:
+            self._differs.add(index)
+            self.report.differing += 1
+            if len(self.report.divergences) < self.max_divergences:
+                self.report.divergences.append(Divergence(index, seen, frame_index, where, logged, replayed))
+
+    def compare(self, exp: _Expected, what: str, logged: Any, replayed: Any) -> None:
+        self.report.compared[what.split(".")[0]] = self.report.compared.get(what.split(".")[0], 0) + 1
+        found = first_difference(plain(logged), plain(replayed), "", self.rtol)
+        if found is not None:
+            where, a, b = found
+            self.differ(exp.index, exp.seen, exp.obs.frame_index, f"{what}.{where}" if where else what, a, b)
+
+    # --- observations -----------------------------------------------------------------------
+    def features(self) -> dict[str, np.ndarray]:
+        return {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+
+    def frame(self, frame_index: int) -> Frame | None:
+        data = self.frames.get(frame_index)
+        if data is None:
+            return None
+        try:
+            return self.log.frame_from_data(data)
+        except InputError as exc:
+            self.report.unreadable.append(str(exc))
+            self.unreadable_frames.add(frame_index)
+            return None
+
+    def run(self, obs: Observation, only: tuple[str, ...] | None = None) -> Observation:
+        return self.pipeline.run(obs, only)
+
+    def observe(self, seen: str, data: dict[str, Any]) -> None:
+        """One logged pipeline event: re-run its observation, compare records and errors now and
+        keep the decision and documents for the events that follow."""
+        self.settle()
+        index = self.report.observations
+        self.report.observations += 1
+        frame_index = int(data.get("frame_index", -1))
+        if seen == "frame":
+            self.report.frames += 1
+            frame = self.frame(frame_index)
+            if frame is None:
+                return
+            self.analysed.add(frame_index)
+            obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
+                              atoms=no_atoms(frame.index), features=self.features(), frame=frame, parks=self.parks_since)
+            self.parks_since = []
+            obs = self.run(obs)
+            self.last = obs
+        elif seen == "park":
+            self.report.parks += 1
+            k = int(data.get("park_index", -1))
+            if not 0 <= k < len(self.parks):
+                self.differ(index, seen, frame_index, "park_index", k, f"the log holds {len(self.parks)} parks")
+                return
+            last = self.last
+            park = self.parks[k]
+            obs = Observation(
+                frame_index=last.frame_index if last is not None else -1, time_s=park.start_time_s + park.dwell_s,
+                geometry=last.geometry if last is not None else _no_geometry(self.log), atoms=last.atoms if last is not None else no_atoms(),
+                features=self.features(), kind="park", park=park, drift=last.drift if last is not None else None,
+                atom_features=dict(last.atom_features) if last is not None else {},
+            )
+            obs = self.run(obs)
+        else:  # refused: the policy again on the last frame's observation
+            self.report.refused += 1
+            last = self.last
+            if last is None:
+                self.differ(index, seen, frame_index, "observation", "refused", "no frame analysed before it")
+                return
+            obs = replace(last, features={**last.features, "refused": np.ones(1)}, decision=None, records={},
+                          timings_ms={}, errors={})
+            obs = self.run(obs, ("policy",))
+        exp = _Expected(index, obs, seen, plain(encode_decision(obs.decision)) if obs.decision is not None else None,
+                        {s: d for s, d in self.pipeline.documents(obs)} if seen != "refused" else {})
+        if "records" in data:
+            self.compare(exp, "records", data.get("records") or {}, obs.records)
+            self.compare(exp, "errors", data.get("errors") or {}, obs.errors)
+        if seen == "frame":
+            logged = self.atoms.pop(frame_index, None)
+            if logged is not None:
+                self.compare(exp, "atoms", {k: v for k, v in logged.items() if k not in _ATOMS_META},
+                             {k: v for k, v in encode_atoms(obs.atoms).items() if k not in _ATOMS_META})
+            elif len(obs.atoms):
+                self.differ(index, seen, frame_index, "atoms", "<no atoms event>", f"{len(obs.atoms)} atoms")
+        self.pending = exp
+
+    def decision(self, data: dict[str, Any]) -> None:
+        seen = str(data.get("observation", "frame"))
+        exp = self.pending
+        if seen == "refused" and self.last is not None and (exp is None or exp.seen != "refused" or exp.decision is None):
+            # a log from before re-asks had pipeline events of their own: the decision marks the re-ask
+            self.observe("refused", {"frame_index": data.get("frame_index", -1)})
+            exp = self.pending
+        if exp is None or exp.decision is None:
+            self.differ(exp.index if exp is not None else -1, seen, int(data.get("frame_index", -1)), "decision",
+                        {k: data.get(k) for k in ("command", "policy", "reason")}, None)
+            return
+        self.compare(exp, "decision", {k: data.get(k) for k in ("command", "policy", "reason", "scores")}, exp.decision)
+        exp.decision = None  # matched
+
+    def document(self, stream: str, data: dict[str, Any]) -> None:
+        exp = self.pending
+        if exp is None or stream not in exp.documents:
+            self.differ(exp.index if exp else -1, exp.seen if exp else "?", int(data.get("frame_index", -1)), stream,
+                        "<logged>", None)
+            return
+        self.compare(exp, stream, data, exp.documents.pop(stream))
+
+    def settle(self) -> None:
+        """The observation before is complete: what it produced and the log did not hold differs."""
+        exp = self.pending
+        self.pending = None
+        if exp is None:
+            return
+        if exp.decision is not None:
+            self.differ(exp.index, exp.seen, exp.obs.frame_index, "decision", None, exp.decision)
+        for stream, doc in exp.documents.items():
+            self.differ(exp.index, exp.seen, exp.obs.frame_index, stream, None, f"{len(doc)} fields")
+
+
+def _no_geometry(log: RunLog) -> Any:
+    raise InputError("pipeline", "park", f"{log.path}: a park observation comes before any frame")
+
+
+def run_span_s(log: RunLog) -> float:
+    """The acquisition time the run covered: first frame's start to the last frame's or park's end (s)."""
+    starts, ends = [], []
+    for d in log.event_data("frames"):
+        times = d.get("line_times_s") or []
+        if times:
+            starts.append(float(times[0]))
+            ends.append(float(times[-1]) + float(d.get("line_time_s", 0.0) or 0.0))
+    for d in log.event_data("parks"):
+        if "start_time_s" in d:
+            ends.append(float(d["start_time_s"]) + float(d.get("dwell_s", 0.0)))
+    return max(ends) - min(starts) if starts and ends else 0.0
+
+
+def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
+               streams: tuple[str, ...] = ("motifs",)) -> VerifyReport:
+    """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
+    ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared."""
+    if rtol < 0 or not math.isfinite(rtol):
+        raise InputError("rtol", rtol, "must be a finite number >= 0")
+    v = _Verifier(log, pipeline, rtol, max_divergences)
+    has_pipeline = "pipeline" in log.streams()
+    if not has_pipeline:
+        v.report.notes.append(f"log version {log.start.get('stemagent_log_version')} has no pipeline stream: each atoms "
+                              "event is taken as a frame observation, and only atoms and decisions are compared")
+    logged_plan = log.start.get("pipeline")
+    if isinstance(logged_plan, dict):
+        mine = pipeline.describe()
+        for key in ("stages", "disabled"):
+            if key in logged_plan and list(logged_plan[key]) != list(mine[key]):
+                v.differ(-1, "start", -1, f"pipeline.{key}", logged_plan[key], mine[key])
+    t0 = time.perf_counter()
+    for stream, data in log.ordered_event_data(*("frames", "atoms", "parks", "controls", "pipeline", "decisions", *streams)):
+        if stream == "frames":
+            fi = int(data["frame_index"])
+            v.frames[fi] = data
+            v.all_frames.append((int(data.get("log_index", len(v.all_frames))), fi))
+        elif stream == "atoms":
+            fi = int(data.get("frame_index", -1))
+            v.atoms[fi] = data
+            if not has_pipeline:
+                v.observe("frame", {"frame_index": fi})
+        elif stream == "parks":
+            if v.park_count < len(v.parks):
+                v.parks_since.append(v.parks[v.park_count])
+            v.park_count += 1
+        elif stream == "controls":
+            if data.get("accepted") and data.get("command") == "set_target":
+                target = (data.get("arguments") or {}).get("target_A")
+                if isinstance(target, list) and len(target) == 2:
+                    v.target_A = (float(target[0]), float(target[1]))
+        elif stream == "pipeline":
+            v.observe(str(data.get("observation", "frame")), data)
+        elif stream == "decisions":
+            v.decision(data)
+        else:
+            v.document(stream, data)
+    if log.stop is None and v.pending is not None:
+        # a run killed outright: its last observation's outputs may never have reached the log
+        v.report.notes.append("the log ends without a stop document (the run was killed): what its last observation "
+                              "would have logged after its last event is not compared")
+        v.pending = None
+    v.settle()
+    v.report.elapsed_s = time.perf_counter() - t0
+    v.report.run_span_s = run_span_s(log)
+    drops = {int(d.get("frame_index", -1)): str(d.get("reason", "")) for d in log.event_data("drops")} if "drops" in log.streams() else {}
+    for log_index, fi in v.all_frames:
+        if fi not in v.analysed and fi not in v.unreadable_frames:
+            v.report.skipped.append(f"frame {fi} (log_index {log_index}): {drops.get(fi) or 'not analysed (see the interruptions stream)'}")
+    return v.report

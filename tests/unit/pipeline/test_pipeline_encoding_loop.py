@@ -1,0 +1,112 @@
+"""The encoding stage in the loop (``pipeline.encoding``): per-atom motif labels in the policy's
+observation and the run log's ``motifs`` stream; replay and ``replay --verify`` reproduce them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stemagent.agent.app.cli import app
+from stemagent.agent.app.factory import build_agent, build_clock, stage_names
+from stemagent.config import config_from_dict
+from stemagent.errors import ConfigError
+from stemagent.runlog import RunLog
+
+CFG = {
+    "name": "motifs", "seed": 7, "max_frames": 4,
+    "driver": {"kind": "twin", "specimen": "graphene", "specimen_size_A": 60.0, "n_si": 6, "pace": "fast"},
+    "scan": {"fov_A": 25.6, "shape_px": 128, "dwell_s": 1e-4},
+    "pipeline": {"segmenter": {"kind": "log"}, "encoding": {"n_max": 6, "pool_size": 400}},
+    "policy": {"kind": "raster", "overlap": 0.5},
+    "safety": {"area_half_width_A": 16.0, "max_fov_A": 60.0},
+    "log": {"fsync": False},
+}
+
+
+@pytest.fixture(scope="module")
+def run_log(tmp_path_factory) -> str:
+    cfg = config_from_dict(CFG)
+    assert stage_names(cfg) == ["segment", "encoding", "policy"]
+    seen: list[dict] = []
+
+    async def go() -> str:
+        agent = await build_agent(cfg, run_dir=tmp_path_factory.mktemp("enc") / "run", clock=build_clock(cfg))
+        policy = agent.policy
+        decide = policy.decide
+
+        def spy(obs):
+            seen.append({k: np.asarray(v).copy() for k, v in obs.atom_features.items()} | {"n": len(obs.atoms)})
+            return decide(obs)
+
+        policy.decide = spy
+        summary = await agent.run()
+        assert summary.exit_status == "success", summary.reason
+        return summary.log_path
+
+    path = asyncio.run(go())
+    assert len(seen) == 4
+    for f in seen:  # the policy sees a motif label, cell and symmetry scores for every atom
+        assert f["motif"].shape == (f["n"],) and f["motif_cell"].shape == (f["n"],) and f["symmetry"].shape == (f["n"], 4)
+        assert np.mean(f["motif"] >= 0) > 0.6
+    return path
+
+
+def test_motifs_stream_has_a_label_per_atom(run_log):
+    log = RunLog.open(run_log)
+    motifs = log.event_data("motifs")
+    atoms = log.atoms()
+    assert [m["frame_index"] for m in motifs] == [a.frame_index for a in atoms] == [0, 1, 2, 3]
+    for m, a in zip(motifs, atoms):
+        assert len(m["motif"]) == len(m["motif_cell"]) == len(m["rare_cell"]) == len(a)
+        assert len(m["symmetry"]) == len(a) and m["symmetry_folds"] == [2, 3, 4, 6]
+    records = [d["records"]["encoding"] for d in log.event_data("pipeline")]
+    assert all(r["library_size"] >= 1 for r in records)
+    # the per-frame path does not recluster every frame (recluster_every 0: only on novelty)
+    assert records[0]["reclustered"] and sum(r["reclustered"] for r in records) < 4
+    counts = records[-1]["motif_counts"]
+    labels = np.asarray(motifs[-1]["motif"])
+    assert {int(k): v for k, v in counts.items()} == {int(i): int(c) for i, c in zip(*np.unique(labels[labels >= 0], return_counts=True))}
+    assert "encoding" in log.start["pipeline"]["stages"]
+
+
+def test_verify_reproduces_the_motif_labels_and_finds_a_changed_one(run_log, tmp_path):
+    result = CliRunner().invoke(app, ["replay", run_log, "--verify", "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.output.strip().splitlines()[-1])
+    assert rep["ok"] and rep["compared"]["motifs"] == 4
+    # a copy of the log with one label changed
+    import shutil  # noqa: I001 - only this test copies a log
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_log, copy)
+    lines = (copy / "documents.jsonl").read_text().splitlines()
+    names = {d["uid"]: d["name"] for n, d in map(json.loads, lines) if n == "descriptor"}
+    k = next(i for i, line in enumerate(lines) if json.loads(line)[0] == "event" and names[json.loads(line)[1]["descriptor"]] == "motifs")
+    name, doc = json.loads(lines[k])
+    doc["data"]["motif"][5] = 99
+    lines[k] = json.dumps([name, doc])
+    (copy / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["replay", str(copy), "--verify", "--json"])
+    assert result.exit_code == 1
+    rep = json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+    assert rep["first_divergence"].startswith("observation 0 (frame of frame 0): motifs.motif[5]: logged 99")
+
+
+def test_plain_replay_reproduces_the_motifs(run_log, tmp_path):
+    result = CliRunner().invoke(app, ["replay", run_log, "--log-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    replayed = RunLog.open(next(tmp_path.iterdir()))
+    assert [m["motif"] for m in replayed.event_data("motifs")] == [m["motif"] for m in RunLog.open(run_log).event_data("motifs")]
+
+
+def test_encoding_off_by_default_and_its_options_checked():
+    cfg = config_from_dict({k: v for k, v in CFG.items() if k != "pipeline"})
+    assert cfg.pipeline.encoding is None and "encoding" not in stage_names(cfg)
+    with pytest.raises(ConfigError, match="pipeline.encoding.recluster_every"):
+        config_from_dict({**CFG, "pipeline": {"encoding": {"recluster_every": -1}}})
+    with pytest.raises(ConfigError, match="pipeline.encoding.bogus"):
+        config_from_dict({**CFG, "pipeline": {"encoding": {"bogus": 1}}})

@@ -1,0 +1,152 @@
+"""``stemagent replay LOG --verify``: a run's observations re-run through its own pipeline, every
+output compared with the log; a changed decision, atom or label is found with its frame and field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from stemagent.agent.app.cli import app
+from stemagent.agent.app.factory import build_agent, build_clock
+from stemagent.agent.control import ControlMessage
+from stemagent.config import config_from_dict
+from stemagent.pipeline.verify import first_difference
+from stemagent.runlog import RunLog
+
+BASE = {
+    "name": "verify", "seed": 3, "max_frames": 6,
+    "scan": {"fov_A": 12.8, "shape_px": 64, "dwell_s": 1e-5},
+    "pipeline": {"segmenter": {"kind": "log"}},
+    "policy": {"kind": "random"},
+    "safety": {"area_half_width_A": 40.0, "max_fov_A": 100.0},
+    "log": {"fsync": False},
+}
+
+
+async def record(tmp_path: Path, schedule=None, **over) -> str:
+    cfg = config_from_dict({**BASE, **over})
+    agent = await build_agent(cfg, run_dir=tmp_path / "original", clock=build_clock(cfg), schedule=schedule)
+    summary = await agent.run()
+    assert summary.exit_status == "success", summary.reason
+    return summary.log_path
+
+
+def verify(log: str, *extra: str):
+    return CliRunner().invoke(app, ["replay", log, "--verify", "--json", *extra])
+
+
+def report_of(result) -> dict:
+    return json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+
+
+def rewrite(log: str, stream: str, nth: int, change) -> None:
+    """Change the ``nth`` event of ``stream`` in the log's documents (as a tampered or diverging log)."""
+    path = Path(log, "documents.jsonl")
+    docs = [json.loads(line) for line in path.read_text().splitlines()]
+    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    seen = 0
+    for name, doc in docs:
+        if name == "event" and names[doc["descriptor"]] == stream:
+            if seen == nth:
+                data = doc["data"]
+                texts = {k for k, v in data.items() if isinstance(v, str) and v.startswith("{")}
+                decoded = {k: (json.loads(v) if k in texts else v) for k, v in data.items()}
+                change(decoded)
+                doc["data"] = {k: (json.dumps(v) if k in texts else v) for k, v in decoded.items()}
+                break
+            seen += 1
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+def test_a_fresh_log_verifies_and_a_changed_decision_is_found(tmp_path):
+    log = asyncio.run(record(tmp_path, schedule=[(2, ControlMessage(command="set_target", target_A=(3.0, -2.0)))]))
+    result = verify(log)
+    assert result.exit_code == 0, result.output
+    rep = report_of(result)
+    assert rep["ok"] and rep["observations"] == 6 and rep["frames"] == 6 and rep["differing_observations"] == 0
+    assert rep["compared"]["decision"] == 6 and rep["compared"]["atoms"] == 6 and rep["compared"]["records"] == 6
+
+    def move(data):
+        data["command"]["geometry"]["center_A"][0] += 0.5
+
+    rewrite(log, "decisions", 3, move)
+    result = verify(log)
+    assert result.exit_code == 1
+    rep = report_of(result)
+    assert rep["differing_observations"] == 1
+    first = rep["first_divergence"]
+    assert first.startswith("observation 3 (frame of frame 3): decision.command.geometry.center_A[0]")
+    err = [ln for ln in result.output.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "1 of 6 observations differ" in err[0]
+
+
+def test_a_changed_atom_and_a_changed_record_are_found(tmp_path):
+    log = asyncio.run(record(tmp_path))
+
+    def shift(data):
+        data["positions_A"][2][1] = data["positions_A"][2][1] + 1e-9
+
+    rewrite(log, "atoms", 1, shift)
+    rewrite(log, "pipeline", 4, lambda d: d["records"].update(segment={"n_atoms": -1}))
+    rep = report_of(verify(log))
+    assert rep["differing_observations"] == 2
+    assert rep["divergences"][0].startswith("observation 1 (frame of frame 1): atoms.positions_A[2][1]")
+    assert "observation 4" in rep["divergences"][1] and "records.segment" in rep["divergences"][1]
+    # a tolerance forgives the tiny shift, not the changed record
+    rep = report_of(verify(log, "--rtol", "1e-6"))
+    assert rep["differing_observations"] == 1
+
+
+def test_refusals_are_re_asked_and_dropped_frames_skipped(tmp_path):
+    # a small dose budget: after the first frames the gate refuses fields that overlap, and the
+    # policy is asked again (refused observations) until one passes
+    log = asyncio.run(record(tmp_path, max_frames=5, safety={**BASE["safety"], "dose_budget_e_per_A2": 4e4}))
+    refused = [d for d in RunLog.open(log).event_data("pipeline") if d["observation"] == "refused"]
+    assert refused, "the budget should have refused some fields"
+    rep = report_of(verify(log))
+    assert rep["ok"], rep
+    assert rep["refused"] == len(refused)
+
+
+def test_first_difference_paths():
+    assert first_difference({"a": [1, 2, {"b": 3}]}, {"a": [1, 2, {"b": 3}]}) is None
+    assert first_difference({"a": [1, 2, {"b": 3}]}, {"a": [1, 2, {"b": 4}]}) == ("a[2].b", 3, 4)
+    assert first_difference([1, 2], [1, 2, 3]) == (" (length)", 2, 3)
+    assert first_difference({"x": 1.0}, {"x": 1.0 + 1e-12}, rtol=1e-9) is None
+    assert first_difference({"x": 1}, {"y": 1}) == ("x", 1, "<absent>")
+
+
+def test_a_log_of_format_1_verifies_on_what_it_holds(tmp_path):
+    log = asyncio.run(record(tmp_path, max_frames=4))
+    path = Path(log, "documents.jsonl")
+    docs = [json.loads(line) for line in path.read_text().splitlines()]
+    gone = {d["uid"] for n, d in docs if n == "descriptor" and d["name"] in ("pipeline", "drops")}
+    out = []
+    for name, doc in docs:
+        if name == "start":
+            doc["stemagent_log_version"] = 1
+            doc.pop("pipeline", None)
+            doc["config"]["safety"]["max_total_dose_e_per_A2"] = doc["config"]["safety"].pop("dose_budget_e_per_A2")
+        if (name == "descriptor" and doc["uid"] in gone) or (name == "event" and doc["descriptor"] in gone):
+            continue
+        out.append(json.dumps([name, doc]))
+    path.write_text("\n".join(out) + "\n")
+    result = verify(log)
+    assert result.exit_code == 0, result.output
+    rep = report_of(result)
+    assert rep["ok"] and rep["frames"] == 4 and rep["compared"] == {"atoms": 4, "decision": 4}
+    assert "no pipeline stream" in rep["notes"][0]
+
+
+def test_verify_options_checked(tmp_path):
+    log = asyncio.run(record(tmp_path, max_frames=2))
+    for args, says in ((["replay", log, "--verify", "--rtol", "-1"], "rtol=-1"), (["replay", log, "--rtol", "0.1"], "--rtol"),
+                       (["replay", str(tmp_path / "x.dm4"), "--verify"], "--verify")):
+        if args[1].endswith(".dm4"):
+            Path(args[1]).write_bytes(b"\0" * 64)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.output and "Traceback" not in result.output
