@@ -87,6 +87,11 @@ def build_policy(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities | 
     """The run's policy; the device's capabilities (beam current, probe) set the dose a survey plans with."""
     p = cfg.policy
     area = (cfg.safety.area_center_A, cfg.safety.area_half_width_A)
+    # the gate checks commands in beam coordinates, after the drift stage converted them: fields
+    # planned right up to the edge would be refused once the specimen has drifted
+    margin_A = cfg.pipeline.drift.area_margin_A if cfg.pipeline.drift is not None and cfg.pipeline.drift.enabled else 0.0
+    if p.kind in ("raster", "random") and margin_A > 0:
+        area = (area[0], max(area[1] - margin_A, max(cfg.scan.fov_A) / 2.0))
     if p.kind == "raster":
         return RasterPolicy(cfg.scan, area[0], area[1], overlap=p.overlap)
     if p.kind == "random":

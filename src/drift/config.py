@@ -48,6 +48,8 @@ class DriftConfig(BaseModel):
     positions: Literal["refined", "measured"] = Field(
         "refined", description="'refined': each tracked atom's position averaged over its sightings; 'measured': this frame's only"
     )
+    area_margin_A: float = Field(2.0, ge=0, description="raster and random policies, which plan in the sample frame, keep their "
+                                 "fields this far inside the allowed area, so the drift-converted command stays inside it")
     resample_frame: bool = Field(False, description="also produce the drift-corrected (resampled) image of each frame")
     device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="torch device of the GP ('auto': CUDA when available)")
     gp_threads: int | None = Field(1, ge=1, description="torch CPU threads while the GP computes (None: leave torch's setting)")

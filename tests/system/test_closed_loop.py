@@ -184,12 +184,14 @@ async def test_log_failure_mid_run_still_blanks_and_closes(tmp_path):
 
 def test_cli_run_on_the_physical_twin_scores_against_ground_truth(tmp_path):
     cfg = ROOT / "configs" / "twin-graphene-si.yaml"
-    r = _cli("run", "--config", str(cfg), "--max-frames", "5", "--log-dir", str(tmp_path), "--json", cwd=tmp_path)
+    r = _cli("run", "--config", str(cfg), "--max-frames", "12", "--log-dir", str(tmp_path), "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     score = out["vs_ground_truth"]
-    assert score["frames_scored"] == 5
+    assert score["frames_scored"] >= 10  # drift reaches ~0.6 Å by frame 12: sample-frame atoms vs sample-frame truth
     assert score["f1"] > 0.98 and score["rmse_A"] < 0.15
+    # the raster plans inside the allowed area less the drift margin: drift-converted fields stay inside it
+    assert out["commands_refused"] == 0
 
 
 @pytest.mark.parametrize("name", ["twin-graphene-si", "twin-mos2-survey"])
