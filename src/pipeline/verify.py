@@ -10,7 +10,7 @@ with what the pipeline gives now:
 - ``atoms``: the segmenter's atoms (positions, classes, confidence, ...);
 - ``records.<stage>``: every stage's record (drift estimate, motif counts, boundary traces,
   policy events), and ``errors`` (which stages failed);
-- ``decision``: the policy's command, reason and scores;
+- ``decision``: the policy's command, reason, scores and details;
 - ``<stream>`` (e.g. ``motifs``): the documents of the stages' own streams (per-atom labels).
 
 Frames the run did not analyse (dropped by the newest-wins slot, bad input) have no pipeline
@@ -306,7 +306,10 @@ class _Verifier:
             self.differ(exp.index if exp is not None else -1, seen, int(data.get("frame_index", -1)), "decision",
                         {k: data.get(k) for k in ("command", "policy", "reason")}, None)
             return
-        self.compare(exp, "decision", {k: data.get(k) for k in ("command", "policy", "reason", "scores")}, exp.decision)
+        logged = {k: data.get(k) for k in ("command", "policy", "reason", "scores")}
+        if "details" in data:  # a policy's record of how it chose (the survey's): compared too
+            logged["details"] = data["details"]
+        self.compare(exp, "decision", logged, exp.decision)
         exp.decision = None  # matched
 
     def document(self, stream: str, data: dict[str, Any]) -> None:
