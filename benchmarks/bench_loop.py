@@ -8,7 +8,8 @@
    (``num_threads: 1``: on 2 shared cores a second thread makes it 1-5x slower in bursts). Latency p50/p95 and each stage's p50/p95.
    Baseline in the same run: ``log+encoding (before)``, the encoding stage with the settings it had
    before its recluster budget (recluster on the first unexplained atom, torch's threads), and
-   ``all (before)``, that and the U-Net on torch's threads (``--threads``).
+   ``all (before)``, that and the U-Net on torch's threads (``--threads``); both with the run
+   log's element-by-element JSON conversion as it was.
 2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding`` and ``all`` runs: wall time against the run's
    acquisition time span (x real time), and whether every output was reproduced; baseline in the
    same run (``(before)``): the comparison as it was before its JSON-text fast path.
@@ -45,6 +46,7 @@ from stemagent.agent.control import ControlMessage
 from stemagent.config import config_from_dict
 from stemagent.agent.app.replay_log import verify_run_log
 from stemagent.pipeline import verify as verify_module
+from stemagent.runlog import writer as writer_module
 from stemagent.runlog import RunLog
 from stemagent.stages import Observation
 from stemagent.types import Decision, ScanRegion
@@ -123,7 +125,13 @@ def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pipe in {**PIPELINES, **PIPELINES_BEFORE}.items():
         cfg = {**BASE, "max_frames": unet_frames if name in SLOW else frames, "pipeline": pipe}
-        summary, log_path = asyncio.run(one_run(cfg, tmp / f"lat-{name}"))
+        fast = writer_module.fast_jsonable
+        if name in PIPELINES_BEFORE:  # and the run log's conversion as it was (the element walk)
+            writer_module.fast_jsonable = writer_module._jsonable
+        try:
+            summary, log_path = asyncio.run(one_run(cfg, tmp / f"lat-{name}"))
+        finally:
+            writer_module.fast_jsonable = fast
         lat = np.asarray(list(summary.latencies_s)[1:]) * 1e3  # the first frame warms torch and the library up
         stages = stage_timings(RunLog.open(log_path))
         enc = [(d.get("records") or {}).get("encoding") or {} for d in RunLog.open(log_path).event_data("pipeline")]
