@@ -21,7 +21,8 @@
    have no ``frames`` event: must be 0).
 
 Prints one JSON document. Usage:
-``python benchmarks/bench_loop.py [--frames 20] [--unet-frames 12] [--sustain-s 60] [--threads 2]``.
+``python benchmarks/bench_loop.py [--frames 20] [--unet-frames 12] [--sustain-s 60] [--threads 2]
+[--only-sustain] [--sustain-modes both|sequential|overlap]``.
 """
 
 from __future__ import annotations
@@ -166,10 +167,10 @@ def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sustained(seconds: float, tmp: Path, pipeline: str) -> dict[str, Any]:
+def sustained(seconds: float, tmp: Path, pipeline: str, modes: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
     out: dict[str, Any] = {"pipeline": pipeline}
     frame_s = 512 * 512 * 0.95e-6
-    for overlap in (False, True):
+    for overlap in modes:
         cfg = {**BASE, "max_frames": 10**6, "pipeline": PIPELINES[pipeline], "scan": {**BASE["scan"], "dwell_s": 0.95e-6},
                "driver": {**BASE["driver"], "pace": "realtime"}, "agent": {"overlap": overlap, "stream_burst_frames": 8}}
         t0 = time.perf_counter()
@@ -201,6 +202,8 @@ def main() -> None:
     ap.add_argument("--unet-frames", type=int, default=None, help="frames of the U-Net pipelines (default: --frames)")
     ap.add_argument("--sustain-s", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only-sustain", action="store_true", help="skip the latency and replay parts")
+    ap.add_argument("--sustain-modes", default="both", choices=("both", "sequential", "overlap"))
     ap.add_argument("--sustain-pipeline", default="log+encoding", choices=sorted(PIPELINES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -208,9 +211,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.time()
-        lat = latency(args.frames, tmp, args.unet_frames or args.frames)
-        rep = replay_speed(lat)
-        sus = sustained(args.sustain_s, tmp, args.sustain_pipeline) if args.sustain_s > 0 else {}
+        lat = latency(args.frames, tmp, args.unet_frames or args.frames) if not args.only_sustain else {}
+        rep = replay_speed(lat) if lat else {}
+        modes = {"both": (False, True), "sequential": (False,), "overlap": (True,)}[args.sustain_modes]
+        sus = sustained(args.sustain_s, tmp, args.sustain_pipeline, modes) if args.sustain_s > 0 else {}
         for v in lat.values():
             v.pop("log")
     print(json.dumps({
