@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
-DEMO_CONFIG ?= configs/twin-graphene-si.yaml
+# the demo decides from what it sees (an autonomous survey); configs/twin-graphene-si.yaml is the raster
+DEMO_CONFIG ?= configs/twin-survey.yaml
 
 .PHONY: demo test lint install install-test broker clean bench
 

@@ -4,9 +4,15 @@
    as fast as it can; latency is wall time from a frame's arrival to the next command's issue),
    raster policy, one command at a time, for three pipelines in the same run:
    ``log`` (LoG finder + policy, the baseline), ``unet`` (U-Net + policy), ``log+encoding`` and
-   ``all`` (U-Net + encoding + policy: every stage on main). Latency p50/p95 and each stage's p50/p95.
+   ``all`` (U-Net + encoding + policy: every stage on main); the U-Net on one torch thread
+   (``num_threads: 1``: on 2 shared cores a second thread makes it 1-5x slower in bursts). Latency p50/p95 and each stage's p50/p95.
+   Baseline in the same run: ``log+encoding (before)``, the encoding stage with the settings it had
+   before its recluster budget (recluster on the first unexplained atom, torch's threads), and
+   ``all (before)``, that and the U-Net on torch's threads (``--threads``); both with the run
+   log's element-by-element JSON conversion as it was.
 2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding`` and ``all`` runs: wall time against the run's
-   acquisition time span (x real time), and whether every output was reproduced.
+   acquisition time span (x real time), and whether every output was reproduced; baseline in the
+   same run (``(before)``): the comparison as it was before its JSON-text fast path.
 3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
    that keeps asking for the same field, ``--sustain-pipeline`` (``log+encoding``: what this CPU
    can keep up with), overlap off (one command at a time) and
@@ -15,7 +21,8 @@
    have no ``frames`` event: must be 0).
 
 Prints one JSON document. Usage:
-``python benchmarks/bench_loop.py [--frames 20] [--sustain-s 60] [--threads 2]``.
+``python benchmarks/bench_loop.py [--frames 20] [--unet-frames 12] [--sustain-s 60] [--threads 2]
+[--only-sustain] [--sustain-modes both|sequential|overlap]``.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stemagent.agent.app.factory import build_agent, build_clock, build_pipeline
+from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.agent.app.report import stage_timings
 from stemagent.agent.control import ControlMessage
 from stemagent.config import config_from_dict
-from stemagent.pipeline.verify import verify_log
+from stemagent.agent.app.replay_log import verify_run_log
+from stemagent.pipeline import verify as verify_module
+from stemagent.runlog import writer as writer_module
 from stemagent.runlog import RunLog
 from stemagent.stages import Observation
 from stemagent.types import Decision, ScanRegion
@@ -54,10 +63,18 @@ BASE: dict[str, Any] = {
 }
 PIPELINES = {
     "log": {"segmenter": {"kind": "log"}},
-    "unet": {"segmenter": {"kind": "unet", "device": "auto"}},
+    "unet": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}},
     "log+encoding": {"segmenter": {"kind": "log"}, "encoding": {}},
-    "all": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": {}},
+    "all": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "encoding": {}},
 }
+#: the baseline of the encoding stage's recluster budget, in the same run: the settings main had
+#: before it (recluster on the first unexplained atom, labels from the pool's clusters, torch's threads)
+BEFORE_ENCODING = {"min_unexplained": 1, "min_unexplained_fraction": 0.0, "min_frames_between": 0, "relabel": False,
+                   "num_threads": None}
+PIPELINES_BEFORE = {"log+encoding (before)": {"segmenter": {"kind": "log"}, "encoding": BEFORE_ENCODING},
+                    "all (before)": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": BEFORE_ENCODING}}
+SLOW = ("unet", "all", "all (before)")
+THREADS = {"torch": 2}  # --threads: torch's threads at the start of every run (a U-Net with num_threads changes them)  # U-Net on a CPU: seconds per 512 px frame, run for --unet-frames
 
 
 class Stare:
@@ -95,6 +112,7 @@ class RssSampler:
 
 async def one_run(cfg_dict: dict[str, Any], out: Path, stare: bool = False, stop_after_s: float | None = None) -> tuple[Any, str]:
     cfg = config_from_dict(cfg_dict)
+    torch.set_num_threads(THREADS["torch"])
     agent = await build_agent(cfg, run_dir=out, clock=build_clock(cfg))
     if stare:
         agent.policy = Stare()
@@ -104,15 +122,23 @@ async def one_run(cfg_dict: dict[str, Any], out: Path, stare: bool = False, stop
     return summary, summary.log_path
 
 
-def latency(frames: int, tmp: Path) -> dict[str, Any]:
+def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, pipe in PIPELINES.items():
-        cfg = {**BASE, "max_frames": frames, "pipeline": pipe}
-        summary, log_path = asyncio.run(one_run(cfg, tmp / f"lat-{name}"))
+    for name, pipe in {**PIPELINES, **PIPELINES_BEFORE}.items():
+        cfg = {**BASE, "max_frames": unet_frames if name in SLOW else frames, "pipeline": pipe}
+        fast = writer_module.fast_jsonable
+        if name in PIPELINES_BEFORE:  # and the run log's conversion as it was (the element walk)
+            writer_module.fast_jsonable = writer_module._jsonable
+        try:
+            summary, log_path = asyncio.run(one_run(cfg, tmp / f"lat-{name}"))
+        finally:
+            writer_module.fast_jsonable = fast
         lat = np.asarray(list(summary.latencies_s)[1:]) * 1e3  # the first frame warms torch and the library up
         stages = stage_timings(RunLog.open(log_path))
+        enc = [(d.get("records") or {}).get("encoding") or {} for d in RunLog.open(log_path).event_data("pipeline")]
         out[name] = {
             "frames": summary.frames, "exit": summary.exit_status, "atoms_per_frame": round(summary.atoms_per_frame, 1),
+            "reclustered_frames": sum(1 for e in enc if e.get("reclustered")), "library_size": max((e.get("library_size", 0) for e in enc), default=0),
             "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p95": float(np.percentile(lat, 95)),
             "stages_ms": {s: {"p50": round(t["p50_ms"], 2), "p95": round(t["p95_ms"], 2)} for s, t in stages.items()},
             "log": log_path,
@@ -121,22 +147,30 @@ def latency(frames: int, tmp: Path) -> dict[str, Any]:
 
 
 def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
+    """``replay --verify`` of each run (as the command does it), and in the same run the baseline:
+    the comparison as main had it before the JSON-text fast path (field by field, in Python)."""
     out = {}
     for name in ("log", "log+encoding", "all"):
-        log = RunLog.open(runs[name]["log"])
-        cfg = config_from_dict({**log.start["config"], "driver": {"kind": "minimal-twin"}})
-        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
-        rep = verify_log(log, pipeline)
-        out[name] = {"ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
-                     "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
-                     "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+        for variant in ("now", "before"):
+            log = RunLog.open(runs[name]["log"])
+            fast = verify_module.same_text
+            if variant == "before":
+                verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
+            try:
+                rep = verify_run_log(log, Path(runs[name]["log"]))
+            finally:
+                verify_module.same_text = fast
+            out[name if variant == "now" else f"{name} (before)"] = {
+                "ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
+                "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
+                "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
     return out
 
 
-def sustained(seconds: float, tmp: Path, pipeline: str) -> dict[str, Any]:
+def sustained(seconds: float, tmp: Path, pipeline: str, modes: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
     out: dict[str, Any] = {"pipeline": pipeline}
     frame_s = 512 * 512 * 0.95e-6
-    for overlap in (False, True):
+    for overlap in modes:
         cfg = {**BASE, "max_frames": 10**6, "pipeline": PIPELINES[pipeline], "scan": {**BASE["scan"], "dwell_s": 0.95e-6},
                "driver": {**BASE["driver"], "pace": "realtime"}, "agent": {"overlap": overlap, "stream_burst_frames": 8}}
         t0 = time.perf_counter()
@@ -165,17 +199,22 @@ def sustained(seconds: float, tmp: Path, pipeline: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--unet-frames", type=int, default=None, help="frames of the U-Net pipelines (default: --frames)")
     ap.add_argument("--sustain-s", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only-sustain", action="store_true", help="skip the latency and replay parts")
+    ap.add_argument("--sustain-modes", default="both", choices=("both", "sequential", "overlap"))
     ap.add_argument("--sustain-pipeline", default="log+encoding", choices=sorted(PIPELINES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    THREADS["torch"] = args.threads
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.time()
-        lat = latency(args.frames, tmp)
-        rep = replay_speed(lat)
-        sus = sustained(args.sustain_s, tmp, args.sustain_pipeline) if args.sustain_s > 0 else {}
+        lat = latency(args.frames, tmp, args.unet_frames or args.frames) if not args.only_sustain else {}
+        rep = replay_speed(lat) if lat else {}
+        modes = {"both": (False, True), "sequential": (False,), "overlap": (True,)}[args.sustain_modes]
+        sus = sustained(args.sustain_s, tmp, args.sustain_pipeline, modes) if args.sustain_s > 0 else {}
         for v in lat.values():
             v.pop("log")
     print(json.dumps({

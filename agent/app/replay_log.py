@@ -21,11 +21,12 @@ import numpy as np
 
 from stemagent.agent.app.factory import build_pipeline
 from stemagent.agent.control import ControlMessage
+from stemagent.codec import decode_capabilities
 from stemagent.config import RunConfig, config_from_dict
 from stemagent.errors import InputError
 from stemagent.pipeline.verify import VerifyReport, verify_log
 from stemagent.runlog import RunLog
-from stemagent.types import Atoms
+from stemagent.types import Atoms, Capabilities
 
 #: logged field names of older versions -> today's names
 RENAMED = {("safety", "max_total_dose_e_per_A2"): ("safety", "dose_budget_e_per_A2")}
@@ -152,11 +153,19 @@ def compare_drift(original: RunLog, replayed: RunLog, atol_A: float = DRIFT_TOLE
     return same, len(left)
 
 
+def logged_capabilities(original: RunLog) -> Capabilities | None:
+    """The device's capabilities the run started with (its start document), as the policy saw them:
+    a survey's dose per sub-scan follows the beam current, which the replay's driver does not know.
+    None for a log without them (the configuration's values then apply, as before)."""
+    doc = original.start.get("capabilities")
+    return decode_capabilities(doc, f"{original.path}: start.capabilities") if isinstance(doc, dict) else None
+
+
 def verify_run_log(original: RunLog, log: Path, rtol: float = 0.0) -> VerifyReport:
     """``replay LOG --verify``: the log's pipeline, built fresh from its configuration, on every
     logged observation, every output compared (:func:`~stemagent.pipeline.verify.verify_log`)."""
     cfg = replay_config(original, log, "fast")
-    pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed))
+    pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
     try:
         return verify_log(original, pipeline, rtol=rtol)
     finally:

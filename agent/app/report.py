@@ -168,7 +168,22 @@ def summarize(log: RunLog) -> dict[str, Any]:
                    "reclustered_frames": sum(1 for e in enc if e.get("reclustered")),
                    "last_counts": enc[-1].get("motif_counts", {}) if enc else {}} if motifs or enc else {},
         "events": events,
+        "hops": hop_summary(log),
     }
+
+
+def hop_summary(log: RunLog) -> dict[str, Any]:
+    """A manipulation run's hops (the policy's ``outcomes`` and ``plans`` streams): the outcome of
+    each park checked, by kind (``intended`` is a hop along the plan), and the re-plans; empty
+    when the log has none."""
+    outcomes, plans = _streams(log, "outcomes"), _streams(log, "plans")
+    if not outcomes and not plans:
+        return {}
+    kinds = Counter(str(o.get("kind")) for o in outcomes)
+    return {"parks_checked": len(outcomes), "by_outcome": dict(kinds), "hops_intended": int(kinds.get("intended", 0)),
+            "hops_elsewhere": int(kinds.get("other_site", 0)),
+            "replans": sum(1 for d in plans if str(d.get("why", "")).startswith("re-planned")),
+            "end": next((str(d.get("reason", "")) for d in reversed(plans) if d.get("event") == "stop"), "")}
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
@@ -203,6 +218,10 @@ def markdown(summary: dict[str, Any], figures: list[tuple[str, str]] | None = No
         m = summary["motifs"]
         out.append(f"- motifs: library of {m['library_size']} after {m['frames']} frames ({m['reclustered_frames']} reclustered); "
                    f"last frame {m['last_counts']}")
+    if summary.get("hops"):
+        h = summary["hops"]
+        out.append(f"- hops: {h['hops_intended']} along the plan, {h['hops_elsewhere']} elsewhere, in {h['parks_checked']} "
+                   f"parks checked ({h['by_outcome']}); {h['replans']} re-plans" + (f"; ended: {h['end']}" if h["end"] else ""))
     if summary["events"]:
         out.append(f"- the policy's own streams: {summary['events']}")
     out += ["", "## Stage wall times per observation (ms)", ""]

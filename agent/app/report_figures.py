@@ -5,7 +5,9 @@
 - ``report_dose.png``: the dose map of the commands sent against the budget, with every scanned
   field (the acquisition map) and the parks;
 - ``report_timings.png``: each stage's wall time per observation;
-- ``report_drift.png``: the drift stage's estimate over time with its band, when the log has one.
+- ``report_drift.png``: the drift stage's estimate over time with its band, when the log has one;
+- ``report_hops.png``: a manipulation run's hop history: every planned path of the dopant in the
+  sample frame (older plans paler) and the outcome of each park checked.
 
 :func:`draw_figures` returns the figures made and notes on what could not be drawn (never raises
 on what a log lacks).
@@ -166,6 +168,43 @@ def drift(log: RunLog, out: Path) -> tuple[str, str] | None:
     return "report_drift.png", "drift estimate with its 2-sigma band"
 
 
+#: outcome kinds of a checked park, in the order the hop figure stacks them
+OUTCOME_KINDS = ("intended", "other_site", "none", "damage")
+
+
+def hops(log: RunLog, out: Path) -> tuple[str, str] | None:
+    """The hop history of a manipulation run (its ``plans`` and ``outcomes`` streams), or None."""
+    streams = log.streams()
+    plans = [d for d in log.event_data("plans") if isinstance(d.get("path_A"), list)] if "plans" in streams else []
+    outcomes = log.event_data("outcomes") if "outcomes" in streams else []
+    if not plans and not outcomes:
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for i, d in enumerate(plans):
+        path = np.asarray(d["path_A"], dtype=float).reshape(-1, 2)
+        shade = 0.25 + 0.75 * (i + 1) / len(plans)
+        ax.plot(path[:, 0], path[:, 1], "-o", ms=3, color=(0.1, 0.3, 0.8, shade), label=d.get("why") if i in (0, len(plans) - 1) else None)
+        if len(path):
+            ax.plot(*path[0], "s", color="tab:orange", ms=6)
+            ax.plot(*path[-1], "*", color="tab:red", ms=10)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (Å)")
+    ax.set_ylabel("y (Å)")
+    ax.set_title(f"planned paths ({len(plans)}): dopant (square) to target (star)", fontsize=9)
+    if plans:
+        ax.legend(fontsize=7)
+    kinds = [str(o.get("kind")) for o in outcomes]
+    order = list(OUTCOME_KINDS) + sorted(set(kinds) - set(OUTCOME_KINDS))
+    bx.scatter([int(o.get("park", i)) for i, o in enumerate(outcomes)], [order.index(k) for k in kinds], c="tab:green")
+    bx.set_yticks(range(len(order)), order)
+    bx.set_xlabel("park")
+    bx.set_title(f"outcome of each park checked ({len(outcomes)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "report_hops.png", dpi=90)
+    plt.close(fig)
+    return "report_hops.png", "hop history: planned paths and the outcome of each park checked"
+
+
 def draw_figures(log: RunLog, out: Path, dm: DoseMap | None) -> tuple[list[tuple[str, str]], list[str]]:
     """Every figure the log allows (``dm``: the run's dose map): ``([(file, caption)], [notes])``."""
     cfg = log.start.get("config") or {}
@@ -174,7 +213,8 @@ def draw_figures(log: RunLog, out: Path, dm: DoseMap | None) -> tuple[list[tuple
     made: list[tuple[str, str]] = []
     notes: list[str] = []
     for name, draw in (("last frame", lambda: last_frame(log, out)), ("dose map", lambda: dose(log, out, budget, dm)),
-                       ("stage timings", lambda: timings(log, out)), ("drift", lambda: drift(log, out))):
+                       ("stage timings", lambda: timings(log, out)), ("drift", lambda: drift(log, out)),
+                       ("hops", lambda: hops(log, out))):
         try:
             fig = draw()
         except Exception as exc:  # noqa: BLE001 - a figure that fails must not lose the report

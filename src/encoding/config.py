@@ -4,7 +4,9 @@ imports them without paying for torch).
 - :class:`EncodingConfig`: the library's settings (:class:`~stemagent.encoding.stage.EncodingStage`);
 - :class:`PipelineEncodingConfig`: ``pipeline.encoding`` of a run: the same, with the defaults of
   the per-frame path (the pool is reclustered only when atoms no motif explains appear, never on
-  a schedule) and what goes into the run log's ``motifs`` stream.
+  a schedule, and then only when enough of them have been seen and not within ``min_frames_between``
+  frames of the last recluster; labels from the classifier on every frame) and what goes into
+  the run log's ``motifs`` stream.
 """
 
 from __future__ import annotations
@@ -39,11 +41,21 @@ class EncodingConfig(BaseModel):
     pool_size: int = Field(4000, ge=10, description="recent atoms clustered together (several frames)")
     recluster_every: int = Field(1, ge=0, description="recluster the pool every n frames (0: only when atoms no motif explains appear)")
     novelty_alpha: float = Field(1e-4, gt=0, lt=0.5, description="classifier: chi-square tail beyond which an atom is unexplained")
+    min_unexplained: int = Field(1, ge=1, description="recluster on novelty once this many atoms no motif explained "
+                                                      "have been seen since the last recluster (counted over frames)")
+    min_unexplained_fraction: float = Field(0.0, ge=0.0, le=1.0, description="... or once one frame has this share of "
+                                                                           "its atoms unexplained (0: count only)")
+    min_frames_between: int = Field(0, ge=0, description="frame budget: no novelty recluster within this many frames "
+                                                         "of the last one (frames, not seconds: replay reproduces it)")
+    relabel: bool = Field(False, description="a reclustered frame's atoms are labelled by the refitted classifier, "
+                                             "like every other frame (labels do not depend on when the pool reclusters)")
     min_atoms: int = Field(8, ge=3, description="frames with fewer encoded atoms get no motifs")
     hierarchy: bool = True
     rare_fraction: float = Field(0.05, gt=0, lt=1)
     seed: int = 0
     device: str | None = Field(None, description="torch device; None: CUDA when present")
+    num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads while encoding (restored after); "
+                                                                   "None leaves torch's setting")
 
 
 class PipelineEncodingConfig(EncodingConfig):
@@ -51,5 +63,15 @@ class PipelineEncodingConfig(EncodingConfig):
 
     recluster_every: int = Field(0, ge=0, description="recluster the pool every n frames (0: only when atoms no motif "
                                                       "explains appear; the per-frame path then only classifies)")
+    min_unexplained: int = Field(16, ge=1, description="recluster on novelty once this many atoms no motif explained "
+                                                       "have been seen since the last recluster (counted over frames)")
+    min_unexplained_fraction: float = Field(0.05, ge=0.0, le=1.0, description="... or once one frame has this share "
+                                                                            "of its atoms unexplained")
+    min_frames_between: int = Field(20, ge=0, description="frame budget: no novelty recluster within this many frames "
+                                                          "of the last one (frames, not seconds: replay reproduces it)")
+    relabel: bool = Field(True, description="a reclustered frame's atoms are labelled by the refitted classifier")
+    num_threads: int | None = Field(1, ge=1, le=256, description="torch CPU threads while encoding (restored after): "
+                                                                "on a busy 2-core CPU two threads make the Zernike "
+                                                                "features 10-30x slower in bursts; None leaves torch's setting")
     log_symmetry: bool = Field(True, description="log the per-atom n-fold symmetry scores (rounded to 6 digits) "
                                                  "in the motifs stream")

@@ -11,7 +11,8 @@ the first frame and the motif-cell lattice. Steps:
    given) and the clusters mapped to stable library ids
    (:class:`~stemagent.encoding.library.MotifLibrary`), every ``recluster_every`` frames; in
    between, and with ``recluster_every=0`` always, atoms are classified against the known motifs
-   and the pool is reclustered only when atoms appear that no motif explains.
+   and the pool is reclustered only when atoms appear that no motif explains (enough of them, and
+   not within ``min_frames_between`` frames of the last recluster: see the tracker).
 3. Motif-cells (:func:`~stemagent.encoding.hierarchy.motif_cells`): the cell of every atom, and
    which atoms sit in rare cells (candidate defects).
 
@@ -29,6 +30,10 @@ Output of :meth:`EncodingStage.process` (numpy arrays, ``N`` atoms in the order 
 Unencoded atoms carry NaN features. :attr:`EncodingStage.last_report` holds what is not per atom:
 the motif-cell tree, the motifs founded this frame, whether the pool was reclustered, how many
 atoms no motif explained, the library size and the timings.
+
+With ``num_threads`` set, ``process`` runs torch and the BLAS/OpenMP pools of numpy, scipy and
+scikit-learn on that many threads (restored afterwards): on a busy 2-core CPU two threads made
+the Zernike features and the recluster 3-30x slower in bursts (``BENCHMARKS.md``, the loop).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
+from threadpoolctl import ThreadpoolController
 
 from stemagent.encoding.config import EncodingConfig
 from stemagent.encoding.features import ZernikeEncoder
@@ -64,6 +71,7 @@ class EncodingStage:
         self._nn_A: float | None = None
         self.tracker = self._new_tracker()
         self.last_report: dict[str, Any] = {}
+        self._threadpools: ThreadpoolController | None = None
 
     def _new_tracker(self) -> MotifTracker:
         c = self.config
@@ -74,7 +82,9 @@ class EncodingStage:
         }
         options = all_options[c.clustering]
         library = MotifLibrary(c.novelty_sigmas, c.novelty_min_effect, c.library_memory)
-        return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed)
+        return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed,
+                            min_unexplained=c.min_unexplained, min_unexplained_fraction=c.min_unexplained_fraction,
+                            min_frames_between=c.min_frames_between, relabel=c.relabel)
 
     @property
     def library(self) -> MotifLibrary:
@@ -88,6 +98,20 @@ class EncodingStage:
         self.tracker = self._new_tracker()
 
     def process(self, frame: Frame, atoms: Atoms) -> dict[str, np.ndarray]:
+        n = self.config.num_threads
+        if n is None:
+            return self._process(frame, atoms)
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            if self._threadpools is None:  # finding the pools takes ~5 ms: once per stage
+                self._threadpools = ThreadpoolController()
+            with self._threadpools.limit(limits=n):  # BLAS/OpenMP of numpy, scipy and scikit-learn (the clustering)
+                return self._process(frame, atoms)
+        finally:
+            torch.set_num_threads(before)
+
+    def _process(self, frame: Frame, atoms: Atoms) -> dict[str, np.ndarray]:
         c = self.config
         t0 = time.perf_counter()
         check_image(frame.image)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from stemagent.agent.app.factory import build_agent, build_clock, build_driver
+from stemagent.agent.app.report import write_report
 from stemagent.agent.control import ControlMessage
 from stemagent.config import RunConfig, config_from_dict, load_config
 from stemagent.driver import DriverFault
@@ -92,6 +93,13 @@ async def test_the_policy_moves_the_si_to_the_target_on_the_twin_and_logs_it(tmp
     # the confirmation scans are small frames around the dopant, not re-surveys
     fovs = [f.geometry.fov_A[0] for f in log.frames()]
     assert fovs[0] == pytest.approx(25.6) and all(f == pytest.approx(9.0) for f in fovs[1:])
+    # the run report counts the hops and re-plans and draws the hop history
+    rep, _, md = write_report(log, tmp_path / "report")
+    hops = rep["hops"]
+    assert hops["hops_intended"] == [o["kind"] for o in outcomes].count("intended") and hops["parks_checked"] == len(outcomes)
+    assert hops["replans"] == sum(1 for p in replans if p["why"].startswith("re-planned")) >= 2
+    assert hops["end"] == "target reached" and f"- hops: {hops['hops_intended']} along the plan" in md
+    assert (tmp_path / "report" / "report_hops.png").stat().st_size > 1000
 
 
 def test_the_readme_command_runs_a_manipulation_experiment(tmp_path: Path) -> None:

@@ -80,3 +80,10 @@ def test_survey_closed_loop_through_stemagent_run_finds_the_dopants_and_replays_
     again = RunLog.open(rep["log_path"]).event_data("decisions")
     assert [d["details"] for d in again] == [d["details"] for d in decisions]
     assert [d["command"] for d in again] == [d["command"] for d in decisions]
+
+    # verified replay: every output, the decisions' details included, at the run's beam current
+    # (30 pA in the config; the replay's own driver knows none, the log's capabilities say it)
+    r = _cli("replay", summary["log_path"], "--verify", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["ok"] and rep["frames"] == summary["frames"] and rep["compared"]["decision"] == len(decisions)

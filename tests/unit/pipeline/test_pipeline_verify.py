@@ -7,13 +7,14 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from stemagent.agent.app.cli import app
 from stemagent.agent.app.factory import build_agent, build_clock
 from stemagent.agent.control import ControlMessage
 from stemagent.config import config_from_dict
-from stemagent.pipeline.verify import first_difference
+from stemagent.pipeline.verify import first_difference, plain, same_text
 from stemagent.runlog import RunLog
 
 BASE = {
@@ -117,6 +118,21 @@ def test_first_difference_paths():
     assert first_difference([1, 2], [1, 2, 3]) == (" (length)", 2, 3)
     assert first_difference({"x": 1.0}, {"x": 1.0 + 1e-12}, rtol=1e-9) is None
     assert first_difference({"x": 1}, {"y": 1}) == ("x", 1, "<absent>")
+
+
+def test_same_text_is_the_fast_path_and_never_hides_a_difference():
+    replayed = {"motif": np.array([0, 3, 1]), "symmetry": np.array([[0.25, 1 / 3]], dtype=np.float32), "ok": np.bool_(True),
+                "n": np.int64(7), "x": np.float64(0.1)}
+    logged = plain(replayed)  # what the log holds after writing and reading back
+    assert same_text(logged, replayed) and first_difference(logged, plain(replayed)) is None
+    changed = {**replayed, "x": np.float64(0.1 + 1e-16 * 2)}  # one ulp
+    assert not same_text(logged, changed) and first_difference(logged, plain(changed)) == ("x", 0.1, 0.1 + 2e-16)
+    # undecided cases fall back to the field-by-field comparison: NaN (logged as a string), 1 vs 1.0, key order
+    assert not same_text(plain({"v": float("nan")}), {"v": float("nan")})
+    assert first_difference(plain({"v": float("nan")}), plain({"v": float("nan")})) is None
+    assert not same_text({"v": 1}, {"v": 1.0}) and first_difference({"v": 1}, {"v": 1.0}) is None
+    assert not same_text({"a": 1, "b": 2}, {"b": 2, "a": 1})
+    assert not same_text({"v": object()}, {"v": object()})
 
 
 def test_a_log_of_format_1_verifies_on_what_it_holds(tmp_path):

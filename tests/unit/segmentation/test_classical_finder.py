@@ -93,6 +93,14 @@ def test_empty_frame_has_no_atoms():
     assert len(atoms) == 0
 
 
+@pytest.mark.parametrize("level", [3.0, 1e4])
+def test_a_flat_field_has_no_atoms(level):
+    # a constant frame: the LoG's response is float rounding only (it gave hundreds of atoms before)
+    g = ScanGeometry(shape_px=(96, 96), fov_A=(19.2, 19.2))
+    atoms = LoGFinder().find(Frame(np.full((96, 96), level, np.float32), g, g.line_start_times_s(0), 0, 0.0))
+    assert len(atoms) == 0
+
+
 def _suppress_brute(points, strength, d):
     kept = []
     for i in np.argsort(-strength, kind="stable"):
