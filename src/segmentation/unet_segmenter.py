@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from stemagent.errors import InputError
 from stemagent.segmentation.classical import check_image
+from stemagent.segmentation.detector import DetectorEstimate, estimate_detector
 from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
 from stemagent.segmentation.intensity import DEFAULT_FAMILIES, classify_by_counts
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
@@ -196,6 +197,8 @@ class UNetSegmenter:
         self.class_network_weight = float(class_network_weight)
         #: what the count mixture found on the last frame, per family (or why it was not used)
         self.last_intensity_report: dict[str, str] = {}
+        #: the detector model read off the last frame's statistics (counting / analog, gain, offset)
+        self.last_detector: DetectorEstimate | None = None
 
     # --- tensors in, tensors out ---------------------------------------------------------
     @torch.inference_mode()
@@ -217,8 +220,10 @@ class UNetSegmenter:
         return out.float(), shape
 
     @torch.inference_mode()
-    def find_tensors(self, images: torch.Tensor, pixel_A: tuple[float, float]) -> dict[str, torch.Tensor]:
-        """Atoms of ``(B, H, W)`` raw images of one sampling, as device tensors.
+    def find_tensors(self, images: torch.Tensor, pixel_A: tuple[float, float], counting: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Atoms of ``(B, H, W)`` raw images of one sampling, as device tensors. ``counting``
+        ``(B,)`` marks images in electrons already (a counting detector, or converted by
+        :meth:`DetectorEstimate.to_electrons <stemagent.segmentation.detector.DetectorEstimate.to_electrons>`).
 
         Returns ``batch`` ``(N,)``, ``rc`` ``(N, 2)`` frame pixels, ``classes`` ``(N,)``,
         ``confidence`` ``(N,)``, ``sigma_rc`` ``(N, 2)`` px, ``refined`` ``(N,)`` bool,
@@ -255,7 +260,7 @@ class UNetSegmenter:
                 prior_sigma_px=None if self.position_prior_A is None else self.position_prior_A / (px * f),
             )
             if self.intensity_classes:
-                ap = aperture_counts(data, peaks.batch, fit.rc, fit, width0 / f, self.class_aperture_A / (px * f))
+                ap = aperture_counts(data, peaks.batch, fit.rc, fit, width0 / f, self.class_aperture_A / (px * f), counting)
                 site = {"pixel_counts": ap.counts.flatten(1), "pixel_others": ap.others.flatten(1), "pixel_psf": ap.psf.flatten(1), "pixel_mask": ap.mask.flatten(1)}
             rc = fit.rc * f + 0.5 * (f - 1)
             sigma_rc, refined = fit.sigma_rc * f, fit.ok
@@ -294,14 +299,23 @@ class UNetSegmenter:
     # --- numpy / frames --------------------------------------------------------------------
     def find_pixels(self, image: np.ndarray, pixel_A: float | tuple[float, float]) -> dict[str, np.ndarray]:
         """Atoms of one image in pixel coordinates: dict of numpy arrays (see :meth:`find_tensors`)."""
-        img = check_image(image, "image")
+        check_image(image, "image")
         pa = (float(pixel_A), float(pixel_A)) if np.isscalar(pixel_A) else (float(pixel_A[0]), float(pixel_A[1]))  # type: ignore[index]
+        img, det = self._electrons(image)
         self._check_size(img.shape, pa, "image.shape")
         if float(np.ptp(img)) == 0.0:  # no contrast: nothing to find
             return {"batch": np.zeros(0, np.int64), "rc": np.zeros((0, 2)), "classes": np.zeros(0, np.int64), "confidence": np.zeros(0), "sigma_rc": np.zeros((0, 2)), "refined": np.zeros(0, bool)}
         t = torch.as_tensor(img, dtype=torch.float32).to(self.device)[None]
-        out = self.find_tensors(t, pa)
+        out = self.find_tensors(t, pa, torch.tensor([det.kind == "counting"], device=self.device))
         return self._intensity_classes({k: v.cpu().numpy() for k, v in out.items()})
+
+    def _electrons(self, image: np.ndarray) -> tuple[np.ndarray, DetectorEstimate]:
+        """``image`` in electrons by the detector model its own statistics give (float64), and
+        that model (also kept in :attr:`last_detector`). The offset is taken off in float64:
+        an analog frame of millions of counts loses its signal in float32."""
+        det = estimate_detector(np.asarray(image))
+        self.last_detector = det
+        return det.to_electrons(check_image(image, "image")), det
 
     def _check_size(self, shape: tuple[int, ...], pixel_A: tuple[float, float], field: str) -> None:
         ms = model_shape((int(shape[0]), int(shape[1])), pixel_A, self.model_pixel_A)
@@ -321,7 +335,11 @@ class UNetSegmenter:
             img = np.asarray(f.image)
             groups.setdefault((img.shape, f.geometry.pixel_size_A), []).append(i)
         for (shape, pixel_A), idx in groups.items():
-            imgs = [check_image(frames[i].image, f"frames[{i}].image") for i in idx]
+            for i in idx:
+                check_image(frames[i].image, f"frames[{i}].image")
+            conv = [self._electrons(frames[i].image) for i in idx]
+            imgs = [im for im, _ in conv]
+            dets = [d for _, d in conv]
             self._check_size(shape, pixel_A, f"frames[{idx[0]}].image.shape")
             # a frame without contrast (blanked beam, dead detector) has no atoms to find
             blank = [j for j, im in enumerate(imgs) if float(np.ptp(im)) == 0.0]
@@ -332,8 +350,9 @@ class UNetSegmenter:
                 continue
             idx = [i for j, i in enumerate(idx) if j not in blank]
             imgs = [im for j, im in enumerate(imgs) if j not in blank]
+            dets = [d for j, d in enumerate(dets) if j not in blank]
             t = torch.as_tensor(np.stack(imgs), dtype=torch.float32).to(self.device)
-            res = self.find_tensors(t, pixel_A)
+            res = self.find_tensors(t, pixel_A, torch.tensor([d.kind == "counting" for d in dets], device=self.device))
             host = {k: v.cpu().numpy() for k, v in res.items()}
             px, py = pixel_A
             for j, i in enumerate(idx):

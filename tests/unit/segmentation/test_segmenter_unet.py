@@ -159,3 +159,21 @@ def test_training_is_reproducible_and_writes_a_card(tmp_path):
     assert card["trained"]["steps"] == 3 and math.isfinite(card["trained"]["final_loss_ema"])
     # the card is enough to load the weights as a segmenter
     UNetSegmenter(cfg_a.out, device="cpu")
+
+
+def test_whole_number_analog_frames_are_not_taken_as_counts() -> None:
+    # issue 12 item 2: a uint32 HAADF image with an offset of millions was taken as electron
+    # counts because its pixels are whole numbers, and a third of the chalcogen columns of a
+    # defect-free MoS2 frame came out "column-vacancy"; adding 0.25 to every pixel changed that
+    from tests.unit.segmentation.test_segmenter_detector_model import twin
+
+    seg = UNetSegmenter(device="cpu")
+    names = np.asarray(seg.class_names)
+    img = twin("mos2", 1e4, "analog uint32, offset 3e6")
+    whole = names[seg.find_pixels(img, 0.1)["classes"]]
+    assert seg.last_detector is not None and seg.last_detector.kind == "analog"
+    shifted = names[seg.find_pixels(img.astype(np.float64) + 0.25, 0.1)["classes"]]
+    chalcogen = int(np.sum(whole == "chalcogen"))
+    assert chalcogen > 60
+    assert int(np.sum(whole == "column-vacancy")) <= 1, dict(zip(*np.unique(whole, return_counts=True)))
+    assert abs(int(np.sum(shifted == "chalcogen")) - chalcogen) <= 1
