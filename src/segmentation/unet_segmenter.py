@@ -37,7 +37,7 @@ from stemagent.errors import InputError
 from stemagent.segmentation.classical import check_image
 from stemagent.segmentation.detector import DetectorEstimate, estimate_detector
 from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
-from stemagent.segmentation.intensity import DEFAULT_FAMILIES, classify_by_counts
+from stemagent.segmentation.intensity import DEFAULT_FAMILIES, MIN_EVIDENCE_NATS, classify_by_counts
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 from stemagent.segmentation.unet import build_model, fuse_batchnorm
 from stemagent.types import Atoms, Frame
@@ -142,7 +142,10 @@ class UNetSegmenter:
     weighing in to the power ``class_network_weight``; sites closer than ``intensity_margin_A``
     to the frame's edge are left to the network (their neighbours outside the frame are not
     fitted, which biases the counts); what the mixture found on the last frame is in
-    ``last_intensity_report``. ``num_threads``: torch CPU threads (None leaves torch's setting).
+    ``last_intensity_report``. ``min_evidence_nats``: the least log-likelihood ratio against the
+    host class for a defect label ("vacancy", "Si", "substituted", "column-vacancy"; see
+    :data:`~stemagent.segmentation.intensity.MIN_EVIDENCE_NATS`); each atom's is in
+    :attr:`Atoms.evidence_nats <stemagent.types.Atoms.evidence_nats>`. ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class UNetSegmenter:
         intensity_margin_A: float = 2.0,
         class_aperture_A: float = 0.8,
         class_network_weight: float = 0.5,
+        min_evidence_nats: float = MIN_EVIDENCE_NATS,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -195,6 +199,13 @@ class UNetSegmenter:
         self.intensity_margin_A = float(intensity_margin_A)
         self.class_aperture_A = float(class_aperture_A)
         self.class_network_weight = float(class_network_weight)
+        self.min_evidence_nats = float(min_evidence_nats)
+        #: each defect class's host class (index -> index), from the sublattice families
+        self._host_of: dict[int, int] = {
+            self.class_names.index(c): self.class_names.index(f.host)
+            for f in DEFAULT_FAMILIES if f.host in self.class_names
+            for c in f.classes if c != f.host and c in self.class_names
+        }
         #: what the count mixture found on the last frame, per family (or why it was not used)
         self.last_intensity_report: dict[str, str] = {}
         #: the detector model read off the last frame's statistics (counting / analog, gain, offset)
@@ -274,26 +285,56 @@ class UNetSegmenter:
         return {"batch": peaks.batch, "rc": rc, "classes": peaks.classes, "confidence": peaks.confidence, "sigma_rc": sigma_rc, "refined": refined, "class_probs": peaks.class_probs, "edge_A": edge_A, **site}
 
     def _intensity_classes(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One frame's atoms with classes re-decided from the counts around them (in place)."""
-        if not self.intensity_classes or len(host["classes"]) == 0:
-            return host
+        """One frame's atoms with classes re-decided from the counts around them (in place), and
+        every defect label earned (``host["evidence_nats"]``, see :meth:`_earn_labels`)."""
+        n = len(host["classes"])
+        host["evidence_nats"] = np.full(n, np.nan)
+        if not self.intensity_classes or n == 0:
+            return self._earn_labels(host)
         # every site of a family, fitted or not (an empty site has counts too), except near the
         # frame's edge, where the neighbours outside are not fitted and the counts are biased
         usable = host["edge_A"] >= self.intensity_margin_A
         try:
             res = classify_by_counts(
                 host["pixel_counts"], host["pixel_others"], host["pixel_psf"], host["pixel_mask"], host["classes"], usable, self.class_names, DEFAULT_FAMILIES,
-                class_probs=host["class_probs"], network_weight=self.class_network_weight,
+                class_probs=host["class_probs"], network_weight=self.class_network_weight, min_evidence_nats=self.min_evidence_nats,
             )
         except (ValueError, IndexError, FloatingPointError, np.linalg.LinAlgError) as exc:
             # a refinement stage must not lose the frame: keep the network's classes, say why
             self.last_intensity_report = {"error": f"{type(exc).__name__}: {exc}"}
-            return host
+            return self._earn_labels(host)
         self.last_intensity_report = res.families
         host["classes"] = res.classes
+        host["evidence_nats"] = res.evidence_nats
         # confidence: the network's atom probability x the mixture's class probability
         atom_p = host["class_probs"].sum(axis=1)
         host["confidence"] = np.where(res.decided, atom_p * res.class_posterior, host["confidence"])
+        return self._earn_labels(host)
+
+    def _earn_labels(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sites the count mixture did not decide (frame edge, too few sites, stage off) keep a
+        defect label only if the network's log odds of it against the host class reach
+        ``min_evidence_nats``; otherwise they take the host class. Their evidence is those odds."""
+        ev = host["evidence_nats"]
+        todo = ~np.isfinite(ev)
+        if not todo.any():
+            return host
+        cls = host["classes"]
+        probs = host.get("class_probs")
+        for defect, host_k in self._host_of.items():
+            sel = todo & (cls == defect)
+            if not sel.any():
+                continue
+            if probs is None or len(probs) != len(cls):
+                odds = np.full(int(sel.sum()), -np.inf)
+            else:
+                p = np.clip(probs[sel], 1e-12, None)
+                odds = np.log(p[:, defect]) - np.log(p[:, host_k])
+            weak = ~(odds >= self.min_evidence_nats)
+            idx = np.flatnonzero(sel)
+            cls[idx[weak]] = host_k
+            ev[idx] = np.where(weak, 0.0, odds)
+        ev[todo & np.isin(cls, list(self._host_of.values()))] = 0.0
         return host
 
     # --- numpy / frames --------------------------------------------------------------------
@@ -358,10 +399,11 @@ class UNetSegmenter:
             for j, i in enumerate(idx):
                 sel = host["batch"] == j
                 one = self._intensity_classes({k: v[sel] for k, v in host.items()})
-                out[i] = self._atoms(frames[i], one["rc"], one["classes"], one["confidence"], one["sigma_rc"], px, py)
+                out[i] = self._atoms(frames[i], one["rc"], one["classes"], one["confidence"], one["sigma_rc"], px, py, one["evidence_nats"])
         return [a for a in out if a is not None]
 
-    def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float) -> Atoms:
+    def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float,
+               evidence_nats: np.ndarray | None = None) -> Atoms:
         rc = rc.astype(np.float64)
         n = len(rc)
         pos = frame.geometry.pixel_to_sample(rc) if n else np.zeros((0, 2))
@@ -374,4 +416,5 @@ class UNetSegmenter:
             class_names=self.class_names,
             uncertainty_A=unc,
             times_s=frame.time_at_pixel(rc) if n else np.zeros(0),
+            evidence_nats=np.zeros(n) if evidence_nats is None else np.nan_to_num(evidence_nats.astype(np.float64), nan=0.0),
         )
