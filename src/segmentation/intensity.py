@@ -26,7 +26,8 @@ graphene carbon at 1e3 e/Å² to their targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 
@@ -99,8 +100,8 @@ class IntensityResult:
     class_posterior: np.ndarray
     decided: np.ndarray
     families: dict[str, str]
-    evidence_nats: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    demoted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    evidence_nats: np.ndarray = dc_field(default_factory=lambda: np.zeros(0))
+    demoted: np.ndarray = dc_field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, min_members: int) -> dict[str, float] | None:

@@ -15,7 +15,15 @@ Frame path (all torch, on ``device``; on a GPU the data leave it only as the fin
    neighbours' fitted images subtracted (:func:`~stemagent.segmentation.extract.aperture_counts`
    on the device, :func:`~stemagent.segmentation.intensity.classify_by_counts` on the host);
 7. pixel positions become sample-frame positions (Å) through the frame's
-   :class:`~stemagent.types.ScanGeometry`.
+   :class:`~stemagent.types.ScanGeometry`; atoms whose fitted position left the frame are dropped
+   (no atom is ever reported outside the frame).
+
+Before step 1 the detector is read off the frame's statistics (counting or analog, gain and
+offset: :mod:`~stemagent.segmentation.detector`) and an analog frame is converted to electrons.
+After step 6 every frame is checked against the trained specimens
+(:mod:`~stemagent.segmentation.ood`): an atypical frame is logged as a warning, and with
+``ood_fallback="log"`` its atoms come from the LoG finder instead. What each frame got (detector,
+check, defect labels and their evidence) is in :attr:`UNetSegmenter.last_report`.
 
 Weights are a ``state_dict`` (``.pt``) loaded with ``torch.load(weights_only=True)`` (no
 arbitrary unpickling) and a model card (``.json``, same stem) that names the architecture,
@@ -25,6 +33,7 @@ class names and model sampling. The shipped weights live in ``stemagent/weights`
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,10 +43,11 @@ import torch
 from torch.nn import functional as F
 
 from stemagent.errors import InputError
-from stemagent.segmentation.classical import check_image
+from stemagent.segmentation.classical import LoGFinder, check_image
 from stemagent.segmentation.detector import DetectorEstimate, estimate_detector
 from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
 from stemagent.segmentation.intensity import DEFAULT_FAMILIES, MIN_EVIDENCE_NATS, classify_by_counts
+from stemagent.segmentation.ood import frame_check
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 from stemagent.segmentation.unet import build_model, fuse_batchnorm
 from stemagent.types import Atoms, Frame
@@ -124,6 +134,12 @@ def load_network(weights: Path, device: torch.device) -> tuple[torch.nn.Module, 
     return model, card
 
 
+log = logging.getLogger("stemagent.segmentation")
+
+#: what to do with a frame unlike the trained specimens
+OOD_FALLBACKS = ("warn", "log")
+
+
 class UNetSegmenter:
     """Atom finder backed by a U-Net; ``find(frame) -> Atoms`` in the sample frame (Å).
 
@@ -145,7 +161,10 @@ class UNetSegmenter:
     ``last_intensity_report``. ``min_evidence_nats``: the least log-likelihood ratio against the
     host class for a defect label ("vacancy", "Si", "substituted", "column-vacancy"; see
     :data:`~stemagent.segmentation.intensity.MIN_EVIDENCE_NATS`); each atom's is in
-    :attr:`Atoms.evidence_nats <stemagent.types.Atoms.evidence_nats>`. ``num_threads``: torch CPU threads (None leaves torch's setting).
+    :attr:`Atoms.evidence_nats <stemagent.types.Atoms.evidence_nats>`. ``ood_fallback``: what to
+    do with a frame unlike the trained specimens (:mod:`~stemagent.segmentation.ood`): ``"warn"``
+    logs a warning and keeps the network's atoms, ``"log"`` also replaces them with the LoG
+    finder's (class ``"atom"``). ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
     def __init__(
@@ -166,6 +185,7 @@ class UNetSegmenter:
         class_aperture_A: float = 0.8,
         class_network_weight: float = 0.5,
         min_evidence_nats: float = MIN_EVIDENCE_NATS,
+        ood_fallback: str = "warn",
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -178,6 +198,8 @@ class UNetSegmenter:
             raise InputError("class_aperture_A", class_aperture_A, "must be positive")
         if not class_network_weight >= 0:
             raise InputError("class_network_weight", class_network_weight, "must be zero or positive")
+        if ood_fallback not in OOD_FALLBACKS:
+            raise InputError("ood_fallback", ood_fallback, f"must be one of {OOD_FALLBACKS}")
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
@@ -200,6 +222,10 @@ class UNetSegmenter:
         self.class_aperture_A = float(class_aperture_A)
         self.class_network_weight = float(class_network_weight)
         self.min_evidence_nats = float(min_evidence_nats)
+        self.ood_fallback = ood_fallback
+        self._fallback = LoGFinder()
+        #: per frame of the last call: detector, out-of-distribution check, defect labels, fallback
+        self.last_reports: list[dict[str, Any]] = []
         #: each defect class's host class (index -> index), from the sublattice families
         self._host_of: dict[int, int] = {
             self.class_names.index(c): self.class_names.index(f.host)
@@ -348,7 +374,9 @@ class UNetSegmenter:
             return {"batch": np.zeros(0, np.int64), "rc": np.zeros((0, 2)), "classes": np.zeros(0, np.int64), "confidence": np.zeros(0), "sigma_rc": np.zeros((0, 2)), "refined": np.zeros(0, bool)}
         t = torch.as_tensor(img, dtype=torch.float32).to(self.device)[None]
         out = self.find_tensors(t, pa, torch.tensor([det.kind == "counting"], device=self.device))
-        return self._intensity_classes({k: v.cpu().numpy() for k, v in out.items()})
+        one, report = self._analyse({k: v.cpu().numpy() for k, v in out.items()}, img.shape, pa, det)
+        self.last_reports = [report]
+        return one
 
     def _electrons(self, image: np.ndarray) -> tuple[np.ndarray, DetectorEstimate]:
         """``image`` in electrons by the detector model its own statistics give (float64), and
@@ -371,6 +399,7 @@ class UNetSegmenter:
     def find_batch(self, frames: Sequence[Frame]) -> list[Atoms]:
         """Atoms of several frames; frames of equal shape and sampling run as one batch."""
         out: list[Atoms | None] = [None] * len(frames)
+        reports: list[dict[str, Any]] = [{} for _ in frames]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, f in enumerate(frames):
             img = np.asarray(f.image)
@@ -387,6 +416,7 @@ class UNetSegmenter:
             for j in blank:
                 i = idx[j]
                 out[i] = self._atoms(frames[i], np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 2)), 1.0, 1.0)
+                reports[i] = {"frame_index": frames[i].index, "detector": dets[j].describe(), "blank": True}
             if len(blank) == len(idx):
                 continue
             idx = [i for j, i in enumerate(idx) if j not in blank]
@@ -398,9 +428,57 @@ class UNetSegmenter:
             px, py = pixel_A
             for j, i in enumerate(idx):
                 sel = host["batch"] == j
-                one = self._intensity_classes({k: v[sel] for k, v in host.items()})
+                one, report = self._analyse({k: v[sel] for k, v in host.items()}, shape, pixel_A, dets[j], frames[i].index)
+                report["frame_index"] = frames[i].index
                 out[i] = self._atoms(frames[i], one["rc"], one["classes"], one["confidence"], one["sigma_rc"], px, py, one["evidence_nats"])
+                if report["fallback"]:
+                    out[i] = self._fallback_atoms(frames[i])
+                reports[i] = report
+        self.last_reports = reports
         return [a for a in out if a is not None]
+
+    @property
+    def last_report(self) -> dict[str, Any]:
+        """What the last frame got: detector, out-of-distribution check, defect labels, fallback."""
+        return self.last_reports[-1] if self.last_reports else {}
+
+    def _analyse(self, one: dict[str, np.ndarray], shape: tuple[int, ...], pixel_A: tuple[float, float],
+                 det: DetectorEstimate, frame_index: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One frame's atoms (pixel arrays) through the host-side steps: atoms outside the frame
+        dropped, classes from the counts, defect labels earned, the frame checked."""
+        h, w = int(shape[0]), int(shape[1])
+        rc = one["rc"]
+        inside = (rc[:, 0] >= -0.5) & (rc[:, 0] <= h - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= w - 0.5)
+        dropped = int((~inside).sum())
+        if dropped:
+            one = {k: v[inside] for k, v in one.items()}
+        one = self._intensity_classes(one)
+        check = frame_check(one["rc"], pixel_A, (h, w), one.get("class_probs"))
+        names = np.asarray(self.class_names)
+        labels = names[one["classes"]] if len(one["classes"]) else np.zeros(0, dtype=names.dtype)
+        defect = np.isin(one["classes"], list(self._host_of))
+        ev = one["evidence_nats"][defect] if defect.any() else np.zeros(0)
+        fallback = (not check.typical) and self.ood_fallback == "log"
+        report: dict[str, Any] = {
+            "detector": det.describe(),
+            "detector_kind": det.kind,
+            "check": check.to_dict(),
+            "fallback": "log" if fallback else None,
+            "dropped_outside_frame": dropped,
+            "defect_labels": {str(c): int(np.sum(labels == c)) for c in names[list(self._host_of)]},
+            "min_evidence_nats": round(self.min_evidence_nats, 3),
+            "defect_evidence_nats_min": round(float(ev.min()), 3) if len(ev) else None,
+        }
+        if not check.typical:
+            log.warning("frame %s: %s (score %.2f)%s", "?" if frame_index is None else frame_index, check.reason, check.score,
+                        "; atoms from the LoG finder" if fallback else "; atoms and classes may be wrong (ood_fallback: log uses the LoG finder)")
+        return one, report
+
+    def _fallback_atoms(self, frame: Frame) -> Atoms:
+        atoms = self._fallback.find(frame)
+        keep = frame.geometry.contains(atoms.positions_A)
+        return atoms if keep.all() else Atoms(atoms.positions_A[keep], atoms.classes[keep], atoms.confidence[keep], atoms.frame_index, atoms.class_names,
+                                              None if atoms.uncertainty_A is None else atoms.uncertainty_A[keep], None if atoms.times_s is None else atoms.times_s[keep])
 
     def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float,
                evidence_nats: np.ndarray | None = None) -> Atoms:
