@@ -16,6 +16,9 @@ each cheap to measure from the atoms found, say so:
   trained specimens cover the frame (nearest-neighbour distances below 2 Å); a particle on
   vacuum, or atoms found only at one edge, leave most of it empty.
 
+``square`` (not a symptom, a hint for ``specimen: auto``): the share of interior atoms with
+exactly four such neighbours, as in a perovskite's (or an fcc [001]) projection.
+
 ``score`` is the largest of the three, each divided by its warning level, so a frame with
 ``score >= 1`` is *atypical*. How it fails: a frame with fewer than ``min_atoms`` atoms is
 atypical with the reason "too few atoms" (there is no lattice to judge).
@@ -47,6 +50,7 @@ class FrameCheck:
     n_atoms: int
     typical: bool
     reason: str
+    square: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -54,6 +58,7 @@ class FrameCheck:
             "network_doubt": None if self.network_doubt is None else round(self.network_doubt, 4),
             "lattice_misfit": round(self.lattice_misfit, 4),
             "uncovered": round(self.uncovered, 4),
+            "square_lattice": round(self.square, 4),
             "typical": self.typical,
             "reason": self.reason,
         }
@@ -90,8 +95,9 @@ def frame_check(
     if interior.sum() >= 3:
         counts = np.array([len(v) - 1 for v in tree.query_ball_point(xy[interior], 1.25 * nn)])
         misfit = float(np.mean(counts != 3))
+        square = float(np.mean(counts == 4))
     else:
-        misfit = 1.0
+        misfit, square = 1.0, 0.0
     # a grid over the interior, at half the cover radius
     step = COVER_RADIUS_A / 2.0
     gx = np.arange(margin_A, size[0] - margin_A + 1e-9, step)
@@ -110,4 +116,4 @@ def frame_check(
         + {"network doubt": f"{doubt:.0%} of atoms without a clear class", "lattice misfit": f"{misfit:.0%} of atoms not in a honeycomb",
            "uncovered area": f"{uncovered:.0%} of the frame farther than {COVER_RADIUS_A:g} Å from any atom"}[worst]
     )
-    return FrameCheck(score, doubt, misfit, uncovered, n, typical, reason)
+    return FrameCheck(score, doubt, misfit, uncovered, n, typical, reason, square)

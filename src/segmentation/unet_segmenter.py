@@ -47,7 +47,8 @@ from stemagent.segmentation.classical import LoGFinder, check_image
 from stemagent.segmentation.detector import DetectorEstimate, estimate_detector
 from stemagent.segmentation.extract import aperture_counts, find_peaks, refine_gaussians
 from stemagent.segmentation.intensity import DEFAULT_FAMILIES, MIN_EVIDENCE_NATS, classify_by_counts
-from stemagent.segmentation.ood import frame_check
+from stemagent.segmentation.ood import FrameCheck, frame_check
+from stemagent.segmentation.perovskite import PEROVSKITE_CLASS_NAMES, PerovskiteFinder
 from stemagent.segmentation.resample import model_shape, pad_to_multiple, resize, scale_rc
 from stemagent.segmentation.unet import build_model, fuse_batchnorm
 from stemagent.types import Atoms, Frame
@@ -138,6 +139,14 @@ log = logging.getLogger("stemagent.segmentation")
 
 #: what to do with a frame unlike the trained specimens
 OOD_FALLBACKS = ("warn", "log")
+#: the specimen prior: the classes each specimen may hold ("perovskite": LoG columns, A/B/O by
+#: intensity, since the network was not trained on perovskites; "auto": chosen per frame)
+SPECIMEN_CLASSES: dict[str, tuple[str, ...]] = {
+    "graphene": ("C", "Si", "vacancy"),
+    "tmd": ("metal", "chalcogen", "substituted", "column-vacancy"),
+    "perovskite": PEROVSKITE_CLASS_NAMES,
+}
+SPECIMENS = (*SPECIMEN_CLASSES, "auto")
 
 
 class UNetSegmenter:
@@ -164,7 +173,12 @@ class UNetSegmenter:
     :attr:`Atoms.evidence_nats <stemagent.types.Atoms.evidence_nats>`. ``ood_fallback``: what to
     do with a frame unlike the trained specimens (:mod:`~stemagent.segmentation.ood`): ``"warn"``
     logs a warning and keeps the network's atoms, ``"log"`` also replaces them with the LoG
-    finder's (class ``"atom"``). ``num_threads``: torch CPU threads (None leaves torch's setting).
+    finder's (class ``"atom"``). ``specimen``: the specimen prior, one of :data:`SPECIMENS`:
+    ``"graphene"`` / ``"tmd"`` restrict the classes to that specimen's (:data:`SPECIMEN_CLASSES`),
+    ``"perovskite"`` takes A / B (/ O) columns from :class:`~stemagent.segmentation.perovskite.PerovskiteFinder`,
+    ``"auto"`` chooses per frame (a square lattice on a covered frame: perovskite; otherwise the
+    family holding most of the network's class probability) and says what it chose in the
+    frame's report. ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
     def __init__(
@@ -186,6 +200,7 @@ class UNetSegmenter:
         class_network_weight: float = 0.5,
         min_evidence_nats: float = MIN_EVIDENCE_NATS,
         ood_fallback: str = "warn",
+        specimen: str = "auto",
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -198,6 +213,8 @@ class UNetSegmenter:
             raise InputError("class_aperture_A", class_aperture_A, "must be positive")
         if not class_network_weight >= 0:
             raise InputError("class_network_weight", class_network_weight, "must be zero or positive")
+        if specimen not in SPECIMENS:
+            raise InputError("specimen", specimen, f"must be one of {SPECIMENS}")
         if ood_fallback not in OOD_FALLBACKS:
             raise InputError("ood_fallback", ood_fallback, f"must be one of {OOD_FALLBACKS}")
         if num_threads is not None:
@@ -223,7 +240,9 @@ class UNetSegmenter:
         self.class_network_weight = float(class_network_weight)
         self.min_evidence_nats = float(min_evidence_nats)
         self.ood_fallback = ood_fallback
+        self.specimen = specimen
         self._fallback = LoGFinder()
+        self._perovskite = PerovskiteFinder()
         #: per frame of the last call: detector, out-of-distribution check, defect labels, fallback
         self.last_reports: list[dict[str, Any]] = []
         #: each defect class's host class (index -> index), from the sublattice families
@@ -431,7 +450,10 @@ class UNetSegmenter:
                 one, report = self._analyse({k: v[sel] for k, v in host.items()}, shape, pixel_A, dets[j], frames[i].index)
                 report["frame_index"] = frames[i].index
                 out[i] = self._atoms(frames[i], one["rc"], one["classes"], one["confidence"], one["sigma_rc"], px, py, one["evidence_nats"])
-                if report["fallback"]:
+                if report["fallback"] == "perovskite":
+                    out[i] = self._in_frame(frames[i], self._perovskite.find(frames[i]))
+                    report["perovskite"] = self._perovskite.last_report
+                elif report["fallback"]:
                     out[i] = self._fallback_atoms(frames[i])
                 reports[i] = report
         self.last_reports = reports
@@ -452,14 +474,19 @@ class UNetSegmenter:
         dropped = int((~inside).sum())
         if dropped:
             one = {k: v[inside] for k, v in one.items()}
-        one = self._intensity_classes(one)
         check = frame_check(one["rc"], pixel_A, (h, w), one.get("class_probs"))
+        specimen, why = self._choose_specimen(one, check)
+        if specimen in ("graphene", "tmd"):
+            self._restrict(one, SPECIMEN_CLASSES[specimen])
+        one = self._intensity_classes(one)
         names = np.asarray(self.class_names)
         labels = names[one["classes"]] if len(one["classes"]) else np.zeros(0, dtype=names.dtype)
         defect = np.isin(one["classes"], list(self._host_of))
         ev = one["evidence_nats"][defect] if defect.any() else np.zeros(0)
-        fallback = (not check.typical) and self.ood_fallback == "log"
+        fallback = (not check.typical) and self.ood_fallback == "log" and specimen != "perovskite"
         report: dict[str, Any] = {
+            "specimen": specimen,
+            "specimen_choice": why,
             "detector": det.describe(),
             "detector_kind": det.kind,
             "check": check.to_dict(),
@@ -469,16 +496,52 @@ class UNetSegmenter:
             "min_evidence_nats": round(self.min_evidence_nats, 3),
             "defect_evidence_nats_min": round(float(ev.min()), 3) if len(ev) else None,
         }
-        if not check.typical:
+        if specimen == "perovskite":
+            report["fallback"] = "perovskite"
+            log.info("frame %s: specimen %s (%s): columns from the LoG finder, A/B by intensity", "?" if frame_index is None else frame_index, specimen, why)
+        elif not check.typical:
             log.warning("frame %s: %s (score %.2f)%s", "?" if frame_index is None else frame_index, check.reason, check.score,
                         "; atoms from the LoG finder" if fallback else "; atoms and classes may be wrong (ood_fallback: log uses the LoG finder)")
         return one, report
 
-    def _fallback_atoms(self, frame: Frame) -> Atoms:
-        atoms = self._fallback.find(frame)
+    def _choose_specimen(self, one: dict[str, np.ndarray], check: FrameCheck) -> tuple[str, str]:
+        """The frame's specimen and why (the configured one, or what ``auto`` read off the frame)."""
+        if self.specimen != "auto":
+            return self.specimen, "configured"
+        if check.square >= 0.5 and check.uncovered < 0.05:
+            return "perovskite", f"auto: square lattice ({check.square:.0%} of atoms with four neighbours)"
+        probs = one.get("class_probs")
+        if probs is None or len(probs) == 0:
+            return "auto", "auto: no atoms to judge"
+        mass = {k: float(probs[:, [self.class_names.index(c) for c in v if c in self.class_names]].sum())
+                for k, v in SPECIMEN_CLASSES.items() if k != "perovskite"}
+        best = max(mass, key=lambda k: mass[k])
+        total = sum(mass.values()) or 1.0
+        return best, f"auto: {mass[best] / total:.0%} of the network's class probability on {best} classes"
+
+    def _restrict(self, one: dict[str, np.ndarray], allowed: tuple[str, ...]) -> None:
+        """Classes restricted to ``allowed`` (in place): the others' probability is given to the
+        allowed classes in proportion, and each site takes the most probable allowed class."""
+        probs = one.get("class_probs")
+        if probs is None or len(probs) == 0:
+            return
+        ok = np.array([c in allowed for c in self.class_names])
+        total = probs.sum(axis=1, keepdims=True)
+        kept = np.where(ok[None, :], probs, 0.0)
+        s = kept.sum(axis=1, keepdims=True)
+        first = int(np.flatnonzero(ok)[0])
+        kept = np.where(s > 0, kept * total / np.maximum(s, 1e-30), 0.0)
+        kept[(s[:, 0] <= 0), first] = total[s[:, 0] <= 0, 0]
+        one["class_probs"] = kept.astype(probs.dtype)
+        one["classes"] = np.argmax(np.where(ok[None, :], kept, -1.0), axis=1).astype(one["classes"].dtype)
+
+    def _in_frame(self, frame: Frame, atoms: Atoms) -> Atoms:
         keep = frame.geometry.contains(atoms.positions_A)
         return atoms if keep.all() else Atoms(atoms.positions_A[keep], atoms.classes[keep], atoms.confidence[keep], atoms.frame_index, atoms.class_names,
                                               None if atoms.uncertainty_A is None else atoms.uncertainty_A[keep], None if atoms.times_s is None else atoms.times_s[keep])
+
+    def _fallback_atoms(self, frame: Frame) -> Atoms:
+        return self._in_frame(frame, self._fallback.find(frame))
 
     def _atoms(self, frame: Frame, rc: np.ndarray, classes: np.ndarray, conf: np.ndarray, sigma_rc: np.ndarray, px: float, py: float,
                evidence_nats: np.ndarray | None = None) -> Atoms:
