@@ -111,9 +111,12 @@ def frame_check(
     worst = max(parts, key=lambda k: parts[k])
     score = float(parts[worst])
     typical = score < 1.0
-    reason = "like the trained specimens" if typical else (
-        f"unlike the trained specimens: {worst} "
-        + {"network doubt": f"{doubt:.0%} of atoms without a clear class", "lattice misfit": f"{misfit:.0%} of atoms not in a honeycomb",
-           "uncovered area": f"{uncovered:.0%} of the frame farther than {COVER_RADIUS_A:g} Å from any atom"}[worst]
-    )
+    if typical:
+        reason = "like the trained specimens"
+    elif worst == "network doubt":
+        reason = f"unlike the trained specimens: network doubt: {doubt or 0.0:.0%} of atoms without a clear class"
+    elif worst == "lattice misfit":
+        reason = f"unlike the trained specimens: lattice misfit: {misfit:.0%} of atoms not in a honeycomb"
+    else:
+        reason = f"unlike the trained specimens: uncovered area: {uncovered:.0%} of the frame farther than {COVER_RADIUS_A:g} Å from any atom"
     return FrameCheck(score, doubt, misfit, uncovered, n, typical, reason, square)
