@@ -128,6 +128,32 @@ def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, 
     return {s: float(x) for s, x, k in zip(symbols, sol, known) if k and x > 0}
 
 
+def _free_level_ratio(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float) -> tuple[float, float]:
+    """``(log-likelihood ratio, intensity)`` of one site's pixels ``x`` ``(P,)`` (background ``b``,
+    shape ``q``) at its own maximum-likelihood intensity against ``host_level`` (Poisson; the
+    intensity on a grid from 0 to 30x the host's, refined by a few Newton steps)."""
+    x = np.asarray(x, np.float64)
+    b = np.maximum(np.asarray(b, np.float64), 1e-9)
+    q = np.asarray(q, np.float64)
+
+    def ll(c: np.ndarray) -> np.ndarray:
+        lam = b[None, :] + c[:, None] * q[None, :]
+        return (x[None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=1)
+
+    grid = np.concatenate([[0.0], host_level * np.geomspace(0.01, 30.0, 64)])
+    vals = ll(grid)
+    c = float(grid[int(np.argmax(vals))])
+    for _ in range(8):  # Newton on the concave log-likelihood, kept non-negative
+        lam = b + c * q
+        g = float((x * q / lam - q).sum())
+        hess = float(-(x * q * q / lam**2).sum())
+        if hess >= 0:
+            break
+        c = max(0.0, c - g / hess)
+    best = max(float(vals.max()), float(ll(np.array([c]))[0]))
+    return best - float(ll(np.array([host_level]))[0]), c
+
+
 def classify_by_counts(
     counts: np.ndarray,
     others: np.ndarray,
@@ -228,6 +254,7 @@ def classify_by_counts(
         # a site the network put in a class with no level here (its anchor had too few members
         # to fix the atom's intensity) keeps its class, and nothing moves into such a class
         keep = ~np.isin(cls[member], lcls)
+        lone = (np.flatnonzero(member)[keep], x[keep], b[keep], q[keep], m[keep])
         if keep.any():
             member[np.flatnonzero(member)[keep]] = False
             m, x, b, q = m[~keep], x[~keep], b[~keep], q[~keep]
@@ -298,6 +325,21 @@ def classify_by_counts(
             demoted[idx[weak]] = True
             best = np.where(weak, host_k, best)
             evidence[idx] = np.where(weak, 0.0, llr)
+            host_l = int(np.flatnonzero(lcls == host_k)[0])
+            lone_host = fam.levels[[c for c, _ in fam.levels].index(fam.host)][1]
+            for j, xs, bs, qs, ms in zip(*lone):
+                # a class with no level of its own (too few members to measure it): its label is
+                # earned by the generalised likelihood ratio of the site's own best intensity
+                # against the host level, on the class's side of it (fewer atoms: dimmer; others: brighter)
+                comp_j = dict(fam.levels)[class_names[int(cls[j])]] if class_names[int(cls[j])] in dict(fam.levels) else lone_host
+                glr, c_hat = _free_level_ratio(xs, bs + np.float32(extra) * ms, qs, float(level[host_l]))
+                brighter = len(comp_j) >= len(lone_host)
+                ok_side = (c_hat > level[host_l]) if brighter else (c_hat < level[host_l])
+                earned = ok_side and glr / gain >= min_evidence_nats
+                evidence[j] = glr / gain if earned else 0.0
+                if not earned:
+                    out_cls[j] = host_k
+                    demoted[j] = True
         out_cls[idx] = best
         out_p[idx] = np.exp(cpost[np.arange(len(x)), best])
         decided[idx] = True

@@ -178,7 +178,8 @@ class UNetSegmenter:
     ``"perovskite"`` takes A / B (/ O) columns from :class:`~stemagent.segmentation.perovskite.PerovskiteFinder`,
     ``"auto"`` chooses per frame (a square lattice on a covered frame: perovskite; otherwise the
     family holding most of the network's class probability) and says what it chose in the
-    frame's report. ``num_threads``: torch CPU threads (None leaves torch's setting).
+    frame's report. ``gate_network_labels``: also gate the network's defect labels on frames where
+    the count mixture could not measure the family (see :meth:`_earn_labels`). ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class UNetSegmenter:
         min_evidence_nats: float = MIN_EVIDENCE_NATS,
         ood_fallback: str = "warn",
         specimen: str = "auto",
+        gate_network_labels: bool = False,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -241,10 +243,13 @@ class UNetSegmenter:
         self.min_evidence_nats = float(min_evidence_nats)
         self.ood_fallback = ood_fallback
         self.specimen = specimen
+        self.gate_network_labels = bool(gate_network_labels)
         self._fallback = LoGFinder()
         self._perovskite = PerovskiteFinder()
         #: per frame of the last call: detector, out-of-distribution check, defect labels, fallback
         self.last_reports: list[dict[str, Any]] = []
+        #: each class's sublattice family (index -> family name)
+        self._family_of: dict[int, str] = {self.class_names.index(c): f.name for f in DEFAULT_FAMILIES for c in f.classes if c in self.class_names}
         #: each defect class's host class (index -> index), from the sublattice families
         self._host_of: dict[int, int] = {
             self.class_names.index(c): self.class_names.index(f.host)
@@ -349,17 +354,22 @@ class UNetSegmenter:
             self.last_intensity_report = {"error": f"{type(exc).__name__}: {exc}"}
             return self._earn_labels(host)
         self.last_intensity_report = res.families
+        measured = {f.name for f in DEFAULT_FAMILIES if str(res.families.get(f.name, "")).startswith("counts mixture")}
         host["classes"] = res.classes
         host["evidence_nats"] = res.evidence_nats
         # confidence: the network's atom probability x the mixture's class probability
         atom_p = host["class_probs"].sum(axis=1)
         host["confidence"] = np.where(res.decided, atom_p * res.class_posterior, host["confidence"])
-        return self._earn_labels(host)
+        return self._earn_labels(host, measured)
 
-    def _earn_labels(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Sites the count mixture did not decide (frame edge, too few sites, stage off) keep a
-        defect label only if the network's log odds of it against the host class reach
-        ``min_evidence_nats``; otherwise they take the host class. Their evidence is those odds."""
+    def _earn_labels(self, host: dict[str, np.ndarray], measured: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """Sites the count mixture did not decide (within ``intensity_margin_A`` of the edge, a
+        frame with too few sites of a family, the stage off): their evidence is the network's log
+        odds of their class against the host class. Where the mixture measured the site's family
+        on this frame (the site is in the edge band), a defect label needs those odds to reach
+        ``min_evidence_nats``, else the host class. Where it could not (``measured`` lacks the
+        family: e.g. a manipulation's small confirmation scan), the network's label stands with its
+        odds reported, unless ``gate_network_labels`` asks for the gate there too."""
         ev = host["evidence_nats"]
         todo = ~np.isfinite(ev)
         if not todo.any():
@@ -375,7 +385,8 @@ class UNetSegmenter:
             else:
                 p = np.clip(probs[sel], 1e-12, None)
                 odds = np.log(p[:, defect]) - np.log(p[:, host_k])
-            weak = ~(odds >= self.min_evidence_nats)
+            gate = self.gate_network_labels or self._family_of.get(defect, "") in measured
+            weak = ~(odds >= self.min_evidence_nats) if gate else np.zeros(len(odds), dtype=bool)
             idx = np.flatnonzero(sel)
             cls[idx[weak]] = host_k
             ev[idx] = np.where(weak, 0.0, odds)
