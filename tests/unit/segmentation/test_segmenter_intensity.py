@@ -157,3 +157,18 @@ def test_segmenter_on_twin_frames_makes_fewer_class_errors_with_the_counts(kind:
             family = "tmd-chalcogen" if kind == "mos2" else "graphene"
             assert seg.last_intensity_report[family].startswith("counts mixture")
     assert errors[True] < errors[False], errors
+
+
+def test_a_lone_defect_earns_its_label_by_its_own_intensity() -> None:
+    # one Si among 200 C at ~1e4 e/Å2: too few Si to measure a Si level, so the label is earned
+    # by the site's own best intensity against the carbon level (issue 12); a "Si" the network
+    # calls on a carbon's counts is given the host class
+    rng = np.random.default_rng(4)
+    truth = np.r_[np.full(200, C), SI, C]
+    level = {C: 17.0, SI: 80.0}
+    counts, others, psf, mask = windows(rng, np.array([level[int(c)] for c in truth]), background_px=0.01)
+    net = truth.copy()
+    net[-1] = SI  # a carbon the network calls Si
+    res = classify_by_counts(counts, others, psf, mask, net, np.ones(len(net), bool), NAMES)
+    assert res.classes[-2] == SI and res.evidence_nats[-2] > 5.3
+    assert res.classes[-1] == C and res.demoted[-1] and res.evidence_nats[-1] == 0.0
