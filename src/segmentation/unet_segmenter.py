@@ -244,6 +244,8 @@ class UNetSegmenter:
         self.ood_fallback = ood_fallback
         self.specimen = specimen
         self.gate_network_labels = bool(gate_network_labels)
+        #: frames found unlike the trained specimens so far (warnings are logged at 1, 2, 4, 8, ...)
+        self.atypical_frames = 0
         self._fallback = LoGFinder()
         self._perovskite = PerovskiteFinder()
         #: per frame of the last call: detector, out-of-distribution check, defect labels, fallback
@@ -511,8 +513,12 @@ class UNetSegmenter:
             report["fallback"] = "perovskite"
             log.info("frame %s: specimen %s (%s): columns from the LoG finder, A/B by intensity", "?" if frame_index is None else frame_index, specimen, why)
         elif not check.typical:
-            log.warning("frame %s: %s (score %.2f)%s", "?" if frame_index is None else frame_index, check.reason, check.score,
-                        "; atoms from the LoG finder" if fallback else "; atoms and classes may be wrong (ood_fallback: log uses the LoG finder)")
+            self.atypical_frames += 1
+            # every atypical frame is in its log record; the console hears of the 1st, 2nd, 4th, 8th...
+            if self.atypical_frames & (self.atypical_frames - 1) == 0:
+                log.warning("frame %s: %s (score %.2f)%s [%d such frame%s so far]", "?" if frame_index is None else frame_index, check.reason,
+                            check.score, "; atoms from the LoG finder" if fallback else "; atoms and classes may be wrong (ood_fallback: log uses the LoG finder)",
+                            self.atypical_frames, "s" if self.atypical_frames > 1 else "")
         return one, report
 
     def _choose_specimen(self, one: dict[str, np.ndarray], check: FrameCheck) -> tuple[str, str]:
