@@ -278,14 +278,16 @@ class FileDriver(PlaybackDriver):
         pace: str = "fast",
         clock: Clock | None = None,
         pixel_size_A: float | None = None,
-        dwell_s: float = 1e-6,
+        dwell_s: float | None = None,
         beam_current_pA: float | None = None,
     ) -> None:
         super().__init__(pace=pace, clock=clock)
         plist = [paths] if isinstance(paths, (str, Path)) else list(paths)
         self.paths = [Path(p) for p in plist]
         self.acquisitions = [a for p in self.paths for a in read_acquisitions(p, pixel_size_A)]
-        self.default_dwell_s = dwell_s
+        #: the user's dwell for files that record none (the timing of such files is 1 µs/px otherwise)
+        self.user_dwell_s = dwell_s
+        self.default_dwell_s = dwell_s or 1e-6
         self.beam_current_pA = beam_current_pA
         self._next = 0
         self._t_s = 0.0
@@ -312,9 +314,10 @@ class FileDriver(PlaybackDriver):
         a = self.acquisitions[i]
         g = a.geometry(self.default_dwell_s)
         current = self.beam_current_pA or a.beam_current_pA
+        dwell = a.dwell_s or self.user_dwell_s
         dose = 0.0
-        if current and a.dwell_s:
-            dose = dose_model.dose_e_per_A2(current, a.dwell_s, a.pixel_size_A[0] * a.pixel_size_A[1])
+        if current and dwell:
+            dose = dose_model.dose_e_per_A2(current, dwell, a.pixel_size_A[0] * a.pixel_size_A[1])
         return Frame(
             image=a.image,
             geometry=g,
@@ -322,7 +325,7 @@ class FileDriver(PlaybackDriver):
             index=i,
             dose_e_per_A2=dose,
             source=a.source,
-            meta={**a.meta, "dose_known": bool(dose), "dwell_known": a.dwell_s is not None},
+            meta={**a.meta, "dose_known": bool(dose), "dwell_known": dwell is not None},
         )
 
     async def acquire(self, geometry: ScanGeometry) -> Frame:

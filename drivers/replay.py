@@ -89,9 +89,11 @@ class ReplayDriver(PlaybackDriver):
         return result
 
 
-def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None, pixel_size_A: float | None = None) -> Driver:
+def open_replay(path: str | Path, *, pace: str = "fast", clock: Clock | None = None, pixel_size_A: float | None = None,
+                beam_current_pA: float | None = None, dwell_s: float | None = None) -> Driver:
     """A run log, or an acquisition file from other software (``drivers/files.py``, with
-    ``pixel_size_A`` for files that carry no calibration), as a driver."""
+    ``pixel_size_A`` for files that carry no calibration, and ``beam_current_pA`` / ``dwell_s``
+    for files that record no current or dwell), as a driver."""
     if is_acquisition_file(path):
-        return FileDriver(path, pace=pace, clock=clock, pixel_size_A=pixel_size_A)
+        return FileDriver(path, pace=pace, clock=clock, pixel_size_A=pixel_size_A, beam_current_pA=beam_current_pA, dwell_s=dwell_s)
     return ReplayDriver(path, pace=pace, clock=clock)

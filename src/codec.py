@@ -304,6 +304,7 @@ def encode_atoms(atoms: Atoms) -> dict[str, Any]:
         "class_names": list(atoms.class_names),
         "uncertainty_A": [] if atoms.uncertainty_A is None else atoms.uncertainty_A.tolist(),
         "times_s": [] if atoms.times_s is None else atoms.times_s.tolist(),
+        "evidence_nats": [] if atoms.evidence_nats is None else atoms.evidence_nats.tolist(),
         "n_atoms": len(atoms),
     }
 
@@ -328,6 +329,7 @@ def decode_atoms(data: Any, where: str = "atoms") -> Atoms:
             class_names=tuple(str(c) for c in data["class_names"]),
             uncertainty_A=optional("uncertainty_A"),
             times_s=optional("times_s"),
+            evidence_nats=optional("evidence_nats"),
         )
     except KeyError as exc:
         raise InputError(f"{where}.{exc.args[0]}", "<missing>", "is required") from None

@@ -88,6 +88,8 @@ class ReplayDriverConfig(_Model):
     path: Path
     pace: Literal["recorded", "fast"] = "fast"
     pixel_size_A: float | None = Field(None, gt=0, le=1e4, description="for files without a pixel calibration, Å")
+    beam_current_pA: float | None = Field(None, gt=0, le=1e6, description="for files that record no beam current, pA (dose unknown without it)")
+    dwell_s: float | None = Field(None, gt=0, le=10.0, description="for files that record no dwell time, s (dose unknown without it)")
 
 
 class ZmqDriverConfig(_Model):
@@ -197,6 +199,11 @@ class UNetSegmenterConfig(_Model):
     refine: bool = Field(True, description="Poisson ML Gaussian fit on the raw frame")
     refine_pixel_A: float = Field(0.2, gt=0.0, description="frames finer than this are binned for the fit, Å/px")
     probe_sigma_A: float = Field(0.35, gt=0.01, le=5.0, description="starting Gaussian width of a column image, Å")
+    specimen: Literal["graphene", "tmd", "perovskite", "auto"] = Field(
+        "auto", description="specimen prior: classes restricted to the specimen's; 'auto' chooses per frame and logs what it chose")
+    ood_fallback: Literal["warn", "log"] = Field(
+        "warn", description="a frame unlike the trained specimens: 'warn' logs it, 'log' also takes the LoG finder's atoms")
+    min_evidence_nats: float = Field(5.3, ge=0.0, le=100.0, description="least log-likelihood ratio against the host class for a defect label")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 
 

@@ -183,6 +183,8 @@ class Atoms:
     ``positions_A``: ``(N, 2)`` (x, y) in Å, sample frame. ``classes``: ``(N,)`` int indices into
     ``class_names``. ``confidence``: ``(N,)`` in [0, 1]. ``uncertainty_A``: ``(N,)`` 1-sigma
     position uncertainty in Å, or None. ``times_s``: ``(N,)`` acquisition time of each atom, or None.
+    ``evidence_nats``: ``(N,)`` what earned each atom its class: the log-likelihood ratio of its
+    class against its sublattice's host class (0 for a host-class atom), or None.
     """
 
     positions_A: np.ndarray
@@ -192,6 +194,7 @@ class Atoms:
     class_names: tuple[str, ...] = ("atom",)
     uncertainty_A: np.ndarray | None = None
     times_s: np.ndarray | None = None
+    evidence_nats: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.positions_A = np.asarray(self.positions_A, dtype=np.float64).reshape(-1, 2)
@@ -212,6 +215,10 @@ class Atoms:
             self.times_s = np.asarray(self.times_s, dtype=np.float64).reshape(-1)
             if self.times_s.shape != (n,):
                 raise InputError("times_s.shape", self.times_s.shape, f"must be ({n},)")
+        if self.evidence_nats is not None:
+            self.evidence_nats = np.asarray(self.evidence_nats, dtype=np.float64).reshape(-1)
+            if self.evidence_nats.shape != (n,):
+                raise InputError("evidence_nats.shape", self.evidence_nats.shape, f"must be ({n},)")
 
     def __len__(self) -> int:
         return len(self.positions_A)
@@ -227,6 +234,7 @@ class Atoms:
             class_names=self.class_names,
             uncertainty_A=None if self.uncertainty_A is None else self.uncertainty_A[keep],
             times_s=None if self.times_s is None else self.times_s[keep],
+            evidence_nats=None if self.evidence_nats is None else self.evidence_nats[keep],
         )
 
 

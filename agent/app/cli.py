@@ -34,7 +34,7 @@ from stemagent.agent.app.cli_support import (
     signal_exit_code,
 )
 from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
-from stemagent.agent.app.replay_files import replay_file
+from stemagent.agent.app.replay_files import FileReplaySummary, file_dose, replay_file
 from stemagent.agent.app.report import write_report
 from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
 from stemagent.agent.app.replay_log import compare_drift, logged_controls, replay_config, unreadable_frames, verify_run_log
@@ -176,6 +176,11 @@ def replay(
     verify: bool = typer.Option(False, "--verify", help="re-run the log's pipeline on every logged observation and check "
                                                           "every output (atoms, stage records, labels, decisions) equals the log"),
     rtol: float = typer.Option(0.0, "--rtol", help="with --verify: relative tolerance of numbers (0: bit for bit)"),
+    segmenter: Optional[str] = typer.Option(None, "--segmenter", help="for a file: 'unet' or 'log' (default: the config's)"),
+    specimen: Optional[str] = typer.Option(None, "--specimen", help="for a file, with the U-Net: graphene | tmd | perovskite | auto"),
+    config: Optional[Path] = typer.Option(None, "--config", help="for a file: the run config whose pipeline analyses it"),
+    beam_current_pA: Optional[float] = typer.Option(None, "--beam-current-pA", help="for a file that records none (dose unknown without it)"),
+    dwell_s: Optional[float] = typer.Option(None, "--dwell-s", help="for a file that records none (dose unknown without it)"),
 ) -> None:
     """Run a recorded log back through the same pipeline and compare the atoms found.
 
@@ -185,8 +190,9 @@ def replay(
     difference of each observation is printed with its frame and field (exit 1 on a difference).
 
     LOG may also be an acquisition from other software (.dm3/.dm4, .emd, .tif, Nion .ndata/.h5):
-    its images are analysed with the default pipeline at their own pixel calibration (or at
-    --pixel-size-A)."""
+    its images are analysed with the default pipeline (or --config's; --segmenter, --specimen) at
+    their own pixel calibration (or at --pixel-size-A). Its dose is reported only when the file or
+    --beam-current-pA and --dwell-s give the current and the dwell; otherwise it is "unknown"."""
     if pace not in PACES:
         raise InputError("--pace", pace, f"must be one of {PACES}")
     if pixel_size_A is not None and not (0 < pixel_size_A < 1e4):
@@ -196,19 +202,25 @@ def replay(
     if is_acquisition_file(log):
         if verify:
             raise InputError("--verify", log.name, "applies to run logs (an acquisition file has no decisions to check)")
-        summary, sig = asyncio.run(replay_file(log, log_dir=log_dir, pace=pace, pixel_size_A=pixel_size_A))
+        base = load_config(config) if config is not None else None
+        summary, sig = asyncio.run(replay_file(log, log_dir=log_dir, pace=pace, pixel_size_A=pixel_size_A, base=base, segmenter=segmenter,
+                                               specimen=specimen, beam_current_pA=beam_current_pA, dwell_s=dwell_s))
         ignore_late_signals()
+        dose, dose_note = file_dose(log, pixel_size_A=pixel_size_A, beam_current_pA=beam_current_pA, dwell_s=dwell_s)
+        shown = FileReplaySummary(summary, dose, dose_note)
         if json_out:
-            print(json.dumps(summary.to_dict()))
+            print(json.dumps(shown.to_dict()))
         else:
-            print_summary(summary, f"replay of {log.name}")
+            print_summary(shown, f"replay of {log.name}")
             console.print(f"replay log: [bold]{summary.log_path}[/]")
         code = exit_code(summary, sig)
         if code:
             fail(f"replay of {log}: ended {summary.exit_status}: {summary.reason} (log {summary.log_path})", code)
         return
-    if pixel_size_A is not None:
-        raise InputError("--pixel-size-A", pixel_size_A, "applies to acquisition files; a run log carries its calibration")
+    for flag, value in (("--pixel-size-A", pixel_size_A), ("--segmenter", segmenter), ("--specimen", specimen), ("--config", config),
+                        ("--beam-current-pA", beam_current_pA), ("--dwell-s", dwell_s)):
+        if value is not None:
+            raise InputError(flag, value, "applies to acquisition files; a run log carries its own configuration and calibration")
     original = RunLog.open(log)
     if verify:
         show_verification(verify_run_log(original, log, rtol), original, json_out)

@@ -57,7 +57,7 @@ def build_driver(cfg: RunConfig, clock: Clock) -> Driver:
     if d.kind == "twin":
         return twin_from_config(d, clock=clock, seed=cfg.seed)
     if d.kind == "replay":
-        return open_replay(d.path, pace=d.pace, clock=clock, pixel_size_A=d.pixel_size_A)
+        return open_replay(d.path, pace=d.pace, clock=clock, pixel_size_A=d.pixel_size_A, beam_current_pA=d.beam_current_pA, dwell_s=d.dwell_s)
     if d.kind == "zmq":
         return ZmqDriver.from_config(d, seed=cfg.seed, clock=clock)
     raise ValueError(f"driver.kind={d.kind!r}: no driver is registered for this kind")
@@ -78,6 +78,9 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
             refine=s.refine,
             refine_pixel_A=s.refine_pixel_A,
             probe_sigma_A=s.probe_sigma_A,
+            specimen=s.specimen,
+            ood_fallback=s.ood_fallback,
+            min_evidence_nats=s.min_evidence_nats,
             num_threads=s.num_threads,
         )
     raise ValueError(f"pipeline.segmenter.kind={s.kind!r}: no segmenter is registered for this kind")

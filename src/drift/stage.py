@@ -552,6 +552,7 @@ class DriftStage:
             class_names=atoms.class_names,
             uncertainty_A=unc,
             times_s=times,
+            evidence_nats=atoms.evidence_nats,
         )
         image = None
         if corrected and self.config.resample_frame and status in ("reference", "tracking"):

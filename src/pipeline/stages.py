@@ -50,6 +50,10 @@ class SegmentStage:
         obs.atoms = self.segmenter.find(obs.frame)
         obs.records[self.name] = {"n_atoms": len(obs.atoms), "class_names": list(obs.atoms.class_names),
                                   "counts": np.bincount(obs.atoms.classes, minlength=len(obs.atoms.class_names)).tolist()}
+        # a segmenter that reports on its frame (detector, out-of-distribution check, evidence): into the log
+        report = getattr(self.segmenter, "last_report", None)
+        if isinstance(report, dict) and report:
+            obs.records[self.name]["report"] = report
         return obs
 
 

@@ -298,6 +298,7 @@ def aperture_counts(
     fit: GaussianFit,
     width0_px: float,
     aperture_px: float,
+    counting: torch.Tensor | None = None,
 ) -> ApertureCounts:
     """The pixels within ``aperture_px`` of each site with the model's share of their counts.
 
@@ -312,6 +313,7 @@ def aperture_counts(
     (:func:`detector_response`), so a site holding atoms of integrated intensity ``c``
     (electrons) has pixel counts ``Poisson(others + c * psf)``, which is what a composition
     model of the sites needs (:func:`~stemagent.segmentation.intensity.classify_by_counts`).
+    ``counting`` ``(B,)`` marks images in electrons already (see :func:`detector_response`).
     """
     dev = images.device
     nb, h, w = images.shape
@@ -363,7 +365,7 @@ def aperture_counts(
     psf = (torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) + sb / area) * mask
     # from detector counts to electrons: see detector_response
     model = (canvas + share.repeat_interleave(h * w) * wings).reshape(nb, h, w) + vacuum[:, None, None]
-    gain, offset = detector_response(images, model, rad_m)
+    gain, offset = detector_response(images, model, rad_m, counting)
     g, o = gain[batch][:, None, None], offset[batch][:, None, None]
     counts = (counts - o * mask) / g
     others = ((others - o * mask) / g).clamp_min(0.0)
@@ -399,7 +401,7 @@ def _wing_regression(background: torch.Tensor, density: torch.Tensor, use: torch
     return vacuum, share
 
 
-def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int, counting: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ``(gain, offset)`` of a detector, from how the noise grows with the signal.
 
     For counts ``y = offset + gain * n + read noise`` with ``n`` Poisson electrons, the variance
@@ -410,8 +412,10 @@ def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int)
     moments (read noise becomes a small extra background). Where the slope is not positive
     the image is left as it is: ``(1, 0)``.
 
-    An image of non-negative whole numbers is taken to be from a counting detector, which
-    reports electrons, and gets ``(1, 0)`` without the regression: the fit's residuals
+    An image ``counting`` ``(B,)`` marks (a counting detector, decided from the image's
+    statistics by :func:`~stemagent.segmentation.detector.estimate_detector`, never from whole
+    numbers: analog scan generators write whole numbers too) reports electrons and gets
+    ``(1, 0)`` without the regression: the fit's residuals
     understate the noise where atoms are (each fitted amplitude soaks up part of it), which
     biases the offset by a few tenths of a count per pixel, enough to hide vacancies at
     3e3 e/Å² (BENCHMARKS.md). On analog data the same bias is small next to the offsets and
@@ -424,8 +428,8 @@ def detector_response(images: torch.Tensor, model: torch.Tensor, border_px: int)
     mu_c = mu - mu.mean(dim=1, keepdim=True)
     slope = (mu_c * r2).mean(dim=1) / (mu_c * mu_c).mean(dim=1).clamp_min(1e-12)
     intercept = r2.mean(dim=1) - slope * mu.mean(dim=1)
-    counting = ((images - torch.round(images)).abs() < 1e-3).flatten(1).all(dim=1) & (images >= 0).flatten(1).all(dim=1)
-    good = torch.isfinite(slope) & torch.isfinite(intercept) & (slope > 1e-6) & ~counting
+    known = torch.zeros(len(images), dtype=torch.bool, device=images.device) if counting is None else counting.to(images.device)
+    good = torch.isfinite(slope) & torch.isfinite(intercept) & (slope > 1e-6) & ~known
     gain = torch.where(good, slope, torch.ones_like(slope))
     offset = torch.where(good, -intercept / gain, torch.zeros_like(slope))
     return gain, offset

@@ -146,8 +146,11 @@ async def test_file_driver_plays_images_as_frames(tmp_path: Path) -> None:
     assert first.geometry.fov_A == pytest.approx((2.4, 3.2)) and first.geometry.dwell_s == 2e-6
     assert second.start_time_s == pytest.approx(first.geometry.frame_time_s)
     assert drv.clock.monotonic() == pytest.approx(2 * first.geometry.frame_time_s)  # recorded pace
-    assert first.dose_e_per_A2 == 0.0 and first.meta["dose_known"] is False  # no dwell in the file
+    # no dwell in the file, but the user gave dwell and current: the dose is known (issue 12 item 7)
+    assert first.dose_e_per_A2 > 0 and first.meta["dose_known"] is True
     assert drv.mismatched_geometries == 1
+    bare = FileDriver(p, beam_current_pA=10.0)  # no dwell from the file or the user: dose unknown
+    assert bare.frame(0).dose_e_per_A2 == 0.0 and bare.frame(0).meta["dose_known"] is False
     with pytest.raises(EndOfData):
         await drv.acquire(first.geometry)
 

@@ -159,3 +159,62 @@ def test_training_is_reproducible_and_writes_a_card(tmp_path):
     assert card["trained"]["steps"] == 3 and math.isfinite(card["trained"]["final_loss_ema"])
     # the card is enough to load the weights as a segmenter
     UNetSegmenter(cfg_a.out, device="cpu")
+
+
+def test_whole_number_analog_frames_are_not_taken_as_counts() -> None:
+    # issue 12 item 2: a uint32 HAADF image with an offset of millions was taken as electron
+    # counts because its pixels are whole numbers, and a third of the chalcogen columns of a
+    # defect-free MoS2 frame came out "column-vacancy"; adding 0.25 to every pixel changed that
+    from tests.unit.segmentation.test_segmenter_detector_model import twin
+
+    seg = UNetSegmenter(device="cpu")
+    names = np.asarray(seg.class_names)
+    img = twin("mos2", 1e4, "analog uint32, offset 3e6")
+    whole = names[seg.find_pixels(img, 0.1)["classes"]]
+    assert seg.last_detector is not None and seg.last_detector.kind == "analog"
+    shifted = names[seg.find_pixels(img.astype(np.float64) + 0.25, 0.1)["classes"]]
+    chalcogen = int(np.sum(whole == "chalcogen"))
+    assert chalcogen > 60
+    assert int(np.sum(whole == "column-vacancy")) <= 1, dict(zip(*np.unique(whole, return_counts=True)))
+    assert abs(int(np.sum(shifted == "chalcogen")) - chalcogen) <= 1
+
+
+def test_a_defect_label_must_be_earned_on_defect_free_frames() -> None:
+    # issue 12 item 3: at 1e3 e/Å2 about one carbon in ten gives no count, and the class stage
+    # called 2-3 % of a defect-free graphene frame "vacancy" or "Si"; a defect label now needs a
+    # likelihood ratio against the host class set for at most 0.5 % false labels
+    from stemagent.segmentation.intensity import MIN_EVIDENCE_NATS
+    from tests.unit.segmentation.test_segmenter_detector_model import twin
+
+    seg = UNetSegmenter(device="cpu")
+    names = np.asarray(seg.class_names)
+    host = false = 0
+    for seed in (0, 5):
+        out = seg.find_pixels(twin("graphene", 1e3, "counting uint16", seed=seed), 0.1)
+        cls = names[out["classes"]]
+        host += int(np.isin(cls, ["C", "Si", "vacancy"]).sum())
+        defect = np.isin(cls, ["Si", "vacancy"])
+        false += int(defect.sum())
+        assert np.all(out["evidence_nats"][defect] >= MIN_EVIDENCE_NATS)
+    assert host > 400
+    assert false <= 0.005 * host, (false, host)
+
+
+def test_a_well_evidenced_vacancy_keeps_its_label_and_its_evidence_is_logged() -> None:
+    from stemagent.codec import decode_atoms, encode_atoms
+    from stemagent.simulators import render_sample
+    from stemagent.types import ScanGeometry
+
+    rng = np.random.default_rng(11)
+    g = ScanGeometry(fov_A=(25.6, 25.6), shape_px=(256, 256), dwell_s=2e-6)
+    img, truth = render_sample("graphene", g, 3e4, rng, specimen_options={"si_per_nm2": 0.0, "vacancy_per_nm2": 0.5})
+    n_vac = int(np.sum(np.asarray(truth.class_names)[truth.labels] == "vacancy"))
+    assert n_vac >= 2
+    seg = UNetSegmenter(device="cpu")
+    frame = Frame(image=img, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=3e4)
+    atoms = seg.find(frame)
+    vac = atoms.classes == seg.class_names.index("vacancy")
+    assert atoms.evidence_nats is not None
+    assert int(vac.sum()) >= n_vac - 1 and np.all(atoms.evidence_nats[vac] > 5.3)
+    back = decode_atoms(encode_atoms(atoms))
+    assert back.evidence_nats is not None and np.allclose(back.evidence_nats, atoms.evidence_nats)
