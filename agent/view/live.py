@@ -105,7 +105,8 @@ class LiveSource:
             self._built = (frame.index, frame_doc)
         doc["frame"] = {k: v for k, v in frame_doc.items() if k != "_factor"}
         doc["atoms"] = snap.atoms_part(obs.atoms, frame.geometry, factor)
-        doc["decision"] = snap.decision_part(obs.decision, frame.geometry, factor)
+        # the newest decision (after a park too: parks do not replace the frame shown)
+        doc["decision"] = snap.decision_part(agent.last_decision, frame.geometry, factor)
         doc["timings_ms"] = {k: round(float(v), 2) for k, v in obs.timings_ms.items()}
         row = snap.drift_row(obs.drift)
         if row is not None and row[0] != self._drift_last:

@@ -11,7 +11,7 @@ observation), ``state``, ``frame`` (``index``, ``width``, ``height``, ``image_b6
 ``px_to_A``, ``fov_A``), ``atoms`` (``class_names``, ``col_row``, ``classes``), ``decision``
 (``policy``, ``reason``, ``scores``, ``command``: ``{"kind": "scan", "corners": [[col, row] x 4]}``,
 ``{"kind": "park", "at": [col, row], "position_A", "dwell_s"}`` or ``{"kind": "blank"}``),
-``dose`` (``peak_e_per_A2``, ``budget_e_per_A2``, ``map``: a small grid of dose / budget),
+``dose`` (``peak_e_per_A2``, ``budget_e_per_A2``, ``map``: a small grid of dose / budget, 3 significant digits),
 ``drift`` (``trace``: ``[frame_index, dx_A, dy_A, band95_A]`` rows), ``rates``
 (``frames_per_s``, ``latency_ms``, ``latency_ms_p50``), ``timings_ms``, ``events``, ``ready_wall_s``
 (wall clock when the observation was ready; the page measures its own update latency from it).
@@ -129,7 +129,7 @@ def dose_part(values: np.ndarray | None, peak_e_per_A2: float, budget_e_per_A2: 
         padded = np.zeros((h * f, w * f))
         padded[: v.shape[0], : v.shape[1]] = v
         reduced = padded.reshape(h, f, w, f).max(axis=(1, 3)) / budget_e_per_A2
-        out["map"] = {"rows": h, "cols": w, "fraction": _rounded(reduced, 3)}
+        out["map"] = {"rows": h, "cols": w, "fraction": [[float(f"{x:.3g}") for x in row] for row in reduced.tolist()]}
     return out
 
 

@@ -88,11 +88,15 @@ function drawDose(dose) {
   dx.fillStyle = "#000"; dx.fillRect(0, 0, dc.width, dc.height);
   if (!m) return;
   const w = dc.width / m.cols, h = dc.height / m.rows;
+  let top = 0;
+  for (const row of m.fraction) for (const v of row) top = Math.max(top, v);
+  $("dosemaptext").textContent = `dose map (allowed area), colour scaled to its peak: ${fmt(100 * top, 2)} % of the budget`;
   for (let i = 0; i < m.rows; i++) for (let j = 0; j < m.cols; j++) {
-    const v = Math.min(1, m.fraction[i][j]);
+    const v = top > 0 ? m.fraction[i][j] / top : 0;
     if (v <= 0) continue;
     dx.fillStyle = `rgb(${Math.round(255 * Math.min(1, 2 * v))},${Math.round(255 * Math.max(0, 1 - 2 * Math.abs(v - 0.5)))},${Math.round(80 * (1 - v))})`;
     dx.fillRect(j * w, dc.height - (i + 1) * h, w, h);  // rows along +y: drawn upwards
+    if (m.fraction[i][j] >= 0.8) { dx.strokeStyle = "#f00"; dx.strokeRect(j * w, dc.height - (i + 1) * h, w, h); }
   }
 }
 
@@ -115,6 +119,11 @@ function drawDrift(drift) {
   });
   const last = t[n - 1];
   $("drifttext").textContent = `frame ${last[0]}: dx ${fmt(last[1])} Å, dy ${fmt(last[2])} Å, 95 % band ±${fmt(last[3])} Å (scale ±${fmt(lim)} Å)`;
+}
+
+function setHTML(id, html) {  // only touch the DOM when the content changed
+  const el = $(id);
+  if (el._html !== html) { el.innerHTML = html; el._html = html; }
 }
 
 function esc(s) { return String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]); }
@@ -141,9 +150,9 @@ function render(doc) {
     ["frame→command (p50)", `${fmt(r.latency_ms_p50, 1)} ms`], ["frames dropped", fmt(r.frames_dropped)],
     ...Object.entries(tm).map(([k, v]) => [`${k}`, `${fmt(v, 1)} ms`])];
   if (view.latencies_ms.length) rows.push(["page update (last)", `${fmt(view.latencies_ms[view.latencies_ms.length - 1], 1)} ms`]);
-  $("rates").innerHTML = rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("");
-  $("events").innerHTML = (doc.events || []).slice().reverse()
-    .map((e) => `<li class="${esc(e.kind)}">${new Date(e.wall_s * 1000).toLocaleTimeString()} ${esc(e.kind)}: ${esc(e.text)}</li>`).join("");
+  setHTML("rates", rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join(""));
+  setHTML("events", (doc.events || []).slice().reverse()
+    .map((e) => `<li class="${esc(e.kind)}">${e.wall_s ? new Date(e.wall_s * 1000).toLocaleTimeString() + " " : ""}${esc(e.kind)}: ${esc(e.text)}</li>`).join(""));
   const isReplay = doc.mode === "replay";
   $("controls").hidden = isReplay;
   $("stepper").hidden = !isReplay;
@@ -163,13 +172,17 @@ async function poll() {
         view.seq = doc.seq;
         render(doc);
         view.draws++;
-        if (doc.ready_wall_s && doc.mode === "live") {
+        // a new frame's document (not a status change), and not the first after the page opened
+        // (that frame may be from before the page was there): frame-to-screen latency
+        const fresh = doc.mode === "live" && doc.ready_wall_s && doc.ready_wall_s !== view.lastReady;
+        if (fresh && view.draws > 1) {
           const ready = doc.ready_wall_s;
           requestAnimationFrame(() => {
             view.latencies_ms.push(Date.now() - ready * 1000);
             if (view.latencies_ms.length > 5000) view.latencies_ms.shift();
           });
         }
+        view.lastReady = doc.ready_wall_s;
       } else if (res.status !== 204) {
         view.errors++;
         await new Promise((ok) => setTimeout(ok, 1000));
