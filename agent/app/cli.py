@@ -105,8 +105,8 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     with_report: bool = typer.Option(True, "--report/--no-report", help="write the run report (report.md, report.html, "
                                                                          "figures) into the run log's folder at the end"),
-    view_at: Optional[str] = typer.Option(None, "--view", is_flag=False, flag_value=VIEW_DEFAULT, metavar="[HOST:PORT]",
-                                          help=f"serve the live page with pause/stop (default {VIEW_DEFAULT}: this machine only)"),
+    view_on: bool = typer.Option(False, "--view", help=f"serve the live page with pause/stop on {VIEW_DEFAULT} (this machine only)"),
+    view_at: Optional[str] = typer.Option(None, "--view-at", metavar="HOST:PORT", help="serve the live page there (implies --view)"),
 ) -> None:
     """Run the closed loop described by CONFIG and write a run log.
 
@@ -121,7 +121,7 @@ def run(
     ran: dict[str, Any] = {}  # the summary once there is one: printed whatever happens after
 
     async def go() -> Any:
-        async with open_telemetry(cfg, run_id) as telemetry, open_live_view(view_at) as page:
+        async with open_telemetry(cfg, run_id) as telemetry, open_live_view(view_at or (VIEW_DEFAULT if view_on else None)) as page:
 
             def started(agent: Any) -> None:
                 announce(err_console, cfg, run_id, str(agent.writer.path), telemetry)
