@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # the demo decides from what it sees (an autonomous survey); configs/twin-graphene-si.yaml is the raster
 DEMO_CONFIG ?= configs/twin-survey.yaml
 
-.PHONY: demo test lint install install-test broker clean bench
+.PHONY: demo test lint install install-test broker browser clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ broker:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto; }
 
+# the live page's browser test drives Debian's headless chromium with its chromedriver; this only installs them
+browser:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/stemagent run --config $(DEMO_CONFIG)
 
@@ -44,7 +50,7 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) tools/typecheck.py
 
-test: lint broker
+test: lint broker browser
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

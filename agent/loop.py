@@ -167,6 +167,12 @@ class Agent:
     def policy(self, policy: Policy) -> None:
         self.pipeline.stage("policy").policy = policy
 
+    @property
+    def last_observation(self) -> Observation | None:
+        """The newest analysed frame's observation (a reference the loop replaces, never changes;
+        the live view reads it lazily)."""
+        return self._last_obs
+
     # --- lifetime ------------------------------------------------------------------------------
     async def __aenter__(self) -> Agent:
         return self

@@ -31,15 +31,13 @@ from typing import Any, Protocol
 
 import aiomqtt
 import numpy as np
-from pydantic import ValidationError
 
-from stemagent.agent.control import ControlAck, ControlMessage
+from stemagent.agent.control import ControlAck, ControlMessage, InvalidControl, read_control
 from stemagent.config import TelemetryConfig
-from stemagent.errors import ConfigError, shown
+from stemagent.errors import ConfigError
 
 log = logging.getLogger("stemagent.agent.telemetry")
 
-MAX_CONTROL_BYTES = 64 * 1024
 #: kinds sent with QoS 1 (and ``status`` retained); the rest go QoS 0
 _RELIABLE = frozenset({"status", "ack", "fault", "summary", "safety", "error"})
 
@@ -263,24 +261,10 @@ class MqttTelemetry:
     def handle_control(self, payload: Any) -> ControlAck:
         """Validate one control payload, hand it to the agent, and make sure it is acknowledged."""
         self.stats["control_received"] += 1
-        raw = payload if isinstance(payload, (bytes, bytearray)) else str(payload).encode()
-        msg_id: str | None = None
-        command = "<invalid>"
         try:
-            if len(raw) > MAX_CONTROL_BYTES:
-                raise ValueError(f"control message of {len(raw)} bytes exceeds {MAX_CONTROL_BYTES}")
-            try:  # only to name the request in a refusal; validation below is strict
-                data = json.loads(bytes(raw))
-            except (ValueError, RecursionError):
-                data = None
-            if isinstance(data, dict):
-                msg_id = data.get("id") if isinstance(data.get("id"), str) else None
-                msg_id = msg_id[:128] if msg_id is not None else None
-                command = str(data.get("command", command))[:64]
-            msg = ControlMessage.from_json(bytes(raw))
-        except (ValueError, ValidationError, RecursionError) as exc:
-            detail = _explain(exc)
-            return self._reject(msg_id, command, f"invalid control message: {detail}")
+            msg = read_control(payload)
+        except InvalidControl as exc:
+            return self._reject(exc.msg_id, exc.command, str(exc))
         if self._target is None:
             return self._reject(msg.id, msg.command, "the agent is not running yet")
         try:
@@ -310,14 +294,3 @@ def _refused_credentials(exc: Exception) -> bool:
     value = getattr(rc, "value", rc)
     return value in (4, 5, 134, 135)  # MQTT 3.1.1 return codes, MQTT 5 reason codes
 
-
-def _explain(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "<message>"
-        if err.get("type") == "json_invalid":
-            return f"not valid JSON ({err.get('msg')})"
-        return f"{loc}={shown(err.get('input'))}: {err.get('msg')}"
-    if isinstance(exc, RecursionError):
-        return "JSON nested too deeply"
-    return str(exc)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
 from stemagent.agent.app.cli_simulate import simulate
+from stemagent.agent.app.cli_view import VIEW_DEFAULT, open_live_view, view
 from stemagent.agent.app.console import StatusLine, Tee, announce
 from stemagent.agent.app.cli_support import (
     EXIT_BAD_INPUT,
@@ -104,6 +105,8 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     with_report: bool = typer.Option(True, "--report/--no-report", help="write the run report (report.md, report.html, "
                                                                          "figures) into the run log's folder at the end"),
+    view_on: bool = typer.Option(False, "--view", help=f"serve the live page with pause/stop on {VIEW_DEFAULT} (this machine only)"),
+    view_at: Optional[str] = typer.Option(None, "--view-at", metavar="HOST:PORT", help="serve the live page there (implies --view)"),
 ) -> None:
     """Run the closed loop described by CONFIG and write a run log.
 
@@ -118,17 +121,18 @@ def run(
     ran: dict[str, Any] = {}  # the summary once there is one: printed whatever happens after
 
     async def go() -> Any:
-        async with open_telemetry(cfg, run_id) as telemetry:
+        async with open_telemetry(cfg, run_id) as telemetry, open_live_view(view_at or (VIEW_DEFAULT if view_on else None)) as page:
 
             def started(agent: Any) -> None:
                 announce(err_console, cfg, run_id, str(agent.writer.path), telemetry)
-                if telemetry is not None:
-                    telemetry.attach(agent)
+                for sink in (telemetry, page):
+                    if sink is not None:
+                        sink.attach(agent)
                 status.start(agent)
 
             try:
                 agent, summary, sig = await run_with_signals(
-                    lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=Tee(telemetry, status)),
+                    lambda: build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, run_id), telemetry=Tee(telemetry, status, page)),
                     attach=started,
                 )
             finally:
@@ -347,6 +351,7 @@ def compare_atoms(a: Any, b: Any) -> tuple[int, int]:
 
 app.command("bridge")(one_line_errors(bridge))
 app.command("simulate")(one_line_errors(simulate))
+app.command("view")(one_line_errors(view))
 app.command("analyze-boundaries")(analyze_boundaries)
 
 
