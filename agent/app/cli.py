@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from stemagent.agent.app.batch import batch
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
 from stemagent.agent.app.cli_simulate import simulate
 from stemagent.agent.app.console import StatusLine, Tee, announce
@@ -336,6 +337,7 @@ def compare_atoms(a: Any, b: Any) -> tuple[int, int]:
 app.command("bridge")(one_line_errors(bridge))
 app.command("simulate")(one_line_errors(simulate))
 app.command("analyze-boundaries")(analyze_boundaries)
+app.command("batch")(batch)
 
 
 def main() -> None:  # pragma: no cover - console entry for python -m

@@ -15,14 +15,15 @@ from typing import Any
 from stemagent.agent.app.cli_support import run_with_signals
 from stemagent.agent.app.factory import build_agent, new_run_dir
 from stemagent.config import RunConfig, config_from_dict
-from stemagent.drivers.files import read_acquisitions
+from stemagent.drivers.files import Acquisition, read_acquisitions
 
 
 def file_replay_config(path: Path, *, pace: str = "fast", base: RunConfig | None = None,
-                       pixel_size_A: float | None = None) -> RunConfig:
+                       pixel_size_A: float | None = None, acquisitions: list[Acquisition] | None = None) -> RunConfig:
     """A run configuration that plays ``path`` through the pipeline of ``base`` (defaults if None);
-    ``pixel_size_A`` calibrates files that carry no calibration."""
-    acqs = read_acquisitions(path, pixel_size_A)
+    ``pixel_size_A`` calibrates files that carry no calibration; ``acquisitions``: the file's images
+    when the caller has read them already (``stemagent batch``)."""
+    acqs = acquisitions if acquisitions is not None else read_acquisitions(path, pixel_size_A)
     g = acqs[0].geometry(default_dwell_s=1e-6)
     data: dict[str, Any] = (base or RunConfig()).model_dump(mode="json")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{path.stem}-replay")[:64]
