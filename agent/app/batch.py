@@ -27,39 +27,28 @@ tables of numbers.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
-import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from stemagent.agent.app.batch_worker import PER_FRAME_STAGES, PLUGIN_NAME, ModelCache, TaskResult, TaskSpec, analyse, count_frames, provenance
-from stemagent.agent.app.cli_support import EXIT_FAILED, console, err_console, fail, one_line_errors
-from stemagent.batch.inputs import BatchInput, discover
+from stemagent.batch.inputs import BatchInput
 from stemagent.batch.outputs import FrameRows, concat_rows, fingerprint, is_complete, write_input_outputs, write_summary
-from stemagent.config import load_config
-from stemagent.drivers.files import ACQUISITION_SUFFIXES
 from stemagent.errors import InputError, StemAgentError
 
 try:  # the 'batch' extra
     from distributed import Client, LocalCluster, as_completed
     from distributed.diagnostics.plugin import WorkerPlugin
-except ImportError:  # pragma: no cover - reported when the command runs
-    Client = LocalCluster = as_completed = None  # type: ignore[assignment,misc]
-    WorkerPlugin = object  # type: ignore[assignment,misc]
-
-#: stage names ``--stages`` may list
-KNOWN_STAGES = ("segment", "drift", "boundaries", "encoding")
+except ImportError as missing:  # pragma: no cover - the command says what to install
+    raise InputError("batch", "dask", f"needs the 'batch' extra (pip install 'stemagent[batch]'): {missing}") from None
 
 
-class BatchWorkerPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
+class BatchWorkerPlugin(WorkerPlugin):
     """On each worker: torch at ``torch_threads`` threads and a :class:`ModelCache` (models loaded once per worker)."""
 
     name = PLUGIN_NAME
@@ -142,33 +131,29 @@ def describe_error(exc: BaseException) -> str:
 @contextlib.contextmanager
 def open_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
     """A Dask client: of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` single-threaded processes."""
-    if Client is None:
-        raise InputError("batch", "dask", "needs the 'batch' extra (pip install 'stemagent[batch]')")
     if scheduler:
         with Client(scheduler, timeout="30s") as client:
             yield client
         return
     n = workers or os.cpu_count() or 1
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    dashboard = ":0" if _has_dashboard() else None
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the scheduler's INFO lines would bury the report
+    # ':0': a free port (another user's cluster on this machine may hold Dask's default 8787)
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR, env=env) as cluster, Client(cluster) as client:
         yield client
 
 
-def _has_dashboard() -> bool:
+def dashboard_of(client: Any) -> str:
+    """The dashboard address when the scheduler runs one with its pages (bokeh installed: the 'batch' extra); '' otherwise."""
     import importlib.util
 
-    return importlib.util.find_spec("bokeh") is not None
-
-
-def dashboard_of(client: Any) -> str:
-    """The dashboard address when the scheduler runs one ('' otherwise)."""
     try:
         services = client.scheduler_info().get("services", {})
     except Exception:  # noqa: BLE001 - informational only
         return ""
-    return str(client.dashboard_link) if "dashboard" in services else ""
+    has_pages = importlib.util.find_spec("bokeh") is not None  # without it the service answers only health and metrics
+    return str(client.dashboard_link) if "dashboard" in services and has_pages else ""
 
 
 class _Input:
@@ -233,14 +218,17 @@ def run_batch(client: Any, inputs: list[BatchInput], options: BatchOptions,
             continue
         state, order = found
         if fut.status != "finished":
-            exc = fut.exception()
+            try:
+                error: BaseException = fut.exception()
+            except BaseException as lost:  # noqa: BLE001 - a cancelled or lost task: its reason is the error
+                error = lost
             state.failed = True
             for other in state.futures:
                 if other.key in owner:
                     owner.pop(other.key)
                     other.cancel()
             outcomes[state.input] = Outcome(state.input, "failed", seconds=time.perf_counter() - state.t0,
-                                            error=describe_error(exc))
+                                            error=describe_error(error))
             finished += 1
             if on_progress:
                 on_progress(finished, len(todo), frames_done)
@@ -279,93 +267,3 @@ def _finish(state: _Input, request: dict[str, Any]) -> Outcome:
         return Outcome(state.input, "failed", seconds=time.perf_counter() - state.t0, error=describe_error(exc))
     return Outcome(state.input, "done", frames=rows.n_frames, atoms=rows.n_atoms, seconds=time.perf_counter() - state.t0,
                    output=str(state.folder))
-
-
-# --- the command --------------------------------------------------------------------------
-
-
-def parse_stages(text: str | None) -> tuple[str, ...] | None:
-    if text is None or not text.strip():
-        return None
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    for name in names:
-        if name not in KNOWN_STAGES:
-            raise InputError("--stages", name, f"is not a stage (one of {','.join(KNOWN_STAGES)})")
-    if "segment" not in names:
-        raise InputError("--stages", text, "must include 'segment' (every other stage works on its atoms)")
-    return names
-
-
-def show_report(report: BatchReport) -> None:
-    table = Table(title="batch", show_header=True)
-    for col in ("input", "status", "frames", "atoms", "seconds", "error"):
-        table.add_column(col)
-    for o in report.outcomes:
-        table.add_row(str(o.input.path), o.status, str(o.frames), str(o.atoms), f"{o.seconds:.1f}", o.error[:200])
-    console.print(table)
-    d = report.to_dict()
-    console.print(f"done {d['done']}, failed {d['failed']}, skipped {d['skipped']} of {d['inputs']} inputs; "
-                  f"{d['frames']} frames in {d['elapsed_s']:.1f} s ({d['frames_per_s']:.2f} frames/s); summary {d['summary']}")
-
-
-@one_line_errors
-def batch(
-    inputs: list[str] = typer.Argument(..., help="run logs, acquisition files, folders of them, or globs"),
-    out: Path = typer.Option(..., "--out", help="folder of the results (one folder per input, summary.parquet)"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="address of a running Dask scheduler (tcp://host:port); "
-                                                                       "default: a local cluster"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="local cluster: worker processes (default: one per core)"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated stages to run (segment,drift,boundaries,"
-                                                                 "encoding); default: each input's own pipeline"),
-    config: Optional[Path] = typer.Option(None, "--config", help="run configuration whose pipeline analyses acquisition "
-                                                                  "files (run logs use their own)"),
-    pixel_size_A: Optional[float] = typer.Option(None, "--pixel-size-A", help="pixel size (Å) for files without calibration"),
-    chunk_frames: int = typer.Option(8, "--chunk-frames", help="frames per task when the stages work frame by frame"),
-    torch_threads: int = typer.Option(1, "--torch-threads", help="torch threads per worker (the replay's count gives its "
-                                                                  "atoms bit for bit)"),
-    json_out: bool = typer.Option(False, "--json", help="print the final report as JSON"),
-) -> None:
-    """Analyse many run logs and acquisition files with the pipeline on a Dask cluster; Parquet out.
-
-    Each input's atoms (frame, x_A, y_A, class, confidence, uncertainty_A) and per-frame results go
-    to OUT/<input>/{atoms,frames}.parquet with provenance (stemagent version, weights sha256,
-    config) in the Parquet metadata; OUT/summary.parquet lists every input. Inputs whose results
-    are complete are skipped; an input that fails is reported and the others go on (exit 1 at the
-    end when any failed)."""
-    if workers is not None and not 1 <= workers <= 1024:
-        raise InputError("--workers", workers, "must be between 1 and 1024")
-    if workers is not None and scheduler:
-        raise InputError("--workers", workers, "applies to the local cluster (not with --scheduler)")
-    if not 1 <= chunk_frames <= 100000:
-        raise InputError("--chunk-frames", chunk_frames, "must be between 1 and 100000")
-    if pixel_size_A is not None and not (0 < pixel_size_A < 1e4):
-        raise InputError("--pixel-size-A", pixel_size_A, "must be a positive length in Å")
-    if not 1 <= torch_threads <= 256:
-        raise InputError("--torch-threads", torch_threads, "must be between 1 and 256")
-    options = BatchOptions(out=out, stages=parse_stages(stages), pixel_size_A=pixel_size_A, chunk_frames=chunk_frames,
-                           torch_threads=torch_threads,
-                           base_config=load_config(config).model_dump(mode="json") if config is not None else None)
-    found = discover(inputs, ACQUISITION_SUFFIXES)
-    if not found:
-        raise InputError("INPUTS", " ".join(inputs), "hold no run log or acquisition file")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} inputs"),
-                        TimeElapsedColumn(), console=err_console, transient=json_out)
-    with open_client(scheduler, workers) as client:
-        link = dashboard_of(client)
-        if link:
-            err_console.print(f"Dask dashboard: {link}")
-        with progress:
-            bar = progress.add_task("batch", total=len(found))
-
-            def on_progress(done: int, total: int, frames: int) -> None:
-                progress.update(bar, total=total, completed=done, description=f"batch: {frames} frames")
-
-            report = run_batch(client, found, options, on_progress)
-    if json_out:
-        print(json.dumps(report.to_dict()))
-    else:
-        show_report(report)
-    if report.count("failed"):
-        first = next(o for o in report.outcomes if o.status == "failed")
-        fail(f"batch: {report.count('failed')} of {len(report.outcomes)} inputs failed; first: {first.input.path}: {first.error}",
-             EXIT_FAILED)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from stemagent.agent.app.batch import batch
+from stemagent.agent.app.cli_batch import batch
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
 from stemagent.agent.app.cli_simulate import simulate
 from stemagent.agent.app.console import StatusLine, Tee, announce
