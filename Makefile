@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e ".[test,files,bench,nion]"
+	$(PIP) install -e ".[test,files,bench,nion,batch]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from stemagent.agent.app.cli_batch import batch
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
 from stemagent.agent.app.cli_simulate import simulate
 from stemagent.agent.app.cli_view import VIEW_DEFAULT, open_live_view, view
@@ -353,6 +354,7 @@ app.command("bridge")(one_line_errors(bridge))
 app.command("simulate")(one_line_errors(simulate))
 app.command("view")(one_line_errors(view))
 app.command("analyze-boundaries")(analyze_boundaries)
+app.command("batch")(batch)
 
 
 def main() -> None:  # pragma: no cover - console entry for python -m

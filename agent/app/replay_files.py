@@ -19,7 +19,7 @@ from typing import Any
 from stemagent.agent.app.cli_support import run_with_signals
 from stemagent.agent.app.factory import build_agent, new_run_dir
 from stemagent.config import RunConfig, config_from_dict
-from stemagent.drivers.files import read_acquisitions
+from stemagent.drivers.files import Acquisition, read_acquisitions
 from stemagent import dose as dose_model
 from stemagent.errors import InputError
 
@@ -68,13 +68,14 @@ class FileReplaySummary:
 
 def file_replay_config(path: Path, *, pace: str = "fast", base: RunConfig | None = None,
                        pixel_size_A: float | None = None, segmenter: str | None = None, specimen: str | None = None,
-                       beam_current_pA: float | None = None, dwell_s: float | None = None) -> RunConfig:
+                       beam_current_pA: float | None = None, dwell_s: float | None = None,
+                       acquisitions: list[Acquisition] | None = None) -> RunConfig:
     """A run configuration that plays ``path`` through the pipeline of ``base`` (defaults if None);
     ``pixel_size_A`` calibrates files that carry no calibration; ``segmenter`` (``unet`` / ``log``)
     and ``specimen`` (the U-Net's specimen prior) override the base's segmenter."""
     if segmenter is not None and segmenter not in SEGMENTERS:
         raise InputError("--segmenter", segmenter, f"must be one of {SEGMENTERS}")
-    acqs = read_acquisitions(path, pixel_size_A)
+    acqs = acquisitions if acquisitions is not None else read_acquisitions(path, pixel_size_A)
     g = acqs[0].geometry(default_dwell_s=dwell_s or 1e-6)
     data: dict[str, Any] = (base or RunConfig()).model_dump(mode="json")
     seg = dict(data["pipeline"]["segmenter"])
