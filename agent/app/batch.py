@@ -58,7 +58,7 @@ class BatchWorkerPlugin(WorkerPlugin):
         self.models = ModelCache(self.torch_threads)
 
     def setup(self, worker: Any) -> None:
-        import torch
+        import torch  # heavy: torch, loaded only in the workers that run models
 
         torch.set_num_threads(self.torch_threads)
         self.models = ModelCache(self.torch_threads)
@@ -146,7 +146,7 @@ def open_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
 
 def dashboard_of(client: Any) -> str:
     """The dashboard address when the scheduler runs one with its pages (bokeh installed: the 'batch' extra); '' otherwise."""
-    import importlib.util
+    import importlib.util  # optional: probes for the dashboard's bokeh without importing it
 
     try:
         services = client.scheduler_info().get("services", {})

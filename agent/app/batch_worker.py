@@ -90,7 +90,7 @@ class ModelCache:
             self._segmenters[key] = build_segmenter(cfg)
             self.loads += 1
             if self.torch_threads is not None:
-                import torch
+                import torch  # heavy: torch, loaded only in the workers that run models
 
                 torch.set_num_threads(self.torch_threads)
         return self._segmenters[key]

