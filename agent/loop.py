@@ -316,9 +316,14 @@ class Agent:
         self.gate.blanked(self._now())
         return True
 
-    async def _analyse(self, obs: Observation, only: tuple[str, ...] | None = None) -> Observation:
-        """The pipeline on ``obs`` in the executor; an abort does not wait for it."""
+    async def _analyse(self, obs: Observation, only: tuple[str, ...] | None = None,
+                       meanwhile: Callable[[], Any] | None = None) -> Observation:
+        """The pipeline on ``obs`` in the executor; an abort does not wait for it. ``meanwhile``
+        runs on this thread while the executor works (the frame's log write overlaps the
+        analysis; the writer stays on one thread) and is done before the result is used."""
         fut = asyncio.get_running_loop().run_in_executor(self._executor, self.pipeline.run, obs, only)
+        if meanwhile is not None:
+            meanwhile()
         return await self._race(fut, None, "analysis")
 
     def _timeout_for(self, cmd: BeamCommand) -> float:
@@ -449,14 +454,19 @@ class Agent:
         """Log the frame (unless ``logged``), run the pipeline on it, log what it found and
         decided; the next command."""
         self._mark_arrival()
-        if not logged:
-            self.writer.write_frame(frame)
-        check_image(frame.image)  # a corrupt frame is bad input (logged, the field scanned again)
+        try:
+            check_image(frame.image)  # a corrupt frame is bad input (logged, the field scanned again)
+        except Exception:
+            if not logged:
+                self.writer.write_frame(frame)
+            raise
         obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
                           atoms=no_atoms(frame.index), features=self._features(), frame=frame,
                           parks=self._parks_since_frame)
         self._parks_since_frame = []
-        obs = await self._analyse(obs)
+        # the frame is written (fsynced) while the pipeline analyses it, and always before a
+        # command that follows from it goes out
+        obs = await self._analyse(obs, meanwhile=None if logged else lambda: self.writer.write_frame(frame))
         self.writer.write_atoms(obs.atoms)
         self.summary.frames += 1
         self.summary.atom_counts.append(len(obs.atoms))

@@ -213,3 +213,41 @@ async def test_a_decision_for_another_field_ends_the_stream(tmp_path):
     moved = centres.index((20.0, 0.0))
     assert all(c == (0.0, 0.0) for c in centres[:moved]) and all(c == (20.0, 0.0) for c in centres[moved:])
     assert drv.count("acquire") == 2  # the first scan, and the first of the new field; the rest streamed
+
+
+
+class SignalsStart:
+    """A stage that marks when the pipeline has started on a frame."""
+
+    name = "encode"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.started = threading.Event()
+
+    def process(self, obs: Observation) -> Observation:
+        self.started.set()
+        time.sleep(0.02)
+        return obs
+
+
+async def test_the_frame_is_logged_while_the_pipeline_analyses_it_and_before_its_command(tmp_path):
+    agent, drv = await scripted_agent(tmp_path, max_frames=3)
+    seg, pol = agent.pipeline.stage("segment"), agent.pipeline.stage("policy")
+    stage = SignalsStart()
+    agent.pipeline = Pipeline([seg, stage, pol])
+    write_frame = agent.writer.write_frame
+    overlapped: list[bool] = []
+
+    def write_when_analysis_runs(frame):
+        # the old order (write, then analyse) never sees the analysis running: the wait times out
+        overlapped.append(stage.started.wait(timeout=1.0))
+        stage.started.clear()
+        return write_frame(frame)
+
+    agent.writer.write_frame = write_when_analysis_runs
+    summary = await agent.run()
+    assert summary.frames == 3 and overlapped == [True, True, True]
+    log = RunLog.open(summary.log_path)
+    assert len(log.event_data("frames")) == 3 and len(log.event_data("decisions")) == 3 and drv.beam_blanked
