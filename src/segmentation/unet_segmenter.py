@@ -227,6 +227,7 @@ class UNetSegmenter:
         self.device = resolve_device(device)
         self.weights = Path(weights) if weights is not None else default_weights_path()
         self.model, self.card = load_network(self.weights, self.device)
+        self._memory_format = torch.channels_last
         self.class_names: tuple[str, ...] = tuple(self.card["class_names"])
         self.model_pixel_A = float(self.card["model_pixel_A"])
         self.multiple = int(getattr(self.model, "multiple", 8))
@@ -266,6 +267,12 @@ class UNetSegmenter:
         #: the detector model read off the last frame's statistics (counting / analog, gain, offset)
         self.last_detector: DetectorEstimate | None = None
 
+    def use_channels_last(self, on: bool = True) -> None:
+        """Run the network in channels-last layout (the default: oneDNN's fast CPU path) or, with
+        ``on=False``, in the contiguous NCHW layout (what ran before; kept for the benchmark)."""
+        self._memory_format = torch.channels_last if on else torch.contiguous_format
+        self.model = self.model.to(memory_format=self._memory_format)
+
     # --- tensors in, tensors out ---------------------------------------------------------
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, pixel_A: tuple[float, float]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -282,7 +289,7 @@ class UNetSegmenter:
             with torch.autocast("cuda", dtype=torch.float16):
                 out = self.model(x)
         else:
-            out = self.model(x.contiguous(memory_format=torch.channels_last))
+            out = self.model(x.contiguous(memory_format=self._memory_format))
         return out.float().contiguous(), shape
 
     @torch.inference_mode()
