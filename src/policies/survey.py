@@ -452,12 +452,21 @@ class SurveyPolicy:
             "sd_at_chosen": round(float(s[k]), 6),
             "best_observed": float(np.max([self.value_of[j] for j in observed])),
         }
+        guard = ""
         if self.n_subscans >= c.min_subscans_before_stop and best_gain < c.min_expected_gain:
-            self.stopped = (f"expected gain {best_gain:.3g} below min_expected_gain={c.min_expected_gain} "
-                            f"after {self.n_subscans} sub-scans ({len(self.found_A)} found)")
-            return self._stop_decision(self.stopped, note, acquisition=log_acq, gain=gain, model=summary)
-        why = f"{c.acquisition} over {int(allowed.sum())} candidates" + (" (revisit: the model asks for it)" if visited[k] else "")
+            coverage = float(np.mean(visited)) if len(visited) else 1.0
+            if self._found_anything() or coverage >= c.min_coverage_before_empty_stop:
+                self.stopped = (f"expected gain {best_gain:.3g} below min_expected_gain={c.min_expected_gain} "
+                                f"after {self.n_subscans} sub-scans ({len(self.found_A)} found)")
+                return self._stop_decision(self.stopped, note, acquisition=log_acq, gain=gain, model=summary)
+            guard = (f"; not stopping on expected gain {best_gain:.3g}: nothing found yet and {coverage:.0%} of the "
+                     f"candidates visited < min_coverage_before_empty_stop={c.min_coverage_before_empty_stop}")
+        why = f"{c.acquisition} over {int(allowed.sum())} candidates" + (" (revisit: the model asks for it)" if visited[k] else "") + guard
         return self._scan_decision(k, why, phase="model", acquisition=log_acq, gain=gain, model=summary, note=note)
+
+    def _found_anything(self) -> bool:
+        """Whether any sub-scan so far returned a positive objective value."""
+        return bool(len(self.found_A)) or any(v > 0 for v in self.value_of.values())
 
     # --- decisions ------------------------------------------------------------------------------
     def _details(self, phase: str, chosen: int | None, acquisition: np.ndarray | None, gain: np.ndarray | None,

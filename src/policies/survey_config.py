@@ -71,6 +71,7 @@ class SurveyPolicyConfig(_Model):
     min_expected_gain: float = Field(0.5, ge=0.0, description="stop when no candidate's optimistic expected gain (objective units, e.g. new dopants per sub-scan) reaches this")
     stop_optimism_sd: float = Field(2.0, ge=0.0, le=10.0, description="the expected gain tested for stopping is at mean + this many sd")
     min_subscans_before_stop: int = Field(8, ge=0, description="never stop on expected gain before this many sub-scans")
+    min_coverage_before_empty_stop: float = Field(0.25, ge=0.0, le=1.0, description="while no sub-scan has returned a positive objective value, never stop on expected gain before this share of the candidate sub-scans has been visited (a dim overview can point at nothing; 0 turns the guard off; the dose budgets still stop the survey)")
     dose_budget_field_e_per_A2: float | None = Field(None, gt=0.0, description="budget of electrons (overview included) over the allowed area's size, e/Å²; None = no budget of the policy's own")
     max_subscans: int | None = Field(None, ge=1, description="stop after this many sub-scans")
     # compute

@@ -154,3 +154,19 @@ def test_survey_respects_the_local_dose_budget() -> None:
     assert "local dose budget" in d.reason
     assert pol.ledger.map is not None and pol.ledger.map.peak <= ov_dose + 1.5 * sub_dose + 1e-9
     assert not pol.ledger.candidates_fit().any()
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_survey_with_nothing_found_does_not_stop_on_expected_gain_before_the_coverage_guard(seed: int) -> None:
+    # a dim overview (no spots): the first sub-scans find nothing and the model expects nothing anywhere
+    rng = np.random.default_rng(seed)
+    targets = clustered_targets(rng, 12, np.array([[70.0, -70.0]]), 8.0, HALF_A)
+    unguarded = policy(seed=seed, min_coverage_before_empty_stop=0.0)
+    run(unguarded, PointField(targets, HALF_A, seed=seed, spot_counts=0.0), 64)
+    assert unguarded.n_subscans == 8 and len(unguarded.found_A) == 0  # the failure the guard is for
+    guarded = policy(seed=seed)
+    decisions = run(guarded, PointField(targets, HALF_A, seed=seed, spot_counts=0.0), 64)
+    n = len(guarded.candidates_A)
+    if len(guarded.found_A) == 0:
+        assert guarded.n_subscans >= 0.25 * n, f"stopped after {guarded.n_subscans} of {n} with nothing found"
+    assert any("nothing found yet" in d["reason"] for d in decisions)
