@@ -13,8 +13,9 @@ observation), ``state``, ``frame`` (``index``, ``width``, ``height``, ``image_b6
 ``{"kind": "park", "at": [col, row], "position_A", "dwell_s"}`` or ``{"kind": "blank"}``),
 ``dose`` (``peak_e_per_A2``, ``budget_e_per_A2``, ``map``: a small grid of dose / budget, 3 significant digits),
 ``drift`` (``trace``: ``[frame_index, dx_A, dy_A, band95_A]`` rows), ``rates``
-(``frames_per_s``, ``latency_ms``, ``latency_ms_p50``), ``timings_ms``, ``events``, ``ready_wall_s``
-(wall clock when the observation was ready; the page measures its own update latency from it).
+(``frames_per_s``, ``latency_ms``, ``latency_ms_p50``), ``timings_ms``, ``events``, ``arrived_wall_s``
+and ``ready_wall_s`` (wall clock, s since the epoch, when the shown frame reached the agent and when
+its analysis was done; the page measures its frame-to-screen latency from them).
 """
 
 from __future__ import annotations

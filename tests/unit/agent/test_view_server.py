@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import aiohttp
 import numpy as np
@@ -114,6 +115,8 @@ async def test_snapshot_long_polls_and_shows_the_frame_atoms_and_next_command(tm
         async with s.get(f"{base}/api/snapshot?after=-1") as r:
             doc = await r.json()
     assert summary.frames == 3 and doc["state"] == "stopped" and doc["frames_done"] == 3
+    # the shown frame's own arrival and ready times (wall clock, the browser's), in that order
+    assert 0 < doc["arrived_wall_s"] <= doc["ready_wall_s"] <= time.time()
     f = doc["frame"]
     img = np.frombuffer(base64.b64decode(f["image_b64"]), dtype=np.uint8).reshape(f["height"], f["width"])
     assert img.shape == (64, 64) and img.std() > 10  # a real image, stretched to 8 bits
