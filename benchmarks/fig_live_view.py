@@ -1,8 +1,8 @@
 """The README's screenshot of the live page (issue 22): a real twin run, a real browser.
 
-``configs/twin-graphene-si.yaml`` (graphene with Si on the physical twin, the shipped U-Net, the
-drift stage, raster) at the twin's real pace, served by the same view server as
-``stemagent run --config configs/twin-graphene-si.yaml --view``; Debian's headless chromium opens
+``configs/twin-graphene-si-live.yaml`` (graphene with Si on the physical twin at its real pace,
+the shipped U-Net, the drift stage, raster), served by the same view server as
+``stemagent run --config configs/twin-graphene-si-live.yaml --view``; Debian's headless chromium opens
 the page, clicks the frame once (a set-target request, acknowledged and listed in the events),
 and saves the page after ``--frames`` frames.
 
@@ -36,8 +36,7 @@ return {frame: d.frame && d.frame.index, atoms: d.atoms && d.atoms.col_row.lengt
 
 
 async def shoot(out: Path, frames: int) -> dict[str, Any]:
-    doc = load_config(ROOT / "configs" / "twin-graphene-si.yaml").model_dump(mode="json")
-    doc["driver"]["pace"] = "realtime"
+    doc = load_config(ROOT / "configs" / "twin-graphene-si-live.yaml").model_dump(mode="json")
     cfg = config_from_dict({**doc, "max_frames": frames + 20, "log": {"fsync": False}})
     source = LiveSource()
     browser = await asyncio.to_thread(chromium)
