@@ -2,8 +2,8 @@
 
 :class:`LiveSource` is a :class:`~stemagent.agent.summary.TelemetrySink`: on the control loop
 its :meth:`publish` only appends the event to a bounded list, notes the frame's arrival and
-ready times (wall clock, the browser's) and its drift estimate's reference, and bumps a counter
-(no copy, no encoding). The newest observation is the agent's own reference to it (newest wins: frames the
+ready times (wall clock, the browser's) and its drift trace row (four numbers), and bumps a counter
+(no copy of the frame, no encoding). The newest observation is the agent's own reference to it (newest wins: frames the
 page did not ask for in time are never looked at). :meth:`snapshot` builds the page's document
 (downsampling, base64, JSON-ready lists; :mod:`stemagent.agent.view.snapshot`) and is meant to
 run in a thread, only when a page is waiting for an update.
@@ -45,7 +45,6 @@ class LiveSource:
         # (frame index, arrival wall s, ready wall s) of the newest frames: a snapshot takes the
         # times of the frame it shows, not of one that arrived while it was being built
         self._frame_times: deque[tuple[int, float, float]] = deque(maxlen=16)
-        self._drift_pending: deque[Any] = deque(maxlen=DRIFT_KEPT)  # drift estimates not yet in the trace
         self._drift: deque[list[float]] = deque(maxlen=DRIFT_KEPT)
         self._drift_last: float = -1
         self._built: tuple[int, dict[str, Any]] | None = None  # (frame index, frame part) cache
@@ -62,8 +61,13 @@ class LiveSource:
             age_s = self.agent.frame_age_s() if self.agent is not None else None
             self._frame_times.append((int(payload.get("frame_index", -1)), now - (age_s or 0.0), now))
             obs = self.agent.last_observation if self.agent is not None else None
-            if obs is not None and obs.drift is not None:  # every frame's drift, page open or not
-                self._drift_pending.append(obs.drift)
+            if obs is not None and obs.drift is not None:
+                # every frame's drift, page open or not: one row of four numbers (~20 µs), not the
+                # estimate with its atoms
+                row = snap.drift_row(obs.drift)
+                if row is not None and row[0] != self._drift_last:
+                    self._drift.append(row)
+                    self._drift_last = row[0]
         if kind in LISTED:
             self._events.append({"kind": kind, "wall_s": now, "doc": payload})
         self._bump()
@@ -119,11 +123,6 @@ class LiveSource:
         # the newest decision (after a park too: parks do not replace the frame shown)
         doc["decision"] = snap.decision_part(agent.last_decision, frame.geometry, factor)
         doc["timings_ms"] = {k: round(float(v), 2) for k, v in obs.timings_ms.items()}
-        while self._drift_pending:
-            row = snap.drift_row(self._drift_pending.popleft())
-            if row is not None and row[0] != self._drift_last:
-                self._drift.append(row)
-                self._drift_last = row[0]
         if self._drift:
             doc["drift"] = {"trace": list(self._drift)}
         return doc

@@ -175,3 +175,14 @@ async def test_a_port_in_use_is_a_clear_error():
         with pytest.raises(InputError, match=f"--view.*127.0.0.1:{first.port}"):
             async with ViewServer(source, "127.0.0.1", first.port):
                 pass
+
+
+async def test_the_drift_trace_holds_every_frame_with_no_page_open(tmp_path):
+    agent, source = await live_agent(tmp_path, max_frames=6, pipeline={"segmenter": {"kind": "log", "sigma_A": 0.45},
+                                                                      "drift": {}})
+    summary = await agent.run()  # no server, no page: nothing asks for a document meanwhile
+    doc = source.snapshot()
+    assert summary.frames == 6
+    trace = doc["drift"]["trace"]
+    assert [row[0] for row in trace] == sorted({row[0] for row in trace}) and len(trace) >= 5
+    assert all(len(row) == 4 and row[3] >= 0 for row in trace)
