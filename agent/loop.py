@@ -173,6 +173,12 @@ class Agent:
         the live view reads it lazily)."""
         return self._last_obs
 
+    def frame_age_s(self) -> float | None:
+        """Seconds since the current observation arrived (None between a command's issue and
+        the next arrival): the live view dates a frame's arrival on its own clock with it."""
+        arrived = self._arrived_s
+        return None if arrived is None else self._wall() - arrived
+
     # --- lifetime ------------------------------------------------------------------------------
     async def __aenter__(self) -> Agent:
         return self
@@ -471,6 +477,7 @@ class Agent:
         self.summary.frames += 1
         self.summary.atom_counts.append(len(obs.atoms))
         self._record(obs)
+        self._last_obs = obs  # before the frame's telemetry: a sink reading it sees this frame
         self.telemetry.publish(
             "frame",
             {
@@ -483,7 +490,6 @@ class Agent:
                 "timings_ms": dict(obs.timings_ms),
             },
         )
-        self._last_obs = obs
         return self._next_command(obs)
 
     async def _analyse_park(self, result: ParkResult) -> BeamCommand:

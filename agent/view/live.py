@@ -1,8 +1,9 @@
 """The live page's source: what a running agent shows, taken lazily and off its loop.
 
 :class:`LiveSource` is a :class:`~stemagent.agent.summary.TelemetrySink`: on the control loop
-its :meth:`publish` only appends the event to a bounded list and bumps a counter (no copy, no
-encoding). The newest observation is the agent's own reference to it (newest wins: frames the
+its :meth:`publish` only appends the event to a bounded list, notes the frame's arrival and
+ready times (wall clock, the browser's) and its drift trace row (four numbers), and bumps a counter
+(no copy of the frame, no encoding). The newest observation is the agent's own reference to it (newest wins: frames the
 page did not ask for in time are never looked at). :meth:`snapshot` builds the page's document
 (downsampling, base64, JSON-ready lists; :mod:`stemagent.agent.view.snapshot`) and is meant to
 run in a thread, only when a page is waiting for an update.
@@ -41,7 +42,9 @@ class LiveSource:
         self.max_px = max_px
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._frame_walls: deque[float] = deque(maxlen=32)
-        self._ready_wall_s: float | None = None
+        # (frame index, arrival wall s, ready wall s) of the newest frames: a snapshot takes the
+        # times of the frame it shows, not of one that arrived while it was being built
+        self._frame_times: deque[tuple[int, float, float]] = deque(maxlen=16)
         self._drift: deque[list[float]] = deque(maxlen=DRIFT_KEPT)
         self._drift_last: float = -1
         self._built: tuple[int, dict[str, Any]] | None = None  # (frame index, frame part) cache
@@ -55,7 +58,16 @@ class LiveSource:
         now = self._wall()
         if kind == "frame":
             self._frame_walls.append(now)
-            self._ready_wall_s = now
+            age_s = self.agent.frame_age_s() if self.agent is not None else None
+            self._frame_times.append((int(payload.get("frame_index", -1)), now - (age_s or 0.0), now))
+            obs = self.agent.last_observation if self.agent is not None else None
+            if obs is not None and obs.drift is not None:
+                # every frame's drift, page open or not: one row of four numbers (~20 µs), not the
+                # estimate with its atoms
+                row = snap.drift_row(obs.drift)
+                if row is not None and row[0] != self._drift_last:
+                    self._drift.append(row)
+                    self._drift_last = row[0]
         if kind in LISTED:
             self._events.append({"kind": kind, "wall_s": now, "doc": payload})
         self._bump()
@@ -81,7 +93,7 @@ class LiveSource:
         obs = agent.last_observation  # a reference the loop replaces, never changes
         summary = agent.summary
         doc.update(state=agent.sm.state.value, run=getattr(agent.writer, "path", None) and str(agent.writer.path),
-                   frames_done=int(summary.frames), max_frames=int(agent.max_frames), ready_wall_s=self._ready_wall_s,
+                   frames_done=int(summary.frames), max_frames=int(agent.max_frames),
                    target_A=list(agent.target_A) if agent.target_A is not None else None)
         gate = agent.gate
         doc["dose"] = snap.dose_part(getattr(getattr(gate, "map", None), "values", None), gate.peak_dose_e_per_A2,
@@ -97,6 +109,9 @@ class LiveSource:
         if obs is None or obs.frame is None:
             return doc
         frame = obs.frame
+        for index, arrived_wall_s, ready_wall_s in list(self._frame_times):
+            if index == frame.index:
+                doc.update(arrived_wall_s=arrived_wall_s, ready_wall_s=ready_wall_s)
         if self._built is not None and self._built[0] == frame.index:
             frame_doc, factor = self._built[1], int(self._built[1]["_factor"])
         else:
@@ -108,10 +123,6 @@ class LiveSource:
         # the newest decision (after a park too: parks do not replace the frame shown)
         doc["decision"] = snap.decision_part(agent.last_decision, frame.geometry, factor)
         doc["timings_ms"] = {k: round(float(v), 2) for k, v in obs.timings_ms.items()}
-        row = snap.drift_row(obs.drift)
-        if row is not None and row[0] != self._drift_last:
-            self._drift.append(row)
-            self._drift_last = row[0]
         if self._drift:
             doc["drift"] = {"trace": list(self._drift)}
         return doc

@@ -48,6 +48,7 @@ class ReplaySource:
         self.index = 0
         self.steps: list[_Step] = []
         self.events: list[dict[str, Any]] = []
+        self._state = "running"  # the run's state while indexing
         start = log.start
         cfg: dict[str, Any] = start["config"] if isinstance(start.get("config"), dict) else {}
         self.name = str(start.get("name") or cfg.get("name") or log.path.name)
@@ -63,33 +64,42 @@ class ReplaySource:
 
     def _index(self, log: RunLog) -> None:
         by_frame: dict[int, _Step] = {}
-        state = "running"
+        seen: dict[str, int] = {}
         for stream, d in log.ordered_event_data(*STREAMS):
-            if stream == "frames":
-                step = _Step(frame_data=d, frame_index=int(d.get("frame_index", len(self.steps))), state=state,
-                             n_events=len(self.events))
-                self.steps.append(step)
-                by_frame[step.frame_index] = step
-                continue
-            fi = d.get("frame_index")
-            step_of = by_frame.get(int(fi)) if isinstance(fi, int) else None
-            if stream == "atoms" and step_of is not None:
-                step_of.atoms = decode_atoms(d, f"atoms[frame_index={fi}]")
-            elif stream == "decisions" and step_of is not None and d.get("observation") == "frame":
-                step_of.decision = decode_decision({k: d[k] for k in ("command", "policy", "reason", "scores") if k in d},
-                                                   f"decisions[frame_index={fi}]")
-            elif stream == "pipeline" and step_of is not None and d.get("observation") == "frame":
-                step_of.timings_ms = {k: float(v) for k, v in (d.get("timings_ms") or {}).items()}
-            elif stream == "drift" and step_of is not None:
-                step_of.drift = d
-            elif stream in ("interruptions", "controls", "safety"):
-                if stream == "interruptions" and d.get("kind") == "state":
-                    state = str(d.get("state", state))
-                self.events.append({"kind": stream, "t_s": d.get("t_s"), "text": _describe(stream, d)})
-                if self.steps:
-                    self.steps[-1].state = state
-                if self.steps:  # shown with the frame they followed
-                    self.steps[-1].n_events = len(self.events)
+            k = seen[stream] = seen.get(stream, -1) + 1
+            try:
+                self._index_one(stream, d, by_frame)
+            except InputError:
+                raise
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a document of the wrong shape
+                raise InputError(f"{log.path}: {stream}[{k}]", d, f"cannot be shown ({type(exc).__name__}: {exc})") from None
+
+    def _index_one(self, stream: str, d: dict[str, Any], by_frame: dict[int, _Step]) -> None:
+        state = self._state
+        if stream == "frames":
+            step = _Step(frame_data=d, frame_index=int(d.get("frame_index", len(self.steps))), state=state,
+                         n_events=len(self.events))
+            self.steps.append(step)
+            by_frame[step.frame_index] = step
+            return
+        fi = d.get("frame_index")
+        step_of = by_frame.get(int(fi)) if isinstance(fi, int) else None
+        if stream == "atoms" and step_of is not None:
+            step_of.atoms = decode_atoms(d, f"atoms[frame_index={fi}]")
+        elif stream == "decisions" and step_of is not None and d.get("observation") == "frame":
+            step_of.decision = decode_decision({k: d[k] for k in ("command", "policy", "reason", "scores") if k in d},
+                                               f"decisions[frame_index={fi}]")
+        elif stream == "pipeline" and step_of is not None and d.get("observation") == "frame":
+            step_of.timings_ms = {k: float(v) for k, v in (d.get("timings_ms") or {}).items()}
+        elif stream == "drift" and step_of is not None:
+            step_of.drift = d
+        elif stream in ("interruptions", "controls", "safety"):
+            if stream == "interruptions" and d.get("kind") == "state":
+                state = self._state = str(d.get("state", state))
+            self.events.append({"kind": stream, "t_s": d.get("t_s"), "text": _describe(stream, d)})
+            if self.steps:  # shown with the frame they followed
+                self.steps[-1].state = state
+                self.steps[-1].n_events = len(self.events)
 
     @property
     def count(self) -> int:

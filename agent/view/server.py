@@ -99,7 +99,7 @@ class ViewServer:
         self._cache: tuple[int, bytes] | None = None
         self._building: asyncio.Future[tuple[int, bytes]] | None = None
         self._last_build_s = 0.0
-        self.stats = {"snapshots": 0, "controls": 0, "refused_token": 0}
+        self.stats = {"snapshots": 0, "controls": 0, "refused_token": 0, "invalid": 0}
 
     # --- lifetime ----------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -193,7 +193,8 @@ class ViewServer:
             self.stats["refused_token"] += 1
             log.warning("view: control request from %s refused: no token", request.remote)
             return web.json_response({"error": f"control needs the token printed at start in the {TOKEN_HEADER} header"}, status=401)
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        # surrogateescape: header bytes that are not UTF-8 compare (unequal) instead of failing
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
             self.stats["refused_token"] += 1
             log.warning("view: control request from %s refused: wrong token", request.remote)
             return web.json_response({"error": "wrong token"}, status=403)
@@ -212,7 +213,13 @@ class ViewServer:
             msg = read_control(raw)
         except InvalidControl as exc:
             ack = ControlAck(id=exc.msg_id, command=exc.command, accepted=False, state=_state(self.source), detail=str(exc)[:500])
-            log.warning("view: control request %s (%s) refused: %s", exc.msg_id, exc.command, exc.detail)
+            self.stats["invalid"] += 1
+            n = self.stats["invalid"]
+            if n <= 10 or n % 1000 == 0:  # every refusal is answered; the log shows a few (a flood stays readable)
+                log.warning("view: control request %s (%s) refused: %s", str(exc.msg_id)[:64], exc.command, exc.detail[:200])
+            publish = getattr(self.source, "publish", None)
+            if publish is not None:  # on the page's event list, as the agent's own acks are
+                publish("ack", ack.model_dump())
             return web.json_response(ack.model_dump(), status=400)
         ack = self.source.control(msg)
         log.info("view: control %s (%s): %s", msg.command, msg.id, "accepted" if ack.accepted else f"refused: {ack.detail}")

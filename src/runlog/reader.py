@@ -46,11 +46,15 @@ class RunLog:
             raise InputError("path", str(root), f"is not a run log (no {DOCUMENTS_FILE})")
         documents: list[tuple[str, dict[str, Any]]] = []
         truncated = False
-        with open(doc_path, "r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.endswith("\n"):
+        with open(doc_path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.endswith(b"\n"):
                     truncated = True  # torn final line from a crash
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{doc_path}:line {lineno}", raw[:60], f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
                 try:
                     name, doc = json.loads(line)
                 except (ValueError, TypeError) as exc:
@@ -59,7 +63,8 @@ class RunLog:
                     raise InputError(f"{doc_path}:line {lineno}", line[:60], "is not a [name, document] pair")
                 documents.append((name, doc))
         if not documents or documents[0][0] != "start":
-            raise InputError(f"{doc_path}:line 1", documents[0][0] if documents else "<empty>", "a run log must begin with a start document")
+            first = documents[0][0] if documents else ("<an incomplete line: the log was cut short>" if truncated else "<empty>")
+            raise InputError(f"{doc_path}:line 1", first, "a run log must begin with a start document")
         version = documents[0][1].get("stemagent_log_version")
         if version not in READABLE_VERSIONS:
             raise InputError("start.stemagent_log_version", version, f"this reader understands versions {READABLE_VERSIONS}")

@@ -135,3 +135,32 @@ async def _gt(get, n):
 
 async def _newer(js, first):
     return (await js("return window.stemagentView.doc.frame.index")) > first
+
+
+async def test_the_browser_closing_mid_run_leaves_the_agent_running(tmp_path):
+    cfg = config_from_dict({**CFG, "max_frames": 40})
+    clock = build_clock(cfg)
+    source = LiveSource()
+    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=MinimalTwinDriver(cfg.driver, clock=clock), clock=clock,
+                              telemetry=source)
+    source.attach(agent)
+    browser = await asyncio.to_thread(chromium)
+    closed = False
+    try:
+        async with ViewServer(source, "127.0.0.1", 0) as server:
+            run = asyncio.ensure_future(agent.run())
+            await asyncio.to_thread(browser.get, server.url)
+
+            async def drawn():
+                return (await asyncio.to_thread(browser.execute_script, "return window.stemagentView && window.stemagentView.draws")) or 0
+
+            await until(lambda: _gt(drawn, 1), what="the page draws")
+            assert not run.done()
+            await asyncio.to_thread(browser.quit)  # the operator closes the browser, a long poll pending
+            closed = True
+            summary = await asyncio.wait_for(run, 60)
+            snapshots = server.stats["snapshots"]
+    finally:
+        if not closed:
+            await asyncio.to_thread(browser.quit)
+    assert summary.exit_status == "success" and summary.frames == 40 and snapshots >= 2

@@ -1,6 +1,8 @@
 // stemagent live view: long-polls /api/snapshot and draws it; controls post to /api/control.
 "use strict";
-const view = (window.stemagentView = { seq: -1, draws: 0, latencies_ms: [], acks: [], doc: null, errors: 0 });
+// latencies_ms: a frame's arrival at the agent to the page having painted it (ready_latencies_ms:
+// from the end of its analysis); both on the machine's wall clock, read after the paint
+const view = (window.stemagentView = { seq: -1, draws: 0, latencies_ms: [], ready_latencies_ms: [], painted: [], acks: [], doc: null, errors: 0 });
 const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
 const COLORS = ["#4fc3f7", "#ff5252", "#ffd740", "#69f0ae", "#e040fb", "#ff9100", "#b0bec5"];
 const $ = (id) => document.getElementById(id);
@@ -42,7 +44,10 @@ function drawFrame(doc) {
   const X = (c) => (c + 0.5) * sx, Y = (r) => (r + 0.5) * sy;
   const atoms = doc.atoms;
   if (atoms) {
-    const r = Math.max(2, 0.6 * sx);
+    // a circle of 0.45 Å (an atom's size on screen), 3..12 canvas px
+    const A_per_px = Math.hypot(f.px_to_A[0][0], f.px_to_A[1][0]) || 1;
+    const r = Math.min(12, Math.max(3, (0.45 / A_per_px) * sx));
+    ctx.lineWidth = 1.5;
     for (let i = 0; i < atoms.col_row.length; i++) {
       const [c, rr] = atoms.col_row[i];
       ctx.strokeStyle = COLORS[atoms.classes[i] % COLORS.length];
@@ -57,6 +62,8 @@ function drawFrame(doc) {
     ctx.strokeStyle = "#ffeb3b"; ctx.setLineDash([6, 4]); ctx.beginPath();
     cmd.corners.forEach(([c, r], k) => (k ? ctx.lineTo(X(c), Y(r)) : ctx.moveTo(X(c), Y(r))));
     ctx.closePath(); ctx.stroke(); ctx.setLineDash([]);
+    const mc = cmd.corners.reduce((s, [c]) => s + c, 0) / 4, mr = cmd.corners.reduce((s, [, r]) => s + r, 0) / 4;
+    offFrameArrow(X(mc), Y(mr), "#ffeb3b", "next scan");
   } else if (cmd && cmd.kind === "park" && cmd.at) {
     const [c, r] = cmd.at;
     ctx.strokeStyle = "#ff1744"; ctx.beginPath();
@@ -65,9 +72,21 @@ function drawFrame(doc) {
   }
   if (doc.target_A) {
     const cr = toDisplay(f, doc.target_A);
-    if (cr) { ctx.strokeStyle = "#00e5ff"; ctx.strokeRect(X(cr[0]) - 6, Y(cr[1]) - 6, 12, 12); }
+    if (cr) { ctx.strokeStyle = "#00e5ff"; ctx.strokeRect(X(cr[0]) - 6, Y(cr[1]) - 6, 12, 12); offFrameArrow(X(cr[0]), Y(cr[1]), "#00e5ff", "target"); }
   }
   ctx.lineWidth = 1;
+}
+
+function offFrameArrow(x, y, colour, label) {  // a target off the canvas: an arrow at its edge towards it
+  const W = canvas.width, H = canvas.height, cx = W / 2, cy = H / 2;
+  if (x >= 0 && x <= W && y >= 0 && y <= H) return;
+  const dx = x - cx, dy = y - cy, t = Math.min(dx ? (W / 2 - 14) / Math.abs(dx) : Infinity, dy ? (H / 2 - 14) / Math.abs(dy) : Infinity);
+  const ex = cx + dx * t, ey = cy + dy * t, a = Math.atan2(dy, dx);
+  ctx.save(); ctx.translate(ex, ey); ctx.rotate(a);
+  ctx.fillStyle = colour; ctx.beginPath(); ctx.moveTo(12, 0); ctx.lineTo(-8, -8); ctx.lineTo(-8, 8); ctx.closePath(); ctx.fill();
+  ctx.restore();
+  ctx.font = "12px sans-serif"; ctx.fillStyle = colour; ctx.textAlign = ex > cx ? "right" : "left";
+  ctx.fillText(label, ex + (ex > cx ? -16 : 16), ey + (ey > cy ? -10 : 18)); ctx.textAlign = "left";
 }
 
 function toDisplay(f, xy) {  // inverse of px_to_A
@@ -105,8 +124,11 @@ function drawDrift(drift) {
   dx.fillStyle = "#111"; dx.fillRect(0, 0, dc.width, dc.height);
   if (!drift || !drift.trace.length) { $("drifttext").textContent = "no drift stage"; return; }
   const t = drift.trace, n = t.length;
+  // scale on the displacement and the typical band (a first estimate's wide band is clipped)
+  const bands = t.map((row) => row[3]).sort((p, q) => p - q), band = bands[Math.floor(bands.length / 2)];
   let lim = 0.1;
-  for (const [, x, y, b] of t) lim = Math.max(lim, Math.abs(x) + b, Math.abs(y) + b);
+  for (const [, x, y] of t) lim = Math.max(lim, Math.abs(x) + band, Math.abs(y) + band);
+  lim *= 1.1;
   const X = (i) => (n > 1 ? (i / (n - 1)) * (dc.width - 10) + 5 : dc.width / 2), Y = (v) => dc.height / 2 - (v / lim) * (dc.height / 2 - 5);
   [[1, "#4fc3f7"], [2, "#ffd740"]].forEach(([k, col]) => {
     dx.fillStyle = col + "33"; dx.beginPath();
@@ -117,8 +139,10 @@ function drawDrift(drift) {
     t.forEach((row, i) => (i ? dx.lineTo(X(i), Y(row[k])) : dx.moveTo(X(i), Y(row[k]))));
     dx.stroke();
   });
+  dx.strokeStyle = "#555"; dx.beginPath(); dx.moveTo(0, Y(0)); dx.lineTo(dc.width, Y(0)); dx.stroke();
   const last = t[n - 1];
-  $("drifttext").textContent = `frame ${last[0]}: dx ${fmt(last[1])} Å, dy ${fmt(last[2])} Å, 95 % band ±${fmt(last[3])} Å (scale ±${fmt(lim)} Å)`;
+  $("drifttext").innerHTML = `<span style="color:#4fc3f7">dx ${fmt(last[1])} Å</span>, <span style="color:#ffd740">dy ${fmt(last[2])} Å</span>`
+    + ` at frame ${last[0]}, 95 % band ±${fmt(last[3])} Å (${n} frames, scale ±${fmt(lim, 2)} Å)`;
 }
 
 function setHTML(id, html) {  // only touch the DOM when the content changed
@@ -171,20 +195,28 @@ async function poll() {
         const doc = await res.json();
         view.seq = doc.seq;
         render(doc);
+        $("problem").textContent = "";
         view.draws++;
         // a new frame's document (not a status change), and not the first after the page opened
-        // (that frame may be from before the page was there): frame-to-screen latency
-        const fresh = doc.mode === "live" && doc.ready_wall_s && doc.ready_wall_s !== view.lastReady;
+        // (that frame may be from before the page was there): frame-to-screen latency, taken
+        // after the paint (a task queued from requestAnimationFrame runs once the frame is painted)
+        const fresh = doc.mode === "live" && doc.arrived_wall_s && doc.ready_wall_s !== view.lastReady;
         if (fresh && view.draws > 1) {
-          const ready = doc.ready_wall_s;
-          requestAnimationFrame(() => {
-            view.latencies_ms.push(Date.now() - ready * 1000);
-            if (view.latencies_ms.length > 5000) view.latencies_ms.shift();
-          });
+          const arrived = doc.arrived_wall_s, ready = doc.ready_wall_s, index = doc.frame ? doc.frame.index : -1;
+          requestAnimationFrame(() => setTimeout(() => {
+            const now = Date.now();
+            view.latencies_ms.push(now - arrived * 1000);
+            view.ready_latencies_ms.push(now - ready * 1000);
+            view.painted.push(index);
+            for (const k of ["latencies_ms", "ready_latencies_ms", "painted"]) if (view[k].length > 5000) view[k].shift();
+          }, 0));
         }
         view.lastReady = doc.ready_wall_s;
       } else if (res.status !== 204) {
         view.errors++;
+        let why = `HTTP ${res.status}`;
+        try { why = (await res.json()).error || why; } catch (err) { /* not JSON: the status says it */ }
+        $("problem").textContent = `the page could not be updated: ${why}`;
         await new Promise((ok) => setTimeout(ok, 1000));
       }
     } catch (err) {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import aiohttp
 import numpy as np
@@ -114,6 +115,8 @@ async def test_snapshot_long_polls_and_shows_the_frame_atoms_and_next_command(tm
         async with s.get(f"{base}/api/snapshot?after=-1") as r:
             doc = await r.json()
     assert summary.frames == 3 and doc["state"] == "stopped" and doc["frames_done"] == 3
+    # the shown frame's own arrival and ready times (wall clock, the browser's), in that order
+    assert 0 < doc["arrived_wall_s"] <= doc["ready_wall_s"] <= time.time()
     f = doc["frame"]
     img = np.frombuffer(base64.b64decode(f["image_b64"]), dtype=np.uint8).reshape(f["height"], f["width"])
     assert img.shape == (64, 64) and img.std() > 10  # a real image, stretched to 8 bits
@@ -172,3 +175,14 @@ async def test_a_port_in_use_is_a_clear_error():
         with pytest.raises(InputError, match=f"--view.*127.0.0.1:{first.port}"):
             async with ViewServer(source, "127.0.0.1", first.port):
                 pass
+
+
+async def test_the_drift_trace_holds_every_frame_with_no_page_open(tmp_path):
+    agent, source = await live_agent(tmp_path, max_frames=6, pipeline={"segmenter": {"kind": "log", "sigma_A": 0.45},
+                                                                      "drift": {}})
+    summary = await agent.run()  # no server, no page: nothing asks for a document meanwhile
+    doc = source.snapshot()
+    assert summary.frames == 6
+    trace = doc["drift"]["trace"]
+    assert [row[0] for row in trace] == sorted({row[0] for row in trace}) and len(trace) >= 5
+    assert all(len(row) == 4 and row[3] >= 0 for row in trace)
