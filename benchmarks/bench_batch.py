@@ -27,6 +27,8 @@ Measured in one run, on the same files:
 - ``scheduler_tasks_per_s``: trivial tasks (``client.map`` of an identity over ``--trivial``
   integers) dispatched and gathered by the 2-worker cluster.
 - ``model_loads_per_worker``: :class:`ModelCache` loads on each worker after the batch (1 each).
+- ``scaling_model``: what ``--model-workers`` (100) workers would reach and what bounds it
+  (:func:`scaling_model`; docs/batch_scaling.md explains it).
 
 Prints one JSON document and writes it to ``--json`` (default ``benchmarks/results/batch.json``).
 
@@ -196,6 +198,30 @@ def per_task(stream: list[dict[str, Any]], results: dict[str, TaskResult], input
     }
 
 
+def scaling_model(two: dict[str, Any], workers: int, storage_GB_per_s: float) -> dict[str, Any]:
+    """Frames/s a cluster of ``workers`` single-threaded workers would reach, by what bounds it (from the 2-worker run).
+
+    compute: each worker does a frame every (task + overhead per task) / frames per task seconds;
+    scheduler: one dispatch per task at the measured trivial-task rate (here the scheduler shares 2
+    cores with everything, so this is a floor for a scheduler on its own node); client: the client
+    writes every input's Parquet tables itself, serially (frames written per second of its writing);
+    storage: bytes each task reads (the whole file) against ``storage_GB_per_s`` (assumed, not measured);
+    results: bytes returned per frame against the same link into the client."""
+    t = two["tasks"]
+    per_frame_s = (t["task_s_median"] + t["overhead_per_task_s"]) / t["frames_per_task"]
+    bounds = {
+        "compute": workers / per_frame_s,
+        "scheduler": (two["scheduler"].get("tasks_per_s") or float("inf")) * t["frames_per_task"],
+        "client_writes": two["frames"] / two["client_write_s"] if two["client_write_s"] > 0 else float("inf"),
+        "storage_reads": storage_GB_per_s * 1e9 / (t["bytes_read_per_task_median"] / t["frames_per_task"]),
+        "result_gathering": storage_GB_per_s * 1e9 / (t["bytes_out_per_task_median"] / t["frames_per_task"]),
+    }
+    limit = min(bounds, key=lambda k: bounds[k])
+    return {"workers": workers, "worker_s_per_frame": round(per_frame_s, 4), "storage_GB_per_s_assumed": storage_GB_per_s,
+            "bounds_frames_per_s": {k: round(v, 1) for k, v in bounds.items()}, "frames_per_s": round(bounds[limit], 1),
+            "bottleneck": limit, "speedup_over_one_worker": round(bounds[limit] * per_frame_s, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=12, help="input files")
@@ -204,6 +230,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2121)
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "batch.json")
     ap.add_argument("--note", default="", help="a note stored with the results (e.g. the machine's load)")
+    ap.add_argument("--model-workers", type=int, default=100, help="workers of the cluster the scaling model predicts")
+    ap.add_argument("--storage-GB-per-s", type=float, default=1.0, help="shared storage (and client link) bandwidth the model assumes")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -231,6 +259,7 @@ def main() -> None:
         "overhead_fraction": t2["overhead_fraction"],
         "makespan_overhead_fraction": t2["makespan_overhead_fraction"],
         "scheduler_tasks_per_s": two["scheduler"].get("tasks_per_s"),
+        "scaling_model": scaling_model(two, args.model_workers, args.storage_GB_per_s),
         "targets": {"scaling_2_vs_1": 1.7, "batch_vs_replay": 0.9, "overhead_fraction": 0.05},
         "bench_wall_s": 0.0,
     }
