@@ -65,9 +65,9 @@ DOSE_E_PER_A2 = 1e4
 
 def write_inputs(folder: Path, n_files: int, frames_per_file: int, seed: int) -> list[Path]:
     """``n_files`` .emd files of ``frames_per_file`` 512 x 512 twin frames (two rendered specimens, fresh noise per frame)."""
-    from rsciio.emd import file_writer
+    from rsciio.emd import file_writer  # optional: the 'files' extra, needed only to write the inputs
 
-    from stemagent.agent.app.segmenter_training import twin_frame
+    from stemagent.agent.app.segmenter_training import twin_frame  # the twin's renderer: only to make the inputs
 
     rng = np.random.default_rng(seed)
     expected = [np.asarray(twin_frame("graphene", SHAPE_PX, PIXEL_A, DOSE_E_PER_A2, rng, clean=True)[1].expected_image)
