@@ -7,7 +7,9 @@ worker) is started and closed here; with ``--scheduler tcp://host:port`` an exis
 model once (:class:`BatchWorkerPlugin`).
 
 Tasks: an input whose stages all work frame by frame (``segment``, ``boundaries``) is split into
-chunks of ``--chunk-frames`` frames, one task each (after a small task that counts its frames);
+chunks of ``--chunk-frames`` frames, one task each (the first chunk's task reports how many frames
+the input holds, and the other chunks are submitted then: no task only counts, no file is read
+twice for a count);
 an input whose stages carry state from frame to frame (``drift``, ``encoding``) is one task, its
 frames in order. A task takes a path and returns the tables of its frames; frames are read on the
 worker and never travel. Tasks are retried by Dask when a worker dies under them.
@@ -31,17 +33,19 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from stemagent.agent.app.batch_worker import PER_FRAME_STAGES, PLUGIN_NAME, ModelCache, TaskResult, TaskSpec, analyse, count_frames, provenance
+from stemagent.agent.app.batch_worker import (PER_FRAME_STAGES, PLUGIN_NAME, ModelCache, TaskFailure, TaskResult, TaskSpec, analyse,
+                                              provenance)
 from stemagent.batch.inputs import BatchInput
 from stemagent.batch.outputs import FrameRows, concat_rows, fingerprint, is_complete, write_input_outputs, write_summary
-from stemagent.errors import InputError, StemAgentError
+from stemagent.errors import InputError, StemAgentError, shown
 
 try:  # the 'batch' extra
+    import dask
     from distributed import Client, LocalCluster, as_completed
     from distributed.diagnostics.plugin import WorkerPlugin
 except ImportError as missing:  # pragma: no cover - the command says what to install
@@ -98,6 +102,8 @@ class BatchReport:
     elapsed_s: float = 0.0
     dashboard: str = ""
     summary_path: str = ""
+    #: time the client spent writing the inputs' tables (Parquet), serially, as results came in
+    client_write_s: float = 0.0
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -123,24 +129,54 @@ def request_of(options: BatchOptions) -> dict[str, Any]:
             "pixel_size_A": options.pixel_size_A}
 
 
-def describe_error(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, StemAgentError) else f"{type(exc).__name__}: {exc}"
+def describe_error(exc: BaseException | str) -> str:
+    text = exc if isinstance(exc, str) else str(exc) if isinstance(exc, StemAgentError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())[:2000]
 
 
+def check_scheduler_address(address: str) -> str:
+    """``address`` as Dask reads it (``tcp://host:port``; ``host:port`` is taken as tcp), or an
+    :class:`InputError` naming ``--scheduler`` and the value when it cannot be an address."""
+    from distributed.comm.addressing import get_address_host_port, parse_address  # Dask's own parser (the 'batch' extra)
+
+    text = address.strip()
+    try:
+        scheme, _ = parse_address(text, strict=False)
+        if scheme != "inproc":
+            _, port = get_address_host_port(text)
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} is not between 1 and 65535")
+    except (ValueError, TypeError) as exc:
+        raise InputError("--scheduler", address, f"is not a Dask scheduler address like tcp://host:8786 ({exc})") from None
+    return text
+
+
 @contextlib.contextmanager
-def open_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
-    """A Dask client: of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` single-threaded processes."""
+def open_client(scheduler: str | None, workers: int | None, connect_timeout_s: float = 30.0) -> Iterator[Any]:
+    """A Dask client: of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` single-threaded processes.
+
+    A malformed ``scheduler`` is an :class:`InputError`; one that does not answer within
+    ``connect_timeout_s`` a :class:`StemAgentError`, both naming ``--scheduler`` and the address."""
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        address = check_scheduler_address(scheduler)
+        try:
+            client = Client(address, timeout=f"{connect_timeout_s}s")
+        except (OSError, TimeoutError) as exc:
+            raise StemAgentError(f"--scheduler={shown(scheduler)}: no Dask scheduler answered there within "
+                                 f"{connect_timeout_s:g} s ({describe_error(exc)})") from None
+        with client:
             yield client
         return
     n = workers or os.cpu_count() or 1
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the scheduler's INFO lines would bury the report
     # ':0': a free port (another user's cluster on this machine may hold Dask's default 8787)
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR, env=env) as cluster, Client(cluster) as client:
+    # glibc's malloc: Dask's workers get MALLOC_TRIM_THRESHOLD_=65536 by default, and any value there also fixes the
+    # mmap threshold at 128 KiB, so each frame-sized array is mmap'ed and faulted in afresh: the U-Net ran at half
+    # speed (240 vs 120 ms per 512x512 frame, bench_batch.py). Unset here (None removes it from the workers' environment).
+    trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    with dask.config.set(trim), LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                             silence_logs=logging.ERROR, env=env) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -172,9 +208,11 @@ class _Input:
 
 
 def run_batch(client: Any, inputs: list[BatchInput], options: BatchOptions,
-              on_progress: Callable[[int, int, int], None] | None = None) -> BatchReport:
+              on_progress: Callable[[int, int, int], None] | None = None,
+              on_task: Callable[[str, TaskResult], None] | None = None) -> BatchReport:
     """Analyse ``inputs`` on ``client``'s cluster (see the module docstring). ``on_progress(inputs finished,
-    inputs to run, frames done)`` is called after each input finishes."""
+    inputs to run, frames done)`` is called after each input finishes; ``on_task(task key, result)`` after
+    each analysis task (the benchmark's per-task times and sizes)."""
     t0 = time.perf_counter()
     report = BatchReport(dashboard=dashboard_of(client))
     request = request_of(options)
@@ -205,8 +243,8 @@ def run_batch(client: Any, inputs: list[BatchInput], options: BatchOptions,
         pending.add(fut)
 
     for state in todo:
-        if chunked:
-            submit(count_frames, state, state.spec, "count")
+        if chunked:  # the first chunk; its result says how many frames the input holds, and the other chunks follow
+            submit(analyse, state, replace(state.spec, start=0, stop=options.chunk_frames), "analyse-0")
         else:
             state.expected = 1
             submit(analyse, state, state.spec, "analyse-0")
@@ -217,11 +255,17 @@ def run_batch(client: Any, inputs: list[BatchInput], options: BatchOptions,
         if found is None or found[0].failed:
             continue
         state, order = found
-        if fut.status != "finished":
-            try:
-                error: BaseException = fut.exception()
-            except BaseException as lost:  # noqa: BLE001 - a cancelled or lost task: its reason is the error
-                error = lost
+        result = fut.result() if fut.status == "finished" else None
+        if fut.status != "finished" or isinstance(result, TaskFailure):
+            error: BaseException | str
+            if isinstance(result, TaskFailure):
+                error = result.error
+            else:
+                try:
+                    error = fut.exception()
+                except BaseException as lost:  # noqa: BLE001 - a cancelled or lost task: its reason is the error
+                    error = lost
+            fut.release()
             state.failed = True
             for other in state.futures:
                 if other.key in owner:
@@ -233,20 +277,21 @@ def run_batch(client: Any, inputs: list[BatchInput], options: BatchOptions,
             if on_progress:
                 on_progress(finished, len(todo), frames_done)
             continue
-        result = fut.result()
         fut.release()
-        if isinstance(result, int):  # a frame count: the chunks follow
-            n = max(result, 0)
-            starts = list(range(0, n, options.chunk_frames)) or [0]
-            state.expected = len(starts)
-            for i, start in enumerate(starts):
-                chunk = TaskSpec(**{**state.spec.__dict__, "start": start, "stop": start + options.chunk_frames})
-                submit(analyse, state, chunk, f"analyse-{i}", order=i)
-            continue
+        assert isinstance(result, TaskResult)
+        if state.expected is None:  # the first chunk of a chunked input: the others follow
+            starts = range(options.chunk_frames, max(result.frames_in_input, 0), options.chunk_frames)
+            state.expected = 1 + len(starts)
+            for i, start in enumerate(starts, start=1):
+                submit(analyse, state, replace(state.spec, start=start, stop=start + options.chunk_frames), f"analyse-{i}", order=i)
+        if on_task:
+            on_task(str(fut.key), result)
         state.parts[order] = result
         if len(state.parts) < (state.expected or 0):
             continue
+        t_write = time.perf_counter()
         outcomes[state.input] = _finish(state, request)
+        report.client_write_s += time.perf_counter() - t_write
         frames_done += outcomes[state.input].frames
         finished += 1
         if on_progress:

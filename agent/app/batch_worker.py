@@ -71,6 +71,7 @@ class TaskResult:
     frames_in_input: int
     seconds: float
     worker_pid: int = field(default_factory=os.getpid)
+    spec: TaskSpec | None = None
 
 
 class ModelCache:
@@ -257,15 +258,26 @@ def run_frames(pipeline: Pipeline, frames: _LogFrames | _FileFrames, start: int,
 # --- tasks --------------------------------------------------------------------------------
 
 
-def count_frames(spec: TaskSpec) -> int:
-    """How many frames the input holds (a task: the client splits the input into chunks by it)."""
-    frames = open_frames(spec)
-    analysis_stages(frames.config(spec), spec.stages)  # a bad --stages fails here, before any chunk runs
-    return len(frames)
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task's input cannot be used (an :class:`InputError`: a corrupt file, a stage it lacks).
+
+    Returned, not raised: the same input fails the same way on every try, so Dask must not retry
+    it (its ``retries`` are for errors that may pass, such as a file system that hiccups)."""
+
+    error: str
 
 
-def analyse(spec: TaskSpec, models: ModelCache | None = None) -> TaskResult:
-    """Frames ``[spec.start, spec.stop)`` of one input through its pipeline (a task)."""
+def analyse(spec: TaskSpec, models: ModelCache | None = None) -> TaskResult | TaskFailure:
+    """Frames ``[spec.start, spec.stop)`` of one input through its pipeline (a task); a :class:`TaskFailure`
+    when the input cannot be used."""
+    try:
+        return _analyse(spec, models)
+    except InputError as exc:
+        return TaskFailure(str(exc))
+
+
+def _analyse(spec: TaskSpec, models: ModelCache | None) -> TaskResult:
     t0 = time.perf_counter()
     models = models or models_here()
     frames = open_frames(spec)
@@ -281,7 +293,7 @@ def analyse(spec: TaskSpec, models: ModelCache | None = None) -> TaskResult:
         pipeline.close()
     return TaskResult(rows=rows, config=cfg.model_dump(mode="json"), stages=pipeline.names,
                       weights_sha256=models.weights_sha256(segmenter), frames_in_input=len(frames),
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, spec=spec)
 
 
 def provenance(result: TaskResult, input_fingerprint: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:

@@ -77,14 +77,18 @@ def batch(
         raise InputError("--pixel-size-A", pixel_size_A, "must be a positive length in Å")
     if not 1 <= torch_threads <= 256:
         raise InputError("--torch-threads", torch_threads, "must be between 1 and 256")
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", str(out), "is a file; the results go to a folder")
     names = parse_stages(stages)
     base_config = load_config(config).model_dump(mode="json") if config is not None else None
-    from stemagent.agent.app.batch import open_client, dashboard_of, run_batch, BatchOptions  # Dask: imported when asked for
+    from stemagent.agent.app.batch import BatchOptions, check_scheduler_address, dashboard_of, open_client, run_batch  # Dask: imported when asked for
     from stemagent.batch.inputs import discover  # the batch engine and its Dask are imported only when the command runs
     from stemagent.drivers.files import ACQUISITION_SUFFIXES  # the file readers (rosettasciio) only when the command runs
 
     options = BatchOptions(out=out, stages=names, pixel_size_A=pixel_size_A, chunk_frames=chunk_frames,
                            torch_threads=torch_threads, base_config=base_config)
+    if scheduler:
+        check_scheduler_address(scheduler)  # a malformed address fails before any folder is searched
     found = discover(inputs, ACQUISITION_SUFFIXES)
     if not found:
         raise InputError("INPUTS", " ".join(inputs), "hold no run log or acquisition file")

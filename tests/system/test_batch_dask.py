@@ -150,6 +150,12 @@ def test_batch_matches_replay_reports_corrupt_file_and_skips_on_rerun(inputs: Pa
     assert {o.input.path.name: o.status for o in third.outcomes}["run-3"] == "done"
 
 
+def test_local_workers_run_without_dasks_malloc_trim_threshold(client: Any) -> None:
+    # with it glibc's mmap threshold stays at 128 KiB and the U-Net ran at half speed in the workers (bench_batch.py)
+    assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+    assert set(client.run(os.environ.get, "OMP_NUM_THREADS").values()) == {"1"}
+
+
 def test_batch_survives_a_worker_killed_mid_task(inputs: Path, client: Any, tmp_path: Path) -> None:
     found = [i for i in discover([str(inputs)], ACQUISITION_SUFFIXES) if i.path.name != "broken.dm3"]
     killed: list[int] = []
