@@ -4,6 +4,7 @@ twin patches."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_shipped_weights_are_small_and_strict_on_load(tmp_path):
     bad.write_bytes(SHIPPED.read_bytes())
     head = yaml.safe_load(SHIPPED.with_suffix(".json").read_text())
     head["spec"]["hidden"] = 32
-    bad.with_suffix(".json").write_text(yaml.safe_dump(head))
+    bad.with_suffix(".json").write_text(json.dumps(head))
     with pytest.raises(InputError, match=r"rvae.weights=.*w.pt.*do not fit the spec"):
         load_rvae(bad, device="cpu")
 
