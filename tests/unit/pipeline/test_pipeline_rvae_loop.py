@@ -109,3 +109,11 @@ def test_atoms_in_the_drift_corrected_frame_are_put_back_where_the_beam_saw_them
     drift = SimpleNamespace(times_s=np.array([0.0, 2.0]), displacement_A=np.array([[0.0, 0.0], [2.0, -4.0]]))
     assert np.allclose(stage.beam_positions_A(atoms, drift), [[1.0, 2.0], [4.0, 2.0]])
     assert np.allclose(stage.beam_positions_A(atoms, None), atoms.positions_A)
+
+
+def test_report_names_the_latents_and_their_weights(run_log):
+    result = CliRunner().invoke(app, ["report", run_log])
+    assert result.exit_code == 0, result.output
+    n = sum(sum(d["encoded"]) for d in RunLog.open(run_log).event_data("latents"))
+    assert f"- rVAE latents: {n} atoms encoded over 3 frames (weights rvae_graphene.pt@" in result.output
+    assert "own streams" not in result.output
