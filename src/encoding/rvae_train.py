@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
     model.fit_invariant_scale(x[: min(len(x), 4096)])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     ema = float("nan")
     terms: dict[str, float] = {}
@@ -205,7 +207,8 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss_ema": round(ema, 4),
         "final_terms": {k: round(v, 4) for k, v in terms.items()},
-        "machine": f"{platform.machine()} torch {torch.__version__}, {cfg.num_threads} threads",
+        "machine": f"{platform.machine()} torch {torch.__version__}, {cfg.num_threads} threads, {os.cpu_count()} cores",
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min load at start and end: timings depend on it
     }
     return model, record
 
@@ -232,7 +235,8 @@ def write_card(weights: Path, metrics: dict[str, Any] | None = None) -> None:
     tr = card["trained"]
     lines = [f"# Model card: {card['name']}", "", f"- rotationally invariant VAE, spec {card['spec']} ({card['parameters']} parameters)",
              f"- input: {card['input']}, {card['pixel_A']} Å/px", "", "## Training", "",
-             f"- {tr['date']}; {tr['steps']} steps x {tr['batch_size']} patches (from {tr['patches']}); {tr['seconds']} s on {tr['machine']}",
+             f"- {tr['date']}; {tr['steps']} steps x {tr['batch_size']} patches (from {tr['patches']}); {tr['seconds']} s on {tr['machine']}"
+             f" (load average {tr.get('load_average', 'not recorded')} at start and end)",
              f"- final loss (EMA) {tr['final_loss_ema']}, terms {tr['final_terms']}; seed {card['config']['seed']}",
              "", "## Data", "", "```json", json.dumps(card.get("data", {}), indent=2), "```",
              "", "## Config (recipe)", "", "```json", json.dumps(card["config"], indent=2), "```"]
