@@ -159,7 +159,8 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
     x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
     if x.ndim != 3 or tuple(x.shape[1:]) != (cfg.patch_px, cfg.patch_px):
         raise InputError("patches.shape", tuple(x.shape), f"must be (N, {cfg.patch_px}, {cfg.patch_px}) (patch_px)")
-    torch.set_num_threads(cfg.num_threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)  # restored below: a caller's own setting is not changed
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = RVAE(cfg.spec())
@@ -198,6 +199,7 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
     finally:
         if prog:
             prog.stop()
+        torch.set_num_threads(threads_before)
     model.eval()
     record = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
