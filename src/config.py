@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from stemagent.boundaries.config import BoundaryChainConfig, BoundaryTraceConfig
 from stemagent.drift.config import DriftConfig
-from stemagent.encoding.config import PipelineEncodingConfig
+from stemagent.encoding.config import PipelineEncodingConfig, PipelineRVAEConfig
 from stemagent.codec import Coordinate, GeometryDoc, Length
 from stemagent.errors import ConfigError
 from stemagent.policies.manipulation.config import ManipulationConfig
@@ -219,7 +219,7 @@ class StageOptions(_Model):
 
 
 class PipelineConfig(_Model):
-    """The analysis stages (``segment -> [drift] -> [boundaries] -> [encoding] -> policy``; drift and encoding join as they
+    """The analysis stages (``segment -> [drift] -> [boundaries] -> [encoding] -> [rvae] -> policy``; drift and encoding join as they
     land) and how each runs (``stages.<name>``: ``enabled``, ``on_error``)."""
 
     segmenter: SegmenterConfig = Field(default_factory=LoGSegmenterConfig)
@@ -230,6 +230,8 @@ class PipelineConfig(_Model):
     stages: dict[str, StageOptions] = Field(default_factory=dict, description="per stage name: enabled, on_error")
     encoding: PipelineEncodingConfig | None = Field(None, description="motif labels of every atom (Zernike features, motif "
                                                                       "library, motif-cells; None: no such stage)")
+    rvae: PipelineRVAEConfig | None = Field(None, description="per-atom rVAE latents (angle, shift, content z) after encoding, "
+                                                              "in the observation and the log's latents stream (None: no such stage)")
 
 
 # --- policy --------------------------------------------------------------------------------

@@ -337,6 +337,23 @@ def train_segmenter(
     console.print(f"weights: [bold]{card['config']['out']}[/] ({card['trained']['steps']} steps, {card['trained']['seconds']} s)")
 
 
+@app.command("train-rvae")
+@one_line_errors
+def train_rvae(
+    config: Path = typer.Option(..., "--config", "-c", help="an rVAE training configuration (YAML), e.g. configs/train-rvae.yaml"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (for logs)"),
+) -> None:
+    """Train the rotationally invariant VAE on atom patches from twin sequences; write weights and model card."""
+    # heavy: torch, the twin and the training loop, imported only for this command
+    from stemagent.agent.app.rvae_training import load_rvae_train_config, run_training
+
+    card = run_training(load_rvae_train_config(config), show_progress=not no_progress)
+    m = card.get("metrics", {})
+    console.print(f"weights: [bold]{card['config']['out']}[/] ({card['trained']['steps']} steps, {card['trained']['seconds']} s); "
+                  f"held out: rotation error {m.get('rotation_error_deg_rms')} deg rms, reconstruction/mean-patch "
+                  f"{m.get('clean_reconstruction_ratio')} (noiseless), k-NN balanced accuracy {m.get('knn_balanced_accuracy')}")
+
+
 def score_against_twin(log_path: str, driver: Any) -> dict[str, Any] | None:
     """Detection scores against the twin's ground truth, when the driver is the physical twin."""
     truth = getattr(driver, "ground_truth", None)

@@ -28,7 +28,7 @@ from stemagent.config import RunConfig, config_from_dict
 from stemagent.drift.config import DriftConfig
 from stemagent.encoding.config import EncodingConfig
 from stemagent.errors import ConfigError, InputError
-from stemagent.pipeline import BoundaryTraceStage, EncodingAdapter, Pipeline, PolicyStage, SegmentStage, Stage
+from stemagent.pipeline import BoundaryTraceStage, EncodingAdapter, Pipeline, PolicyStage, RVAEAdapter, SegmentStage, Stage
 from stemagent.driver import Driver
 from stemagent.drivers.replay import open_replay
 from stemagent.drivers.zmq_driver import ZmqDriver
@@ -131,11 +131,21 @@ def build_encoding(cfg: RunConfig) -> EncodingAdapter:
     return EncodingAdapter(EncodingStage(EncodingConfig(**settings)), log_symmetry=enc.log_symmetry)
 
 
+def build_rvae(cfg: RunConfig) -> RVAEAdapter:
+    """The rVAE stage of ``pipeline.rvae`` (torch: imported when a config asks for it)."""
+    from stemagent.encoding.rvae_stage import RVAEStage  # heavy: torch, imported only when asked for
+
+    conf = cfg.pipeline.rvae
+    assert conf is not None
+    return RVAEAdapter(RVAEStage(conf), log_digits=conf.log_digits)
+
+
 def stage_names(cfg: RunConfig) -> list[str]:
     """The names of the run's stages, in order, before they are built."""
     return ["segment", *(["drift"] if cfg.pipeline.drift is not None else []),
             *(["boundaries"] if cfg.pipeline.boundaries is not None else []),
-            *(["encoding"] if cfg.pipeline.encoding is not None else []), "policy"]
+            *(["encoding"] if cfg.pipeline.encoding is not None else []),
+            *(["rvae"] if cfg.pipeline.rvae is not None else []), "policy"]
 
 
 def check_stage_options(cfg: RunConfig, source: str = "<config>") -> None:
@@ -195,7 +205,7 @@ def check_segmenter_classes(cfg: RunConfig, segmenter: Segmenter, source: str = 
 
 
 def build_pipeline(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities | None = None) -> Pipeline:
-    """The run's stages in order (``segment -> [drift] -> [boundaries] -> [encoding] -> policy``), switched by ``pipeline.stages``."""
+    """The run's stages in order (``segment -> [drift] -> [boundaries] -> [encoding] -> [rvae] -> policy``), switched by ``pipeline.stages``."""
     check_stage_options(cfg)
     segmenter = build_segmenter(cfg)
     check_segmenter_classes(cfg, segmenter)
@@ -206,6 +216,8 @@ def build_pipeline(cfg: RunConfig, rng: np.random.Generator, caps: Capabilities 
         stages.append(BoundaryTraceStage(BoundaryStage(cfg.pipeline.boundaries)))
     if cfg.pipeline.encoding is not None:
         stages.append(build_encoding(cfg))
+    if cfg.pipeline.rvae is not None:
+        stages.append(build_rvae(cfg))
     stages.append(PolicyStage(build_policy(cfg, rng, caps)))
     return Pipeline(stages, dict(cfg.pipeline.stages))
 

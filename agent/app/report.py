@@ -14,6 +14,7 @@
   ``commands``: sent, refused by the gate (by rule) and by the device;
 - ``faults``: faults, stage errors, bad input, failed blanks, signals, pauses, controls;
 - ``parks``: count and total dwell; ``motifs``: the motif library at the end (encoding stage);
+  ``latents``: atoms the rVAE stage encoded and its weights' version;
   ``events``: the policy's own streams and their counts.
 
 :func:`write_report` writes ``report.md`` and ``report.html`` (and the figures of
@@ -125,8 +126,9 @@ def summarize(log: RunLog) -> dict[str, Any]:
     peak = dm.peak if dm is not None else 0.0
     analysed_frames = len(analysed) if pipeline else len(atoms)
     events = {s: len(log.event_data(s)) for s in log.streams() if s not in (
-        "frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops", "motifs")}
+        "frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops", "motifs", "latents")}
     motifs = _streams(log, "motifs")
+    latents = _streams(log, "latents")
     enc = [((d.get("records") or {}).get("encoding") or {}) for d in analysed]
     enc = [e for e in enc if "library_size" in e]
     return {
@@ -167,6 +169,8 @@ def summarize(log: RunLog) -> dict[str, Any]:
         "motifs": {"frames": len(motifs), "library_size": int(enc[-1]["library_size"]) if enc else 0,
                    "reclustered_frames": sum(1 for e in enc if e.get("reclustered")),
                    "last_counts": enc[-1].get("motif_counts", {}) if enc else {}} if motifs or enc else {},
+        "latents": {"frames": len(latents), "encoded_atoms": int(sum(sum(bool(e) for e in d.get("encoded", [])) for d in latents)),
+                    "weights": sorted({str(d.get("weights", "")) for d in latents})} if latents else {},
         "events": events,
         "hops": hop_summary(log),
     }
@@ -218,6 +222,9 @@ def markdown(summary: dict[str, Any], figures: list[tuple[str, str]] | None = No
         m = summary["motifs"]
         out.append(f"- motifs: library of {m['library_size']} after {m['frames']} frames ({m['reclustered_frames']} reclustered); "
                    f"last frame {m['last_counts']}")
+    if summary.get("latents"):
+        lt = summary["latents"]
+        out.append(f"- rVAE latents: {lt['encoded_atoms']} atoms encoded over {lt['frames']} frames (weights {', '.join(lt['weights'])})")
     if summary.get("hops"):
         h = summary["hops"]
         out.append(f"- hops: {h['hops_intended']} along the plan, {h['hops_elsewhere']} elsewhere, in {h['parks_checked']} "

@@ -6,11 +6,13 @@ imports them without paying for torch).
   the per-frame path (the pool is reclustered only when atoms no motif explains appear, never on
   a schedule, and then only when enough of them have been seen and not within ``min_frames_between``
   frames of the last recluster; labels from the classifier on every frame) and what goes into
-  the run log's ``motifs`` stream.
+  the run log's ``motifs`` stream;
+- :class:`PipelineRVAEConfig`: ``pipeline.rvae`` of a run: the rVAE stage's weights and device.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,3 +77,18 @@ class PipelineEncodingConfig(EncodingConfig):
                                                                 "features 10-30x slower in bursts; None leaves torch's setting")
     log_symmetry: bool = Field(True, description="log the per-atom n-fold symmetry scores (rounded to 6 digits) "
                                                  "in the motifs stream")
+
+
+class PipelineRVAEConfig(BaseModel):
+    """``pipeline.rvae``: the rVAE stage of a run (:class:`~stemagent.encoding.rvae_stage.RVAEStage`):
+    per-atom latents (angle, shift, content ``z``) from a trained rVAE, in the observation's
+    per-atom features and the run log's ``latents`` stream. Off unless the section is present."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Path | None = Field(None, description="rVAE state dict (.pt) with its .json header; None = the shipped "
+                                                   "stemagent/weights/rvae_graphene.pt")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
+    num_threads: int | None = Field(1, ge=1, le=256, description="torch CPU threads while encoding (restored after); "
+                                                                "None leaves torch's setting")
+    log_digits: int = Field(5, ge=1, le=9, description="latents in the run log are rounded to this many decimals")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,13 @@ from torch import nn
 from stemagent.errors import InputError
 
 FORMAT = "stemagent-rvae/1"
+#: the shipped weights (``stemagent/weights``), trained by ``stemagent train-rvae --config configs/train-rvae.yaml``
+DEFAULT_WEIGHTS = "rvae_graphene.pt"
+
+
+def default_rvae_weights() -> Path:
+    """The shipped weights: ``stemagent/weights/rvae_graphene.pt`` (with ``.json`` and ``.md`` cards)."""
+    return Path(str(resources.files("stemagent") / "weights" / DEFAULT_WEIGHTS))
 
 
 @dataclass(frozen=True)

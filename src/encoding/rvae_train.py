@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -33,27 +34,54 @@ from stemagent.errors import InputError
 from stemagent.types import ScanGeometry
 
 
-def normalize_frame(image: np.ndarray) -> np.ndarray:
-    """``(image - q01) / mean(image - q01)`` as float32 (the rVAE's input scale)."""
+def frame_scale(image: np.ndarray) -> tuple[float, float]:
+    """``(offset, scale)`` of :func:`normalize_frame`: the 1% quantile, and the mean above it."""
     a = np.asarray(image, dtype=np.float32)
-    a = a - np.float32(np.quantile(a, 0.01))
-    m = float(a.mean())
-    return a / (m if m > 1e-12 else 1.0)
+    lo = float(np.quantile(a, 0.01))
+    m = float(a.mean()) - lo
+    return lo, (m if m > 1e-12 else 1.0)
 
 
-def sample_patches(image: np.ndarray, geometry: ScanGeometry, positions_A: np.ndarray, patch_px: int, pixel_A: float) -> np.ndarray:
+def normalize_frame(image: np.ndarray, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """``(image - q01) / mean(image - q01)`` as float32 (the rVAE's input scale); ``scale``: another
+    frame's ``(offset, scale)`` (:func:`frame_scale`), e.g. a noisy frame's for its noiseless image."""
+    lo, m = scale if scale is not None else frame_scale(image)
+    return ((np.asarray(image, dtype=np.float32) - np.float32(lo)) / np.float32(m)).astype(np.float32)
+
+
+def sample_patches(image: np.ndarray, geometry: ScanGeometry, positions_A: np.ndarray, patch_px: int, pixel_A: float, *,
+                   centres_rc: np.ndarray | None = None, rotation_rad: np.ndarray | float | None = None) -> np.ndarray:
     """Patches ``(N, P, P)`` float32 around ``positions_A`` ``(N, 2)`` on a sample-frame grid of
     ``pixel_A`` (row = +y, col = +x), bilinear, zero outside the frame. ``image`` should be
-    normalised already (:func:`normalize_frame`)."""
+    normalised already (:func:`normalize_frame`).
+
+    ``centres_rc`` ``(N, 2)``: where the atoms appear in the image (row, col), when that is known
+    better than ``geometry.sample_to_pixel(positions_A)`` (the twin's truth, drift applied); the
+    grid's axes still follow the sample frame. ``rotation_rad`` (scalar or ``(N,)``): the grid is
+    turned counter-clockwise by this in the sample frame, so the patch shows the neighbourhood
+    turned by minus this (an rVAE's angle latent moves by ``-rotation_rad``)."""
     pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
     if not np.all(np.isfinite(pos)):
         raise InputError("positions_A", "non-finite", "must be finite")
+    if centres_rc is None:
+        rc0 = geometry.sample_to_pixel(pos)
+    else:
+        rc0 = np.asarray(centres_rc, dtype=np.float64).reshape(-1, 2)
+        if rc0.shape != pos.shape or not np.all(np.isfinite(rc0)):
+            raise InputError("centres_rc", f"shape {rc0.shape}", f"must be finite and of shape {pos.shape}")
     c = (patch_px - 1) / 2.0
     off = (np.arange(patch_px) - c) * pixel_A
     gy, gx = np.meshgrid(off, off, indexing="ij")
-    pts = pos[:, None, None, :] + np.stack([gx, gy], axis=-1)[None]
-    rc = geometry.sample_to_pixel(pts.reshape(-1, 2))
-    vals = map_coordinates(np.asarray(image, dtype=np.float32), [rc[:, 0], rc[:, 1]], order=1, mode="constant", cval=0.0)
+    grid = np.stack([gx, gy], axis=-1).reshape(-1, 2)  # (P*P, 2) sample-frame offsets (x, y)
+    rot = np.zeros(len(pos)) if rotation_rad is None else np.broadcast_to(np.asarray(rotation_rad, dtype=np.float64), (len(pos),))
+    cs, sn = np.cos(rot)[:, None], np.sin(rot)[:, None]
+    ox = cs * grid[None, :, 0] - sn * grid[None, :, 1]
+    oy = sn * grid[None, :, 0] + cs * grid[None, :, 1]
+    # sample_to_pixel is affine: its linear part maps the offsets
+    lin = geometry.sample_to_pixel(np.stack([ox.ravel(), oy.ravel()], axis=1)) - geometry.sample_to_pixel(np.zeros((1, 2)))
+    rc = rc0[:, None, :] + lin.reshape(len(pos), -1, 2)
+    vals = map_coordinates(np.asarray(image, dtype=np.float32), [rc[..., 0].ravel(), rc[..., 1].ravel()], order=1, mode="constant",
+                           cval=0.0)
     return vals.reshape(len(pos), patch_px, patch_px).astype(np.float32)
 
 
@@ -131,13 +159,15 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
     x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
     if x.ndim != 3 or tuple(x.shape[1:]) != (cfg.patch_px, cfg.patch_px):
         raise InputError("patches.shape", tuple(x.shape), f"must be (N, {cfg.patch_px}, {cfg.patch_px}) (patch_px)")
-    torch.set_num_threads(cfg.num_threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)  # restored below: a caller's own setting is not changed
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = RVAE(cfg.spec())
     model.fit_invariant_scale(x[: min(len(x), 4096)])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     ema = float("nan")
     terms: dict[str, float] = {}
@@ -169,6 +199,7 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
     finally:
         if prog:
             prog.stop()
+        torch.set_num_threads(threads_before)
     model.eval()
     record = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -178,7 +209,8 @@ def fit(cfg: RVAETrainConfig, patches: np.ndarray, *, show_progress: bool = Fals
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss_ema": round(ema, 4),
         "final_terms": {k: round(v, 4) for k, v in terms.items()},
-        "machine": f"{platform.machine()} torch {torch.__version__}, {cfg.num_threads} threads",
+        "machine": f"{platform.machine()} torch {torch.__version__}, {cfg.num_threads} threads, {os.cpu_count()} cores",
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min load at start and end: timings depend on it
     }
     return model, record
 
@@ -205,7 +237,8 @@ def write_card(weights: Path, metrics: dict[str, Any] | None = None) -> None:
     tr = card["trained"]
     lines = [f"# Model card: {card['name']}", "", f"- rotationally invariant VAE, spec {card['spec']} ({card['parameters']} parameters)",
              f"- input: {card['input']}, {card['pixel_A']} Å/px", "", "## Training", "",
-             f"- {tr['date']}; {tr['steps']} steps x {tr['batch_size']} patches (from {tr['patches']}); {tr['seconds']} s on {tr['machine']}",
+             f"- {tr['date']}; {tr['steps']} steps x {tr['batch_size']} patches (from {tr['patches']}); {tr['seconds']} s on {tr['machine']}"
+             f" (load average {tr.get('load_average', 'not recorded')} at start and end)",
              f"- final loss (EMA) {tr['final_loss_ema']}, terms {tr['final_terms']}; seed {card['config']['seed']}",
              "", "## Data", "", "```json", json.dumps(card.get("data", {}), indent=2), "```",
              "", "## Config (recipe)", "", "```json", json.dumps(card["config"], indent=2), "```"]

@@ -12,6 +12,7 @@ from stemagent.pipeline.stages import (
     DriftAdapter,
     EncodingAdapter,
     PolicyStage,
+    RVAEAdapter,
     SegmentStage,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "EncodingAdapter",
     "Pipeline",
     "PolicyStage",
+    "RVAEAdapter",
     "SegmentStage",
     "Stage",
     "StageFailed",

@@ -17,6 +17,11 @@ calls the part's own entry point and puts the result back.
   in ``obs.records``, and the per-atom labels as the run log's ``motifs`` stream
   (:meth:`EncodingAdapter.log_document`).
 
+- :class:`RVAEAdapter` (``rvae``): :class:`~stemagent.encoding.rvae_stage.RVAEStage` (duck-typed:
+  ``process(frame, atoms, drift) -> {name: array}`` and ``weights_version``); per-atom latents
+  (angle, shift, content ``z``) in ``obs.atom_features``, a summary in ``obs.records``, and the
+  latents as the run log's ``latents`` stream (:meth:`RVAEAdapter.log_document`).
+
 - :class:`DriftAdapter` (``drift``): a drift stage with ``update(frame, atoms) -> estimate``
   (the estimate has ``atoms`` in the sample frame and ``to_dict()``); ``obs.drift``, ``obs.atoms``
   replaced by the estimate's, and ``to_device`` through a conversion function (sample to beam
@@ -181,6 +186,59 @@ class EncodingAdapter:
             doc["symmetry"] = sym.tolist()
             doc["symmetry_folds"] = np.asarray(obs.features.get("symmetry_folds", [])).astype(np.int64).tolist()
         return doc
+
+
+#: the rVAE outputs the policy sees (``obs.atom_features``)
+RVAE_FEATURES = ("rvae_encoded", "rvae_angle_rad", "rvae_shift_px", "rvae_z")
+
+
+class RVAEAdapter:
+    """The rVAE stage (latents) in the pipeline: see the module docstring.
+
+    A frame with no atoms is not an error: it gets no latents (``records["rvae"]["skipped"]``).
+    The log holds the latents rounded to ``log_digits`` decimals (NaN where not encoded is ``null``)."""
+
+    name = "rvae"
+    stream = "latents"
+
+    def __init__(self, stage: Any, log_digits: int = 5) -> None:
+        self.stage = stage
+        self.log_digits = log_digits
+
+    def process(self, obs: Observation) -> Observation:
+        assert obs.frame is not None
+        version = str(getattr(self.stage, "weights_version", ""))
+        if len(obs.atoms) == 0:
+            obs.records[self.name] = {"skipped": "no atoms", "weights": version}
+            return obs
+        out = self.stage.process(obs.frame, obs.atoms, obs.drift)
+        obs.atom_features.update({k: np.asarray(out[k]) for k in RVAE_FEATURES if k in out})
+        enc = np.asarray(out["rvae_encoded"], dtype=bool)
+        z = np.asarray(out["rvae_z"], dtype=np.float64)[enc]
+        obs.records[self.name] = {"encoded": int(enc.sum()), "weights": version,
+                                  "z_mean": np.round(z.mean(0), 6).tolist() if len(z) else [],
+                                  "z_std": np.round(z.std(0), 6).tolist() if len(z) else []}
+        return obs
+
+    def _rounded(self, a: np.ndarray) -> list[Any]:
+        r = np.round(np.asarray(a, dtype=np.float64), self.log_digits)
+        out = r.astype(object)
+        out[~np.isfinite(r)] = None
+        return list(out.tolist())
+
+    def log_document(self, obs: Observation) -> dict[str, Any] | None:
+        """The ``latents`` stream's document of a frame observation (None: nothing to log)."""
+        if obs.kind != "frame" or "rvae_z" not in obs.atom_features or self.name in obs.errors:
+            return None
+        f = obs.atom_features
+        return {
+            "frame_index": int(obs.frame_index),
+            "weights": str(getattr(self.stage, "weights_version", "")),
+            "encoded": f["rvae_encoded"].astype(bool).tolist(),
+            "angle_rad": self._rounded(f["rvae_angle_rad"]),
+            "shift_px": self._rounded(f["rvae_shift_px"]),
+            "z": self._rounded(f["rvae_z"]),
+        }
 
 
 class DriftAdapter:

@@ -11,7 +11,8 @@ with what the pipeline gives now:
 - ``records.<stage>``: every stage's record (drift estimate, motif counts, boundary traces,
   policy events), and ``errors`` (which stages failed);
 - ``decision``: the policy's command, reason, scores and details;
-- ``<stream>`` (e.g. ``motifs``): the documents of the stages' own streams (per-atom labels).
+- ``<stream>`` (e.g. ``motifs``, ``latents``): the documents of the stages' own streams (per-atom
+  labels, rVAE latents).
 
 Frames the run did not analyse (dropped by the newest-wins slot, bad input) have no pipeline
 event and are skipped, exactly as the run skipped them; so are their parks' missing decisions.
@@ -351,7 +352,7 @@ def run_span_s(log: RunLog) -> float:
 
 
 def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
-               streams: tuple[str, ...] = ("motifs",)) -> VerifyReport:
+               streams: tuple[str, ...] = ("motifs", "latents")) -> VerifyReport:
     """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
     ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared."""
     if rtol < 0 or not math.isfinite(rtol):

@@ -47,7 +47,8 @@ from stemagent.types import Atoms, BeamCommand, Decision, Frame, ParkResult
 #: 3: the pipeline stream (per observation: stage timings, records, errors), drops, commands with
 #: frames and stage conversions, the pipeline's stages in the start document; later in version 3
 #: (readers need nothing new): ``motifs`` (the encoding stage's per-atom labels), ``pipeline``
-#: events of ``observation: refused`` (the policy asked again after a refusal)
+#: events of ``observation: refused`` (the policy asked again after a refusal), ``latents`` (the rVAE
+#: stage's per-atom latents)
 LOG_FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 DOCUMENTS_FILE = "documents.jsonl"
@@ -57,7 +58,7 @@ STOP_RESERVE_BYTES = 16384
 FRAME_SPEC = "STEMAGENT_ZARR_FRAME"
 
 STREAMS = ("frames", "atoms", "decisions", "commands", "safety", "interruptions", "parks", "controls", "pipeline", "drops",
-           "drift", "motifs")
+           "drift", "motifs", "latents")
 
 
 def _jsonable(value: Any) -> Any:
