@@ -143,6 +143,10 @@ class Pipeline:
                 out.append((str(getattr(stage, "stream", stage.name)), doc))
         return out
 
+    def document_streams(self) -> tuple[str, ...]:
+        """The run-log streams of the enabled stages that write documents of their own."""
+        return tuple(str(getattr(s, "stream", s.name)) for s in self.stages if getattr(s, "log_document", None) is not None)
+
     def close(self) -> None:
         for stage in self.stages:
             closer = getattr(stage, "close", None)

@@ -11,8 +11,10 @@ with what the pipeline gives now:
 - ``records.<stage>``: every stage's record (drift estimate, motif counts, boundary traces,
   policy events), and ``errors`` (which stages failed);
 - ``decision``: the policy's command, reason, scores and details;
-- ``<stream>`` (e.g. ``motifs``, ``latents``): the documents of the stages' own streams (per-atom
-  labels, rVAE latents).
+- ``<stream>`` (``drift``, ``motifs``, ``latents``: every stream of the pipeline's stages): the
+  documents of the stages' own streams (the drift estimate and its band, per-atom labels, rVAE
+  latents), less their wall-clock timings (top-level fields ending in ``_ms``), which no re-run
+  reproduces.
 
 Frames the run did not analyse (dropped by the newest-wins slot, bad input) have no pipeline
 event and are skipped, exactly as the run skipped them; so are their parks' missing decisions.
@@ -319,7 +321,7 @@ class _Verifier:
             self.differ(exp.index if exp else -1, exp.seen if exp else "?", int(data.get("frame_index", -1)), stream,
                         "<logged>", None)
             return
-        self.compare(exp, stream, data, exp.documents.pop(stream))
+        self.compare(exp, stream, _untimed(data), _untimed(exp.documents.pop(stream)))
 
     def settle(self) -> None:
         """The observation before is complete: what it produced and the log did not hold differs."""
@@ -331,6 +333,11 @@ class _Verifier:
             self.differ(exp.index, exp.seen, exp.obs.frame_index, "decision", None, exp.decision)
         for stream, doc in exp.documents.items():
             self.differ(exp.index, exp.seen, exp.obs.frame_index, stream, None, f"{len(doc)} fields")
+
+
+def _untimed(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stage document less its wall-clock timings (top-level ``*_ms`` fields)."""
+    return {k: v for k, v in doc.items() if not str(k).endswith("_ms")}
 
 
 def _no_geometry(log: RunLog) -> Any:
@@ -352,9 +359,12 @@ def run_span_s(log: RunLog) -> float:
 
 
 def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
-               streams: tuple[str, ...] = ("motifs", "latents")) -> VerifyReport:
+               streams: tuple[str, ...] | None = None) -> VerifyReport:
     """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
-    ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared."""
+    ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
+    (default: every stream the pipeline's stages write)."""
+    if streams is None:
+        streams = pipeline.document_streams()
     if rtol < 0 or not math.isfinite(rtol):
         raise InputError("rtol", rtol, "must be a finite number >= 0")
     v = _Verifier(log, pipeline, rtol, max_divergences)

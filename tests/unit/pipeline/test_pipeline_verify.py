@@ -166,3 +166,16 @@ def test_verify_options_checked(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert says in result.output and "Traceback" not in result.output
+
+
+def test_a_drift_run_verifies_its_drift_documents_less_their_wall_times(tmp_path):
+    log = asyncio.run(record(tmp_path, pipeline={"segmenter": {"kind": "log"}, "drift": {}}))
+    assert len(RunLog.open(log).event_data("drift")) == 6
+    rep = report_of(verify(log))
+    assert rep["ok"] and rep["differing_observations"] == 0 and rep["compared"]["drift"] == 6
+
+    rewrite(log, "drift", 2, lambda d: d.update(update_ms=d["update_ms"] + 100.0))  # a wall time: not compared
+    assert report_of(verify(log))["differing_observations"] == 0
+    rewrite(log, "drift", 2, lambda d: d.update(band95_A=d["band95_A"] * 2.0))
+    rep = report_of(verify(log))
+    assert rep["differing_observations"] == 1 and rep["first_divergence"].startswith("observation 2 (frame of frame 2): drift.band95_A")
