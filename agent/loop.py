@@ -180,6 +180,7 @@ class Agent:
         self._retry_step = 0  # waits so far since the last command completed (the backoff's exponent)
         self._last_fault = ""
         self._last_refusal: str | None = None  # "<rule>: <detail>" of a refusal with nothing sent since
+        self._replaced = False  # a stage replaced a command since the last observation (feature ``replaced``)
 
     @property
     def policy(self) -> Policy | None:
@@ -382,6 +383,7 @@ class Agent:
         converted = self.pipeline.to_device(cmd, self._now())
         for stage, record in converted.records.items():
             if isinstance(record, dict) and record.get("replaced"):  # e.g. drift: unreliable, the reference field again
+                self._replaced = True  # the command the policy asked for did not run: the next observation says so
                 self._log_interruption("command_replaced", f"{stage}: {record['replaced']}", self.sm.state.value)
                 self.telemetry.publish("error", {"stage": stage, "error": f"command replaced: {record['replaced']}"})
         return converted.command, {"converted": converted.records}
@@ -477,7 +479,14 @@ class Agent:
             self._arrived_s = None
 
     def _features(self) -> dict[str, np.ndarray]:
-        return {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        """The observation-wide features of the next observation: the operator's ``target_A``, and
+        ``replaced`` when a stage replaced a command since the last one (what the policy asked
+        for did not run; a park replaced by a scan is no park). Taking them clears ``replaced``."""
+        out = {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        if self._replaced:
+            out["replaced"] = np.ones(1)
+            self._replaced = False
+        return out
 
     async def _analyse_frame(self, frame: Frame, logged: bool = False) -> BeamCommand:
         """Log the frame (unless ``logged``), run the pipeline on it, log what it found and

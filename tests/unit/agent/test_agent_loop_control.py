@@ -244,3 +244,50 @@ async def test_a_device_that_never_comes_back_gets_bounded_reconnect_attempts_wi
     assert len(t_connect) == 5 and np.diff(t_connect) == pytest.approx([0.01, 0.02, 0.04, 0.05])
     assert drv.beam_blanked and summary.beam_blanked_at_end
     assert RunLog.open(summary.log_path).stop["exit_status"] == "fail"
+
+
+class ReplaceFirstPark:
+    """A stage whose ``to_device`` replaces the first park by a blank (as the drift stage does when
+    it cannot place the beam) and passes everything else through."""
+
+    name = "replacer"
+
+    def __init__(self) -> None:
+        self.replaced = 0
+
+    def process(self, obs: Observation) -> Observation:
+        return obs
+
+    def to_device(self, command, start_s):  # type: ignore[no-untyped-def]
+        if isinstance(command, Park) and not self.replaced:
+            self.replaced += 1
+            return Blank(), {"replaced": "the estimate cannot place the beam"}
+        return command, {}
+
+
+class SaysWhatItSaw:
+    """Parks after every frame; its reason says whether the frame came after a replaced command."""
+
+    name = "says"
+
+    def decide(self, obs: Observation) -> Decision:
+        seen = "replaced" if "replaced" in obs.features else "plain"
+        return Decision(Park(obs.geometry.center_A, 0.01), self.name, f"after a {seen} command")
+
+
+async def test_the_observation_after_a_replaced_command_says_so_and_the_replay_agrees(tmp_path):
+    from stemagent.pipeline.verify import verify_log
+
+    agent, drv = await scripted_agent(tmp_path, max_frames=3)
+    agent.pipeline = Pipeline([ReplaceFirstPark(), PolicyStage(SaysWhatItSaw())])
+    summary = await agent.run()
+    assert summary.exit_status == "success" and summary.frames == 3
+    log = RunLog.open(summary.log_path)
+    reasons = [(d["observation"], d["reason"]) for d in log.event_data("decisions")]
+    # frame 0 -> park (replaced by a blank: the field again) -> frame 1 says so; later ones do not
+    assert reasons[:2] == [("frame", "after a plain command"), ("frame", "after a replaced command")]
+    assert all(r == "after a plain command" for _, r in reasons[2:])
+    assert drv.count("park") == summary.parks >= 1
+    report = verify_log(log, Pipeline([ReplaceFirstPark(), PolicyStage(SaysWhatItSaw())]))
+    # (the log's start names the config's pipeline, not the one swapped in: that difference is index -1)
+    assert [d for d in report.divergences if d.index >= 0] == [] and report.compared["decision"] == len(reasons)
