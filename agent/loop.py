@@ -28,10 +28,19 @@ prediction; a report above it pauses the run (rule ``dose_reported``).
 
 Faults (a :class:`~stemagent.driver.DriverFault`, a timeout, an error in a stage) never crash
 the loop: the beam is blanked, the fault is logged to the ``interruptions`` stream, the agent
-goes to ``faulted`` and tries to reconnect every ``retry_s``; when the device answers again it
-takes the beam current the device reports and resumes (or stays paused if the operator paused
-it). Stop and abort interrupt every wait, reconnection included. Whatever happens, the beam is
-blanked and the log is closed with the true exit status on the way out.
+goes to ``faulted`` and tries to reconnect; when the device answers again it takes the beam
+current the device reports and resumes (or stays paused if the operator paused it). Retries are
+bounded: the first reconnect is at once, every later one waits ``retry_s`` x ``retry_backoff``
+^ k (at most ``retry_max_s``) on the injected clock (logged as ``retry``); a device that does not
+answer ``max_reconnect_attempts`` attempts in a row, or a command that faults again after
+``max_fault_retries`` recoveries with no command completed between them (a park that always
+faults), ends the run with ``exit_status: fail`` and the reason ("gave up: ..."). Stop and abort
+interrupt every wait, reconnection included. Whatever happens, the beam is blanked and the log
+is closed with the true exit status on the way out.
+
+Refusals are never progress: a policy that finishes while the last command it asked for was
+refused (by the safety gate or by the device, and nothing was sent since) ends the run with
+``exit_status: fail`` and the reason ``refused: <rule>: <detail> (the policy finished: ...)``.
 
 Frames are identified by the run's acquisition sequence (``frame.index`` is rewritten to it;
 the device's own counter, which restarts with the device, is kept in ``meta["device_index"]``).
@@ -80,6 +89,10 @@ class _Left(Exception):
     """A wait ended because the run is stopping or aborting."""
 
 
+class _GaveUp(Exception):
+    """The retries after a fault are spent (``max_fault_retries`` or ``max_reconnect_attempts``)."""
+
+
 class Agent:
     """One run: the driver, the pipeline, the safety gate and the run log (see the module docstring).
 
@@ -101,6 +114,10 @@ class Agent:
         policy: Policy | None = None,
         telemetry: TelemetrySink | None = None,
         retry_s: float = 0.5,
+        retry_backoff: float = 2.0,
+        retry_max_s: float = 30.0,
+        max_fault_retries: int = 3,
+        max_reconnect_attempts: int = 20,
         max_consecutive_refusals: int = 20,
         auto_resume_after_fault: bool = True,
         schedule: list[tuple[int, ControlMessage]] | None = None,
@@ -122,6 +139,10 @@ class Agent:
         self.max_frames = max_frames
         self.telemetry: TelemetrySink = telemetry or NullTelemetry()
         self.retry_s = retry_s
+        self.retry_backoff = retry_backoff
+        self.retry_max_s = retry_max_s
+        self.max_fault_retries = max_fault_retries
+        self.max_reconnect_attempts = max_reconnect_attempts
         self.max_consecutive_refusals = max_consecutive_refusals
         self.auto_resume_after_fault = auto_resume_after_fault
         #: controls to apply once this many frames are done (replay applies the logged ones)
@@ -154,6 +175,12 @@ class Agent:
         self._stream_blocked = False  # a stream gave nothing: the next command goes one by one
         self._streamer = Streamer(self)
         self._arrived_s: float | None = None
+        self._faults_in_a_row = 0  # faults with no command completed between them
+        self._reconnects = 0  # reconnect attempts since the device last answered
+        self._retry_step = 0  # waits so far since the last command completed (the backoff's exponent)
+        self._last_fault = ""
+        self._last_refusal: str | None = None  # "<rule>: <detail>" of a refusal with nothing sent since
+        self._replaced = False  # a stage replaced a command since the last observation (feature ``replaced``)
 
     @property
     def policy(self) -> Policy | None:
@@ -367,6 +394,7 @@ class Agent:
         converted = self.pipeline.to_device(cmd, self._now())
         for stage, record in converted.records.items():
             if isinstance(record, dict) and record.get("replaced"):  # e.g. drift: unreliable, the reference field again
+                self._replaced = True  # the command the policy asked for did not run: the next observation says so
                 self._log_interruption("command_replaced", f"{stage}: {record['replaced']}", self.sm.state.value)
                 self.telemetry.publish("error", {"stage": stage, "error": f"command replaced: {record['replaced']}"})
         return converted.command, {"converted": converted.records}
@@ -374,6 +402,7 @@ class Agent:
     def _refused(self, cmd: BeamCommand, rule: str, detail: str, outcome: str, extra: dict[str, Any]) -> None:
         now = self._now()
         self.summary.commands_refused += 1
+        self._last_refusal = f"{rule}: {detail}"
         self.writer.write_safety(verdict="refused", rule=rule, detail=detail, t_s=now)
         self.writer.write_command(cmd, outcome=outcome, t_s=now, detail=detail, **extra)
         self.telemetry.publish("safety", {"verdict": "refused", "rule": rule, "detail": detail})
@@ -389,6 +418,7 @@ class Agent:
             return None
         prediction = self.gate.record(cmd, now)
         self.summary.commands_sent += 1
+        self._last_refusal = None
         self.writer.write_command(cmd, outcome="sent", t_s=now, **extra)
         self._mark_issued()
         if isinstance(cmd, ScanRegion):
@@ -428,8 +458,14 @@ class Agent:
             self.gate.finished(prediction, self._now())
             raise
         self.gate.finished(prediction, self._now())
+        self.completed()
         await self._blank(f"{what} done")
         return result
+
+    def completed(self) -> None:
+        """A command completed on the device: the fault retries and the backoff start again."""
+        self._faults_in_a_row = 0
+        self._retry_step = 0
 
     def _device_refused(self, cmd: BeamCommand, prediction: Prediction, exc: CommandRefused, extra: dict[str, Any]) -> None:
         """The device refused the command under its own limits: nothing ran, nothing was dosed."""
@@ -454,7 +490,14 @@ class Agent:
             self._arrived_s = None
 
     def _features(self) -> dict[str, np.ndarray]:
-        return {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        """The observation-wide features of the next observation: the operator's ``target_A``, and
+        ``replaced`` when a stage replaced a command since the last one (what the policy asked
+        for did not run; a park replaced by a scan is no park). Taking them clears ``replaced``."""
+        out = {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        if self._replaced:
+            out["replaced"] = np.ones(1)
+            self._replaced = False
+        return out
 
     async def _analyse_frame(self, frame: Frame, logged: bool = False) -> BeamCommand:
         """Log the frame (unless ``logged``), run the pipeline on it, log what it found and
@@ -571,21 +614,46 @@ class Agent:
         if not await self._blank("device back"):  # whatever the device did meanwhile, it starts blanked
             raise DriverFault("the device answers but does not blank")
 
+    async def _backoff(self, why: str) -> None:
+        """Wait before the next reconnect attempt, on the injected clock: ``retry_s`` x
+        ``retry_backoff`` ^ k, at most ``retry_max_s``. Stop and abort end the wait."""
+        delay_s = min(self.retry_max_s, self.retry_s * self.retry_backoff ** self._retry_step)
+        self._retry_step += 1
+        self._log_interruption("retry", f"{why}; next reconnect attempt in {delay_s:.3g} s", self.sm.state.value)
+        await self._race(self.clock.sleep(delay_s), None, "retry wait", leave_on_stop=True)
+
+    def _check_retries(self) -> None:
+        """Raise :class:`_GaveUp` when the retries after a fault are spent."""
+        if self._faults_in_a_row > self.max_fault_retries:
+            raise _GaveUp(f"gave up: {self._faults_in_a_row} faults in a row with no command completed between them "
+                          f"(max_fault_retries={self.max_fault_retries}); last: {self._last_fault}")
+        if self._reconnects >= self.max_reconnect_attempts:
+            raise _GaveUp(f"gave up: the device did not answer {self._reconnects} reconnect attempts "
+                          f"(max_reconnect_attempts={self.max_reconnect_attempts}); last: {self._last_fault}")
+
     async def _wait_while_held(self) -> None:
-        """Paused or faulted: beam blanked; wait for resume, stop, abort or the device to return."""
+        """Paused or faulted: beam blanked; wait for resume, stop, abort or the device to return
+        (a bounded number of reconnect attempts, with backoff; :class:`_GaveUp` when spent)."""
         while not (self._stop_requested or self._abort.is_set()):
             self._apply_due_controls()
             if self.sm.state == AgentState.FAULTED:
+                self._check_retries()
                 try:
+                    if self._reconnects > 0:
+                        await self._backoff(f"reconnect attempt {self._reconnects} failed")
+                    elif self._faults_in_a_row > 1:
+                        await self._backoff(f"fault {self._faults_in_a_row} in a row after the device came back")
+                    self._reconnects += 1
                     await self._reconnect()
                 except _Left:
                     return
                 except _Aborted:
                     raise
-                except Exception as exc:  # noqa: BLE001 - still down; try again later
+                except Exception as exc:  # noqa: BLE001 - still down; try again later (bounded)
                     log.info("device still unavailable: %r", exc)
-                    await self._wait(self.retry_s)
+                    self._last_fault = repr(exc)
                     continue
+                self._reconnects = 0
                 self._log_interruption("recovered", "device answers again", self.sm.state.value)
                 if self._pause_requested or not self.auto_resume_after_fault:
                     self._set_state(AgentState.PAUSED, "device back; operator pause in force")
@@ -602,6 +670,8 @@ class Agent:
 
     async def _fault(self, exc: BaseException) -> None:
         self.summary.faults += 1
+        self._faults_in_a_row += 1
+        self._last_fault = repr(exc)
         await self._blank("fault")
         self._log_interruption("fault", repr(exc), self.sm.state.value)
         self.telemetry.publish("fault", {"error": repr(exc), "t_s": self._now()})
@@ -648,7 +718,10 @@ class Agent:
                     continue
                 finished = self._policy_finished()
                 if finished:
-                    reason = f"the policy finished: {finished}"
+                    if self._last_refusal is not None:  # a refusal is never progress: the run did not succeed
+                        exit_status, reason = "fail", f"refused: {self._last_refusal} (the policy finished: {finished})"
+                    else:
+                        reason = f"the policy finished: {finished}"
                     break
                 try:
                     refused_before = self.summary.commands_refused
@@ -706,6 +779,9 @@ class Agent:
                 reason = f"reached max_frames={self.max_frames}"
         except _Aborted as exc:
             exit_status, reason = "abort", f"aborted ({exc}): {self._abort_reason}"
+        except _GaveUp as exc:  # the fault blanked the beam; the finish blanks it again
+            self._log_interruption("gave_up", str(exc), self.sm.state.value)
+            exit_status, reason = "fail", str(exc)
         except asyncio.CancelledError:
             exit_status, reason = "abort", "cancelled"
             raise

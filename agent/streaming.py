@@ -145,6 +145,7 @@ class Streamer:
                     slot.close()
                     return
                 a.summary.commands_sent += len(predictions)
+                a._last_refusal = None
                 a.writer.write_command(cmd, outcome="sent", t_s=now, frames=len(predictions), converted=extra["converted"])
                 assert isinstance(cmd, ScanRegion)
                 frames = a.driver.stream(cmd.geometry, len(predictions))
@@ -152,6 +153,7 @@ class Streamer:
                     for prediction in predictions:
                         frame = await a._race(anext(frames), geometry.frame_time_s + a.gate.config.watchdog_s, "stream frame")
                         a.gate.finished(prediction, a._now())
+                        a.completed()
                         frame = a._identify(frame)
                         a._reconcile(prediction, frame.dose_e_per_A2)
                         a._last_geometry = geometry

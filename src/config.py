@@ -318,7 +318,16 @@ class TelemetryConfig(_Model):
 class AgentConfig(_Model):
     """How the agent behaves around faults and refusals, and whether it overlaps acquisition with analysis."""
 
-    retry_s: float = Field(0.5, gt=0, le=60.0, description="how often to try a lost device again, s")
+    retry_s: float = Field(0.5, gt=0, le=60.0, description="the first wait before trying a lost device again, s (it grows "
+                                                        "by retry_backoff with every further attempt)")
+    retry_backoff: float = Field(2.0, ge=1.0, le=10.0, description="each wait between reconnect attempts is this many "
+                                                                 "times the one before")
+    retry_max_s: float = Field(30.0, gt=0, le=3600.0, description="the longest wait between reconnect attempts, s")
+    max_fault_retries: int = Field(3, ge=0, le=1000, description="recoveries after a fault with no command completed since "
+                                                                "the last one (a park that always faults); the next fault "
+                                                                "ends the run as failed")
+    max_reconnect_attempts: int = Field(20, ge=1, le=100_000, description="reconnect attempts in a row a lost device gets "
+                                                                        "before the run ends as failed")
     auto_resume_after_fault: bool = Field(True, description="resume by itself when a lost device answers again")
     max_consecutive_refusals: int = Field(20, ge=1, description="stop after this many commands in a row refused")
     overlap: bool = Field(False, description="when the policy asks for the field it just scanned, stream it: frame n+1 is "

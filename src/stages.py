@@ -32,7 +32,8 @@ class Observation:
     - ``frame``: the frame (``None`` for a park observation);
     - ``atoms``: the atoms found (sample frame once a drift stage has run);
     - ``features``: observation-wide arrays (e.g. ``target_A`` from the operator, ``refused``
-      when the last command was refused);
+      when the last command was refused, ``replaced`` when a stage replaced a command since the
+      last observation: what the policy asked for did not run);
     - ``atom_features``: per-atom arrays ``(N, ...)`` added by stages (motif features, latents);
     - ``drift``: the drift stage's estimate of this frame (its own type), or ``None``;
     - ``parks``: the parks since the previous frame, oldest first;

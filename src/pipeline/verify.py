@@ -4,7 +4,8 @@
 each observation the run analysed (the ``pipeline`` stream says which: a ``frame``, a ``park``,
 or a ``refused`` re-ask of the policy on the last frame), with what the stages saw then: the
 logged frame (image from the store), the park results since the last frame, the operator's
-target (``controls``: ``set_target``), ``refused`` on a re-ask. It compares what the run logged
+target (``controls``: ``set_target``), ``refused`` on a re-ask, ``replaced`` after a command a
+stage replaced (``commands``: a ``converted`` record with ``replaced``). It compares what the run logged
 with what the pipeline gives now:
 
 - ``atoms``: the segmenter's atoms (positions, classes, confidence, ...);
@@ -202,6 +203,7 @@ class _Verifier:
         self.park_count = 0
         self.parks_since: list[ParkResult] = []
         self.target_A: tuple[float, float] | None = None
+        self.replaced = False  # a logged command a stage replaced, not yet seen by an observation
         self.atoms: dict[int, dict[str, Any]] = {}
         self.last: Observation | None = None
         self.pending: _Expected | None = None
@@ -226,7 +228,12 @@ class _Verifier:
 
     # --- observations -----------------------------------------------------------------------
     def features(self) -> dict[str, np.ndarray]:
-        return {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        """As the agent's: ``target_A``, and ``replaced`` once after a logged command a stage replaced."""
+        out = {"target_A": np.asarray(self.target_A)} if self.target_A is not None else {}
+        if self.replaced:
+            out["replaced"] = np.ones(1)
+            self.replaced = False
+        return out
 
     def frame(self, frame_index: int) -> Frame | None:
         data = self.frames.get(frame_index)
@@ -379,7 +386,8 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
             if key in logged_plan and list(logged_plan[key]) != list(mine[key]):
                 v.differ(-1, "start", -1, f"pipeline.{key}", logged_plan[key], mine[key])
     t0 = time.perf_counter()
-    for stream, data in log.ordered_event_data(*("frames", "atoms", "parks", "controls", "pipeline", "decisions", *streams)):
+    for stream, data in log.ordered_event_data(*("frames", "atoms", "parks", "controls", "commands", "pipeline", "decisions",
+                                                 *streams)):
         if stream == "frames":
             fi = int(data["frame_index"])
             v.frames[fi] = data
@@ -393,6 +401,10 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
             if v.park_count < len(v.parks):
                 v.parks_since.append(v.parks[v.park_count])
             v.park_count += 1
+        elif stream == "commands":
+            converted = data.get("converted")
+            if isinstance(converted, dict) and any(isinstance(r, dict) and r.get("replaced") for r in converted.values()):
+                v.replaced = True
         elif stream == "controls":
             if data.get("accepted") and data.get("command") == "set_target":
                 target = (data.get("arguments") or {}).get("target_A")

@@ -5,6 +5,7 @@ driver fault in the middle of a park."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from stemagent.agent.app.factory import build_agent, build_clock, build_driver
 from stemagent.agent.app.report import write_report
 from stemagent.agent.control import ControlMessage
 from stemagent.config import RunConfig, config_from_dict, load_config
-from stemagent.driver import DriverFault
+from stemagent.driver import Driver, DriverFault
 from stemagent.runlog import RunLog
 from stemagent.simulators.twin import TwinDriver
 
@@ -142,13 +143,78 @@ async def test_operator_targets_the_lattice_cannot_use_are_refused_and_a_good_on
     assert sum(1 for c in log.event_data("commands")[:first_park] if c["command"]["kind"] == "scan") >= 5
 
 
-async def test_a_park_the_safety_gate_refuses_ends_the_run_blanked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("safety, rule", [({"max_park_s": 0.05}, "park_dwell"),  # shorter than any dwell the policy chooses
+                                          ({"dose_budget_e_per_A2": 1e6}, "dose")])  # the survey fits, no park does
+async def test_a_park_the_safety_gate_refuses_ends_the_run_failed_blanked_with_the_gate_reason(
+        tmp_path: Path, safety: dict[str, float], rule: str) -> None:
     data = load_config(CONFIG).model_dump(mode="json")
-    data["safety"]["max_park_s"] = 0.05  # shorter than any dwell the policy chooses
+    data["safety"].update(safety)
     summary, twin, log = await _run(config_from_dict(data), tmp_path)
-    assert "safety gate refused" in summary.reason and summary.beam_blanked_at_end and twin.beam_blanked
-    assert [s["rule"] for s in log.event_data("safety")] == ["park_dwell"]
-    assert summary.parks == 0 and log.stop is not None
+    # a refusal is never progress: not a success, and the reason is the gate's
+    assert summary.exit_status == "fail" and log.stop["exit_status"] == "fail", summary.reason
+    assert summary.reason.startswith(f"refused: {rule}: ") and log.stop["reason"] == summary.reason
+    assert summary.reason.endswith("(the policy finished: the safety gate refused the last command)")
+    assert summary.beam_blanked_at_end and twin.beam_blanked
+    assert [s["rule"] for s in log.event_data("safety")] == [rule]
+    assert summary.parks == 0 and not log.event_data("parks") and not log.event_data("outcomes")
+    assert log.event_data("plans")[-1]["parks"] == 0  # the policy counted no park either
+
+
+class FaultingPark:
+    """A :class:`~stemagent.driver.Driver` around the twin whose every park raises (a console that
+    answers but fails the park); everything else is the twin's. Records the clock time of each park."""
+
+    def __init__(self, twin: TwinDriver, clock: Any) -> None:
+        self.twin, self.clock = twin, clock
+        self.park_times_s: list[float] = []
+        self.connects = 0
+
+    async def connect(self) -> None:
+        self.connects += 1
+        await self.twin.connect()
+
+    async def close(self) -> None:
+        await self.twin.close()
+
+    async def capabilities(self) -> Any:
+        return await self.twin.capabilities()
+
+    async def acquire(self, geometry: Any) -> Any:
+        return await self.twin.acquire(geometry)
+
+    def stream(self, geometry: Any, n_frames: int | None = None) -> Any:
+        return self.twin.stream(geometry, n_frames)
+
+    async def park(self, position_A: tuple[float, float], dwell_s: float) -> Any:
+        self.park_times_s.append(self.clock.monotonic())
+        raise DriverFault("the console failed the park")
+
+    async def blank(self) -> None:
+        await self.twin.blank()
+
+
+async def test_a_park_that_always_faults_is_retried_a_bounded_number_of_times_then_fails_blanked(tmp_path: Path) -> None:
+    data = load_config(CONFIG).model_dump(mode="json")
+    data["agent"] = {"retry_s": 0.5, "max_fault_retries": 3}
+    cfg = config_from_dict(data)
+    clock = build_clock(cfg)
+    twin = build_driver(cfg, clock)
+    assert isinstance(twin, TwinDriver)
+    driver = FaultingPark(twin, clock)
+    assert isinstance(driver, Driver)
+    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=driver, clock=clock)
+    summary = await asyncio.wait_for(agent.run(), timeout=300)  # the old loop retried without end
+    assert summary.exit_status == "fail" and summary.reason.startswith("gave up: 4 faults in a row"), summary.reason
+    assert len(driver.park_times_s) == 4 and summary.faults == 4 and driver.connects == 1 + 1 + 3  # the build, the run, 3 recoveries
+    assert np.diff(driver.park_times_s) == pytest.approx([0.0, 0.5, 1.0], abs=1e-6)  # backoff on the injected clock
+    assert summary.beam_blanked_at_end and twin.beam_blanked
+    log = RunLog.open(summary.log_path)
+    assert not log.truncated and log.stop["exit_status"] == "fail" and log.stop["reason"] == summary.reason
+    kinds = [i["kind"] for i in log.event_data("interruptions")]
+    assert kinds.count("fault") == 4 and kinds.count("retry") == 2 and "gave_up" in kinds
+    assert summary.parks == 0 and not log.event_data("parks") and not log.event_data("outcomes")
+    sent = [c for c in log.event_data("commands") if c["command"]["kind"] == "park"]
+    assert len(sent) == 4 and all(c["outcome"] == "sent" for c in sent)
 
 
 async def test_the_si_lost_mid_run_stops_the_policy_on_damage_after_a_second_look(tmp_path: Path) -> None:

@@ -116,6 +116,13 @@ class ManipulationPolicy:
             return self._stop_decision()
         if "refused" in observation.features:
             return self._finish("the safety gate refused the last command")
+        p = self._pending
+        if "replaced" in observation.features and p is not None and p.steps is None:
+            # the park never ran (a stage replaced it, e.g. drift could not place the beam): no
+            # exposure to learn, no park to count; choose again from what this frame shows
+            self._pending = None
+            self._event("plans", {"event": "park_not_run", "park": p.index, "position_A": list(p.position_A),
+                                  "dwell_s": p.dwell_s, "reason": "the loop replaced the park (feature 'replaced')"})
         if observation.frame is not None:
             self.stats.dose_e_per_A2 += float(observation.frame.dose_e_per_A2)
         self._take_target(observation)

@@ -17,6 +17,7 @@ from stemagent.drivers.scripted import ScriptedDriver
 from stemagent.pipeline import Pipeline, PolicyStage
 from stemagent.runlog import RunLog
 from stemagent.stages import Observation
+from stemagent.types import Blank, Decision, Park, ScanRegion
 
 
 def states(log: RunLog) -> list[str]:
@@ -162,3 +163,131 @@ async def test_the_device_refusing_counts_as_a_refusal_and_nothing_is_dosed(tmp_
     assert outcomes == ["sent"] + ["sent", "refused_by_device"] * 3
     # while the second scan was on the device the gate counted it; refused, its dose came back out
     assert summary.peak_dose_e_per_A2 < 0.6 * peak_after_one[0]
+
+
+class GiveUpWhenRefused:
+    """Parks outside the allowed area; when told the park was refused, finishes (as the manipulation policy does)."""
+
+    name = "give-up"
+
+    def __init__(self) -> None:
+        self.stop_reason = ""
+
+    def decide(self, obs: Observation) -> Decision:
+        if "refused" in obs.features:
+            self.stop_reason = "the safety gate refused the last command"
+            return Decision(Blank(), self.name, "done")
+        return Decision(Park((1000.0, 0.0), 0.01), self.name, "park outside the area")
+
+
+async def test_a_policy_that_finishes_on_a_refusal_ends_the_run_failed_with_the_gate_reason(tmp_path):
+    agent, drv = await scripted_agent(tmp_path, max_frames=10)
+    agent.policy = GiveUpWhenRefused()
+    summary = await agent.run()
+    assert summary.exit_status == "fail" and summary.state == "aborted", summary.reason
+    assert summary.reason.startswith("refused: area: park position (1000.0, 0.0) Å is outside the allowed area")
+    assert summary.reason.endswith("(the policy finished: the safety gate refused the last command)")
+    log = RunLog.open(summary.log_path)
+    assert log.stop["exit_status"] == "fail" and log.stop["reason"] == summary.reason
+    assert summary.parks == 0 and drv.count("park") == 0 and drv.beam_blanked and summary.beam_blanked_at_end
+
+
+async def test_a_policy_that_finishes_after_a_refused_command_was_followed_by_a_sent_one_succeeds(tmp_path):
+    class RefusedOnceThenDone(GiveUpWhenRefused):
+        def decide(self, obs: Observation) -> Decision:
+            if "refused" in obs.features:
+                return Decision(ScanRegion(obs.geometry), self.name, "the field again")
+            if obs.frame_index >= 1:
+                self.stop_reason = "seen enough"
+                return Decision(Blank(), self.name, "done")
+            return super().decide(obs)
+
+    agent, drv = await scripted_agent(tmp_path, max_frames=10)
+    agent.policy = RefusedOnceThenDone()
+    summary = await agent.run()
+    assert summary.exit_status == "success" and summary.reason == "the policy finished: seen enough"
+    assert summary.commands_refused == 1 and summary.frames == 2
+
+
+async def test_a_park_that_always_faults_is_retried_with_backoff_then_fails_the_run_blanked(tmp_path):
+    clock = VirtualClock()
+    drv = ScriptedDriver(clock=clock).fail("park", DriverFault("park failed"))
+    agent, _ = await scripted_agent(tmp_path, driver=drv, max_frames=10, agent={"retry_s": 0.5, "max_fault_retries": 3})
+    agent.policy = Parker()
+    summary = await asyncio.wait_for(agent.run(), timeout=60)  # the old loop retried forever
+    assert summary.exit_status == "fail" and summary.faults == 4 and drv.count("park") == 4, summary.reason
+    assert summary.reason == ("gave up: 4 faults in a row with no command completed between them (max_fault_retries=3); "
+                              "last: DriverFault('park failed')")
+    assert drv.beam_blanked and summary.beam_blanked_at_end and drv.calls[-2:] == ["blank", "close"]
+    # the first retry at once, then waits of retry_s, 2 retry_s on the injected clock
+    t_park = [c.t_s for c in drv.log if c.op == "park"]
+    assert np.diff(t_park) == pytest.approx([0.0, 0.5, 1.0])
+    log = RunLog.open(summary.log_path)
+    kinds = [e["kind"] for e in log.event_data("interruptions")]
+    assert kinds.count("fault") == 4 and kinds.count("recovered") == 3 and kinds.count("retry") == 2
+    assert kinds[-2:] == ["gave_up", "state"] and log.stop["exit_status"] == "fail"
+    assert log.stop["reason"] == summary.reason
+
+
+async def test_a_device_that_never_comes_back_gets_bounded_reconnect_attempts_with_capped_backoff(tmp_path):
+    clock = VirtualClock()
+    drv = ScriptedDriver(clock=clock)
+    drv.fail("acquire", DriverFault("link lost"), at=2)
+    agent, _ = await scripted_agent(tmp_path, driver=drv, max_frames=10,
+                                    agent={"retry_s": 0.01, "retry_max_s": 0.05, "max_reconnect_attempts": 5})
+    drv.fail("connect", DriverFault("still down"))  # every connect from now on (call 1 was build_agent's)
+    summary = await asyncio.wait_for(agent.run(), timeout=60)
+    assert summary.exit_status == "fail" and summary.faults == 1, summary.reason
+    assert summary.reason == ("gave up: the device did not answer 5 reconnect attempts (max_reconnect_attempts=5); "
+                              "last: DriverFault('still down')")
+    t_connect = [c.t_s for c in drv.log if c.op == "connect"][2:]  # the build's, the run's, then the attempts
+    assert len(t_connect) == 5 and np.diff(t_connect) == pytest.approx([0.01, 0.02, 0.04, 0.05])
+    assert drv.beam_blanked and summary.beam_blanked_at_end
+    assert RunLog.open(summary.log_path).stop["exit_status"] == "fail"
+
+
+class ReplaceFirstPark:
+    """A stage whose ``to_device`` replaces the first park by a blank (as the drift stage does when
+    it cannot place the beam) and passes everything else through."""
+
+    name = "replacer"
+
+    def __init__(self) -> None:
+        self.replaced = 0
+
+    def process(self, obs: Observation) -> Observation:
+        return obs
+
+    def to_device(self, command, start_s):  # type: ignore[no-untyped-def]
+        if isinstance(command, Park) and not self.replaced:
+            self.replaced += 1
+            return Blank(), {"replaced": "the estimate cannot place the beam"}
+        return command, {}
+
+
+class SaysWhatItSaw:
+    """Parks after every frame; its reason says whether the frame came after a replaced command."""
+
+    name = "says"
+
+    def decide(self, obs: Observation) -> Decision:
+        seen = "replaced" if "replaced" in obs.features else "plain"
+        return Decision(Park(obs.geometry.center_A, 0.01), self.name, f"after a {seen} command")
+
+
+async def test_the_observation_after_a_replaced_command_says_so_and_the_replay_agrees(tmp_path):
+    from stemagent.pipeline.verify import verify_log
+
+    agent, drv = await scripted_agent(tmp_path, max_frames=3)
+    agent.pipeline = Pipeline([ReplaceFirstPark(), PolicyStage(SaysWhatItSaw())])
+    summary = await agent.run()
+    assert summary.exit_status == "success" and summary.frames == 3
+    log = RunLog.open(summary.log_path)
+    reasons = [(d["observation"], d["reason"]) for d in log.event_data("decisions")]
+    # frame 0 -> park (replaced by a blank: the field again) -> frame 1 says so; later ones do not
+    assert reasons[:2] == [("frame", "after a plain command"), ("frame", "after a replaced command")]
+    assert all(r == "after a plain command" for _, r in reasons[2:])
+    assert drv.count("park") == summary.parks >= 1
+    report = verify_log(log, Pipeline([ReplaceFirstPark(), PolicyStage(SaysWhatItSaw())]))
+    # (the log's start names the config's pipeline, not the one swapped in: that difference is index -1)
+    assert [d for d in report.divergences if d.index >= 0] == [] and report.compared["decision"] == len(reasons)

@@ -223,3 +223,24 @@ def test_with_any_closer_site_the_park_aims_at_a_site_nearer_the_target() -> Non
     assert aim in pol.graph.closer_neighbours(pol.dopant, pol.target)
     assert pol.pending_park is not None and pol.pending_park.intended_node == aim
     assert d.scores["progress_rate_per_s"] >= d.scores["rate_per_s"]
+
+
+def test_a_park_the_loop_replaced_is_neither_learned_nor_counted() -> None:
+    """The drift stage may replace a park by a scan of the reference field (it cannot place the
+    beam): the frame that follows carries the feature ``replaced``; the park never ran."""
+    import dataclasses
+
+    env = _env(3)
+    pol = ManipulationPolicy(_cfg(env), seed=3)
+    survey = env.survey()
+    d = pol.decide(survey)
+    assert isinstance(d.command, Park) and d.scores["park_index"] == 0
+    cells, hops = pol.model.n_cells, pol.model.n_hops
+    again = dataclasses.replace(env.observe(survey.geometry), features={"replaced": np.ones(1)})
+    d2 = pol.decide(again)
+    assert isinstance(d2.command, Park) and d2.scores["park_index"] == 0  # the same park asked for again
+    assert pol.stats.parks == 0 and pol.stats.park_s == 0.0
+    assert pol.model.n_cells == cells and pol.model.n_hops == hops  # no "no hop for the dwell" learned
+    plans = [doc for stream, doc in pol.drain_events() if stream == "plans"]
+    assert any(p.get("event") == "park_not_run" and p["park"] == 0 for p in plans)
+    assert not [s for s, _ in pol.drain_events() if s == "outcomes"]
