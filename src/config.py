@@ -205,6 +205,7 @@ class UNetSegmenterConfig(_Model):
         "warn", description="a frame unlike the trained specimens: 'warn' logs it, 'log' also takes the LoG finder's atoms")
     min_evidence_nats: float = Field(5.3, ge=0.0, le=100.0, description="least log-likelihood ratio against the host class for a defect label")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    channels_last: bool = Field(True, description="run the network in channels-last layout (oneDNN's fast CPU path, ~1.8x here); false: the contiguous NCHW layout")
 
 
 SegmenterConfig = Annotated[Union[LoGSegmenterConfig, UNetSegmenterConfig], Field(discriminator="kind")]

@@ -70,7 +70,7 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
     if s.kind == "unet":
         from stemagent.segmentation.unet_segmenter import UNetSegmenter  # heavy: torch, imported only when asked for
 
-        return UNetSegmenter(
+        segmenter = UNetSegmenter(
             s.weights,
             device=s.device,
             threshold=s.threshold,
@@ -83,6 +83,8 @@ def build_segmenter(cfg: RunConfig) -> Segmenter:
             min_evidence_nats=s.min_evidence_nats,
             num_threads=s.num_threads,
         )
+        segmenter.use_channels_last(s.channels_last)
+        return segmenter
     raise ValueError(f"pipeline.segmenter.kind={s.kind!r}: no segmenter is registered for this kind")
 
 
