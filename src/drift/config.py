@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class DriftConfig(BaseModel):
@@ -59,3 +59,10 @@ class DriftConfig(BaseModel):
     resample_frame: bool = Field(False, description="also produce the drift-corrected (resampled) image of each frame")
     device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="torch device of the GP ('auto': CUDA when available)")
     gp_threads: int | None = Field(1, ge=1, description="torch CPU threads while the GP computes (None: leave torch's setting)")
+
+    @field_validator("band_inflation_range")
+    @classmethod
+    def _check_inflation_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"band_inflation_range={list(value)}: needs 0 < low <= high")
+        return value
