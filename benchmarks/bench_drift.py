@@ -162,6 +162,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
     distortion = {"gp": [], "none": []}
     model_distortion = {"gp": [], "none": []}
     upd_ms, fit_ms, fc_ms, n_tracked, find_ms = [], [], [], [], []
+    inflation: list[list[float]] = []  # the stage's band calibration factors (x, y) after each frame
     refit_flags: list[bool] = []
     upd_cpu_ms: list[float] = []  # CPU time of the process: what the update costs, whatever else runs
     refit_cpu_ms: list[float] = []
@@ -181,6 +182,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
         if est.refit:
             fit_ms.append(est.fit_ms)
         n_tracked.append(est.n_matched)
+        inflation.append(list(est.band_inflation))
         xc.update(frame)
         kf.update(xc.t[-1], xc.s[-1])
         truth = twin.ground_truth.frame_truth(frame.index)
@@ -275,6 +277,7 @@ async def run_seed(seed: int, n_frames: int, finder_kind: str, latency_s: float,
         "find_ms_median": float(np.median(find_ms)),
         "xcorr_ms_median": float(np.median(xc.ms)),
         "tracked_atoms_median": float(np.median(n_tracked[WARMUP:])),
+        "band_inflation_median": np.median(np.asarray(inflation[WARMUP:]), axis=0).tolist(),
         "hyperparameters": stage.gp.hyperparameters(),
     }
     if record:
@@ -344,6 +347,7 @@ def figure(rec: dict[str, list], path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (to split a run over processes)")
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--finder", choices=("log", "unet"), default="log")
     p.add_argument("--latency", type=float, default=0.1, help="time from a frame's end to the command, s")
@@ -355,7 +359,7 @@ def main() -> None:
     t0 = time.time()
     config = DriftConfig(**{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     runs = [asyncio.run(run_seed(s, args.frames, args.finder, args.latency, config, record=(s == 0 and args.figure is not None)))
-            for s in range(args.seeds)]
+            for s in range(args.first_seed, args.first_seed + args.seeds)]
     if args.figure:
         figure(runs[0].pop("record"), args.figure)
     lat = str(args.latency)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class DriftConfig(BaseModel):
@@ -29,6 +29,12 @@ class DriftConfig(BaseModel):
                                   "the caller runs DriftStage.refit() when it has time")
     stale_chi2: float = Field(4.0, gt=0, description="refit at once when a new frame's bins score a mean squared "
                               "standardised residual above this under the current fit")
+    calibrate_band: bool = Field(True, description="scale the drift's variance by a running estimate of how far each new "
+                                 "frame's observations fall from the forecast made before it (see DriftStage.band_inflation)")
+    calibration_frames: float = Field(20.0, ge=1, description="memory of that running estimate, frames (exponential)")
+    band_inflation_range: tuple[float, float] = Field(
+        (1.0, 3.0), description="bounds of the factor on the drift's standard deviation: the GP's own band is never "
+        "narrowed, and a factor at the upper bound says the model no longer describes the drift")
     random_walk_A_per_sqrt_s: tuple[float, float] = Field(
         (0.005, 0.1), description="range allowed for the random-walk part of the drift, Å/sqrt(s): a short window "
         "cannot tell a steady drift from a fast random walk, and a random walk forecasts no motion")
@@ -53,3 +59,10 @@ class DriftConfig(BaseModel):
     resample_frame: bool = Field(False, description="also produce the drift-corrected (resampled) image of each frame")
     device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="torch device of the GP ('auto': CUDA when available)")
     gp_threads: int | None = Field(1, ge=1, description="torch CPU threads while the GP computes (None: leave torch's setting)")
+
+    @field_validator("band_inflation_range")
+    @classmethod
+    def _check_inflation_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"band_inflation_range={list(value)}: needs 0 < low <= high")
+        return value

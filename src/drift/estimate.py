@@ -41,6 +41,8 @@ class DriftEstimate:
     - ``refit``: hyperparameters refitted on this frame; ``refit_due``: a refit is due and waits
       for :meth:`DriftStage.refit` (with ``refit_in_update=False``); ``score``: mean squared standardised
       residual of this frame's observations under the previous fit (about 1 when it holds).
+    - ``band_inflation``: the factors (x, y) on the GP's standard deviation in ``std_A`` (and in the
+      forecasts), from the stage's running check of its forecasts against the frames that followed.
     - ``update_ms``: the whole update; ``fit_ms``: of which the hyperparameter refit.
     """
 
@@ -66,6 +68,7 @@ class DriftEstimate:
     refit: bool = False
     refit_due: bool = False
     score: float = float("nan")
+    band_inflation: tuple[float, float] = (1.0, 1.0)
     update_ms: float = 0.0
     fit_ms: float = 0.0
     hyperparameters: dict[str, list[float]] = field(default_factory=dict)
@@ -102,6 +105,7 @@ class DriftEstimate:
             "refit": bool(self.refit),
             "refit_due": bool(self.refit_due),
             "score": fl(self.score),
+            "band_inflation": [float(v) for v in self.band_inflation],
             "update_ms": float(self.update_ms),
             "fit_ms": float(self.fit_ms),
             "hyperparameters": self.hyperparameters,

@@ -58,7 +58,8 @@ def test_drift_loop_stage_names_nan_positions_and_then_refuses_to_park() -> None
     assert isinstance(cmd, ScanRegion) and "failed" in rec["replaced"]
 
 
-@pytest.mark.parametrize("field,value", [("band_limit_A", -1.0), ("window_frames", 1), ("slip_A", 0.0), ("min_atoms", 0)])
+@pytest.mark.parametrize("field,value", [("band_limit_A", -1.0), ("window_frames", 1), ("slip_A", 0.0), ("min_atoms", 0),
+                                         ("band_inflation_range", (2.0, 1.0)), ("calibration_frames", 0.5)])
 def test_drift_config_rejects_bad_values_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         DriftConfig(**{field: value})
