@@ -224,7 +224,7 @@ def scaling_model(two: dict[str, Any], workers: int, storage_GB_per_s: float) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=12, help="input files")
+    ap.add_argument("--files", type=int, default=24, help="input files (one task each; 24 keeps the last task's tail small against the run)")
     ap.add_argument("--frames-per-file", type=int, default=8, help="512x512 frames per file (= frames per task)")
     ap.add_argument("--trivial", type=int, default=2000, help="trivial tasks for the scheduler's throughput (0: skip)")
     ap.add_argument("--seed", type=int, default=2121)
