@@ -3,15 +3,15 @@ observation and the run log's ``motifs`` stream; replay and ``replay --verify`` 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 import pytest
+from policy_inputs import run_recording_policy_inputs
 from typer.testing import CliRunner
 
 from stemagent.agent.app.cli import app
-from stemagent.agent.app.factory import build_agent, build_clock, stage_names
+from stemagent.agent.app.factory import stage_names
 from stemagent.config import config_from_dict
 from stemagent.errors import ConfigError
 from stemagent.runlog import RunLog
@@ -31,23 +31,7 @@ CFG = {
 def run_log(tmp_path_factory) -> str:
     cfg = config_from_dict(CFG)
     assert stage_names(cfg) == ["segment", "encoding", "policy"]
-    seen: list[dict] = []
-
-    async def go() -> str:
-        agent = await build_agent(cfg, run_dir=tmp_path_factory.mktemp("enc") / "run", clock=build_clock(cfg))
-        policy = agent.policy
-        decide = policy.decide
-
-        def spy(obs):
-            seen.append({k: np.asarray(v).copy() for k, v in obs.atom_features.items()} | {"n": len(obs.atoms)})
-            return decide(obs)
-
-        policy.decide = spy
-        summary = await agent.run()
-        assert summary.exit_status == "success", summary.reason
-        return summary.log_path
-
-    path = asyncio.run(go())
+    path, seen = run_recording_policy_inputs(cfg, tmp_path_factory.mktemp("enc") / "run")
     assert len(seen) == 4
     for f in seen:  # the policy sees a motif label, cell and symmetry scores for every atom
         assert f["motif"].shape == (f["n"],) and f["motif_cell"].shape == (f["n"],) and f["symmetry"].shape == (f["n"], 4)

@@ -4,16 +4,16 @@ reproduce them. A few frames of the twin with the shipped weights."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from policy_inputs import run_recording_policy_inputs
 from typer.testing import CliRunner
 
 from stemagent.agent.app.cli import app
-from stemagent.agent.app.factory import build_agent, build_clock, stage_names
+from stemagent.agent.app.factory import stage_names
 from stemagent.config import config_from_dict
 from stemagent.encoding.config import PipelineRVAEConfig
 from stemagent.encoding.rvae_stage import RVAEStage
@@ -36,23 +36,7 @@ CFG = {
 def run_log(tmp_path_factory) -> str:
     cfg = config_from_dict(CFG)
     assert stage_names(cfg) == ["segment", "rvae", "policy"]
-    seen: list[dict] = []
-
-    async def go() -> str:
-        agent = await build_agent(cfg, run_dir=tmp_path_factory.mktemp("rvae") / "run", clock=build_clock(cfg))
-        policy = agent.policy
-        decide = policy.decide
-
-        def spy(obs):
-            seen.append({k: np.asarray(v).copy() for k, v in obs.atom_features.items()} | {"n": len(obs.atoms)})
-            return decide(obs)
-
-        policy.decide = spy
-        summary = await agent.run()
-        assert summary.exit_status == "success", summary.reason
-        return summary.log_path
-
-    path = asyncio.run(go())
+    path, seen = run_recording_policy_inputs(cfg, tmp_path_factory.mktemp("rvae") / "run")
     assert len(seen) == 3
     for f in seen:  # the policy sees an angle, a shift and the content latents of every atom
         n = f["n"]
