@@ -14,14 +14,11 @@ import aiohttp
 import yaml
 from typer.testing import CliRunner
 
+from view_doubles import start_live_agent, until
 from stemagent.agent.app.cli import app
-from stemagent.agent.app.factory import build_agent, build_clock
-from stemagent.agent.view.live import LiveSource
 from stemagent.agent.view.replay import ReplaySource
 from stemagent.agent.view.server import TOKEN_HEADER, ViewServer
-from stemagent.config import config_from_dict
 from stemagent.runlog import RunLog
-from stemagent.simulators.minimal import MinimalTwinDriver
 
 CFG = {
     "name": "view-hostile", "seed": 4, "max_frames": 400,
@@ -32,21 +29,7 @@ CFG = {
 
 
 async def live_agent(tmp_path, **over):
-    cfg = config_from_dict({**CFG, **over})
-    clock = build_clock(cfg)
-    source = LiveSource()
-    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=MinimalTwinDriver(cfg.driver, clock=clock),
-                              clock=clock, telemetry=source)
-    source.attach(agent)
-    return agent, source
-
-
-async def until(cond, timeout_s=20.0):
-    for _ in range(int(timeout_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return await start_live_agent(tmp_path, {**CFG, **over})
 
 
 async def raw_post(port: int, token: bytes, body: bytes) -> int:

@@ -15,15 +15,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from stemagent.agent.app.factory import build_agent, build_clock
+from view_doubles import start_live_agent, until
 from stemagent.agent.view.live import LiveSource
 from stemagent.agent.view.replay import ReplaySource
 from stemagent.agent.view.server import TOKEN_HEADER, ViewServer, parse_address
 from stemagent.agent.view.snapshot import display_image, dose_part
-from stemagent.config import config_from_dict
 from stemagent.errors import InputError
 from stemagent.runlog import RunLog
-from stemagent.simulators.minimal import MinimalTwinDriver
 
 CFG = {
     "name": "view", "seed": 3, "max_frames": 400,
@@ -34,21 +32,7 @@ CFG = {
 
 
 async def live_agent(tmp_path, **over):
-    cfg = config_from_dict({**CFG, **over})
-    clock = build_clock(cfg)
-    source = LiveSource()
-    agent = await build_agent(cfg, run_dir=tmp_path / "run", driver=MinimalTwinDriver(cfg.driver, clock=clock),
-                              clock=clock, telemetry=source)
-    source.attach(agent)
-    return agent, source
-
-
-async def until(cond, timeout_s=20.0):
-    for _ in range(int(timeout_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return await start_live_agent(tmp_path, {**CFG, **over})
 
 
 async def post(session, url, body, token=None):
