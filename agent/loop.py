@@ -41,6 +41,9 @@ is closed with the true exit status on the way out.
 Refusals are never progress: a policy that finishes while the last command it asked for was
 refused (by the safety gate or by the device, and nothing was sent since) ends the run with
 ``exit_status: fail`` and the reason ``refused: <rule>: <detail> (the policy finished: ...)``.
+Nor is stopping short: a policy with a goal that finishes without it (``goal_reached`` False: a
+manipulation stopped by damage, its budget or a lost path) ends the run ``fail`` with
+``goal not reached (the policy finished: ...)``.
 
 Frames are identified by the run's acquisition sequence (``frame.index`` is rewritten to it;
 the device's own counter, which restarts with the device, is kept in ``meta["device_index"]``).
@@ -595,6 +598,12 @@ class Agent:
         except KeyError:
             return ""
 
+    def _policy_goal_reached(self) -> bool | None:
+        try:
+            return getattr(self.pipeline.stage("policy"), "goal_reached", None)
+        except KeyError:
+            return None
+
     # --- the loop ------------------------------------------------------------------------------
     async def _wait(self, timeout_s: float | None) -> None:
         """Sleep until woken (a control message), the timeout, or stop/abort."""
@@ -720,6 +729,8 @@ class Agent:
                 if finished:
                     if self._last_refusal is not None:  # a refusal is never progress: the run did not succeed
                         exit_status, reason = "fail", f"refused: {self._last_refusal} (the policy finished: {finished})"
+                    elif self._policy_goal_reached() is False:  # stopped short of its goal (damage, budget, no path)
+                        exit_status, reason = "fail", f"goal not reached (the policy finished: {finished})"
                     else:
                         reason = f"the policy finished: {finished}"
                     break

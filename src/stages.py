@@ -70,7 +70,9 @@ class Policy(Protocol):
     receives the park observation (``observation.park``: signal and times) and may ask for a
     small confirmation scan, another park, or (``None``) the agent's default, a scan of the
     last field. A policy that has finished says so in ``stop_reason`` (a non-empty string ends
-    the run after its last decision)."""
+    the run after its last decision). A policy with a goal (reach a target site) also says
+    whether it got there in ``goal_reached`` (``None``: no goal, or not finished); a run whose
+    policy finished with ``goal_reached`` False ends ``fail``, never ``success``."""
 
     name: str
 

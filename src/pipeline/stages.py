@@ -96,6 +96,12 @@ class PolicyStage:
         """Non-empty when the policy has finished (``policy.stop_reason``)."""
         return str(getattr(self.policy, "stop_reason", "") or "")
 
+    @property
+    def goal_reached(self) -> bool | None:
+        """``policy.goal_reached``: ``None`` for a policy without a goal (a survey, a raster)."""
+        reached = getattr(self.policy, "goal_reached", None)
+        return None if reached is None else bool(reached)
+
 
 class AtomFeatureStage:
     """Per-atom features from ``fn(frame, atoms) -> {name: (N, ...) array}``."""

@@ -235,8 +235,9 @@ async def test_the_si_lost_mid_run_stops_the_policy_on_damage_after_a_second_loo
 
     twin.park = park_then_lose_the_si  # type: ignore[method-assign]
     summary, twin, log = await _run(cfg, tmp_path, twin, clock)
-    assert summary.reason.startswith("the policy finished: damage"), summary.reason
-    assert summary.beam_blanked_at_end and twin.beam_blanked and log.stop["exit_status"] == "success"
+    assert summary.reason.startswith("goal not reached (the policy finished: damage"), summary.reason
+    assert summary.beam_blanked_at_end and twin.beam_blanked  # a stop short of the target is not a success
+    assert summary.exit_status == "fail" and log.stop["exit_status"] == "fail"
     scans = [c for c in log.event_data("decisions") if "confirmation scan" in c["reason"]]
     assert any("re-check" in c["reason"] for c in scans)  # believed only after a second look
     assert log.event_data("outcomes")[-1]["kind"] == "damage"

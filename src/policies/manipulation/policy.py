@@ -99,6 +99,7 @@ class ManipulationPolicy:
         self.path: list[int] = []
         self.done = False
         self.stop_reason = ""
+        self.goal_reached: bool | None = None  # set when the policy finishes: True only on the target
         self.stats = ManipulationStats()
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.last_outcome: Outcome | None = None
@@ -297,7 +298,7 @@ class ManipulationPolicy:
                 if self.dopant == self.target:
                     self.path = [self.dopant]
                     self._event("plans", self._plan_doc("target reached"))
-                    return self._finish("target reached")
+                    return self._finish("target reached", reached=True)
                 try:
                     assert self.target is not None
                     self.path = self.graph.plan(self.dopant, self.target)
@@ -335,7 +336,7 @@ class ManipulationPolicy:
         """The next park on the path (or a stop)."""
         assert self.graph is not None and self.dopant is not None
         if self.dopant == self.target:
-            return self._finish("target reached")
+            return self._finish("target reached", reached=True)
         if len(self.path) < 2 or self.path[0] != self.dopant:
             assert self.target is not None
             try:
@@ -411,9 +412,10 @@ class ManipulationPolicy:
         for node, (old, _new) in outcome.changed.items():
             self.graph.occupant[node] = old
 
-    def _finish(self, reason: str) -> Decision:
+    def _finish(self, reason: str, *, reached: bool = False) -> Decision:
         self.done = True
         self.stop_reason = reason
+        self.goal_reached = reached
         self._pending = None
         self._event("plans", {"event": "stop", "reason": reason, **self.stats.to_dict()})
         return self._stop_decision()

@@ -209,6 +209,34 @@ async def test_a_policy_that_finishes_after_a_refused_command_was_followed_by_a_
     assert summary.commands_refused == 1 and summary.frames == 2
 
 
+class StopsAfterOneFrame:
+    name = "goal"
+
+    def __init__(self, reached: bool | None) -> None:
+        self.stop_reason = ""
+        self.goal_reached: bool | None = None
+        self._reached = reached
+
+    def decide(self, obs: Observation) -> Decision:
+        self.stop_reason, self.goal_reached = "out of parks", self._reached
+        return Decision(Blank(), self.name, "done")
+
+
+@pytest.mark.parametrize(("reached", "status", "reason"), [
+    (False, "fail", "goal not reached (the policy finished: out of parks)"),
+    (True, "success", "the policy finished: out of parks"),
+    (None, "success", "the policy finished: out of parks"),  # a policy without a goal
+])
+async def test_a_policy_that_stops_short_of_its_goal_ends_the_run_failed_and_blanked(tmp_path, reached, status, reason):
+    agent, drv = await scripted_agent(tmp_path, max_frames=10)
+    agent.policy = StopsAfterOneFrame(reached)
+    summary = await agent.run()
+    assert (summary.exit_status, summary.reason) == (status, reason)
+    log = RunLog.open(summary.log_path)
+    assert (log.stop["exit_status"], log.stop["reason"]) == (status, reason)
+    assert drv.beam_blanked and summary.beam_blanked_at_end and summary.frames == 1
+
+
 async def test_a_park_that_always_faults_is_retried_with_backoff_then_fails_the_run_blanked(tmp_path):
     clock = VirtualClock()
     drv = ScriptedDriver(clock=clock).fail("park", DriverFault("park failed"))
