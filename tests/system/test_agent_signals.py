@@ -81,11 +81,15 @@ def test_a_second_signal_aborts(tmp_path):
     time.sleep(0.5)  # into the second scan
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.1)
-    t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc, summary, err = finish(proc)
-    assert time.monotonic() - t0 < 2.5  # the 2.6 s scan was not waited for
     assert rc == 143 and summary["exit_status"] == "abort" and "twice" in summary["reason"]
     assert summary["frames"] == 1  # the scan in progress was cancelled, not finished and logged
     assert summary["beam_blanked_at_end"] is True
-    assert RunLog.open(summary["log_path"]).stop["exit_status"] == "abort"
+    log = RunLog.open(summary["log_path"])
+    assert log.stop["exit_status"] == "abort"
+    # the 2.6 s scan was not waited for: the agent's own clock from the second signal to the closed
+    # log (interpreter start-up and shutdown, which a loaded machine stretches, are not in it)
+    second = [e for e in log.events("interruptions") if "again" in e["data"].get("reason", "")]
+    assert second, log.event_data("interruptions")
+    assert log.stop["time"] - second[-1]["time"] < 1.5
