@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
+import rich.markup
 from rich.console import Console
 
 from stemagent.driver import DriverFault
@@ -57,7 +58,8 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
         exc = sys.exc_info()[1]
         if exc is not None:
             traceback.print_exc()
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    # the message is the user's text (paths, values, "[name, document]"): never read as markup
+    err_console.print(f"[bold red]error:[/] {rich.markup.escape(message)}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 

@@ -197,3 +197,10 @@ def test_shipped_configs_pass_the_gate(path):
 
     verdict, _ = preflight(load_config(path))
     assert verdict.allowed, verdict
+
+
+def test_an_error_message_with_brackets_is_printed_as_written(tmp_path):
+    # rich markup must not eat "[name, document]"-like text or a value such as "[red]"
+    bad = {**GOOD, "scan": {**GOOD["scan"], "shape_px": "[bold]x"}}
+    result, lines = cli("run", "--config", str(write(tmp_path, bad)), "--log-dir", str(tmp_path / "runs"))
+    assert result.exit_code == 2 and "[bold]x" in one_error_line(result, lines), result.output
