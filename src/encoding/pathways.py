@@ -12,13 +12,15 @@ latents ``z`` and angles from :mod:`stemagent.encoding.rvae`, the frame's dose).
    track is a *site* of the lattice: after a Si-C swap the Si's old site keeps its track and
    shows a C.
 2. **States** (:func:`fit_states`): a Gaussian mixture over the content latents, its number of
-   components chosen by BIC (scikit-learn, seeded).
+   components chosen by BIC (scikit-learn, seeded); components the noise cannot tell apart
+   (means closer than the jump threshold) are one state (:func:`merge_states`).
 3. **Events** (:func:`detect_events`): per track, a change point where the mean of ``z`` over the
    ``window`` observations after differs from the mean over the ``window`` before by more than
-   ``n_sigma`` times the noise of that difference (the per-observation noise ``sigma_z`` is
-   measured on the tracks themselves: the median absolute first difference, a robust estimate
-   untouched by the rare jumps), or where the majority state of the two windows differs (a
-   state change that persists for ``window`` observations). Peaks closer than ``window`` on a
+   ``n_sigma`` times the noise of that difference (the per-observation noise ``sigma_z`` of each
+   state is measured on the tracks themselves: the median absolute first difference, a robust
+   estimate untouched by the rare jumps), or where the majority state of the two windows differs (a
+   state change that persists for ``window`` observations) and the jump is at least half the
+   threshold. Peaks closer than ``window`` on a
    track are one event.
 4. **Transition graph** (:func:`transition_graph`): counts of state changes between persistent
    states, and their rates per dose: changes ``i -> j`` over the dose the tracks spent in state
@@ -174,14 +176,18 @@ def build_trajectories(frames: Sequence[LatentFrame], track_ids: Sequence[np.nda
 
 @dataclass
 class StateModel:
-    """States of the content latents: a Gaussian mixture chosen by BIC. ``bic``: BIC per number
-    of components tried; ``means`` ``(S, k)``, ``weights`` ``(S,)``."""
+    """States of the content latents: a Gaussian mixture chosen by BIC, its components merged
+    where the noise cannot tell them apart (:func:`merge_states`). ``bic``: BIC per number of
+    components tried; ``components``: the mixture's; ``merged`` ``(components,)``: the state of
+    each component; ``means`` ``(S, k)``, ``weights`` ``(S,)`` of the states."""
 
     n_states: int
     bic: dict[int, float]
     means: np.ndarray
     weights: np.ndarray
     gmm: Any = field(repr=False)
+    components: int = 0
+    merged: np.ndarray | None = None
 
     def predict(self, z: np.ndarray) -> np.ndarray:
         from threadpoolctl import threadpool_limits
@@ -190,7 +196,36 @@ class StateModel:
         if len(z) == 0:
             return np.zeros(0, dtype=np.int64)
         with threadpool_limits(1):
-            return np.asarray(self.gmm.predict(z), dtype=np.int64)
+            comp = np.asarray(self.gmm.predict(z), dtype=np.int64)
+        return comp if self.merged is None else self.merged[comp]
+
+
+def merge_states(model: StateModel, scale: np.ndarray, n_sigma: float) -> StateModel:
+    """Components whose means lie closer than ``n_sigma`` in units of ``scale`` ``(k,)`` (the
+    noise of what the events compare) become one state (transitively); states renumbered by
+    decreasing weight. A mixture splits a non-Gaussian cluster into several components; a change
+    between them is noise, not a transformation."""
+    g = model.gmm
+    mu, w = np.asarray(g.means_), np.asarray(g.weights_)
+    n = len(mu)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if np.sqrt((((mu[i] - mu[j]) / scale) ** 2).sum()) < n_sigma:
+                parent[root(j)] = root(i)
+    roots = sorted({root(i) for i in range(n)})
+    weight = np.array([w[[i for i in range(n) if root(i) == r]].sum() for r in roots])
+    order = np.argsort(-weight, kind="stable")
+    number = {roots[o]: k for k, o in enumerate(order)}
+    merged = np.array([number[root(i)] for i in range(n)], dtype=np.int64)
+    means = np.array([(w[merged == k, None] * mu[merged == k]).sum(0) / w[merged == k].sum() for k in range(len(roots))])
+    return StateModel(len(roots), model.bic, means, weight[order], g, n, merged)
 
 
 def fit_states(z: np.ndarray, *, max_states: int = 6, seed: int = 0, max_samples: int = 20000) -> StateModel:
@@ -223,17 +258,34 @@ def fit_states(z: np.ndarray, *, max_states: int = 6, seed: int = 0, max_samples
     best.covariances_ = best.covariances_[order]
     best.precisions_ = best.precisions_[order]
     best.precisions_cholesky_ = best.precisions_cholesky_[order]
-    return StateModel(int(best.n_components), bic, best.means_.copy(), best.weights_.copy(), best)
+    return StateModel(int(best.n_components), bic, best.means_.copy(), best.weights_.copy(), best, int(best.n_components))
 
 
-def latent_noise(traj: Trajectories) -> np.ndarray:
-    """Per-dimension noise ``(k,)`` of one observation of ``z``: the median absolute first
-    difference along the tracks over ``0.6745 * sqrt(2)`` (a Gaussian's MAD of a difference)."""
-    diffs = [np.diff(traj.z[r], axis=0) for r in traj.runs() if len(r) > 1]
+def latent_noise(traj: Trajectories, *, by_state: bool = False, n_states: int = 0, min_pairs: int = 30) -> np.ndarray:
+    """Noise of one observation of ``z``: the median absolute first difference along the tracks
+    over ``0.6745 * sqrt(2)`` (a Gaussian's MAD of a difference), ``(k,)``. ``by_state``: per
+    state ``(n_states, k)``, from consecutive observations both in that state (the overall
+    noise where a state has fewer than ``min_pairs`` of them)."""
+    k = traj.z.shape[1]
+    diffs, pairs_state = [], []
+    for r in traj.runs():
+        if len(r) > 1:
+            diffs.append(np.diff(traj.z[r], axis=0))
+            st = traj.state[r]
+            pairs_state.append(np.where(st[1:] == st[:-1], st[1:], -1))
     if not diffs:
-        return np.full(traj.z.shape[1], np.nan)
+        return np.full((n_states, k) if by_state else k, np.nan)
     d = np.concatenate(diffs)
-    return np.median(np.abs(d), axis=0) / (0.6745 * math.sqrt(2.0))
+    overall = np.median(np.abs(d), axis=0) / (0.6745 * math.sqrt(2.0))
+    if not by_state:
+        return overall
+    ps = np.concatenate(pairs_state)
+    out = np.tile(overall, (n_states, 1))
+    for s in range(n_states):
+        m = ps == s
+        if m.sum() >= min_pairs:
+            out[s] = np.median(np.abs(d[m]), axis=0) / (0.6745 * math.sqrt(2.0))
+    return out
 
 
 @dataclass
@@ -270,8 +322,10 @@ def detect_events(traj: Trajectories, *, window: int = 4, n_sigma: float = 6.0, 
     """Jumps in every track (see the module docstring); ``traj.state`` must be set when ``use_states``.
 
     ``window``: observations averaged on each side; ``n_sigma``: the jump threshold in units of the
-    noise of a difference of two window means (``sigma_z * sqrt(2 / window)``, per dimension,
-    combined as a Mahalanobis norm); ``state_agreement``: the share of each window that must show
+    noise of a difference of two window means (``sqrt((sigma_a**2 + sigma_b**2) / window)`` per
+    dimension for majority states ``a`` before and ``b`` after, combined as a Mahalanobis norm);
+    ``sigma_z``: the noise of one observation, ``(k,)`` or per state ``(S, k)`` (measured with
+    :func:`latent_noise` when None); ``state_agreement``: the share of each window that must show
     its majority state for a state change to count."""
     if window < 1:
         raise InputError("window", window, "must be >= 1")
@@ -279,25 +333,32 @@ def detect_events(traj: Trajectories, *, window: int = 4, n_sigma: float = 6.0, 
         raise InputError("n_sigma", n_sigma, "must be positive")
     sig = latent_noise(traj) if sigma_z is None else np.asarray(sigma_z, dtype=np.float64)
     sig = np.where(np.isfinite(sig) & (sig > 0), sig, 1.0)
-    scale = sig * math.sqrt(2.0 / window)
+    per_state = sig.ndim == 2
     events: list[Event] = []
     for rows in traj.runs():
         n = len(rows)
         if n < 2 * window:
             continue
         z = traj.z[rows]
+        st = traj.state[rows]
         cs = np.vstack([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
         t = np.arange(window, n - window + 1)  # the first row of the "after" window
         before = (cs[t] - cs[t - window]) / window
         after = (cs[t + window] - cs[t]) / window
+        maj = [(_majority(st[ti - window:ti]), _majority(st[ti:ti + window])) for ti in t]
+        if per_state:
+            sa = np.array([sig[a] if 0 <= a < len(sig) else sig.max(0) for (a, _), _ in maj])
+            sb = np.array([sig[b] if 0 <= b < len(sig) else sig.max(0) for _, (b, _) in maj])
+            scale = np.sqrt((sa ** 2 + sb ** 2) / window)
+        else:
+            scale = np.broadcast_to(sig * math.sqrt(2.0 / window), before.shape)
         score = np.sqrt((((after - before) / scale) ** 2).sum(1))
-        st = traj.state[rows]
         changed = np.zeros(len(t), dtype=bool)
         if use_states:
-            for i, ti in enumerate(t):
-                a, fa = _majority(st[ti - window:ti])
-                b, fb = _majority(st[ti:ti + window])
-                changed[i] = a != b and fa >= state_agreement and fb >= state_agreement
+            changed = np.array([a != b and fa >= state_agreement and fb >= state_agreement for (a, fa), (b, fb) in maj], dtype=bool)
+        # a state change counts when the latents moved too (half the threshold): two states that
+        # split one blob of noise make no events
+        changed &= score > 0.5 * n_sigma
         hit = (score > n_sigma) | changed
         # one event per peak: greedy non-maximum suppression within a window
         prio = score + np.where(changed, n_sigma, 0.0)
@@ -307,8 +368,7 @@ def detect_events(traj: Trajectories, *, window: int = 4, n_sigma: float = 6.0, 
                 continue
             taken[i] = True
             r = rows[t[i]]
-            a, _ = _majority(st[t[i] - window:t[i]])
-            b, _ = _majority(st[t[i]:t[i] + window])
+            (a, _), (b, _) = maj[i]
             kind = "jump+state" if (score[i] > n_sigma and changed[i]) else ("jump" if score[i] > n_sigma else "state")
             events.append(Event(int(traj.track[r]), int(traj.frame_index[r]), int(traj.step[r]),
                                 (float(traj.positions_A[r, 0]), float(traj.positions_A[r, 1])), float(traj.dose_e_per_A2[r]),
@@ -432,8 +492,10 @@ def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True
     runs = traj.runs()
     long_rows = np.concatenate([r for r in runs if len(r) >= min_len]) if any(len(r) >= min_len for r in runs) else np.arange(len(traj))
     states = fit_states(traj.z[long_rows], max_states=max_states, seed=seed)
+    overall = latent_noise(traj)
+    states = merge_states(states, np.where(overall > 0, overall, 1.0) * math.sqrt(2.0 / window), n_sigma)
     traj.state = states.predict(traj.z)
-    sigma = latent_noise(traj)
+    sigma = latent_noise(traj, by_state=True, n_states=states.n_states)
     events = detect_events(traj, window=window, n_sigma=n_sigma, sigma_z=sigma)
     groups = group_events(events, radius_A=group_radius_A, steps=max(1, window // 2))
     graph = transition_graph(traj, events, states.n_states, states.means)
