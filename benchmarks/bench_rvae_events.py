@@ -77,7 +77,7 @@ def one_sequence(seed: int, args: argparse.Namespace, where: Path) -> dict[str, 
     for e in agent.driver.ground_truth.events:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     t0, c0 = time.perf_counter(), time.process_time()
-    res = analyze(Path(summary.log_path), where / f"latents-{seed}", window=args.window, n_sigma=args.n_sigma, figures=args.figures)
+    res = analyze(Path(summary.log_path), where / f"latents-{seed}", windows=[int(w) for w in args.windows.split(",")], n_sigma=args.n_sigma, figures=args.figures)
     return {"seed": seed, "exit": summary.exit_status, "frames": res["frames"], "twin_events": kinds, "tracks": res["tracks"],
             "states": res["states"], "events": res["events"], "event_groups": res["event_groups"], "score": res["vs_twin_events"],
             "run_wall_s": round(run_s, 1), "run_cpu_s": round(run_cpu, 1),
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=3)
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--dose", type=float, default=1e4, help="dose per frame, e/Å²")
-    ap.add_argument("--seed", type=int, default=101, help="first sequence seed (100 was used to choose window and n_sigma)")
+    ap.add_argument("--seed", type=int, default=101, help="first sequence seed (seed 100 was used to choose --windows and --n-sigma)")
     ap.add_argument("--segmenter", choices=("unet", "log"), default="unet")
     ap.add_argument("--drift", action="store_true", help="twin drift and the drift stage")
     ap.add_argument("--fov-A", type=float, default=25.6)
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--vacancies", type=float, default=0.02, help="initial vacancies per nm²")
     ap.add_argument("--swap-barn", type=float, default=100.0, help="raised Si-C swap cross-section (the physical 0.1 b gives ~no hops)")
     ap.add_argument("--knock-on-barn", type=float, default=2.0, help="raised knock-on cross-section")
-    ap.add_argument("--window", type=int, default=6)
+    ap.add_argument("--windows", default="3,6", help="jump windows (frames), comma-separated")
     ap.add_argument("--n-sigma", type=float, default=6.0)
     ap.add_argument("--figures", action="store_true")
     ap.add_argument("--keep", type=Path, default=None)

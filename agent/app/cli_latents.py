@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import typer
@@ -139,7 +139,7 @@ def _figures(out_dir: Path, res: PathwayAnalysis, class_names: list[str] | None,
 
 
 def analyze(log_path: Path, out_dir: Path, *, weights: Optional[Path] = None, device: str = "cpu", truth_path: Optional[Path] = None,
-            window: int = 6, n_sigma: float = 6.0, max_states: int = 6, seed: int = 0, gate_fraction: float = 0.4,
+            windows: Sequence[int] = (3, 6), n_sigma: float = 6.0, max_states: int = 6, seed: int = 0, gate_fraction: float = 0.4,
             max_frames: Optional[int] = None, figures: bool = True) -> dict[str, Any]:
     """The command's work, callable from benchmarks: returns the summary (``graph.json``'s content
     is in ``out_dir``)."""
@@ -152,16 +152,16 @@ def analyze(log_path: Path, out_dir: Path, *, weights: Optional[Path] = None, de
         offset = register_to_truth(lat.frames, truth)
         assign_true_classes(lat.frames, truth, offset)
     res = analyze_pathways(lat.frames, sample_frame=lat.sample_frame, gate_fraction=gate_fraction, max_states=max_states,
-                           window=window, n_sigma=n_sigma, seed=seed)
+                           window=windows, n_sigma=n_sigma, seed=seed)
     tr = res.trajectories
     score = None
     if truth is not None:
-        score = score_events(res.groups, truth, lat.intervals_s, offset, tr, window=window, steps=max(2, window // 2))
+        score = score_events(res.groups, truth, lat.intervals_s, offset, tr)
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = {
         "log": str(log.path), "latents": lat.source, "weights": lat.weights, "frames": len(lat.frames),
         "positions": "drift stage's sample frame" if lat.sample_frame else "scan frame (common shift per frame taken out)",
-        "settings": {"window": window, "n_sigma": n_sigma, "max_states": max_states, "seed": seed, "gate_fraction": gate_fraction},
+        "settings": {"windows": list(windows), "n_sigma": n_sigma, "max_states": max_states, "seed": seed, "gate_fraction": gate_fraction},
         "tracks": int(len(np.unique(tr.track))), "observations": len(tr),
         "latent_noise_sigma_per_state": np.round(res.sigma_z, 5).tolist(),
         "states": {"n_states": res.states.n_states, "mixture_components": res.states.components,
@@ -190,6 +190,17 @@ def analyze(log_path: Path, out_dir: Path, *, weights: Optional[Path] = None, de
             "transitions": int(res.graph.counts.sum()), "vs_twin_events": score, "files": written}
 
 
+def parse_windows(text: str) -> list[int]:
+    """``"2,6"`` -> ``[2, 6]`` (each between 1 and 50)."""
+    try:
+        out = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise InputError("--windows", text, "must be whole numbers separated by commas, e.g. 2,6") from None
+    if not out or min(out) < 1 or max(out) > 50:
+        raise InputError("--windows", text, "must be between 1 and 50 frames each")
+    return out
+
+
 @one_line_errors
 def analyze_latents(
     log: Path = typer.Argument(..., help="a run log folder (or its documents.jsonl)"),
@@ -198,7 +209,8 @@ def analyze_latents(
                                                                   "(default: the shipped ones)"),
     device: str = typer.Option("cpu", help="torch device for replaying and decoding"),
     truth: Optional[Path] = typer.Option(None, "--truth", help=f"the twin's truth (default: {TRUTH_FILE} in the log's folder, if there)"),
-    window: int = typer.Option(6, min=1, max=50, help="frames averaged on each side of a jump"),
+    windows: str = typer.Option("3,6", "--windows", help="frames averaged on each side of a jump: one number or several "
+                                                         "(multi-scale), e.g. 3,6"),
     n_sigma: float = typer.Option(6.0, min=0.5, help="jump threshold, in units of the noise of a difference of window means"),
     max_states: int = typer.Option(6, min=1, max=20, help="most states the mixture may use (chosen by BIC)"),
     gate_fraction: float = typer.Option(0.4, min=0.05, max=0.49, help="linking gate, fraction of the lattice spacing"),
@@ -212,6 +224,6 @@ def analyze_latents(
     if not path.exists():
         raise InputError("LOG", str(log), "does not exist")
     out_dir = out or path.with_name(path.name + "_latents")
-    summary = analyze(path, out_dir, weights=weights, device=device, truth_path=truth, window=window, n_sigma=n_sigma,
+    summary = analyze(path, out_dir, weights=weights, device=device, truth_path=truth, windows=parse_windows(windows), n_sigma=n_sigma,
                       max_states=max_states, seed=seed, gate_fraction=gate_fraction, max_frames=max_frames, figures=figures)
     console.print_json(json.dumps(summary))

@@ -202,14 +202,14 @@ def _step_of(time_s: float, intervals: Sequence[tuple[float, float]]) -> int | N
 
 
 def score_events(groups: Sequence[Sequence[Event]], truth: TwinTruth, intervals: Sequence[tuple[float, float]], offset_A: np.ndarray,
-                 traj: Trajectories, *, window: int = 4, radius_A: float = 2.0, steps: int = 2,
+                 traj: Trajectories, *, observe_frames: int = 3, radius_A: float = 2.0, steps: int = 2,
                  kinds: Sequence[str] = ("swap", "knock_on")) -> dict[str, Any]:
     """Detected event groups against the twin's event log: a group matches a true event when one
     of its events lies within ``radius_A`` of one of the event's positions (before or after) and
     within ``steps`` frames of the frame that first shows it; each true event and each group
     match once (greedy by distance). Recall is over the *observable* true events during the
     sequence: those with a track within ``radius_A`` of one of their positions encoded in at least
-    ``window`` frames before the event and ``window`` from it on (an event at the field's edge, where
+    ``observe_frames`` frames before the event and as many from it on (an event at the field's edge, where
     no patch fits, or just before the sequence ends cannot show in a trajectory); ``recall_all``
     is over all of them."""
     tree = cKDTree(traj.positions_A) if len(traj) else None
@@ -226,7 +226,7 @@ def score_events(groups: Sequence[Sequence[Event]], truth: TwinTruth, intervals:
             near = np.unique(np.concatenate([np.asarray(tree.query_ball_point(q, radius_A), dtype=np.int64) for q in p]))
             for track in np.unique(traj.track[near]):
                 st = traj.step[traj.track == track]
-                if np.sum(st < step) >= window and np.sum(st >= step) >= window:
+                if np.sum(st < step) >= observe_frames and np.sum(st >= step) >= observe_frames:
                     observable = True
                     break
         true.append({"kind": e["kind"], "step": step, "positions": p, "seen": observable})
@@ -257,6 +257,6 @@ def score_events(groups: Sequence[Sequence[Event]], truth: TwinTruth, intervals:
         "recall": round(tp_seen / len(seen), 4) if seen else None,
         "recall_all": round(len(used_t) / len(true), 4) if true else None,
         "missed_by_kind": {k: sum(1 for i in seen if i not in used_t and true[i]["kind"] == k) for k in kinds},
-        "match_radius_A": radius_A, "match_steps": steps,
+        "match_radius_A": radius_A, "match_steps": steps, "observe_frames": observe_frames,
     }
     return out

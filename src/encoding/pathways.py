@@ -20,8 +20,9 @@ latents ``z`` and angles from :mod:`stemagent.encoding.rvae`, the frame's dose).
    state is measured on the tracks themselves: the median absolute first difference, a robust
    estimate untouched by the rare jumps), or where the majority state of the two windows differs (a
    state change that persists for ``window`` observations) and the jump is at least half the
-   threshold. Peaks closer than ``window`` on a
-   track are one event.
+   threshold. Peaks closer than ``window`` on a track are one event; several windows may be
+   used at once (multi-scale: short ones resolve events a few frames apart, long ones find small
+   jumps).
 4. **Transition graph** (:func:`transition_graph`): counts of state changes between persistent
    states, and their rates per dose: changes ``i -> j`` over the dose the tracks spent in state
    ``i`` (per e/Å²).
@@ -317,62 +318,71 @@ def _majority(states: np.ndarray) -> tuple[int, float]:
     return int(vals[i]), float(counts[i]) / len(states)
 
 
-def detect_events(traj: Trajectories, *, window: int = 4, n_sigma: float = 6.0, sigma_z: np.ndarray | None = None,
+def _candidates(z: np.ndarray, st: np.ndarray, w: int, sig: np.ndarray, n_sigma: float, state_agreement: float,
+                use_states: bool) -> list[tuple[float, int, float, bool, int, int]]:
+    """Jump candidates of one track at window ``w``: ``(priority, t, score, changed, a, b)`` with
+    ``t`` the first row of the "after" window and ``a``, ``b`` the majority states around it."""
+    n = len(z)
+    if n < 2 * w:
+        return []
+    cs = np.vstack([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
+    t = np.arange(w, n - w + 1)
+    before = (cs[t] - cs[t - w]) / w
+    after = (cs[t + w] - cs[t]) / w
+    maj = [(_majority(st[ti - w:ti]), _majority(st[ti:ti + w])) for ti in t]
+    if sig.ndim == 2:
+        sa = np.array([sig[a] if 0 <= a < len(sig) else sig.max(0) for (a, _), _ in maj])
+        sb = np.array([sig[b] if 0 <= b < len(sig) else sig.max(0) for _, (b, _) in maj])
+        scale = np.sqrt((sa ** 2 + sb ** 2) / w)
+    else:
+        scale = np.broadcast_to(sig * math.sqrt(2.0 / w), before.shape)
+    score = np.sqrt((((after - before) / scale) ** 2).sum(1))
+    changed = np.zeros(len(t), dtype=bool)
+    if use_states:
+        changed = np.array([a != b and fa >= state_agreement and fb >= state_agreement for (a, fa), (b, fb) in maj], dtype=bool)
+    # a state change counts when the latents moved too (half the threshold): two states that
+    # split one blob of noise make no events
+    changed &= score > 0.5 * n_sigma
+    hit = (score > n_sigma) | changed
+    prio = score + np.where(changed, n_sigma, 0.0)
+    return [(float(prio[i]), int(t[i]), float(score[i]), bool(changed[i]), maj[i][0][0], maj[i][1][0]) for i in np.flatnonzero(hit)]
+
+
+def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigma: float = 6.0, sigma_z: np.ndarray | None = None,
                   state_agreement: float = 0.75, use_states: bool = True) -> list[Event]:
     """Jumps in every track (see the module docstring); ``traj.state`` must be set when ``use_states``.
 
-    ``window``: observations averaged on each side; ``n_sigma``: the jump threshold in units of the
-    noise of a difference of two window means (``sqrt((sigma_a**2 + sigma_b**2) / window)`` per
-    dimension for majority states ``a`` before and ``b`` after, combined as a Mahalanobis norm);
-    ``sigma_z``: the noise of one observation, ``(k,)`` or per state ``(S, k)`` (measured with
-    :func:`latent_noise` when None); ``state_agreement``: the share of each window that must show
-    its majority state for a state change to count."""
-    if window < 1:
-        raise InputError("window", window, "must be >= 1")
+    ``window``: observations averaged on each side, or several (multi-scale: a short window
+    resolves events a few frames apart, a long one finds small jumps; the shortest windows are
+    taken first, and a candidate within its window of an event already taken on the track is the
+    same event); ``n_sigma``: the jump threshold in units of the noise of a difference of two
+    window means (``sqrt((sigma_a**2 + sigma_b**2) / window)`` per dimension for majority states
+    ``a`` before and ``b`` after, combined as a Mahalanobis norm); ``sigma_z``: the noise of one
+    observation, ``(k,)`` or per state ``(S, k)`` (measured with :func:`latent_noise` when None);
+    ``state_agreement``: the share of each window that must show its majority state for a state
+    change to count."""
+    windows = sorted({int(window)} if isinstance(window, (int, np.integer)) else {int(w) for w in window})
+    if not windows or windows[0] < 1:
+        raise InputError("window", window, "must be >= 1 (or a list of such)")
     if not (math.isfinite(n_sigma) and n_sigma > 0):
         raise InputError("n_sigma", n_sigma, "must be positive")
     sig = latent_noise(traj) if sigma_z is None else np.asarray(sigma_z, dtype=np.float64)
     sig = np.where(np.isfinite(sig) & (sig > 0), sig, 1.0)
-    per_state = sig.ndim == 2
     events: list[Event] = []
     for rows in traj.runs():
-        n = len(rows)
-        if n < 2 * window:
-            continue
-        z = traj.z[rows]
-        st = traj.state[rows]
-        cs = np.vstack([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
-        t = np.arange(window, n - window + 1)  # the first row of the "after" window
-        before = (cs[t] - cs[t - window]) / window
-        after = (cs[t + window] - cs[t]) / window
-        maj = [(_majority(st[ti - window:ti]), _majority(st[ti:ti + window])) for ti in t]
-        if per_state:
-            sa = np.array([sig[a] if 0 <= a < len(sig) else sig.max(0) for (a, _), _ in maj])
-            sb = np.array([sig[b] if 0 <= b < len(sig) else sig.max(0) for _, (b, _) in maj])
-            scale = np.sqrt((sa ** 2 + sb ** 2) / window)
-        else:
-            scale = np.broadcast_to(sig * math.sqrt(2.0 / window), before.shape)
-        score = np.sqrt((((after - before) / scale) ** 2).sum(1))
-        changed = np.zeros(len(t), dtype=bool)
-        if use_states:
-            changed = np.array([a != b and fa >= state_agreement and fb >= state_agreement for (a, fa), (b, fb) in maj], dtype=bool)
-        # a state change counts when the latents moved too (half the threshold): two states that
-        # split one blob of noise make no events
-        changed &= score > 0.5 * n_sigma
-        hit = (score > n_sigma) | changed
-        # one event per peak: greedy non-maximum suppression within a window
-        prio = score + np.where(changed, n_sigma, 0.0)
-        taken = np.zeros(len(t), dtype=bool)
-        for i in np.argsort(-prio, kind="stable"):
-            if not hit[i] or np.any(taken[max(0, i - window + 1):i + window]):
-                continue
-            taken[i] = True
-            r = rows[t[i]]
-            (a, _), (b, _) = maj[i]
-            kind = "jump+state" if (score[i] > n_sigma and changed[i]) else ("jump" if score[i] > n_sigma else "state")
-            events.append(Event(int(traj.track[r]), int(traj.frame_index[r]), int(traj.step[r]),
-                                (float(traj.positions_A[r, 0]), float(traj.positions_A[r, 1])), float(traj.dose_e_per_A2[r]),
-                                a, b, float(score[i]), kind))
+        z, st = traj.z[rows], traj.state[rows]
+        taken: list[int] = []
+        for w in windows:
+            # one event per peak: greedy non-maximum suppression within the window
+            for _, t, score, changed, a, b in sorted(_candidates(z, st, w, sig, n_sigma, state_agreement, use_states), key=lambda c: -c[0]):
+                if any(abs(t - u) < w for u in taken):
+                    continue
+                taken.append(t)
+                r = rows[t]
+                kind = "jump+state" if (score > n_sigma and changed) else ("jump" if score > n_sigma else "state")
+                events.append(Event(int(traj.track[r]), int(traj.frame_index[r]), int(traj.step[r]),
+                                    (float(traj.positions_A[r, 0]), float(traj.positions_A[r, 1])), float(traj.dose_e_per_A2[r]),
+                                    a, b, score, kind))
     events.sort(key=lambda e: (e.step, e.track))
     return events
 
@@ -479,24 +489,29 @@ class PathwayAnalysis:
 
 
 def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True, gate_fraction: float = 0.4, max_gap_frames: int = 2,
-                     max_states: int = 6, window: int = 4, n_sigma: float = 6.0, seed: int = 0, group_radius_A: float = 3.0,
-                     min_track_length: int | None = None) -> PathwayAnalysis:
-    """Link, fit states, detect events, group them and count transitions (the module docstring)."""
+                     max_states: int = 6, window: int | Sequence[int] = 4, n_sigma: float = 6.0, seed: int = 0,
+                     group_radius_A: float = 2.5, group_steps: int = 1, min_track_length: int | None = None) -> PathwayAnalysis:
+    """Link, fit states, detect events, group them and count transitions (the module docstring).
+    ``window``: one window or several (multi-scale, :func:`detect_events`); the longest sets the
+    noise scale under which mixture components are merged into states."""
     if len(frames) < 2:
         raise InputError("frames", len(frames), "a pathway needs at least 2 frames with latents")
+    windows = [int(window)] if isinstance(window, (int, np.integer)) else [int(w) for w in window]
+    if not windows or min(windows) < 1:
+        raise InputError("window", window, "must be >= 1 (or a list of such)")
     ids = link_atoms(frames, sample_frame=sample_frame, gate_fraction=gate_fraction, max_gap_frames=max_gap_frames)
     traj = build_trajectories(frames, ids)
     if len(traj) < 2:
         raise InputError("frames", f"{len(traj)} encoded atoms", "too few encoded atoms for states")
-    min_len = 2 * window if min_track_length is None else min_track_length
+    min_len = 2 * min(windows) if min_track_length is None else min_track_length
     runs = traj.runs()
     long_rows = np.concatenate([r for r in runs if len(r) >= min_len]) if any(len(r) >= min_len for r in runs) else np.arange(len(traj))
     states = fit_states(traj.z[long_rows], max_states=max_states, seed=seed)
     overall = latent_noise(traj)
-    states = merge_states(states, np.where(overall > 0, overall, 1.0) * math.sqrt(2.0 / window), n_sigma)
+    states = merge_states(states, np.where(overall > 0, overall, 1.0) * math.sqrt(2.0 / max(windows)), n_sigma)
     traj.state = states.predict(traj.z)
     sigma = latent_noise(traj, by_state=True, n_states=states.n_states)
-    events = detect_events(traj, window=window, n_sigma=n_sigma, sigma_z=sigma)
-    groups = group_events(events, radius_A=group_radius_A, steps=max(1, window // 2))
+    events = detect_events(traj, window=windows, n_sigma=n_sigma, sigma_z=sigma)
+    groups = group_events(events, radius_A=group_radius_A, steps=group_steps)
     graph = transition_graph(traj, events, states.n_states, states.means)
     return PathwayAnalysis(traj, states, sigma, events, groups, graph)

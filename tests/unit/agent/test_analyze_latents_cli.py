@@ -52,7 +52,7 @@ def invoke(*args: str):
 
 def test_writes_graph_trajectories_and_figures(run_log, tmp_path):
     out = tmp_path / "out"
-    result = invoke(run_log, "--out", out, "--window", "3")
+    result = invoke(run_log, "--out", out, "--windows", "2,3")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["latents"] == "log" and summary["frames"] == 12
@@ -83,14 +83,14 @@ def test_a_log_without_latents_is_replayed_through_the_rvae(run_log, tmp_path):
     docs = (copy / "documents.jsonl").read_text().splitlines(keepends=True)
     uid = next(json.loads(d)[1]["uid"] for d in docs if json.loads(d)[0] == "descriptor" and json.loads(d)[1].get("name") == "latents")
     (copy / "documents.jsonl").write_text("".join(d for d in docs if uid not in d))
-    result = invoke(copy, "--out", tmp_path / "out", "--window", "3", "--no-figures")
+    result = invoke(copy, "--out", tmp_path / "out", "--windows", "2,3", "--no-figures")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["latents"] == "replayed" and summary["vs_twin_events"] is None
     # the same latents as the stage logged (rounded there): the same tracks
     logged = json.loads((tmp_path / "out" / "graph.json").read_text())
     assert logged["latents"] == "replayed" and logged["weights"].startswith("rvae_graphene.pt@")
-    again = invoke(run_log, "--out", tmp_path / "out2", "--window", "3", "--no-figures")
+    again = invoke(run_log, "--out", tmp_path / "out2", "--windows", "2,3", "--no-figures")
     assert json.loads(again.stdout)["tracks"] == summary["tracks"]
 
 

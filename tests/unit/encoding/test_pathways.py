@@ -109,3 +109,19 @@ def test_states_are_seeded_and_bad_input_is_named():
         analyze_pathways([])
     with pytest.raises(InputError, match="z.shape"):
         LatentFrame(0, np.zeros((3, 2)), np.zeros((2, 2)), np.zeros(3))
+
+
+def test_a_short_window_places_a_brief_visit_that_a_long_one_smears():
+    frames, _ = sequence(seed=2, frames=40)
+    rng = np.random.default_rng(5)
+    site = 7
+    for f in frames:  # only one site changes: state 1 for frames 20..22, then back
+        state = np.zeros(len(f.site), dtype=int)
+        state[f.site == site] = 1 if 20 <= f.frame_index < 23 else 0
+        f.z = MEANS[state] + 0.12 * rng.standard_normal(f.z.shape)
+    long_only = analyze_pathways(frames, window=8, seed=0)
+    multi = analyze_pathways(frames, window=(2, 8), seed=0)
+    # a long window alone sees the 3-frame visit diluted, its peaks off where the window edges meet it
+    assert {e.step for e in long_only.events} != {20, 23}
+    assert [(e.step, e.from_state, e.to_state) for e in multi.events] == [(20, 0, 1), (23, 1, 0)]
+    assert multi.graph.counts[0, 1] == multi.graph.counts[1, 0] == 1
