@@ -54,7 +54,8 @@ def run_config(seed: int, frames: int, dose: float, args: argparse.Namespace) ->
         "scan": {"fov_A": args.fov_A, "shape_px": args.shape_px, "dwell_s": dwell},
         "pipeline": pipeline,
         "policy": {"kind": "raster", "overlap": 0.0},
-        "safety": {"area_half_width_A": args.fov_A / 2 + 0.01, "max_fov_A": 60.0, "dose_budget_e_per_A2": 1e10},
+        "safety": {"area_half_width_A": args.fov_A / 2 + 5.0,  # one field (the raster has one centre); room for drift
+                   "max_fov_A": 60.0, "dose_budget_e_per_A2": 1e10},
         "log": {"fsync": False},
     }
 
@@ -78,7 +79,7 @@ def one_sequence(seed: int, args: argparse.Namespace, where: Path) -> dict[str, 
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     t0, c0 = time.perf_counter(), time.process_time()
     res = analyze(Path(summary.log_path), where / f"latents-{seed}", windows=[int(w) for w in args.windows.split(",")], n_sigma=args.n_sigma, figures=args.figures)
-    return {"seed": seed, "exit": summary.exit_status, "frames": res["frames"], "twin_events": kinds, "tracks": res["tracks"],
+    return {"seed": seed, "exit": summary.exit_status, "reason": summary.reason, "frames": res["frames"], "twin_events": kinds, "tracks": res["tracks"],
             "states": res["states"], "events": res["events"], "event_groups": res["event_groups"], "score": res["vs_twin_events"],
             "run_wall_s": round(run_s, 1), "run_cpu_s": round(run_cpu, 1),
             "analyze_wall_s": round(time.perf_counter() - t0, 2), "analyze_cpu_s": round(time.process_time() - c0, 2)}
