@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
-from stemagent.agent.app.rvae_training import CLASS_NAMES, neighbourhood_classes
 from stemagent.encoding.pathways import Event, LatentFrame, Trajectories
 from stemagent.errors import InputError
 from stemagent.runlog import RunLog
@@ -134,6 +133,8 @@ def latent_frames_from_log(log: RunLog, *, weights: Path | None = None, device: 
 def write_twin_truth(run_dir: str | Path, ground_truth: Any) -> Path:
     """``<run_dir>/twin_truth.json`` from a twin's :class:`~stemagent.simulators.twin.GroundTruth`
     (the frames it still holds: make ``ground_truth.frames`` unbounded before a long run)."""
+    from stemagent.agent.app.rvae_training import CLASS_NAMES, neighbourhood_classes  # torch: only here
+
     frames = []
     for index, t in ground_truth.frames:
         cls = neighbourhood_classes(t.positions_A, t.labels)
@@ -160,9 +161,15 @@ def read_twin_truth(path: Path) -> TwinTruth:
         raise InputError("truth", str(path), f"is not a readable JSON file ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != TRUTH_FORMAT:
         raise InputError(f"{path.name}.format", doc.get("format") if isinstance(doc, dict) else None, f"must be {TRUTH_FORMAT!r}")
-    frames = {int(f["frame_index"]): (np.asarray(f["positions_A"], dtype=np.float64).reshape(-1, 2), np.asarray(f["classes"], dtype=np.int64))
-              for f in doc.get("frames", [])}
-    return TwinTruth(list(doc.get("class_names", CLASS_NAMES)), frames, list(doc.get("events", [])))
+    try:
+        frames = {int(f["frame_index"]): (np.asarray(f["positions_A"], dtype=np.float64).reshape(-1, 2), np.asarray(f["classes"], dtype=np.int64))
+                  for f in doc.get("frames", [])}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path.name}.frames", type(exc).__name__, f"each frame needs frame_index, positions_A (K, 2) and classes (K,) ({exc})") from None
+    names = doc.get("class_names")
+    if not isinstance(names, list) or not names:
+        raise InputError(f"{path.name}.class_names", names, "must name the classes")
+    return TwinTruth([str(n) for n in names], frames, list(doc.get("events", [])))
 
 
 def register_to_truth(frames: Sequence[LatentFrame], truth: TwinTruth, reach_A: float = 0.7) -> np.ndarray:
