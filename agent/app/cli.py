@@ -20,6 +20,7 @@ from rich.table import Table
 
 from stemagent.agent.app.cli_batch import batch
 from stemagent.agent.app.cli_boundaries import analyze_boundaries
+from stemagent.agent.app.cli_latents import analyze_latents
 from stemagent.agent.app.cli_simulate import simulate
 from stemagent.agent.app.cli_view import VIEW_DEFAULT, open_live_view, view
 from stemagent.agent.app.console import StatusLine, Tee, announce
@@ -371,6 +372,7 @@ app.command("bridge")(one_line_errors(bridge))
 app.command("simulate")(one_line_errors(simulate))
 app.command("view")(one_line_errors(view))
 app.command("analyze-boundaries")(analyze_boundaries)
+app.command("analyze-latents")(analyze_latents)
 app.command("batch")(batch)
 
 

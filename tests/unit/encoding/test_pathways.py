@@ -1,0 +1,127 @@
+"""Transformation pathways (:mod:`stemagent.encoding.pathways`) on synthetic sequences with known
+switches: linking, states, events and the transition graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemagent.encoding.pathways import LatentFrame, analyze_pathways, fit_states, link_atoms
+from stemagent.errors import InputError
+
+MEANS = np.array([[0.0, 0.0], [2.0, 0.5], [-1.0, 2.0]])
+
+
+def lattice(n: int = 8, a: float = 1.42) -> np.ndarray:
+    """Graphene sites in a square patch (x, y), Å."""
+    a1, a2 = np.array([1.5 * a, np.sqrt(3) / 2 * a]), np.array([1.5 * a, -np.sqrt(3) / 2 * a])
+    ij = np.array([(i, j) for i in range(n) for j in range(n)], dtype=float)
+    base = ij[:, :1] * a1 + ij[:, 1:] * a2
+    return np.concatenate([base, base + [a, 0.0]])
+
+
+def sequence(seed: int = 0, frames: int = 60, noise: float = 0.12, drift_A_per_frame=(0.0, 0.0)):
+    """Frames of lattice sites whose content latents sit at ``MEANS[state]`` plus noise; the
+    switches (site, first frame in the new state, from, to) are returned."""
+    rng = np.random.default_rng(seed)
+    pos = lattice()
+    state = np.zeros((frames, len(pos)), dtype=int)
+    switches = []
+    sites = rng.choice(len(pos), 8, replace=False)
+    for k, s in enumerate(sites):
+        at = int(rng.integers(10, frames - 10))
+        to = 1 + k % 2
+        state[at:, s] = to
+        switches.append((int(s), at, 0, to))
+        if k < 3:  # and back again later: a reversible path
+            back = at + int(rng.integers(8, 12))
+            if back < frames - 8:
+                state[back:, s] = 0
+                switches.append((int(s), back, to, 0))
+    out = []
+    for f in range(frames):
+        z = MEANS[state[f]] + noise * rng.standard_normal((len(pos), 2))
+        p = pos + np.array(drift_A_per_frame) * f + 0.03 * rng.standard_normal(pos.shape)
+        perm = rng.permutation(len(pos))  # detections come in any order
+        out.append(LatentFrame(f, p[perm], z[perm], rng.uniform(-1, 1, len(pos)), dose_e_per_A2=1e4))
+        out[-1].site = perm  # type: ignore[attr-defined]
+    return out, switches
+
+
+@pytest.mark.parametrize("sample_frame,drift", [(True, (0.0, 0.0)), (False, (0.3, -0.2))])
+def test_atoms_are_followed_site_by_site(sample_frame, drift):
+    frames, _ = sequence(frames=30, drift_A_per_frame=drift)
+    ids = link_atoms(frames, sample_frame=sample_frame)
+    site_of_track = {}
+    for f, t in zip(frames, ids):
+        for site, track in zip(f.site, t):
+            assert site_of_track.setdefault(int(track), int(site)) == site
+    assert len(site_of_track) == len(frames[0].positions_A)
+
+
+def test_drifting_positions_without_the_shift_break_tracks():
+    # the same drift, matched as if already in the sample frame: tracks break (the check above can fail)
+    frames, _ = sequence(frames=30, drift_A_per_frame=(0.8, 0.0))
+    ids = link_atoms(frames, sample_frame=True)
+    assert len(np.unique(np.concatenate(ids))) > 2 * len(frames[0].positions_A)
+
+
+def test_transition_graph_recovers_known_switches():
+    frames, switches = sequence(seed=3)
+    res = analyze_pathways(frames, window=4, n_sigma=6.0, seed=0)
+    assert res.states.n_states == 3
+    # states are numbered by weight; map each true mean to its state
+    state_of = [int(res.states.predict(m[None])[0]) for m in MEANS]
+    assert sorted(state_of) == [0, 1, 2]
+    ids = link_atoms(frames)
+    track_site = {int(t): int(s) for f, tt in zip(frames, ids) for s, t in zip(f.site, tt)}
+    found = {(track_site[e.track], e.step, e.from_state, e.to_state) for e in res.events}
+    expected = {(s, at, state_of[a], state_of[b]) for s, at, a, b in switches}
+    assert found == expected
+    counts = np.zeros((3, 3), dtype=int)
+    for _, _, a, b in switches:
+        counts[state_of[a], state_of[b]] += 1
+    assert np.array_equal(res.graph.counts, counts)
+    # rates per dose: counts over the dose spent in the source state (every frame 1e4 e/Å²)
+    assert np.all(res.graph.exposure_e_per_A2 > 0)
+    i, j = state_of[0], state_of[1]
+    assert res.graph.rate_per_dose[i, j] == pytest.approx(counts[i, j] / res.graph.exposure_e_per_A2[i])
+    assert res.graph.exposure_e_per_A2.sum() == pytest.approx(len(frames[0].positions_A) * (len(frames) - 1) * 1e4)
+
+
+def test_noise_alone_gives_no_events_and_one_state():
+    frames, _ = sequence(seed=1)
+    for f in frames:
+        f.z = MEANS[0] + 0.12 * np.random.default_rng(f.frame_index).standard_normal(f.z.shape)
+    res = analyze_pathways(frames, seed=0)
+    assert res.states.n_states == 1 and res.events == [] and res.graph.counts.sum() == 0
+
+
+def test_states_are_seeded_and_bad_input_is_named():
+    z = np.random.default_rng(0).standard_normal((300, 2))
+    a, b = fit_states(z, seed=4), fit_states(z, seed=4)
+    assert a.n_states == b.n_states and np.array_equal(a.means, b.means)
+    with pytest.raises(InputError, match="z"):
+        fit_states(np.full((10, 2), np.nan))
+    with pytest.raises(InputError, match="gate_fraction"):
+        link_atoms([], gate_fraction=0.7)
+    with pytest.raises(InputError, match="frames"):
+        analyze_pathways([])
+    with pytest.raises(InputError, match="z.shape"):
+        LatentFrame(0, np.zeros((3, 2)), np.zeros((2, 2)), np.zeros(3))
+
+
+def test_a_short_window_places_a_brief_visit_that_a_long_one_smears():
+    frames, _ = sequence(seed=2, frames=40)
+    rng = np.random.default_rng(5)
+    site = 7
+    for f in frames:  # only one site changes: state 1 for frames 20..22, then back
+        state = np.zeros(len(f.site), dtype=int)
+        state[f.site == site] = 1 if 20 <= f.frame_index < 23 else 0
+        f.z = MEANS[state] + 0.12 * rng.standard_normal(f.z.shape)
+    long_only = analyze_pathways(frames, window=8, seed=0)
+    multi = analyze_pathways(frames, window=(2, 8), seed=0)
+    # a long window alone sees the 3-frame visit diluted, its peaks off where the window edges meet it
+    assert {e.step for e in long_only.events} != {20, 23}
+    assert [(e.step, e.from_state, e.to_state) for e in multi.events] == [(20, 0, 1), (23, 1, 0)]
+    assert multi.graph.counts[0, 1] == multi.graph.counts[1, 0] == 1
