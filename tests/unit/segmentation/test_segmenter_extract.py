@@ -209,9 +209,9 @@ def _lattice(rng, spacing=7.1, width=1.75, amp=40.0, background=1.0, shape=(56, 
 
 
 def test_a_small_fit_window_still_models_the_neighbours_whole_tails():
-    # the U-Net's default window (4 px at 0.2 Å/px, 2.3 widths) in a dense lattice: every atom's
-    # image enters its neighbours' model over 3.5 widths, so a noiseless lattice is fitted to
-    # ~1e-3 px (with the tails cut at the fit window, errors were up to 0.09 px)
+    # a fit window of 4 px (2.3 widths) in a dense lattice: every atom's image still enters its
+    # neighbours' model over 3.5 widths, so a noiseless lattice is fitted to ~1e-3 px (with the
+    # tails cut at the fit window, model_radius_px=4, errors are up to 0.09 px)
     rng = np.random.default_rng(11)
     truth, img = _lattice(rng)
     start = torch.as_tensor(truth + rng.uniform(-0.4, 0.4, truth.shape), dtype=torch.float32)
@@ -223,7 +223,9 @@ def test_a_small_fit_window_still_models_the_neighbours_whole_tails():
 
 def test_a_small_fit_window_is_about_as_precise_as_the_wide_one_on_poisson_counts():
     # seeded Poisson counts of known sub-pixel centres; three Fisher steps from 0.4 px off, as the
-    # segmenter runs it: the small window's RMSE within 10 % of the 3.5-width window's
+    # segmenter runs them: 0.12 px at most, and the small window's RMSE within 10 % of the
+    # 3.5-width window's (the segmenter's; the small one was 1.8x faster but lost precision on
+    # twin frames at 1e6 e/Å²: BENCHMARKS.md, 2026-12-02)
     err = {4: [], None: []}
     for seed in range(4):
         rng = np.random.default_rng(100 + seed)
