@@ -95,6 +95,8 @@ class VerifyReport:
     elapsed_s: float = 0.0
     run_span_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: CPU time (s) of the main thread and of the worker that segments ahead (0 without it)
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -113,7 +115,7 @@ class VerifyReport:
             "divergences": [d.describe() for d in self.divergences], "frames_skipped": len(self.skipped),
             "skipped": self.skipped[:20], "frames_unreadable": len(self.unreadable), "unreadable": self.unreadable[:20],
             "compared": dict(self.compared), "elapsed_s": self.elapsed_s, "run_span_s": self.run_span_s,
-            "x_real_time": self.speed if math.isfinite(self.speed) else None, "notes": self.notes,
+            "x_real_time": self.speed if math.isfinite(self.speed) else None, "notes": self.notes, "cpu_s": dict(self.cpu_s),
         }
 
 
@@ -213,6 +215,7 @@ class _SegmentAhead:
         self.todo = deque(order)
         self.depth = max(1, int(depth))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-segment")
+        self.cpu_s = 0.0  # the worker's CPU time (one thread: no race)
         self.running: deque[tuple[int, Future[tuple[Frame | None, Observation | None, InputError | None]]]] = deque()
         self._fill()
 
@@ -222,13 +225,17 @@ class _SegmentAhead:
             self.running.append((fi, self.pool.submit(self._segment, data)))
 
     def _segment(self, data: dict[str, Any]) -> tuple[Frame | None, Observation | None, InputError | None]:
+        c0 = time.thread_time()
         try:
             frame = self.log.frame_from_data(data)
         except InputError as exc:
             return None, None, exc
         obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
                           atoms=no_atoms(frame.index), frame=frame)
-        return frame, self.pipeline.run(obs, (self.pipeline.stages[0].name,)), None
+        try:
+            return frame, self.pipeline.run(obs, (self.pipeline.stages[0].name,)), None
+        finally:
+            self.cpu_s += time.thread_time() - c0
 
     def take(self, frame_index: int) -> tuple[Frame | None, Observation | None, InputError | None] | None:
         """The next segmented frame if it is ``frame_index`` (else None: the caller goes serial);
@@ -510,7 +517,7 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
         for key in ("stages", "disabled"):
             if key in logged_plan and list(logged_plan[key]) != list(mine[key]):
                 v.differ(-1, "start", -1, f"pipeline.{key}", logged_plan[key], mine[key])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     events = log.ordered_event_data(*("frames", "atoms", "parks", "controls", "commands", "pipeline", "decisions", *streams))
     if overlap and pipeline.stages and isinstance(pipeline.stages[0], SegmentStage):
         v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline))
@@ -519,6 +526,7 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     finally:
         if v.ahead is not None:
             v.ahead.close()
+    v.report.cpu_s = {"main": time.thread_time() - c0, "segment_ahead": v.ahead.cpu_s if v.ahead is not None else 0.0}
     if log.stop is None and v.pending is not None:
         # a run killed outright: its last observation's outputs may never have reached the log
         v.report.notes.append("the log ends without a stop document (the run was killed): what its last observation "
