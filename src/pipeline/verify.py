@@ -32,7 +32,8 @@ segments them, in log order and one at a time (the segmenter's own state evolves
 run), while the main thread runs the later stages of the frame before and compares. Every
 stage still runs on every observation and every output is still compared; torch and the
 frame store's decoding release the GIL, so on two cores the segmenter's time mostly hides the
-rest.
+rest. (torch's thread count is per thread: the worker keeps the one the segmenter was built
+with, whatever a later stage sets for itself on the main thread.)
 """
 
 from __future__ import annotations
