@@ -10,9 +10,11 @@
    before its recluster budget (recluster on the first unexplained atom, torch's threads), and
    ``all (before)``, that and the U-Net on torch's threads (``--threads``); both with the run
    log's element-by-element JSON conversion as it was.
-2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding`` and ``all`` runs: wall time against the run's
-   acquisition time span (x real time), and whether every output was reproduced; baseline in the
-   same run (``(before)``): the comparison as it was before its JSON-text fast path.
+2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all`` and ``unet`` runs: wall and CPU time against the run's
+   acquisition time span (x real time), and whether every output was reproduced; baselines in the
+   same run: ``(one thread)`` without segmenting ahead, ``(before)`` also with the comparison as it
+   was before its JSON-text fast path. ``--heap default`` runs everything without the heap setting
+   the ``stemagent`` command makes (``stemagent.agent.app.heap``), for its baseline.
 3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
    that keeps asking for the same field, ``--sustain-pipeline`` (``log+encoding``: what this CPU
    can keep up with), overlap off (one command at a time) and
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from stemagent.agent.app.factory import build_agent, build_clock
+from stemagent.agent.app.heap import keep_freed_memory
 from stemagent.agent.app.report import stage_timings
 from stemagent.agent.control import ControlMessage
 from stemagent.config import config_from_dict
@@ -149,21 +152,28 @@ def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
 
 
 def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
-    """``replay --verify`` of each run (as the command does it), and in the same run the baseline:
-    the comparison as main had it before the JSON-text fast path (field by field, in Python)."""
+    """``replay --verify`` of each run (as the command does it), and in the same run the baselines:
+    ``(one thread)``, without segmenting ahead in a worker thread (as main had it before
+    2026-12-02), and ``(before)``, also the comparison as main had it before the JSON-text fast
+    path (field by field, in Python). ``cpu_s``: the process's CPU time (all threads)."""
     out = {}
-    for name in ("log", "log+encoding", "all"):
-        for variant in ("now", "before"):
+    for name in ("log", "log+encoding", "all", "unet"):
+        if name not in runs:
+            continue
+        for variant in ("now", "one thread", "before"):
             log = RunLog.open(runs[name]["log"])
             fast = verify_module.same_text
             if variant == "before":
                 verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
+            c0 = time.process_time()
             try:
-                rep = verify_run_log(log, Path(runs[name]["log"]))
+                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=variant == "now")
             finally:
                 verify_module.same_text = fast
-            out[name if variant == "now" else f"{name} (before)"] = {
+            out[name if variant == "now" else f"{name} ({variant})"] = {
                 "ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
+                "cpu_s": round(time.process_time() - c0, 3),
+                "cpu_s_main_thread": round(rep.cpu_s.get("main", 0.0), 3), "cpu_s_segment_ahead": round(rep.cpu_s.get("segment_ahead", 0.0), 3),
                 "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
                 "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
     return out
@@ -207,7 +217,12 @@ def main() -> None:
     ap.add_argument("--only-sustain", action="store_true", help="skip the latency and replay parts")
     ap.add_argument("--sustain-modes", default="both", choices=("both", "sequential", "overlap"))
     ap.add_argument("--sustain-pipeline", default="log+encoding", choices=sorted(p for p in PIPELINES if "(" not in p))
+    ap.add_argument("--heap", default="keep", choices=("keep", "default"),
+                    help="keep: glibc keeps freed memory for reuse, as the stemagent command sets it (since 2026-12-02); "
+                         "default: the allocator's own thresholds (large blocks mapped and unmapped one by one)")
     args = ap.parse_args()
+    if args.heap == "keep":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     THREADS["torch"] = args.threads
     with tempfile.TemporaryDirectory() as d:
@@ -221,7 +236,7 @@ def main() -> None:
             v.pop("log")
     print(json.dumps({
         "bench": "loop", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "load_avg": os.getloadavg(),
-        "torch_threads": args.threads, "cuda": torch.cuda.is_available(), "frame_px": 512,
+        "torch_threads": args.threads, "cuda": torch.cuda.is_available(), "frame_px": 512, "heap": args.heap,
         "latency": lat, "replay": rep, "sustained": sus,
     }, indent=1))
 

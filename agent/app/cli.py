@@ -39,6 +39,7 @@ from stemagent.agent.app.cli_support import (
 from stemagent.agent.app.factory import build_agent, check_stage_options, new_run_dir, new_run_id
 from stemagent.agent.app.replay_files import FileReplaySummary, file_dose, replay_file
 from stemagent.agent.app.report import write_report
+from stemagent.agent.app.heap import keep_freed_memory
 from stemagent.agent.app.replay_log import compare_atoms as compare_by_identity
 from stemagent.agent.app.replay_log import compare_drift, logged_controls, replay_config, unreadable_frames, verify_run_log
 from stemagent.agent.app.telemetry_factory import open_telemetry
@@ -74,6 +75,7 @@ def exit_code(summary: Any, signal_name: str | None) -> int:
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level; tracebacks with errors")) -> None:
     set_verbose(verbose)
+    keep_freed_memory()  # the frame path's large arrays reused, not faulted in afresh per frame
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -25,6 +25,15 @@ hold: each ``atoms`` event is a frame observation, and its decision the one that
 Numbers are compared exactly unless ``rtol`` is given (a log replayed on another device: GPU
 against CPU). Every comparison goes through the run log's own JSON encoding, so a value
 compares equal to itself written and read back. Nothing here touches a driver or a clock.
+
+Segmenting ahead (``overlap``, on by default): the first stage, when it is the segmenter, is a
+function of the frame alone, so a worker thread reads the next frames the log analysed and
+segments them, in log order and one at a time (the segmenter's own state evolves as in the
+run), while the main thread runs the later stages of the frame before and compares. Every
+stage still runs on every observation and every output is still compared; torch and the
+frame store's decoding release the GIL, so on two cores the segmenter's time mostly hides the
+rest. (torch's thread count is per thread: the worker keeps the one the segmenter was built
+with, whatever a later stage sets for itself on the main thread.)
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +52,7 @@ import numpy as np
 from stemagent.codec import encode_atoms, encode_decision
 from stemagent.errors import InputError
 from stemagent.pipeline.core import Pipeline
+from stemagent.pipeline.stages import SegmentStage
 from stemagent.runlog import RunLog
 from stemagent.runlog.writer import jsonable
 from stemagent.stages import Observation, no_atoms
@@ -84,6 +96,8 @@ class VerifyReport:
     elapsed_s: float = 0.0
     run_span_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: CPU time (s) of the main thread and of the worker that segments ahead (0 without it)
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -102,7 +116,7 @@ class VerifyReport:
             "divergences": [d.describe() for d in self.divergences], "frames_skipped": len(self.skipped),
             "skipped": self.skipped[:20], "frames_unreadable": len(self.unreadable), "unreadable": self.unreadable[:20],
             "compared": dict(self.compared), "elapsed_s": self.elapsed_s, "run_span_s": self.run_span_s,
-            "x_real_time": self.speed if math.isfinite(self.speed) else None, "notes": self.notes,
+            "x_real_time": self.speed if math.isfinite(self.speed) else None, "notes": self.notes, "cpu_s": dict(self.cpu_s),
         }
 
 
@@ -188,6 +202,72 @@ class _Expected:
     documents: dict[str, dict[str, Any]]
 
 
+class _SegmentAhead:
+    """The pipeline's segment stage on the frames ``order`` lists (``(frame_index, frames event)``
+    in the order the replay will observe them), ``depth`` frames ahead in one worker thread.
+
+    :meth:`take` hands over the next one: ``(frame, observation after the segment stage)``, or the
+    frame store's :class:`InputError` for a frame that could not be read. The one worker keeps
+    the log's order, so a segmenter with state sees its frames as in the run."""
+
+    def __init__(self, log: RunLog, pipeline: Pipeline, order: list[tuple[int, dict[str, Any]]], depth: int = 2) -> None:
+        self.log = log
+        self.pipeline = pipeline
+        self.todo = deque(order)
+        self.depth = max(1, int(depth))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-segment")
+        self.cpu_s = 0.0  # the worker's CPU time (one thread: no race)
+        self.running: deque[tuple[int, Future[tuple[Frame | None, Observation | None, InputError | None]]]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.todo and len(self.running) < self.depth:
+            fi, data = self.todo.popleft()
+            self.running.append((fi, self.pool.submit(self._segment, data)))
+
+    def _segment(self, data: dict[str, Any]) -> tuple[Frame | None, Observation | None, InputError | None]:
+        c0 = time.thread_time()
+        try:
+            frame = self.log.frame_from_data(data)
+        except InputError as exc:
+            return None, None, exc
+        obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
+                          atoms=no_atoms(frame.index), frame=frame)
+        try:
+            return frame, self.pipeline.run(obs, (self.pipeline.stages[0].name,)), None
+        finally:
+            self.cpu_s += time.thread_time() - c0
+
+    def take(self, frame_index: int) -> tuple[Frame | None, Observation | None, InputError | None] | None:
+        """The next segmented frame if it is ``frame_index`` (else None: the caller goes serial);
+        a stage's :class:`StageFailed` raises here, as it would have in the serial replay."""
+        if not self.running or self.running[0][0] != frame_index:
+            return None
+        _, fut = self.running.popleft()
+        self._fill()
+        return fut.result()
+
+    def close(self) -> None:
+        for _, fut in self.running:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _frame_order(events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> list[tuple[int, dict[str, Any]]]:
+    """The frames :func:`verify_log` will analyse, in order: ``(frame_index, frames event)`` of each
+    frame observation whose frame the log had written before it (what :meth:`_Verifier.frame` finds)."""
+    frames: dict[int, dict[str, Any]] = {}
+    order = []
+    for stream, data in events:
+        if stream == "frames":
+            frames[int(data["frame_index"])] = data
+        elif (stream == "pipeline" and has_pipeline and str(data.get("observation", "frame")) == "frame") or (stream == "atoms" and not has_pipeline):
+            fi = int(data.get("frame_index", -1))
+            if fi in frames:
+                order.append((fi, frames[fi]))
+    return order
+
+
 class _Verifier:
     def __init__(self, log: RunLog, pipeline: Pipeline, rtol: float, max_divergences: int) -> None:
         self.log = log
@@ -208,6 +288,7 @@ class _Verifier:
         self.last: Observation | None = None
         self.pending: _Expected | None = None
         self._differs: set[int] = set()
+        self.ahead: _SegmentAhead | None = None
 
     # --- differences ------------------------------------------------------------------------
     def differ(self, index: int, seen: str, frame_index: int, where: str, logged: Any, replayed: Any) -> None:
@@ -258,14 +339,32 @@ class _Verifier:
         frame_index = int(data.get("frame_index", -1))
         if seen == "frame":
             self.report.frames += 1
-            frame = self.frame(frame_index)
+            ahead = self.ahead.take(frame_index) if self.ahead is not None and frame_index in self.frames else None
+            if ahead is None and self.ahead is not None and frame_index in self.frames:
+                # not the frame the worker expected (cannot happen for a log read in order): serial from here
+                self.ahead.close()
+                self.ahead = None
+                self.report.notes.append(f"frame {frame_index}: segmenting ahead stopped (out of step with the log)")
+            if ahead is not None:  # read and segmented by the worker (see _SegmentAhead)
+                frame, segmented, error = ahead
+                if error is not None:
+                    self.report.unreadable.append(str(error))
+                    self.unreadable_frames.add(frame_index)
+            else:
+                segmented = None
+                frame = self.frame(frame_index)
             if frame is None:
                 return
             self.analysed.add(frame_index)
-            obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
-                              atoms=no_atoms(frame.index), features=self.features(), frame=frame, parks=self.parks_since)
+            if segmented is None:
+                obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
+                                  atoms=no_atoms(frame.index), features=self.features(), frame=frame, parks=self.parks_since)
+                obs = self.run(obs)
+            else:
+                obs = segmented
+                obs.features, obs.parks = self.features(), self.parks_since
+                obs = self.run(obs, tuple(self.pipeline.names[1:]))
             self.parks_since = []
-            obs = self.run(obs)
             self.last = obs
         elif seen == "park":
             self.report.parks += 1
@@ -365,29 +464,9 @@ def run_span_s(log: RunLog) -> float:
     return max(ends) - min(starts) if starts and ends else 0.0
 
 
-def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
-               streams: tuple[str, ...] | None = None) -> VerifyReport:
-    """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
-    ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
-    (default: every stream the pipeline's stages write)."""
-    if streams is None:
-        streams = pipeline.document_streams()
-    if rtol < 0 or not math.isfinite(rtol):
-        raise InputError("rtol", rtol, "must be a finite number >= 0")
-    v = _Verifier(log, pipeline, rtol, max_divergences)
-    has_pipeline = "pipeline" in log.streams()
-    if not has_pipeline:
-        v.report.notes.append(f"log version {log.start.get('stemagent_log_version')} has no pipeline stream: each atoms "
-                              "event is taken as a frame observation, and only atoms and decisions are compared")
-    logged_plan = log.start.get("pipeline")
-    if isinstance(logged_plan, dict):
-        mine = pipeline.describe()
-        for key in ("stages", "disabled"):
-            if key in logged_plan and list(logged_plan[key]) != list(mine[key]):
-                v.differ(-1, "start", -1, f"pipeline.{key}", logged_plan[key], mine[key])
-    t0 = time.perf_counter()
-    for stream, data in log.ordered_event_data(*("frames", "atoms", "parks", "controls", "commands", "pipeline", "decisions",
-                                                 *streams)):
+def _walk(v: _Verifier, events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> None:
+    """Every logged event, in log order, through the verifier."""
+    for stream, data in events:
         if stream == "frames":
             fi = int(data["frame_index"])
             v.frames[fi] = data
@@ -416,6 +495,39 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
             v.decision(data)
         else:
             v.document(stream, data)
+
+
+def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
+               streams: tuple[str, ...] | None = None, overlap: bool = True) -> VerifyReport:
+    """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
+    ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
+    (default: every stream the pipeline's stages write). ``overlap``: segment the next frames in
+    a worker thread while the later stages run (the same outputs; False: one thread)."""
+    if streams is None:
+        streams = pipeline.document_streams()
+    if rtol < 0 or not math.isfinite(rtol):
+        raise InputError("rtol", rtol, "must be a finite number >= 0")
+    v = _Verifier(log, pipeline, rtol, max_divergences)
+    has_pipeline = "pipeline" in log.streams()
+    if not has_pipeline:
+        v.report.notes.append(f"log version {log.start.get('stemagent_log_version')} has no pipeline stream: each atoms "
+                              "event is taken as a frame observation, and only atoms and decisions are compared")
+    logged_plan = log.start.get("pipeline")
+    if isinstance(logged_plan, dict):
+        mine = pipeline.describe()
+        for key in ("stages", "disabled"):
+            if key in logged_plan and list(logged_plan[key]) != list(mine[key]):
+                v.differ(-1, "start", -1, f"pipeline.{key}", logged_plan[key], mine[key])
+    t0, c0 = time.perf_counter(), time.thread_time()
+    events = log.ordered_event_data(*("frames", "atoms", "parks", "controls", "commands", "pipeline", "decisions", *streams))
+    if overlap and pipeline.stages and isinstance(pipeline.stages[0], SegmentStage):
+        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline))
+    try:
+        _walk(v, events, has_pipeline)
+    finally:
+        if v.ahead is not None:
+            v.ahead.close()
+    v.report.cpu_s = {"main": time.thread_time() - c0, "segment_ahead": v.ahead.cpu_s if v.ahead is not None else 0.0}
     if log.stop is None and v.pending is not None:
         # a run killed outright: its last observation's outputs may never have reached the log
         v.report.notes.append("the log ends without a stop document (the run was killed): what its last observation "

@@ -129,14 +129,18 @@ def refine_gaussians(
     fit_width_min_counts: float = 30.0,
     fit_mask: torch.Tensor | None = None,
     prior_sigma_px: float | None = None,
+    model_radius_px: int | None = None,
 ) -> GaussianFit:
     """Joint Poisson ML fit of one Gaussian per atom plus a local constant background per atom.
 
     ``images`` ``(B, H, W)`` float (counts; an offset is absorbed by the backgrounds). Each atom's
     window sees the model ``sum_k A_k g_k + b_j``: all atoms' Gaussians plus its own background;
     ``batch`` ``(N,)`` image of each atom; ``rc0`` ``(N, 2)`` start (row, col) px;
-    ``width0_px`` starting Gaussian sigma in px. ``radius_px``: half-size of each atom's window
-    (default ``ceil(3.5 width0_px)``). Widths are fitted only for atoms with more than
+    ``width0_px`` starting Gaussian sigma in px. ``radius_px``: half-size of each atom's fit
+    window (default ``ceil(3.5 width0_px)``); ``model_radius_px``: half-size of the window each
+    atom's Gaussian is drawn in for the model its neighbours' windows see (default and at least
+    ``max(radius_px, ceil(3.5 width0_px))``), so a small fit window still sees the whole tails of
+    the atoms around it. Widths are fitted only for atoms with more than
     ``fit_width_min_counts`` counts (else held at their start). Atoms with ``fit_mask`` False
     (e.g. empty sites) contribute nothing and keep ``rc0``. A fit that moves an atom by more
     than ``max_shift_px`` (default ``2 width0_px``) or ends with no signal is rejected.
@@ -157,14 +161,21 @@ def refine_gaussians(
         z = torch.zeros(0, device=dev)
         return GaussianFit(rc0.float(), torch.zeros(0, 2, device=dev), z, z, torch.zeros(nb, device=dev), torch.zeros(0, dtype=torch.bool, device=dev))
 
-    # integer window anchors (fixed during the fit so windows do not jump)
-    flat, inside, wr, wc = _windows(rc0.float(), batch, (h, w), rad)
-    size = 2 * rad + 1
-    flat = flat.reshape(n, -1)
-    data = imgs.reshape(-1)[flat].reshape(n, size, size)  # (N, S, S)
-    inside = inside.float() * use[:, None, None].float()
-    prow = wr[:, :, 0].float()  # (N, S) pixel row of each window row
-    pcol = wc[:, 0, :].float()  # (N, S) pixel column of each window column
+    # integer window anchors (fixed during the fit so windows do not jump); each atom's image is
+    # drawn into the model over the wider window (rad_m), the fit sees the central (2 rad + 1)^2
+    rad_m = max(rad, int(model_radius_px if model_radius_px is not None else math.ceil(3.5 * width0_px)))
+    o, size = rad_m - rad, 2 * rad + 1
+    flat_m, _, wr, wc = _windows(rc0.float(), batch, (h, w), rad_m)
+    flat = flat_m[:, o : o + size, o : o + size].reshape(-1)  # index_select: ~3x faster than [flat] on a CPU
+    flat_m = flat_m.reshape(-1)
+    data = imgs.reshape(-1).index_select(0, flat).reshape(n, size, size)  # (N, S, S)
+    prow_m = wr[:, :, 0].float()  # (N, S_m) pixel row of each model-window row
+    pcol_m = wc[:, 0, :].float()  # (N, S_m) pixel column of each model-window column
+    # "inside the frame" is separable: rows (times the atom's fit mask) and columns
+    row_in = ((wr[:, :, 0] >= 0) & (wr[:, :, 0] < h)).float() * use[:, None].float()  # (N, S_m)
+    col_in = ((wc[:, 0, :] >= 0) & (wc[:, 0, :] < w)).float()
+    inside = row_in[:, o : o + size, None] * col_in[:, None, o : o + size]  # (N, S, S)
+    fields = torch.empty(n, 3, size, size, device=dev)  # per step: contrib^2 / mu, contrib / mu, contrib * residual / mu
 
     # starting values
     sub = imgs.reshape(nb, -1)[:, :: max(1, (h * w) // 65536)]
@@ -185,46 +196,53 @@ def refine_gaussians(
         """``sum_p f(p) dr^a dc^b`` for a, b in 0..4: ``(N, K, S, S) -> (N, K, 5, 5)``.
 
         The window is a grid, so ``dr`` depends on the row and ``dc`` on the column only and
-        the moments are two small batched matrix products.
+        the moments are two batched matrix products (columns first, then rows: one call each).
         """
+        k, s = fields.shape[1], fields.shape[2]
         r2, c2 = dr * dr, dc * dc
-        rp = torch.stack([torch.ones_like(dr), dr, r2, r2 * dr, r2 * r2], dim=2)  # (N, S, 5)
-        cp = torch.stack([torch.ones_like(dc), dc, c2, c2 * dc, c2 * c2], dim=2)
-        return rp.transpose(1, 2)[:, None] @ fields @ cp[:, None]
+        rp = torch.stack([torch.ones_like(dr), dr, r2, r2 * dr, r2 * r2], dim=1)  # (N, 5, S)
+        cp = torch.stack([torch.ones_like(dc), dc, c2, c2 * dc, c2 * c2], dim=2)  # (N, S, 5)
+        cols = torch.bmm(fields.reshape(n, k * s, s), cp)  # (N, K S, 5)
+        cols = cols.reshape(n, k, s, 5).transpose(1, 2).reshape(n, s, k * 5)
+        return torch.bmm(rp, cols).reshape(n, 5, k, 5).transpose(1, 2)
 
     for _ in range(iterations):
-        dr = prow - rc[:, 0, None]  # (N, S)
-        dc = pcol - rc[:, 1, None]
+        dr_m = prow_m - rc[:, 0, None]  # (N, S_m)
+        dc_m = pcol_m - rc[:, 1, None]
         s2 = wid * wid
-        g = torch.exp(-0.5 * dr * dr / s2[:, None])[:, :, None] * torch.exp(-0.5 * dc * dc / s2[:, None])[:, None, :]
-        contrib = amp[:, None, None] * g * inside  # (N, S, S): this atom's image in its window
+        # this atom's image over its model window, amp g_row g_col, zero outside the frame (one pass)
+        g_row = torch.exp(-0.5 * dr_m * dr_m / s2[:, None]) * (amp[:, None] * row_in)
+        g_col = torch.exp(-0.5 * dc_m * dc_m / s2[:, None]) * col_in
+        contrib_m = g_row[:, :, None] * g_col[:, None, :]  # (N, S_m, S_m)
         canvas = torch.zeros(nb * h * w, device=dev)
-        canvas.index_add_(0, flat.reshape(-1), contrib.reshape(-1))
-        m = (canvas[flat].reshape(contrib.shape) + loc[:, None, None]).clamp_min(floor)
+        canvas.index_add_(0, flat_m, contrib_m.reshape(-1))
+        contrib = contrib_m[:, o : o + size, o : o + size]  # (N, S, S): in its fit window
+        dr, dc = dr_m[:, o : o + size], dc_m[:, o : o + size]
+        m = (canvas.index_select(0, flat).reshape(n, size, size) + loc[:, None, None]).clamp_min_(floor)
         wgt = inside / m  # Poisson weights 1 / mu
-        e = (data - m) * wgt
+        e = (data - m).mul_(wgt)
         # Jacobian of this atom's window: contrib * f_k with f = (dr/s2, dc/s2, 1, d2/s2), and 1 for
         # the background. Fisher and score follow from weighted moments of dr, dc.
-        mom = moments(torch.stack([contrib * contrib * wgt, contrib * wgt, contrib * e], dim=1), dr, dc)  # (N, 3, 5, 5)
+        torch.mul(contrib, wgt, out=fields[:, 1])
+        torch.mul(contrib, fields[:, 1], out=fields[:, 0])
+        torch.mul(contrib, e, out=fields[:, 2])
+        mom = moments(fields, dr, dc)  # (N, 3, 5, 5)
         q, v, u = mom[:, 0], mom[:, 1], mom[:, 2]
         i2 = 1.0 / s2
         i4 = i2 * i2
-        fisher = torch.empty(n, 5, 5, device=dev)
-        fisher[:, 0, 0] = q[:, 2, 0] * i4
-        fisher[:, 0, 1] = fisher[:, 1, 0] = q[:, 1, 1] * i4
-        fisher[:, 0, 2] = fisher[:, 2, 0] = q[:, 1, 0] * i2
-        fisher[:, 0, 3] = fisher[:, 3, 0] = (q[:, 3, 0] + q[:, 1, 2]) * i4
-        fisher[:, 1, 1] = q[:, 0, 2] * i4
-        fisher[:, 1, 2] = fisher[:, 2, 1] = q[:, 0, 1] * i2
-        fisher[:, 1, 3] = fisher[:, 3, 1] = (q[:, 2, 1] + q[:, 0, 3]) * i4
-        fisher[:, 2, 2] = q[:, 0, 0]
-        fisher[:, 2, 3] = fisher[:, 3, 2] = (q[:, 2, 0] + q[:, 0, 2]) * i2
-        fisher[:, 3, 3] = (q[:, 4, 0] + 2.0 * q[:, 2, 2] + q[:, 0, 4]) * i4
-        fisher[:, 0, 4] = fisher[:, 4, 0] = v[:, 1, 0] * i2
-        fisher[:, 1, 4] = fisher[:, 4, 1] = v[:, 0, 1] * i2
-        fisher[:, 2, 4] = fisher[:, 4, 2] = v[:, 0, 0]
-        fisher[:, 3, 4] = fisher[:, 4, 3] = (v[:, 2, 0] + v[:, 0, 2]) * i2
-        fisher[:, 4, 4] = wgt.sum(dim=(1, 2))
+        # the 5 x 5 Fisher matrix of (row, col, log amplitude, log width, background), one stack
+        f00, f01, f02 = q[:, 2, 0] * i4, q[:, 1, 1] * i4, q[:, 1, 0] * i2
+        f03, f04 = (q[:, 3, 0] + q[:, 1, 2]) * i4, v[:, 1, 0] * i2
+        f11, f12 = q[:, 0, 2] * i4, q[:, 0, 1] * i2
+        f13, f14 = (q[:, 2, 1] + q[:, 0, 3]) * i4, v[:, 0, 1] * i2
+        f22, f23, f24 = q[:, 0, 0], (q[:, 2, 0] + q[:, 0, 2]) * i2, v[:, 0, 0]
+        f33, f34 = (q[:, 4, 0] + 2.0 * q[:, 2, 2] + q[:, 0, 4]) * i4, (v[:, 2, 0] + v[:, 0, 2]) * i2
+        f44 = wgt.sum(dim=(1, 2))
+        fisher = torch.stack([f00, f01, f02, f03, f04,
+                              f01, f11, f12, f13, f14,
+                              f02, f12, f22, f23, f24,
+                              f03, f13, f23, f33, f34,
+                              f04, f14, f24, f34, f44], dim=1).reshape(n, 5, 5)
         grad = torch.stack([u[:, 1, 0] * i2, u[:, 0, 1] * i2, u[:, 0, 0], (u[:, 2, 0] + u[:, 0, 2]) * i2, e.sum(dim=(1, 2))], dim=1)
         if prior_prec > 0:
             grad[:, :2] += prior_prec * (rc0f - rc)
@@ -352,14 +370,19 @@ def aperture_counts(
     # the disks around the sites
     flat_a, inside_a, dr_a, dc_a = _offset_windows(rc, batch, (h, w), rad_a)
     mask = ((dr_a * dr_a + dc_a * dc_a <= float(aperture_px) ** 2) & inside_a).float()
-    counts = imgs[flat_a] * mask
+    pick = flat_a.reshape(-1)
+
+    def at_sites(x: torch.Tensor) -> torch.Tensor:  # x[flat_a], by index_select (~3x faster on a CPU)
+        return x.index_select(0, pick).reshape(flat_a.shape)
+
+    counts = at_sites(imgs) * mask
     # the site's own model (its fitted Gaussian at its fitted position, its wings) is not an "other"
     drs = dr_a + (rc[:, 0] - fit.rc[:, 0].float())[:, None, None]
     dcs = dc_a + (rc[:, 1] - fit.rc[:, 1].float())[:, None, None]
     own = (fit.amplitude * ok.float())[:, None, None] * torch.exp(-0.5 * (drs * drs + dcs * dcs) / (wid * wid))
     sb = share[batch][:, None, None]
-    wing_others = (wings[flat_a] - (intensity / area)[:, None, None]).clamp_min(0.0)
-    others = ((canvas[flat_a] - own).clamp_min(0.0) + sb * wing_others + vacuum[batch][:, None, None]) * mask
+    wing_others = (at_sites(wings) - (intensity / area)[:, None, None]).clamp_min(0.0)
+    others = ((at_sites(canvas) - own).clamp_min(0.0) + sb * wing_others + vacuum[batch][:, None, None]) * mask
     # every column of a frame is imaged by the same probe: one width per image, and its wings
     ws = w_img[batch][:, None, None]
     psf = (torch.exp(-0.5 * (dr_a * dr_a + dc_a * dc_a) / (ws * ws)) / (2.0 * math.pi * ws * ws) + sb / area) * mask

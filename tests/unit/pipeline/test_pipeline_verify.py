@@ -179,3 +179,43 @@ def test_a_drift_run_verifies_its_drift_documents_less_their_wall_times(tmp_path
     rewrite(log, "drift", 2, lambda d: d.update(band95_A=d["band95_A"] * 2.0))
     rep = report_of(verify(log))
     assert rep["differing_observations"] == 1 and rep["first_divergence"].startswith("observation 2 (frame of frame 2): drift.band95_A")
+
+
+def test_segmenting_ahead_reports_what_one_thread_reports(tmp_path):
+    # the replay segments the next frames in a worker thread (overlap, the default); on a log
+    # with a changed atom, a changed decision and an unreadable frame it finds the same as the
+    # serial replay, and the worker segments the frames in the log's order
+    from stemagent.agent.app.factory import build_pipeline
+    from stemagent.agent.app.replay_log import logged_capabilities, replay_config
+    from stemagent.pipeline.verify import verify_log
+
+    log = asyncio.run(record(tmp_path, max_frames=5))
+    rewrite(log, "atoms", 1, lambda d: d["positions_A"][0].__setitem__(0, d["positions_A"][0][0] + 1e-9))
+    rewrite(log, "decisions", 3, lambda d: d["command"]["geometry"]["center_A"].__setitem__(1, 7.0))
+    rewrite(log, "frames", 4, lambda d: d.update(image="no-such-datum"))
+    reports, seen = {}, {}
+    for overlap in (True, False):
+        original = RunLog.open(log)
+        cfg = replay_config(original, Path(log), "fast")
+        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
+        segmenter = pipeline.stage("segment").segmenter
+        find, seen[overlap] = segmenter.find, []
+
+        def spy(frame, find=find, record=seen[overlap]):
+            record.append(frame.index)
+            return find(frame)
+
+        segmenter.find = spy
+        try:
+            rep = verify_log(original, pipeline, overlap=overlap).to_dict()
+        finally:
+            pipeline.close()
+        reports[overlap] = {k: v for k, v in rep.items() if k not in ("elapsed_s", "x_real_time", "cpu_s")}
+        assert (rep["cpu_s"]["segment_ahead"] > 0) == overlap
+    assert reports[True] == reports[False]
+    # the unreadable frame's logged decision has nothing to match: a third difference
+    assert reports[True]["differing_observations"] == 3 and reports[True]["frames_unreadable"] == 1
+    assert "no-such-datum" in reports[True]["unreadable"][0] and "frame 4" in reports[True]["divergences"][2]
+    assert "observation 1 (frame of frame 1): atoms.positions_A[0][0]" in reports[True]["divergences"][0]
+    assert "observation 3 (frame of frame 3): decision.command.geometry.center_A[1]" in reports[True]["divergences"][1]
+    assert seen[True] == seen[False] == [0, 1, 2, 3]

@@ -198,3 +198,44 @@ def test_wing_regression_splits_vacuum_from_the_atoms_wings():
     assert float(vacuum[0]) == pytest.approx(0.3, abs=0.02)
     assert float(share[1]) == 0.0
     assert float(vacuum[1]) == pytest.approx(0.7)
+
+
+def _lattice(rng, spacing=7.1, width=1.75, amp=40.0, background=1.0, shape=(56, 56)):
+    """Columns as dense as graphene's at 0.2 Å/px (sigma 1.75 px, 7.1 px apart), sub-pixel centres."""
+    rows = [(6.0 + i * spacing * 0.866, 6.0 + j * spacing + (spacing / 2 if i % 2 else 0.0)) for i in range(6) for j in range(6)]
+    truth = np.array(rows) + rng.uniform(-0.5, 0.5, (len(rows), 2))
+    truth = truth[(truth[:, 0] < shape[0] - 4) & (truth[:, 1] < shape[1] - 4)]
+    return truth, _gaussians(shape, truth, np.full(len(truth), amp), width, background)
+
+
+def test_a_small_fit_window_still_models_the_neighbours_whole_tails():
+    # a fit window of 4 px (2.3 widths) in a dense lattice: every atom's image still enters its
+    # neighbours' model over 3.5 widths, so a noiseless lattice is fitted to ~1e-3 px (with the
+    # tails cut at the fit window, model_radius_px=4, errors are up to 0.09 px)
+    rng = np.random.default_rng(11)
+    truth, img = _lattice(rng)
+    start = torch.as_tensor(truth + rng.uniform(-0.4, 0.4, truth.shape), dtype=torch.float32)
+    batch = torch.zeros(len(truth), dtype=torch.long)
+    fit = refine_gaussians(torch.as_tensor(img, dtype=torch.float32)[None], batch, start, 1.75, iterations=8, radius_px=4)
+    assert fit.ok.all()
+    assert np.abs(fit.rc.numpy() - truth).max() < 0.01
+
+
+def test_a_small_fit_window_is_about_as_precise_as_the_wide_one_on_poisson_counts():
+    # seeded Poisson counts of known sub-pixel centres; three Fisher steps from 0.4 px off, as the
+    # segmenter runs them: 0.12 px at most, and the small window's RMSE within 10 % of the
+    # 3.5-width window's (the segmenter's; the small one was 1.8x faster but lost precision on
+    # twin frames at 1e6 e/Å²: BENCHMARKS.md, 2026-12-02)
+    err = {4: [], None: []}
+    for seed in range(4):
+        rng = np.random.default_rng(100 + seed)
+        truth, img = _lattice(rng)
+        counts = torch.as_tensor(rng.poisson(img), dtype=torch.float32)[None]
+        start = torch.as_tensor(truth + rng.uniform(-0.4, 0.4, truth.shape), dtype=torch.float32)
+        for rad in err:
+            fit = refine_gaussians(counts, torch.zeros(len(truth), dtype=torch.long), start, 1.75, iterations=3, radius_px=rad, prior_sigma_px=0.5)
+            assert fit.ok.all()
+            err[rad].append(fit.rc.numpy() - truth)
+    rmse = {rad: float(np.sqrt(np.mean(np.concatenate(e) ** 2))) for rad, e in err.items()}
+    assert rmse[4] < 0.12  # px; the start is 0.23 px off (rms per axis)
+    assert rmse[4] < 1.1 * rmse[None]
