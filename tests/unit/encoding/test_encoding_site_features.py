@@ -163,3 +163,23 @@ def test_site_features_bad_input() -> None:
         EncodingConfig(coordination_shell=(1.5, 1.2))
     with pytest.raises(ValidationError, match="intensity_weight"):
         EncodingConfig(intensity_weight=-1.0)
+
+
+def test_a_run_config_asks_for_site_features_and_the_policy_sees_them() -> None:
+    from stemagent.agent.app.factory import build_encoding
+    from stemagent.config import config_from_dict
+    from stemagent.stages import Observation
+
+    cfg = config_from_dict({"pipeline": {"segmenter": {"kind": "log"},
+                                         "encoding": {"site_features": ["coordination", "intensity"], "refine_iterations": 2}}})
+    adapter = build_encoding(cfg)
+    assert adapter.stage.config.site_features == ["coordination", "intensity"]
+    assert adapter.stage.config.refine_iterations == 2
+    pts, keep, _, _, weights = lattice_with_defects()
+    img, geo = render(pts[keep], weights[keep], seed=4)
+    frame = Frame(image=img, geometry=geo, line_times_s=geo.line_start_times_s(0.0), index=0, dose_e_per_A2=1e4)
+    atoms = Atoms(pts[keep], np.zeros(int(keep.sum()), dtype=int), np.ones(int(keep.sum())), 0)
+    obs = adapter.process(Observation(frame_index=0, time_s=0.0, geometry=geo, atoms=atoms, frame=frame))
+    n = len(atoms)
+    assert obs.atom_features["coordination"].shape == (n,) and obs.atom_features["neighbour_intensity"].shape == (n, 3)
+    assert np.sum(np.abs(obs.atom_features["coordination"] - 2.0) < 1e-9) >= 3  # the vacancy's three neighbours
