@@ -59,8 +59,10 @@ class EncodingConfig(BaseModel):
                                                             "(units of the frame's mean site intensity) are multiplied "
                                                             "by this; 10: they, not the Zernike noise, lead the "
                                                             "principal components that are clustered")
-    coordination_shell: tuple[float, float] = Field((1.15, 1.45), description="a neighbour counts 1 up to the first "
-                                                                               "and 0 beyond the second (x NN distance)")
+    coordination_shell: tuple[float, float] = Field((1.3, 1.55), description="a neighbour counts 1 up to the first "
+                                                                              "and 0 beyond the second (x NN distance; "
+                                                                              "the second shell is at 1.73 in graphene "
+                                                                              "and TMDs)")
     site_sigma_factor: float = Field(0.25, gt=0, le=1.0, description="site intensity: Gaussian sigma / NN distance")
     refine_iterations: int = Field(0, ge=0, le=50, description="after each recluster, reassign the pool's atoms this many "
                                                                 "times to the most probable motif (shared-covariance "

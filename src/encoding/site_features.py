@@ -6,8 +6,10 @@ atom list knows it exactly. Three blocks, each optional (``EncodingConfig.site_f
 
 - ``coordination`` ``(N, 1)``: the number of neighbours within the first shell, a soft count
   (weight 1 up to ``inner`` x the nearest-neighbour distance, falling linearly to 0 at
-  ``outer`` x): 3 for a graphene C or a TMD column inside the lattice, 2 beside a vacancy.
-  Rotation invariant, free of photon noise when the positions are right.
+  ``outer`` x; 1.3 and 1.55 by default, wide enough for the U-Net's position scatter, whose
+  median nearest-neighbour distance also reads ~6 % short, and short of the second shell at
+  1.73): 3 for a graphene C or a TMD column inside the lattice, 2 beside a vacancy the atom
+  list lacks. Rotation invariant, free of photon noise when the positions are right.
 - ``intensity`` ``(N, 1)``: the site's own signal, a Gaussian-weighted mean of the frame around
   the (sub-pixel) atom position (sigma ``sigma_factor`` x the nearest-neighbour distance), divided
   by the frame's mean over all sites: a Si in graphene is ~4, a TMD chalcogen column with one atom
@@ -73,7 +75,7 @@ def _check_positions(positions: np.ndarray, name: str) -> np.ndarray:
     return p
 
 
-def soft_coordination(positions_A: np.ndarray, nn_A: float, inner: float = 1.15, outer: float = 1.45
+def soft_coordination(positions_A: np.ndarray, nn_A: float, inner: float = 1.3, outer: float = 1.55
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Soft neighbour count ``(N,)`` of atoms at ``positions_A`` ``(N, 2)`` and the neighbour pairs
     ``(i, j, weight)`` (both directions) it is made of; ``nn_A`` the lattice's nearest-neighbour
@@ -124,7 +126,7 @@ def site_intensities(image: np.ndarray, centres_rc: np.ndarray, sigma_px: float)
 
 
 def site_features(image: np.ndarray, positions_A: np.ndarray, centres_rc: np.ndarray, nn_A: float, pixel_A: float,
-                  inner: float = 1.15, outer: float = 1.45, sigma_factor: float = 0.25,
+                  inner: float = 1.3, outer: float = 1.55, sigma_factor: float = 0.25,
                   in_frame: np.ndarray | None = None) -> SiteFeatures:
     """All three blocks (see the module docstring) for atoms at ``positions_A`` ``(N, 2)`` (sample,
     Å) = ``centres_rc`` ``(N, 2)`` (frame pixels). ``in_frame`` ``(N,)``: which atoms lie inside the

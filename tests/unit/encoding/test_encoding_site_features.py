@@ -70,7 +70,7 @@ def test_coordination_is_two_next_to_a_vacancy_and_three_elsewhere() -> None:
     moved = atoms.copy()
     k = int(np.flatnonzero(interior)[0])
     nb = j[i == k][0]
-    moved[nb] = atoms[k] + (atoms[nb] - atoms[k]) * 1.3
+    moved[nb] = atoms[k] + (atoms[nb] - atoms[k]) * 1.45
     c2, _, _, _ = soft_coordination(moved, BOND_A)
     assert 2.0 < c2[k] < 3.0
 
