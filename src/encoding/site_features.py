@@ -33,6 +33,7 @@ from scipy.spatial import cKDTree
 from stemagent.errors import InputError
 
 SITE_BLOCKS = ("coordination", "intensity", "neighbour_intensity")
+WINDOW_SIGMAS = 2.5  # the site intensity's window: +- this many sigma (the weight at its edge is 4 %)
 
 
 @dataclass
@@ -100,7 +101,8 @@ def soft_coordination(positions_A: np.ndarray, nn_A: float, inner: float = 1.3, 
 
 def site_intensities(image: np.ndarray, centres_rc: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian-weighted mean ``(N,)`` of ``image`` around each sub-pixel centre ``(N, 2)`` (row,
-    col), window +-3 sigma; pixels outside the image do not count (a centre must lie inside)."""
+    col), window +-``WINDOW_SIGMAS`` sigma; pixels outside the image do not count (a centre must lie
+    inside)."""
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2 or img.size == 0:
         raise InputError("frame.image.shape", img.shape, "must be a non-empty 2D array")
@@ -112,15 +114,17 @@ def site_intensities(image: np.ndarray, centres_rc: np.ndarray, sigma_px: float)
     if off.any():
         bad = int(np.flatnonzero(off)[0])
         raise InputError(f"atoms.pixels_rc[{bad}]", c[bad].tolist(), f"must lie inside the {h}x{w} frame")
-    half = max(1, int(np.ceil(3.0 * sigma_px)))
+    half = max(1, int(np.ceil(WINDOW_SIGMAS * sigma_px)))
     k = np.arange(-half, half + 1)
-    base = np.rint(c).astype(np.int64)
+    base = np.clip(np.rint(c).astype(np.int64), 0, np.array([h - 1, w - 1]))
     rows = base[:, 0, None] + k[None, :]  # (N, W)
     cols = base[:, 1, None] + k[None, :]
     gr = np.exp(-0.5 * ((rows - c[:, 0, None]) / sigma_px) ** 2) * ((rows >= 0) & (rows < h))
     gc = np.exp(-0.5 * ((cols - c[:, 1, None]) / sigma_px) ** 2) * ((cols >= 0) & (cols < w))
-    win = img[np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]  # (N, W, W)
-    num = np.einsum("nr,nrc,nc->n", gr, win, gc)
+    padded = np.pad(img, half)  # windows at the border read zeros, which carry no weight
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * half + 1, 2 * half + 1))
+    win = windows[base[:, 0], base[:, 1]]  # (N, W, W): the window centred on each atom's nearest pixel
+    num = np.einsum("nr,nr->n", gr, np.matmul(win, gc[:, :, None])[:, :, 0])
     den = gr.sum(axis=1) * gc.sum(axis=1)
     return num / den
 

@@ -137,6 +137,7 @@ class EncodingStage:
         feats = self.encoder.encode(frame.image, rc, geo.pixel_size_A[0], self.radius_A, geo.rotation_rad)
         x = feats.magnitudes
         site = None
+        t_site = time.perf_counter()
         if c.site_features:
             site = site_features(frame.image, pos, rc, self.radius_A / c.radius_factor, geo.pixel_size_A[0],
                                  *c.coordination_shell, sigma_factor=c.site_sigma_factor)
@@ -168,7 +169,8 @@ class EncodingStage:
                 rare[idx] = cells.rare_atom
                 report["motif_cells"] = cells.tree
         t3 = time.perf_counter()
-        report.update(library_size=len(self.library), timings_s={"features": t1 - t0, "motifs": t2 - t1, "cells": t3 - t2})
+        report.update(library_size=len(self.library), timings_s={"features": t1 - t0, "site_features": t1 - t_site, "motifs": t2 - t1,
+                                                                     "cells": t3 - t2})
         self.last_report = report
         out = {
             "zernike_magnitude": feats.magnitudes,

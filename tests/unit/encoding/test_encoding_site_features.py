@@ -114,6 +114,9 @@ def test_site_intensity_is_subpixel_and_scale_free() -> None:
     near = site_intensities(img, centre + shifts, 1.5)
     assert np.all(near < at)  # the weighting follows the sub-pixel centre, not the nearest pixel
     np.testing.assert_allclose(site_intensities(7.0 * img, centre[None], 1.5), 7.0 * at)
+    # centres on the frame's last half pixel are allowed; a flat frame reads its value everywhere
+    corners = np.array([[-0.5, -0.5], [47.5, 47.5], [0.0, 47.4]])
+    np.testing.assert_allclose(site_intensities(np.full((48, 48), 3.0), corners, 2.0), 3.0)
 
 
 def test_stage_with_site_features_outputs_and_clusters_them() -> None:
