@@ -137,6 +137,11 @@ def test_stage_with_site_features_outputs_and_clusters_them() -> None:
     assert dop_k >= 0 and enc[dop_k]
     host_id = np.bincount(out["motif"][enc]).argmax()
     assert out["motif"][dop_k] != host_id  # the bright site is not host
+    # the hierarchy and the library still work on the longer feature vectors; a second frame keeps the ids
+    assert "motif_cells" in stage.last_report and stage.last_report["motif_cells"]["types"]
+    assert len(stage.library) >= 2
+    again = stage.process(frame, atoms)
+    assert np.bincount(again["motif"][enc]).argmax() == host_id
 
 
 def test_site_features_bad_input() -> None:
