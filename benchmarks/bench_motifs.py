@@ -335,8 +335,8 @@ SITE_ALL = ["coordination", "intensity", "neighbour_intensity"]
 
 def _site_variants(spec: str) -> dict[str, dict]:
     """``--site-variants``: ``;``-separated block lists (``none``: Zernike only), e.g.
-    ``none;coordination,intensity,neighbour_intensity``; ``blocks@w1,w2[,components[,refine]]`` sets the weights (and the number of principal components,
-    the refinement rounds); ``none@...`` Zernike only with those settings."""
+    ``none;coordination,intensity,neighbour_intensity``; ``blocks@w1,w2[,components[,refine[,log]]]`` sets the weights (and the number of principal components,
+    the refinement rounds, 1: log intensities); ``none@...`` Zernike only with those settings."""
     out: dict[str, dict] = {}
     for item in spec.split(";"):
         item = item.strip()
@@ -353,6 +353,8 @@ def _site_variants(spec: str) -> dict[str, dict]:
                 extra.update(components=int(w[2]))
             if len(w) > 3:
                 extra.update(refine_iterations=int(w[3]))
+            if len(w) > 4:
+                extra.update(intensity_transform="log" if w[4] else "sqrt")
         out["zernike only" + (f" @{weights.removeprefix('1,1,')}" if weights else "") if blocks == "none" else f"zernike + {item}"] = extra
     return out
 

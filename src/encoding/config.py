@@ -63,6 +63,9 @@ class EncodingConfig(BaseModel):
                                                                               "and 0 beyond the second (x NN distance; "
                                                                               "the second shell is at 1.73 in graphene "
                                                                               "and TMDs)")
+    intensity_transform: Literal["sqrt", "log"] = Field("sqrt", description="site intensities as clustered: sqrt "
+                                                                           "(equal photon noise) or log (dark sites "
+                                                                           "stretched further)")
     site_sigma_factor: float = Field(0.25, gt=0, le=1.0, description="site intensity: Gaussian sigma / NN distance")
     refine_iterations: int = Field(0, ge=0, le=50, description="after each recluster, reassign the pool's atoms this many "
                                                                 "times to the most probable motif (shared-covariance "

@@ -33,6 +33,7 @@ from scipy.spatial import cKDTree
 from stemagent.errors import InputError
 
 SITE_BLOCKS = ("coordination", "intensity", "neighbour_intensity")
+LOG_FLOOR = 0.05  # the log transform's offset, in units of the frame's mean site
 WINDOW_SIGMAS = 2.5  # the site intensity's window: +- this many sigma (the weight at its edge is 4 %)
 
 
@@ -46,6 +47,7 @@ class SiteFeatures:
     intensity: np.ndarray
     neighbour_intensity: np.ndarray
     scale: float
+    transform: str = "sqrt"
 
     def block(self, name: str) -> np.ndarray:
         """One block as an ``(N, width)`` array (see the module docstring); intensities as their
@@ -54,9 +56,9 @@ class SiteFeatures:
         if name == "coordination":
             return self.coordination[:, None]
         if name == "intensity":
-            return np.sqrt(np.clip(self.intensity, 0.0, None))[:, None]
+            return transform_intensity(self.intensity, self.transform)[:, None]
         if name == "neighbour_intensity":
-            return np.sqrt(np.clip(self.neighbour_intensity, 0.0, None))
+            return transform_intensity(self.neighbour_intensity, self.transform)
         raise InputError("site_features", name, f"must be one of {SITE_BLOCKS}")
 
     def matrix(self, blocks: Sequence[str], weights: dict[str, float] | None = None) -> np.ndarray:
@@ -64,6 +66,18 @@ class SiteFeatures:
         w = weights or {}
         cols = [self.block(b) * float(w.get(b, 1.0)) for b in blocks]
         return np.concatenate(cols, axis=1) if cols else np.zeros((len(self.coordination), 0))
+
+
+def transform_intensity(v: np.ndarray, transform: str = "sqrt") -> np.ndarray:
+    """Intensities (units of the frame's mean site) as clustered: ``sqrt`` (photon noise about
+    equal at every brightness) or ``log`` (``log(v + LOG_FLOOR)``: relative differences equal, which
+    stretches the dark end further: an S column with one atom missing, or an empty site)."""
+    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, None)
+    if transform == "sqrt":
+        return np.sqrt(v)
+    if transform == "log":
+        return np.log(v + LOG_FLOOR)
+    raise InputError("intensity_transform", transform, "must be 'sqrt' or 'log'")
 
 
 def _check_positions(positions: np.ndarray, name: str) -> np.ndarray:
@@ -131,7 +145,7 @@ def site_intensities(image: np.ndarray, centres_rc: np.ndarray, sigma_px: float)
 
 def site_features(image: np.ndarray, positions_A: np.ndarray, centres_rc: np.ndarray, nn_A: float, pixel_A: float,
                   inner: float = 1.3, outer: float = 1.55, sigma_factor: float = 0.25,
-                  in_frame: np.ndarray | None = None) -> SiteFeatures:
+                  in_frame: np.ndarray | None = None, transform: str = "sqrt") -> SiteFeatures:
     """All three blocks (see the module docstring) for atoms at ``positions_A`` ``(N, 2)`` (sample,
     Å) = ``centres_rc`` ``(N, 2)`` (frame pixels). ``in_frame`` ``(N,)``: which atoms lie inside the
     frame (default: those whose centre does); the others count as neighbours but have no intensity
@@ -169,4 +183,5 @@ def site_features(image: np.ndarray, positions_A: np.ndarray, centres_rc: np.nda
         np.maximum.at(hi, i, v)
         neigh[has, 0] = lo[has]
         neigh[has, 2] = hi[has]
-    return SiteFeatures(coordination=coord, intensity=inten, neighbour_intensity=neigh, scale=scale)
+    transform_intensity(np.zeros(1), transform)  # names a bad transform before anything is returned
+    return SiteFeatures(coordination=coord, intensity=inten, neighbour_intensity=neigh, scale=scale, transform=transform)

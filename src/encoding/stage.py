@@ -140,7 +140,8 @@ class EncodingStage:
         t_site = time.perf_counter()
         if c.site_features:
             site = site_features(frame.image, pos, rc, self.radius_A / c.radius_factor, geo.pixel_size_A[0],
-                                 *c.coordination_shell, sigma_factor=c.site_sigma_factor)
+                                 *c.coordination_shell, sigma_factor=c.site_sigma_factor,
+                                 transform=c.intensity_transform)
             weights = {"coordination": c.coordination_weight, "intensity": c.intensity_weight,
                        "neighbour_intensity": c.intensity_weight}
             x = np.concatenate([x, site.matrix(c.site_features, weights)], axis=1)

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from stemagent.encoding import EncodingConfig, EncodingStage
-from stemagent.encoding.site_features import site_features, site_intensities, soft_coordination
+from stemagent.encoding.site_features import site_features, site_intensities, soft_coordination, transform_intensity
 from stemagent.errors import InputError
 from stemagent.types import Atoms, Frame, ScanGeometry
 
@@ -191,3 +191,24 @@ def test_a_run_config_asks_for_site_features_and_the_policy_sees_them() -> None:
     n = len(atoms)
     assert obs.atom_features["coordination"].shape == (n,) and obs.atom_features["neighbour_intensity"].shape == (n, 3)
     assert np.sum(np.abs(obs.atom_features["coordination"] - 2.0) < 1e-9) >= 3  # the vacancy's three neighbours
+
+
+def test_intensity_transforms() -> None:
+    v = np.array([0.0, 0.5, 1.0, 4.0])
+    np.testing.assert_allclose(transform_intensity(v, "sqrt"), np.sqrt(v))
+    logv = transform_intensity(v, "log")
+    np.testing.assert_allclose(logv, np.log(v + 0.05))
+    # the log stretches the dark end: an empty site lies further below a half-dark one than in sqrt
+    assert (logv[1] - logv[0]) / (logv[2] - logv[1]) > (np.sqrt(0.5) - 0.0) / (1.0 - np.sqrt(0.5))
+    np.testing.assert_allclose(transform_intensity(np.array([-1.0]), "sqrt"), 0.0)  # negative counts clip
+    with pytest.raises(InputError, match="intensity_transform"):
+        transform_intensity(v, "cube")
+    pts = honeycomb()
+    img, geo = render(pts, np.ones(len(pts)), shape=128, seed=5)
+    with pytest.raises(InputError, match="intensity_transform"):
+        site_features(img, pts, geo.sample_to_pixel(pts), BOND_A, PIXEL_A, transform="cube")
+    f = site_features(img, pts, geo.sample_to_pixel(pts), BOND_A, PIXEL_A, transform="log")
+    ok = np.isfinite(f.intensity)
+    np.testing.assert_allclose(f.block("intensity")[ok, 0], np.log(f.intensity[ok] + 0.05))
+    with pytest.raises(ValidationError, match="intensity_transform"):
+        EncodingConfig(intensity_transform="cube")
