@@ -271,8 +271,9 @@ def _score(pred: np.ndarray, truth: np.ndarray, names: tuple[str, ...]) -> dict:
     }
 
 
-def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segmenter=None, recluster_every: int = 1) -> tuple[dict, float]:
-    stage = EncodingStage(EncodingConfig(clustering=method, seed=0, recluster_every=recluster_every))
+def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segmenter=None, recluster_every: int = 1,
+                  extra: dict | None = None) -> tuple[dict, float]:
+    stage = EncodingStage(EncodingConfig(clustering=method, seed=0, recluster_every=recluster_every, **(extra or {})))
     preds, truths = [], []
     seconds = 0.0
     for frame, truth, labels, _names, _ in frames:
@@ -287,9 +288,9 @@ def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segment
             pos = found.positions_A[m.pred_idx]
             lab = labels[m.true_idx]
         atoms = Atoms(pos, np.zeros(len(pos), dtype=int), np.ones(len(pos)), frame.index)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = stage.process(frame, atoms)
-        seconds += time.perf_counter() - t0
+        seconds += time.process_time() - t0
         e = out["encoded"]
         preds.append(out["motif"][e])
         truths.append(lab[e])
@@ -329,32 +330,76 @@ def _motiflearn_labels(ml_python: str | None, frames: list, tmp: Path, threads: 
     return res
 
 
-def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, with_segmenter: bool, doses: list[float]) -> dict:
+SITE_ALL = ["coordination", "intensity", "neighbour_intensity"]
+
+
+def _site_variants(spec: str) -> dict[str, dict]:
+    """``--site-variants``: ``;``-separated block lists (``none``: Zernike only), e.g.
+    ``none;coordination,intensity,neighbour_intensity``; ``blocks@w1,w2[,components[,refine[,log]]]`` sets the weights (and the number of principal components,
+    the refinement rounds, 1: log intensities); ``none@...`` Zernike only with those settings."""
+    out: dict[str, dict] = {}
+    for item in spec.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        blocks, _, weights = item.partition("@")
+        extra: dict[str, Any] = {"site_features": [] if blocks == "none" else blocks.split(",")}
+        if weights and blocks == "none":
+            weights = "1,1," + weights
+        if weights:
+            w = [float(v) for v in weights.split(",")]
+            extra.update(coordination_weight=w[0], intensity_weight=w[1])
+            if len(w) > 2:
+                extra.update(components=int(w[2]))
+            if len(w) > 3:
+                extra.update(refine_iterations=int(w[3]))
+            if len(w) > 4:
+                extra.update(intensity_transform="log" if w[4] else "sqrt")
+        out["zernike only" + (f" @{weights.removeprefix('1,1,')}" if weights else "") if blocks == "none" else f"zernike + {item}"] = extra
+    return out
+
+
+def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, with_segmenter: bool, doses: list[float],
+                 kinds: list[str] | None = None, methods: list[str] | None = None, site_variants: str = "none",
+                 extra_cells: list[tuple[str, float]] | None = None) -> dict:
+    """Every method in ``methods`` (default all) at the first dose, the default one at the others, for
+    every ``site_variants`` feature set (see :func:`_site_variants`); ``extra_cells`` (kind, dose): the
+    default method only."""
     torch.set_num_threads(threads)
-    out: dict[str, Any] = {"detector": HAADF, "defects": DEFECTS, "frames": n_frames}
+    kinds = kinds or ["graphene", "mos2"]
+    methods = methods or ["robust-novelty", "layout", "gmm", "segmenter"]
+    variants = _site_variants(site_variants)
+    out: dict[str, Any] = {"detector": HAADF, "defects": DEFECTS, "frames": n_frames, "site_variants": variants}
+    seeds = {"graphene": 1000, "mos2": 2000, "ws2": 4000, "mose2": 5000}
+    cells = [(k, d, d == doses[0]) for d in doses for k in kinds] + [(k, d, False) for k, d in (extra_cells or [])]
     segmenter = None
     if with_segmenter:
         from stemagent.segmentation.unet_segmenter import UNetSegmenter
 
         segmenter = UNetSegmenter(device="cpu")
-    for dose in doses:
-        full = dose == doses[0]
-        for kind, seed0 in (("graphene", 1000), ("mos2", 2000)):
-            frames = [twin_frame(kind, seed0 + i, dose=dose, index=i) for i in range(n_frames)]
-            res: dict[str, Any] = {}
-            runs = [("robust", "truth", 1)] + ([("robust", "truth", 0), ("layout", "truth", 1), ("gmm", "truth", 1)] if full else [])
-            if segmenter is not None and full:
-                runs.append(("robust", "segmenter", 1))
-            for method, atoms_from, every in runs:
-                r, sec = _stage_labels(kind, frames, method, atoms_from, segmenter, every)
-                r["stage_seconds_per_frame"] = sec
+    for kind, dose, full in cells:
+        seed0 = seeds[kind]
+        frames = [twin_frame(kind, seed0 + i, dose=dose, index=i) for i in range(n_frames)]
+        res: dict[str, Any] = {}
+        runs = [("robust", "truth", 1)]
+        if full:
+            runs += [r for key, r in (("robust-novelty", ("robust", "truth", 0)), ("layout", ("layout", "truth", 1)),
+                                      ("gmm", ("gmm", "truth", 1))) if key in methods]
+        if segmenter is not None and (full or "segmenter-all" in methods) and ("segmenter" in methods or "segmenter-all" in methods):
+            runs.append(("robust", "segmenter", 1))
+        for method, atoms_from, every in runs:
+            for vname, extra in variants.items():
+                r, sec = _stage_labels(kind, frames, method, atoms_from, segmenter, every, extra)
+                r["stage_cpu_seconds_per_frame"] = sec
                 where = "truth positions" if atoms_from == "truth" else "U-Net detections"
                 mode = "pooled, recluster every frame" if every else "classify, recluster on novelty"
-                res[f"{method} ({where}; {mode})"] = r
-            ml = _motiflearn_labels(ml_python, frames, tmp, threads)
-            if ml is not None:
-                res["motif-learn chain (truth positions)"] = ml
-            out[f"{kind} @ {dose:.0e}"] = res
+                res[f"{method} ({where}; {mode}; {vname})"] = r
+                print(f"{kind} @ {dose:.0e} {method} {where} {mode} {vname}: acc {r['accuracy']:.4f} "
+                      f"bal {r['balanced_accuracy']:.3f} ids {r['clusters']} {r['recall_per_class']}", flush=True)
+        ml = _motiflearn_labels(ml_python, frames, tmp, threads)
+        if ml is not None:
+            res["motif-learn chain (truth positions)"] = ml
+        out[f"{kind} @ {dose:.0e}"] = res
     return out
 
 
@@ -402,35 +447,43 @@ def bench_unmixing(threads: int, tmp: Path) -> dict:
     return out
 
 
-def bench_stage(thread_counts: list[int]) -> dict:
+def bench_stage(thread_counts: list[int], site_blocks: list[str] | None = None) -> dict:
+    """Stage latency; with ``site_blocks`` also with those site features (same frames)."""
     frames = [twin_frame("mos2", 3000 + i, index=i, shape=512, pixel_A=0.1) for i in range(6)]
-    out: dict[str, Any] = {"config": "recluster_every=0 (classify; recluster only on unexplained atoms)"}
+    out: dict[str, Any] = {"config": "recluster_every=0 (classify; recluster only on unexplained atoms)"
+                                     + ("; min_frames_between=100 (the per-frame classify path)" if site_blocks else "")}
+    variants = [("", [])] + ([(" + " + ",".join(site_blocks), list(site_blocks))] if site_blocks else [])
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        stage = EncodingStage(EncodingConfig(seed=0, recluster_every=0))
-        times: list[float] = []
-        cpu: list[float] = []
-        parts: dict[str, list[float]] = {}
-        reclusters = 0
-        for rep in range(3):
-            for frame, truth, labels, _names, _ in frames:
-                atoms = Atoms(truth.positions_A, np.zeros(len(labels), dtype=int), np.ones(len(labels)), frame.index)
-                t0, c0 = time.perf_counter(), time.process_time()
-                stage.process(frame, atoms)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                if rep > 0:  # first pass: warm-up, library built
-                    times.append(dt)
-                    cpu.append(dc)
-                    for k, v in stage.last_report["timings_s"].items():
-                        parts.setdefault(k, []).append(v)
-                    reclusters += int(stage.last_report.get("reclustered", False))
-        out[f"threads_{threads}"] = {"atoms_per_frame": int(np.mean([len(f[2]) for f in frames])),
-                                     "encoded_per_frame": stage.last_report["encoded"],
-                                     "ms_median": 1e3 * median(times), "ms_p90": 1e3 * float(np.percentile(times, 90)),
-                                     "cpu_ms_median": 1e3 * median(cpu),
-                                     "ms_parts_median": {k: 1e3 * median(v) for k, v in parts.items()},
-                                     "reclustered_frames": reclusters, "timed_frames": len(times)}
+        for vname, blocks in variants:
+            out[f"threads_{threads}{vname}"] = _stage_latency(frames, blocks, 100 if site_blocks else 0)
     return out
+
+
+def _stage_latency(frames: list, blocks: list[str], min_frames_between: int = 0) -> dict:
+    stage = EncodingStage(EncodingConfig(seed=0, recluster_every=0, site_features=blocks, min_frames_between=min_frames_between))
+    times: list[float] = []
+    cpu: list[float] = []
+    parts: dict[str, list[float]] = {}
+    reclusters = 0
+    for rep in range(3):
+        for frame, truth, labels, _names, _ in frames:
+            atoms = Atoms(truth.positions_A, np.zeros(len(labels), dtype=int), np.ones(len(labels)), frame.index)
+            t0, c0 = time.perf_counter(), time.process_time()
+            stage.process(frame, atoms)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if rep > 0:  # first pass: warm-up, library built
+                times.append(dt)
+                cpu.append(dc)
+                for k, v in stage.last_report["timings_s"].items():
+                    parts.setdefault(k, []).append(v)
+                reclusters += int(stage.last_report.get("reclustered", False))
+    return {"atoms_per_frame": int(np.mean([len(f[2]) for f in frames])),
+            "encoded_per_frame": stage.last_report["encoded"],
+            "ms_median": 1e3 * median(times), "ms_p90": 1e3 * float(np.percentile(times, 90)),
+            "cpu_ms_median": 1e3 * median(cpu),
+            "ms_parts_median": {k: 1e3 * median(v) for k, v in parts.items()},
+            "reclustered_frames": reclusters, "timed_frames": len(times)}
 
 
 # --- figure ----------------------------------------------------------------------------------
@@ -507,6 +560,12 @@ def main() -> dict:
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--no-segmenter", action="store_true")
     ap.add_argument("--doses", default="1e4,1e5", help="labels: every method at the first dose, the default one at the others")
+    ap.add_argument("--kinds", default="graphene,mos2", help="labels: specimens at every dose")
+    ap.add_argument("--methods", default="robust-novelty,layout,gmm,segmenter",
+                    help="labels: the extra runs at the first dose (segmenter-all: U-Net detections at every dose)")
+    ap.add_argument("--site-variants", default="none", help="labels: feature sets, ';'-separated (see _site_variants)")
+    ap.add_argument("--extra-cells", default="", help="labels: kind@dose,... with the default method only, e.g. ws2@3e3")
+    ap.add_argument("--stage-site-features", default="", help="stage: also time this comma-separated block list")
     ap.add_argument("--figure", default=None)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "motifs.json"))
     args = ap.parse_args()
@@ -525,12 +584,14 @@ def main() -> dict:
         if "layout" in sections:
             result["layout"] = bench_layout(ml, threads, tmp)
         if "labels" in sections:
+            cells = [(c.split("@")[0], float(c.split("@")[1])) for c in args.extra_cells.split(",") if c]
             result["labels"] = bench_labels(ml, args.frames, threads[0], tmp, not args.no_segmenter,
-                                            [float(v) for v in args.doses.split(",")])
+                                            [float(v) for v in args.doses.split(",")], args.kinds.split(","),
+                                            args.methods.split(","), args.site_variants, cells)
         if "unmixing" in sections:
             result["unmixing"] = bench_unmixing(threads[0], tmp)
         if "stage" in sections:
-            result["stage"] = bench_stage(threads)
+            result["stage"] = bench_stage(threads, [b for b in args.stage_site_features.split(",") if b])
         if args.figure:
             make_figure(Path(args.figure), tmp)
     result["machine"]["load_avg_end"] = os.getloadavg()

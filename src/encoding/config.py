@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class EncodingConfig(BaseModel):
@@ -51,6 +51,25 @@ class EncodingConfig(BaseModel):
                                                          "of the last one (frames, not seconds: replay reproduces it)")
     relabel: bool = Field(False, description="a reclustered frame's atoms are labelled by the refitted classifier, "
                                              "like every other frame (labels do not depend on when the pool reclusters)")
+    site_features: list[Literal["coordination", "intensity", "neighbour_intensity"]] = Field(
+        default_factory=list, description="per-site blocks clustered next to the Zernike magnitudes "
+                                          "(stemagent.encoding.site_features); empty: Zernike only")
+    coordination_weight: float = Field(10.0, ge=0, description="the soft neighbour count is multiplied by this")
+    intensity_weight: float = Field(10.0, ge=0, description="the square roots of the site and neighbour intensities "
+                                                            "(units of the frame's mean site intensity) are multiplied "
+                                                            "by this; 10: they, not the Zernike noise, lead the "
+                                                            "principal components that are clustered")
+    coordination_shell: tuple[float, float] = Field((1.3, 1.55), description="a neighbour counts 1 up to the first "
+                                                                              "and 0 beyond the second (x NN distance; "
+                                                                              "the second shell is at 1.73 in graphene "
+                                                                              "and TMDs)")
+    intensity_transform: Literal["sqrt", "log"] = Field("sqrt", description="site intensities as clustered: sqrt "
+                                                                           "(equal photon noise) or log (dark sites "
+                                                                           "stretched further)")
+    site_sigma_factor: float = Field(0.25, gt=0, le=1.0, description="site intensity: Gaussian sigma / NN distance")
+    refine_iterations: int = Field(0, ge=0, le=50, description="after each recluster, reassign the pool's atoms this many "
+                                                                "times to the most probable motif (shared-covariance "
+                                                                "Gaussians, the motifs' shares as priors); 0: off")
     min_atoms: int = Field(8, ge=3, description="frames with fewer encoded atoms get no motifs")
     hierarchy: bool = True
     rare_fraction: float = Field(0.05, gt=0, lt=1)
@@ -58,6 +77,20 @@ class EncodingConfig(BaseModel):
     device: str | None = Field(None, description="torch device; None: CUDA when present")
     num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads while encoding (restored after); "
                                                                    "None leaves torch's setting")
+
+    @field_validator("site_features")
+    @classmethod
+    def _distinct_blocks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"site_features={v}: each block at most once")
+        return v
+
+    @field_validator("coordination_shell")
+    @classmethod
+    def _shell(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1] <= 3.0:
+            raise ValueError(f"coordination_shell={v}: must satisfy 0 < inner < outer <= 3")
+        return v
 
 
 class PipelineEncodingConfig(EncodingConfig):

@@ -5,7 +5,9 @@ motif tracker (library of motifs, pool of recent atoms, classifier), the patch r
 the first frame and the motif-cell lattice. Steps:
 
 1. Zernike features of every atom whose patch lies inside the frame
-   (:class:`~stemagent.encoding.features.ZernikeEncoder`).
+   (:class:`~stemagent.encoding.features.ZernikeEncoder`), and the per-site blocks of
+   ``site_features`` (:mod:`~stemagent.encoding.site_features`: coordination from the atom list,
+   the site's own intensity and its neighbours'), weighted and appended to the magnitudes.
 2. Motif ids (:class:`~stemagent.encoding.tracker.MotifTracker`): the pool of recent atoms is
    clustered (:func:`~stemagent.encoding.clustering.cluster_features`, no number of classes
    given) and the clusters mapped to stable library ids
@@ -25,7 +27,10 @@ Output of :meth:`EncodingStage.process` (numpy arrays, ``N`` atoms in the order 
 - ``encoded`` ``(N,)`` bool: features computed (patch inside the frame);
 - ``motif`` ``(N,)`` int: library motif id, -1 where not encoded;
 - ``motif_cell`` ``(N,)`` int: the atom's motif-cell in this frame (-1: none);
-- ``rare_cell`` ``(N,)`` bool: the atom sits in a rare motif-cell.
+- ``rare_cell`` ``(N,)`` bool: the atom sits in a rare motif-cell;
+- with ``site_features`` set (whichever blocks): ``coordination`` ``(N,)`` soft neighbour count,
+  ``site_intensity`` ``(N,)`` (units of the frame's mean site intensity, NaN outside the frame),
+  ``neighbour_intensity`` ``(N, 3)`` min / mean / max of the neighbours'.
 
 Unencoded atoms carry NaN features. :attr:`EncodingStage.last_report` holds what is not per atom:
 the motif-cell tree, the motifs founded this frame, whether the pool was reclustered, how many
@@ -49,6 +54,7 @@ from stemagent.encoding.config import EncodingConfig
 from stemagent.encoding.features import ZernikeEncoder
 from stemagent.encoding.hierarchy import motif_cells
 from stemagent.encoding.library import MotifLibrary
+from stemagent.encoding.site_features import site_features
 from stemagent.encoding.tracker import MotifTracker
 from stemagent.encoding.patches import check_image
 from stemagent.errors import InputError, StemAgentError
@@ -84,7 +90,8 @@ class EncodingStage:
         library = MotifLibrary(c.novelty_sigmas, c.novelty_min_effect, c.library_memory)
         return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed,
                             min_unexplained=c.min_unexplained, min_unexplained_fraction=c.min_unexplained_fraction,
-                            min_frames_between=c.min_frames_between, relabel=c.relabel)
+                            min_frames_between=c.min_frames_between, relabel=c.relabel,
+                            refine_iterations=c.refine_iterations)
 
     @property
     def library(self) -> MotifLibrary:
@@ -128,13 +135,23 @@ class EncodingStage:
             self._nn_A = self.radius_A / c.radius_factor
         rc = geo.sample_to_pixel(pos)
         feats = self.encoder.encode(frame.image, rc, geo.pixel_size_A[0], self.radius_A, geo.rotation_rad)
+        x = feats.magnitudes
+        site = None
+        t_site = time.perf_counter()
+        if c.site_features:
+            site = site_features(frame.image, pos, rc, self.radius_A / c.radius_factor, geo.pixel_size_A[0],
+                                 *c.coordination_shell, sigma_factor=c.site_sigma_factor,
+                                 transform=c.intensity_transform)
+            weights = {"coordination": c.coordination_weight, "intensity": c.intensity_weight,
+                       "neighbour_intensity": c.intensity_weight}
+            x = np.concatenate([x, site.matrix(c.site_features, weights)], axis=1)
         t1 = time.perf_counter()
         motif = np.full(n, -1, dtype=np.int64)
         inside = feats.inside
         report: dict[str, Any] = {"frame_index": frame.index, "encoded": int(inside.sum()), "radius_A": self.radius_A,
                                   "binning": feats.binning, "new_motifs": [], "clusters": 0}
         if inside.sum() >= c.min_atoms:
-            res = self.tracker.process(feats.magnitudes[inside], frame.index)
+            res = self.tracker.process(x[inside], frame.index)
             motif[inside] = res.ids
             report.update(new_motifs=res.new, clusters=res.clusters, reclustered=res.reclustered, unexplained=int(res.novel.sum()))
         t2 = time.perf_counter()
@@ -153,9 +170,10 @@ class EncodingStage:
                 rare[idx] = cells.rare_atom
                 report["motif_cells"] = cells.tree
         t3 = time.perf_counter()
-        report.update(library_size=len(self.library), timings_s={"features": t1 - t0, "motifs": t2 - t1, "cells": t3 - t2})
+        report.update(library_size=len(self.library), timings_s={"features": t1 - t0, "site_features": t1 - t_site, "motifs": t2 - t1,
+                                                                     "cells": t3 - t2})
         self.last_report = report
-        return {
+        out = {
             "zernike_magnitude": feats.magnitudes,
             "zernike_moment": feats.moments,
             "zernike_n": feats.n,
@@ -167,3 +185,7 @@ class EncodingStage:
             "motif_cell": cell,
             "rare_cell": rare,
         }
+        if site is not None:
+            out.update(coordination=site.coordination, site_intensity=site.intensity,
+                       neighbour_intensity=site.neighbour_intensity)
+        return out

@@ -134,8 +134,10 @@ class BoundaryTraceStage:
         return obs
 
 
-#: the encoding outputs the policy sees (``obs.atom_features``); the complex moments stay in the stage
-ENCODING_FEATURES = ("motif", "motif_cell", "rare_cell", "encoded", "symmetry", "zernike_magnitude")
+#: the encoding outputs the policy sees (``obs.atom_features``); the complex moments stay in the stage;
+#: the last three only when ``pipeline.encoding.site_features`` asks for them
+ENCODING_FEATURES = ("motif", "motif_cell", "rare_cell", "encoded", "symmetry", "zernike_magnitude",
+                     "coordination", "site_intensity", "neighbour_intensity")
 
 
 class EncodingAdapter:

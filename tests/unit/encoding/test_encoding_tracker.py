@@ -10,7 +10,7 @@ import torch
 
 from stemagent.encoding.config import EncodingConfig, PipelineEncodingConfig
 from stemagent.encoding.stage import EncodingStage
-from stemagent.encoding.tracker import MotifTracker
+from stemagent.encoding.tracker import MotifTracker, refine_labels
 from stemagent.errors import InputError
 
 HOST = np.zeros(6)
@@ -99,3 +99,18 @@ def test_the_stage_runs_on_its_threads_and_restores_torch_s(monkeypatch: pytest.
     torch.set_num_threads(2)
     stage.process(None, None)  # type: ignore[arg-type]
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_refinement_moves_a_hard_boundary_to_where_the_densities_cross() -> None:
+    rng = np.random.default_rng(7)
+    # a host of 2000 and a defect of 100, 3.5 noise widths apart along the first feature
+    x = np.concatenate([rng.normal(size=(2000, 3)), rng.normal(size=(100, 3)) + np.array([3.5, 0, 0])])
+    truth = np.r_[np.zeros(2000, dtype=int), np.ones(100, dtype=int)]
+    hard = (x[:, 0] > 4.0).astype(np.int64)  # an outlier rule far out: a third of the defect
+    refined = refine_labels(x, hard, 3, 5)
+    assert np.mean(refined[truth == 1] == 1) > np.mean(hard[truth == 1] == 1) + 0.15
+    assert np.mean(refined == truth) > np.mean(hard == truth)
+    assert set(np.unique(refined)) <= {0, 1}
+    np.testing.assert_array_equal(refine_labels(x, hard, 3, 0), hard)  # 0 rounds: unchanged
+    with pytest.raises(InputError, match="refine_iterations"):
+        tracker(refine_iterations=-1)
