@@ -129,7 +129,7 @@ def test_stage_with_site_features_outputs_and_clusters_them() -> None:
     n = len(atoms)
     assert out["coordination"].shape == (n,) and out["site_intensity"].shape == (n,)
     assert out["neighbour_intensity"].shape == (n, 3)
-    plain = EncodingStage(EncodingConfig(seed=0)).process(frame, atoms)
+    plain = EncodingStage(EncodingConfig(seed=0, site_features=[], refine_iterations=0)).process(frame, atoms)
     assert "coordination" not in plain
     np.testing.assert_array_equal(plain["zernike_magnitude"], out["zernike_magnitude"])
     enc = out["encoded"]
