@@ -45,7 +45,7 @@ import torch
 
 from stemagent.drift.config import DriftConfig
 from stemagent.drift.estimate import DriftCheck, DriftEstimate, Status
-from stemagent.drift.gp import DisplacementGP
+from stemagent.drift.gp import DisplacementGP, torch_threads
 from stemagent.drift.tracking import match
 from stemagent.errors import InputError
 from stemagent.types import Atoms, Frame, ScanGeometry
@@ -69,6 +69,20 @@ class _Sightings:
     y_A: np.ndarray  # (n, 2) beam-frame positions
     t_s: np.ndarray  # (n,)
     w: np.ndarray  # (n,) 1 / variance (Å^-2)
+
+
+@dataclass
+class _WindowArrays:
+    """The window's sightings, concatenated over its frames (``rec``: the frame's place in the window)."""
+
+    track: np.ndarray
+    y_A: np.ndarray
+    t_s: np.ndarray
+    w: np.ndarray
+    rec: np.ndarray
+    start_s: np.ndarray  # per frame of the window
+    frame_time_s: np.ndarray
+    group_base: np.ndarray
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -109,6 +123,7 @@ class DriftStage:
         self._missed = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
         self._window: deque[_Sightings] = deque()
+        self._win: _WindowArrays | None = None  # the window as flat arrays (see _window_arrays)
         self._geometries: dict[tuple, int] = {}
         self._has_reference = False
         self._frames_since_fit = 0
@@ -214,6 +229,12 @@ class DriftStage:
     def update(self, frame: Frame, atoms: Atoms) -> DriftEstimate:
         """Use one frame's atoms (beam-frame positions from the segmenter) and return the estimate."""
         t_start = time.perf_counter()
+        # torch's thread count is set once for the whole update, not around each GP call: a switch
+        # of its thread pool and back costs about as much as one of the update's small GP calls
+        with torch_threads(self.gp.threads):
+            return self._update(frame, atoms, t_start)
+
+    def _update(self, frame: Frame, atoms: Atoms, t_start: float) -> DriftEstimate:
         geom = frame.geometry
         n = len(atoms)
         y = atoms.positions_A
@@ -367,6 +388,7 @@ class DriftStage:
         rec = _Sightings(frame.index, self._geometry_id(g) * self.config.bins_per_frame, frame.start_time_s,
                          frame.end_time_s - frame.start_time_s, track.astype(np.int64), y.copy(), t.copy(), 1.0 / sigma**2)
         self._window.append(rec)
+        self._win = None
         while len(self._window) > self.config.window_frames:
             old = self._window.popleft()  # its sightings keep the drift they have now
             d, _ = self._drift_at(old.t_s)
@@ -419,38 +441,53 @@ class DriftStage:
         values ``(m, 2)`` and variances ``(m, 2)``. Only atoms seen more than once count: a first
         sighting defines the atom's reference and says nothing about drift."""
         cfg = self.config
-        recs = list(self._window)
-        track = np.concatenate([r.track for r in recs])
-        w = np.concatenate([r.w for r in recs])
+        B = cfg.bins_per_frame
+        win = self._window_arrays()
+        track, w = win.track, win.w
         total_w = self._old_w + np.bincount(track, weights=w, minlength=len(self._X))
         n_sight = np.bincount(track, minlength=len(self._X)) + (self._old_w > 0)
-        ts, gs, vs, vars_ = [], [], [], []
-        B = cfg.bins_per_frame
-        for r in recs:
-            keep = n_sight[r.track] >= 2
-            if keep.sum() == 0:
-                continue
-            tr = r.track[keep]
-            z = r.y_A[keep] - self._X[tr]
-            # the reference includes this sighting: its residual carries 1 - w/W of its information
-            frac = np.clip(1.0 - r.w[keep] / total_w[tr], 0.05, 1.0)
-            we = r.w[keep] * frac
-            b = np.clip(((r.t_s[keep] - r.start_s) / max(r.frame_time_s, 1e-12) * B).astype(np.int64), 0, B - 1)
-            sw = np.bincount(b, weights=we, minlength=B)
-            cnt = np.bincount(b, minlength=B)
-            ok = (cnt >= cfg.min_atoms_per_bin) & (sw > 0)
-            if not ok.any():
-                continue
-            tb = np.bincount(b, weights=we * r.t_s[keep], minlength=B)[ok] / sw[ok]
-            zx = np.bincount(b, weights=we * z[:, 0], minlength=B)[ok] / sw[ok]
-            zy = np.bincount(b, weights=we * z[:, 1], minlength=B)[ok] / sw[ok]
-            ts.append(tb)
-            gs.append(r.group_base + np.flatnonzero(ok))
-            vs.append(np.stack([zx, zy], axis=1))
-            vars_.append(np.repeat((1.0 / sw[ok])[:, None], 2, axis=1))
-        if not ts:
+        keep = n_sight[track] >= 2
+        if not keep.any():
             return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 2)), np.zeros((0, 2))
-        return np.concatenate(ts), np.concatenate(gs), np.concatenate(vs), np.concatenate(vars_)
+        tr = track[keep]
+        rec = win.rec[keep]
+        t = win.t_s[keep]
+        z = win.y_A[keep] - self._X[tr]
+        # the reference includes this sighting: its residual carries 1 - w/W of its information
+        frac = np.clip(1.0 - w[keep] / total_w[tr], 0.05, 1.0)
+        we = w[keep] * frac
+        # bin of each sighting within its frame, then one bin index over the window (frame-major):
+        # every bin's sums run over its sightings in the same order as frame by frame
+        b = np.clip(((t - win.start_s[rec]) / np.maximum(win.frame_time_s[rec], 1e-12) * B).astype(np.int64), 0, B - 1)
+        gb = rec * B + b
+        size = len(win.start_s) * B
+        sw = np.bincount(gb, weights=we, minlength=size)
+        cnt = np.bincount(gb, minlength=size)
+        ok = (cnt >= cfg.min_atoms_per_bin) & (sw > 0)
+        if not ok.any():
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 2)), np.zeros((0, 2))
+        tb = np.bincount(gb, weights=we * t, minlength=size)[ok] / sw[ok]
+        zx = np.bincount(gb, weights=we * z[:, 0], minlength=size)[ok] / sw[ok]
+        zy = np.bincount(gb, weights=we * z[:, 1], minlength=size)[ok] / sw[ok]
+        idx = np.flatnonzero(ok)
+        groups = win.group_base[idx // B] + idx % B
+        return tb, groups, np.stack([zx, zy], axis=1), np.repeat((1.0 / sw[ok])[:, None], 2, axis=1)
+
+    def _window_arrays(self) -> _WindowArrays:
+        """The window's sightings as flat arrays (built once per change of the window)."""
+        if self._win is None:
+            recs = list(self._window)
+            self._win = _WindowArrays(
+                track=np.concatenate([r.track for r in recs]),
+                y_A=np.concatenate([r.y_A for r in recs]),
+                t_s=np.concatenate([r.t_s for r in recs]),
+                w=np.concatenate([r.w for r in recs]),
+                rec=np.repeat(np.arange(len(recs)), [len(r.track) for r in recs]),
+                start_s=np.array([r.start_s for r in recs]),
+                frame_time_s=np.array([r.frame_time_s for r in recs]),
+                group_base=np.array([r.group_base for r in recs], dtype=np.int64),
+            )
+        return self._win
 
     def _refresh_model(self, frame: Frame) -> tuple[float, bool, float]:
         """New observations into the GP (refit when due or stale), then the references refreshed."""
@@ -541,11 +578,9 @@ class DriftStage:
         self._extend_grid(grid)
 
     def _refresh_references(self) -> None:
-        recs = list(self._window)
-        track = np.concatenate([r.track for r in recs])
-        w = np.concatenate([r.w for r in recs])
-        y = np.concatenate([r.y_A for r in recs])
-        d, _ = self._drift_at(np.concatenate([r.t_s for r in recs]))
+        win = self._window_arrays()
+        track, w, y = win.track, win.w, win.y_A
+        d, _ = self._drift_at(win.t_s)
         k = len(self._X)
         sw = self._old_w + np.bincount(track, weights=w, minlength=k)
         sx = self._old_sum[:, 0] + np.bincount(track, weights=w * (y[:, 0] - d[:, 0]), minlength=k)
