@@ -126,6 +126,7 @@ class DriftStage:
         self._win: _WindowArrays | None = None  # the window as flat arrays (see _window_arrays)
         self._geometries: dict[tuple, int] = {}
         self._has_reference = False
+        self._reference_dose: float | None = None  # dose per Å² of the reference frame (see _better_reference)
         self._frames_since_fit = 0
         self._frames_used = 0
         self.refit_due = False  # a hyperparameter refit is due (see refit())
@@ -253,6 +254,11 @@ class DriftStage:
                                   corrected, corrected, track_ids, times, sigma, t_start, n_detected=n)
         if not self._has_reference:
             return self._new_reference(frame, atoms, usable, times, sigma, t_start, "first frame")
+        better = self._better_reference(frame)
+        if better:
+            old_ref = self.reference_id
+            self.reset()
+            return self._new_reference(frame, atoms, usable, times, sigma, t_start, f"{better}; new reference (was {old_ref})")
 
         # 1. prediction of every live track in this frame (one GP call: the forecast over the frame)
         self._extend_grid(self._frame_grid(frame))
@@ -337,6 +343,19 @@ class DriftStage:
             return f"tracking lost: the atoms jumped {shift:.3f} Å against the forecast (limit {limit:.3f} Å): a stage slip?"
         return ""
 
+    def _better_reference(self, frame: Frame) -> str:
+        """Why ``frame`` should replace the reference ("" when it should not): its dose per Å² is
+        at least ``reference_dose_ratio`` times the reference frame's (a low-dose overview
+        followed by high-resolution sub-scans). Positions scatter as ``1 / sqrt(dose)``, and the
+        overview's errors are shared by all atoms of a sub-scan's region, so measured against it
+        every sub-scan would carry a common offset the model reads as drift."""
+        ratio = self.config.reference_dose_ratio
+        ref = self._reference_dose
+        if ratio is None or ref is None or ref <= 0 or frame.dose_e_per_A2 < ratio * ref:
+            return ""
+        return (f"frame dose {frame.dose_e_per_A2:.3g} e/Å² >= reference_dose_ratio={ratio:g} x the reference "
+                f"frame's {ref:.3g} e/Å²")
+
     def _atom_times(self, frame: Frame, atoms: Atoms) -> np.ndarray:
         if atoms.times_s is not None:
             t = np.asarray(atoms.times_s, dtype=np.float64)
@@ -365,6 +384,7 @@ class DriftStage:
         track_ids = np.full(len(atoms), -1, dtype=np.int64)
         track_ids[idx] = ids
         self._has_reference = True
+        self._reference_dose = float(frame.dose_e_per_A2)
         self._push(frame, ids, y[idx], times[idx], sigma[idx])
         self._frames_used = 1
         return self._estimate(frame, atoms, status, reason, y.copy(), y.copy(), track_ids, times, sigma, t_start,
