@@ -33,6 +33,16 @@ from stemagent.simulators.scoring import score_run
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class _SubScansOnly:
+    """The twin's truth without the overview (frame 0): scores the sub-scans alone."""
+
+    def __init__(self, truth: Any) -> None:
+        self._truth = truth
+
+    def frame_truth(self, index: int) -> Any:
+        return None if index == 0 else self._truth.frame_truth(index)
+
+
 async def run(cfg: Any, log_dir: Path) -> tuple[Any, Any]:
     agent = await build_agent(cfg, run_dir=new_run_dir(cfg, log_dir, new_run_id()))
     summary = await agent.run()
@@ -61,6 +71,7 @@ def main() -> None:
         docs = log.event_data("drift")
         truth = agent.driver.ground_truth
         score = score_run(log, truth)
+        sub_score = score_run(log, _SubScansOnly(truth))
         rows = []
         ref_mid: dict[int, float] = {}
         for d in docs:
@@ -88,7 +99,8 @@ def main() -> None:
         "subscan_error_rms_A": float(np.sqrt(np.mean(errs**2))) if len(errs) else None,
         "subscan_error_max_A": float(max(r["error_max_A"] for r in sub)) if sub else None,
         "statuses": [r["status"] for r in rows],
-        "atoms_vs_truth": {k: score[k] for k in ("frames_scored", "f1", "rmse_A")} if score else None,
+        "atoms_vs_truth": {k: score[k] for k in ("frames_scored", "f1", "rmse_A")},
+        "subscan_atoms_vs_truth": {k: sub_score[k] for k in ("frames_scored", "f1", "rmse_A")},
         "per_frame": rows,
     }
     text = json.dumps(out, indent=1)
