@@ -126,6 +126,9 @@ class DriftStage:
         self._win: _WindowArrays | None = None  # the window as flat arrays (see _window_arrays)
         self._geometries: dict[tuple, int] = {}
         self._has_reference = False
+        # drift already accumulated when the reference was replaced for a better one (added to the
+        # GP's drift everywhere: the GP models the drift since then)
+        self._level_A = np.zeros(2)
         self._reference_dose: float | None = None  # dose per Å² of the reference frame (see _better_reference)
         self._frames_since_fit = 0
         self._frames_used = 0
@@ -161,7 +164,7 @@ class DriftStage:
         if not self.config.enabled:
             return np.zeros((len(t), 2)), np.zeros((len(t), 2))
         mean, var = self.gp.predict(t)
-        return mean, np.sqrt(var) * self.band_inflation
+        return mean + self._level_A, np.sqrt(var) * self.band_inflation
 
     @property
     def band_inflation(self) -> np.ndarray:
@@ -256,8 +259,12 @@ class DriftStage:
             return self._new_reference(frame, atoms, usable, times, sigma, t_start, "first frame")
         better = self._better_reference(frame)
         if better:
+            # the sample frame carries on: the drift forecast at the frame's mid-time becomes the
+            # level the new reference's drift starts from (its uncertainty is not carried)
+            level = self._drift_at(np.array([0.5 * (frame.start_time_s + frame.end_time_s)]))[0][0]
             old_ref = self.reference_id
             self.reset()
+            self._level_A = level
             return self._new_reference(frame, atoms, usable, times, sigma, t_start, f"{better}; new reference (was {old_ref})")
 
         # 1. prediction of every live track in this frame (one GP call: the forecast over the frame)
@@ -378,14 +385,14 @@ class DriftStage:
 
     def _new_reference(self, frame: Frame, atoms: Atoms, usable: np.ndarray, times: np.ndarray, sigma: np.ndarray,
                        t_start: float, reason: str, status: Status = "reference") -> DriftEstimate:
-        y = atoms.positions_A
+        y = atoms.positions_A - self._level_A
         idx = np.flatnonzero(usable)
         ids = self._add_tracks(y[idx])
         track_ids = np.full(len(atoms), -1, dtype=np.int64)
         track_ids[idx] = ids
         self._has_reference = True
         self._reference_dose = float(frame.dose_e_per_A2)
-        self._push(frame, ids, y[idx], times[idx], sigma[idx])
+        self._push(frame, ids, atoms.positions_A[idx], times[idx], sigma[idx])
         self._frames_used = 1
         return self._estimate(frame, atoms, status, reason, y.copy(), y.copy(), track_ids, times, sigma, t_start,
                               n_detected=len(atoms), n_new=len(ids))
@@ -433,6 +440,7 @@ class DriftStage:
     def _extend_grid(self, t_s: np.ndarray) -> None:
         """Add the posterior at times ``t_s`` to the interpolation grid (one GP call)."""
         mean, var = self.gp.predict(t_s)
+        mean = mean + self._level_A
         t = np.concatenate([self._grid_t, t_s])
         order = np.argsort(t, kind="stable")
         t = t[order]
@@ -472,7 +480,7 @@ class DriftStage:
         tr = track[keep]
         rec = win.rec[keep]
         t = win.t_s[keep]
-        z = win.y_A[keep] - self._X[tr]
+        z = win.y_A[keep] - self._X[tr] - self._level_A  # the GP's part of the drift
         # the reference includes this sighting: its residual carries 1 - w/W of its information
         frac = np.clip(1.0 - w[keep] / total_w[tr], 0.05, 1.0)
         we = w[keep] * frac
@@ -515,8 +523,8 @@ class DriftStage:
         t, g, z, v = self._observations()
         self._frames_used += 1
         new = t >= frame.start_time_s
-        score = self._score(t[new], z[new], v[new]) if self.gp.n else float("nan")
-        self._calibrate(t[new], z[new], v[new])
+        score = self._score(t[new], z[new] + self._level_A, v[new]) if self.gp.n else float("nan")
+        self._calibrate(t[new], z[new] + self._level_A, v[new])
         self.gp.set_data(t, g, z, v)
         self._median_obs_var = float(np.median(v)) if len(v) else 0.0
         self._frames_since_fit += 1

@@ -58,3 +58,27 @@ def test_sub_scans_after_a_low_dose_overview_do_not_invent_drift() -> None:
 def test_with_the_overview_as_reference_its_errors_read_as_drift() -> None:
     # what the first test guards against (the stage before reference_dose_ratio)
     assert max(_survey(DriftConfig(reference_dose_ratio=None))) > 0.06
+
+
+def test_a_better_reference_keeps_the_sample_frame_under_drift() -> None:
+    # low-dose frames of a drifting field, then the same field at 50x the dose: the new reference
+    # starts from the drift forecast, so sample-frame positions do not jump by the drift so far
+    from stemagent.drift.synthetic import linear_drift
+
+    rng = np.random.default_rng(1)
+    geometry = ScanGeometry(fov_A=(25.6, 25.6), shape_px=(256, 256), dwell_s=4e-6)
+    sites = hexagonal_lattice_A(40.0)
+    drift = linear_drift((0.5, -0.3))
+    stage = DriftStage(DriftConfig(window_frames=12, refit_every_frames=5, refit_max_iter=25))
+    gauges, statuses = [], []
+    for k in range(10):
+        low = k < 6
+        scan = SyntheticScan(sites, drift, geometry, sigma_A=0.05 if low else 0.02, dose_e_per_A2=2e3 if low else 1e5)
+        frame, atoms, ids = scan.frame(k, scan.start_time_s(k), rng)
+        est = stage.update(frame, atoms)
+        statuses.append(est.status)
+        has = est.track_ids >= 0
+        gauges.append(np.mean(est.refined_positions_A[has] - sites[ids[has]], axis=0))
+    assert statuses == ["reference"] + ["tracking"] * 5 + ["reference"] + ["tracking"] * 3
+    assert np.linalg.norm(drift(np.array([scan.start_time_s(6)]))[0]) > 0.8  # the jump there would be
+    assert np.all(np.linalg.norm(np.array(gauges[6:]) - gauges[5], axis=1) < 0.05)
