@@ -47,6 +47,10 @@ class DriftConfig(BaseModel):
     slip_A: float = Field(0.3, gt=0, description="a common shift of the atoms against the forecast larger than this "
                           "(and than slip_sigma forecast sigmas) is a jump (stage slip): tracking lost, new reference")
     slip_sigma: float = Field(6.0, gt=0, description="see slip_A")
+    reference_dose_ratio: float | None = Field(
+        10.0, gt=1, description="a frame with at least this many times the dose per Å² of the reference frame (the "
+        "first high-resolution sub-scan after a low-dose overview) becomes the new reference: the overview's atom "
+        "positions are several times noisier, and their errors, shared by a sub-scan's region, read as drift. None: off")
     max_missed_frames: int = Field(5, ge=0, description="a track unseen this many frames in a row is dropped")
     outlier_sigma: float = Field(5.0, gt=1, description="matched atoms whose residual exceeds this many robust sigmas are not used")
     # --- judgement and outputs -----------------------------------------------------------------

@@ -53,7 +53,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     threads spinning against each other made a hyperparameter fit ten times slower (2.5 s
     instead of 0.23 s), so the stage uses one. ``None`` leaves torch's setting alone.
     """
-    if n is None:
+    if n is None or torch.get_num_threads() == n:
+        # already there: no switch (a switch of torch's thread pool costs more than a small GP call)
         yield
         return
     before = torch.get_num_threads()
@@ -158,6 +159,7 @@ class DisplacementGP:
         self.n = 0
         self.fits = 0
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._hyper: dict[str, list[float]] | None = None  # hyperparameters() until they change
         x0 = torch.zeros(2, 1, 2, dtype=self.dtype, device=self.device)
         x0[..., 1] = -1
         y0 = torch.zeros(2, 1, dtype=self.dtype, device=self.device)
@@ -174,6 +176,7 @@ class DisplacementGP:
             **{k: torch.full((2,), v, dtype=self.dtype) for k, v in INITIAL_HYPERPARAMETERS.items() if not k.startswith("likelihood.")}
         )
         self.likelihood.second_noise = torch.full((2, 1), INITIAL_HYPERPARAMETERS["likelihood.second_noise"], dtype=self.dtype)
+        self._hyper = None
         self._initial_raw = self._raw()
         self.model.eval()
         self.likelihood.eval()
@@ -244,6 +247,7 @@ class DisplacementGP:
             self.model.eval()
             self.likelihood.eval()
             self._cache = None
+            self._hyper = None
         self.fits += 1
         return best[0]
 
@@ -260,6 +264,7 @@ class DisplacementGP:
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
 
     def _set_raw(self, raw: dict[str, torch.Tensor]) -> None:
+        self._hyper = None
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(raw[name])
@@ -278,11 +283,20 @@ class DisplacementGP:
                 value = constraint.transform(raw)
                 stuck = (value <= lo * 1.05) | (value >= hi / 1.05)
                 if bool(stuck.any()):
+                    self._hyper = None
                     middle = torch.full_like(value, math.sqrt(lo * hi))
                     raw.copy_(torch.where(stuck, constraint.inverse_transform(middle), raw))
 
     def hyperparameters(self) -> dict[str, list[float]]:
-        """Current hyperparameters per axis ``[x, y]`` in physical units (Å², Å²/s², s)."""
+        """Current hyperparameters per axis ``[x, y]`` in physical units (Å², Å²/s², s).
+
+        Computed once per set of hyperparameters (a fit or :meth:`set_raw_hyperparameters`
+        changes them; new data do not); a copy is returned."""
+        if self._hyper is None:
+            self._hyper = self._hyperparameters()
+        return {k: list(v) for k, v in self._hyper.items()}
+
+    def _hyperparameters(self) -> dict[str, list[float]]:
         m = self.model
         out = {
             "level_var_A2": (m.trend.outputscale * m.trend.base_kernel.offset.reshape(2)).reshape(2),

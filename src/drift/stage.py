@@ -45,7 +45,7 @@ import torch
 
 from stemagent.drift.config import DriftConfig
 from stemagent.drift.estimate import DriftCheck, DriftEstimate, Status
-from stemagent.drift.gp import DisplacementGP
+from stemagent.drift.gp import DisplacementGP, torch_threads
 from stemagent.drift.tracking import match
 from stemagent.errors import InputError
 from stemagent.types import Atoms, Frame, ScanGeometry
@@ -69,6 +69,20 @@ class _Sightings:
     y_A: np.ndarray  # (n, 2) beam-frame positions
     t_s: np.ndarray  # (n,)
     w: np.ndarray  # (n,) 1 / variance (Å^-2)
+
+
+@dataclass
+class _WindowArrays:
+    """The window's sightings, concatenated over its frames (``rec``: the frame's place in the window)."""
+
+    track: np.ndarray
+    y_A: np.ndarray
+    t_s: np.ndarray
+    w: np.ndarray
+    rec: np.ndarray
+    start_s: np.ndarray  # per frame of the window
+    frame_time_s: np.ndarray
+    group_base: np.ndarray
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -109,8 +123,13 @@ class DriftStage:
         self._missed = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
         self._window: deque[_Sightings] = deque()
+        self._win: _WindowArrays | None = None  # the window as flat arrays (see _window_arrays)
         self._geometries: dict[tuple, int] = {}
         self._has_reference = False
+        # drift already accumulated when the reference was replaced for a better one (added to the
+        # GP's drift everywhere: the GP models the drift since then)
+        self._level_A = np.zeros(2)
+        self._reference_dose: float | None = None  # dose per Å² of the reference frame (see _better_reference)
         self._frames_since_fit = 0
         self._frames_used = 0
         self.refit_due = False  # a hyperparameter refit is due (see refit())
@@ -145,7 +164,7 @@ class DriftStage:
         if not self.config.enabled:
             return np.zeros((len(t), 2)), np.zeros((len(t), 2))
         mean, var = self.gp.predict(t)
-        return mean, np.sqrt(var) * self.band_inflation
+        return mean + self._level_A, np.sqrt(var) * self.band_inflation
 
     @property
     def band_inflation(self) -> np.ndarray:
@@ -214,6 +233,12 @@ class DriftStage:
     def update(self, frame: Frame, atoms: Atoms) -> DriftEstimate:
         """Use one frame's atoms (beam-frame positions from the segmenter) and return the estimate."""
         t_start = time.perf_counter()
+        # torch's thread count is set once for the whole update, not around each GP call: a switch
+        # of its thread pool and back costs about as much as one of the update's small GP calls
+        with torch_threads(self.gp.threads):
+            return self._update(frame, atoms, t_start)
+
+    def _update(self, frame: Frame, atoms: Atoms, t_start: float) -> DriftEstimate:
         geom = frame.geometry
         n = len(atoms)
         y = atoms.positions_A
@@ -232,6 +257,15 @@ class DriftStage:
                                   corrected, corrected, track_ids, times, sigma, t_start, n_detected=n)
         if not self._has_reference:
             return self._new_reference(frame, atoms, usable, times, sigma, t_start, "first frame")
+        better = self._better_reference(frame)
+        if better:
+            # the sample frame carries on: the drift forecast at the frame's mid-time becomes the
+            # level the new reference's drift starts from (its uncertainty is not carried)
+            level = self._drift_at(np.array([0.5 * (frame.start_time_s + frame.end_time_s)]))[0][0]
+            old_ref = self.reference_id
+            self.reset()
+            self._level_A = level
+            return self._new_reference(frame, atoms, usable, times, sigma, t_start, f"{better}; new reference (was {old_ref})")
 
         # 1. prediction of every live track in this frame (one GP call: the forecast over the frame)
         self._extend_grid(self._frame_grid(frame))
@@ -316,6 +350,19 @@ class DriftStage:
             return f"tracking lost: the atoms jumped {shift:.3f} Å against the forecast (limit {limit:.3f} Å): a stage slip?"
         return ""
 
+    def _better_reference(self, frame: Frame) -> str:
+        """Why ``frame`` should replace the reference ("" when it should not): its dose per Å² is
+        at least ``reference_dose_ratio`` times the reference frame's (a low-dose overview
+        followed by high-resolution sub-scans). Positions scatter as ``1 / sqrt(dose)``, and the
+        overview's errors are shared by all atoms of a sub-scan's region, so measured against it
+        every sub-scan would carry a common offset the model reads as drift."""
+        ratio = self.config.reference_dose_ratio
+        ref = self._reference_dose
+        if ratio is None or ref is None or ref <= 0 or frame.dose_e_per_A2 < ratio * ref:
+            return ""
+        return (f"frame dose {frame.dose_e_per_A2:.3g} e/Å² >= reference_dose_ratio={ratio:g} x the reference "
+                f"frame's {ref:.3g} e/Å²")
+
     def _atom_times(self, frame: Frame, atoms: Atoms) -> np.ndarray:
         if atoms.times_s is not None:
             t = np.asarray(atoms.times_s, dtype=np.float64)
@@ -338,13 +385,14 @@ class DriftStage:
 
     def _new_reference(self, frame: Frame, atoms: Atoms, usable: np.ndarray, times: np.ndarray, sigma: np.ndarray,
                        t_start: float, reason: str, status: Status = "reference") -> DriftEstimate:
-        y = atoms.positions_A
+        y = atoms.positions_A - self._level_A
         idx = np.flatnonzero(usable)
         ids = self._add_tracks(y[idx])
         track_ids = np.full(len(atoms), -1, dtype=np.int64)
         track_ids[idx] = ids
         self._has_reference = True
-        self._push(frame, ids, y[idx], times[idx], sigma[idx])
+        self._reference_dose = float(frame.dose_e_per_A2)
+        self._push(frame, ids, atoms.positions_A[idx], times[idx], sigma[idx])
         self._frames_used = 1
         return self._estimate(frame, atoms, status, reason, y.copy(), y.copy(), track_ids, times, sigma, t_start,
                               n_detected=len(atoms), n_new=len(ids))
@@ -367,6 +415,7 @@ class DriftStage:
         rec = _Sightings(frame.index, self._geometry_id(g) * self.config.bins_per_frame, frame.start_time_s,
                          frame.end_time_s - frame.start_time_s, track.astype(np.int64), y.copy(), t.copy(), 1.0 / sigma**2)
         self._window.append(rec)
+        self._win = None
         while len(self._window) > self.config.window_frames:
             old = self._window.popleft()  # its sightings keep the drift they have now
             d, _ = self._drift_at(old.t_s)
@@ -391,6 +440,7 @@ class DriftStage:
     def _extend_grid(self, t_s: np.ndarray) -> None:
         """Add the posterior at times ``t_s`` to the interpolation grid (one GP call)."""
         mean, var = self.gp.predict(t_s)
+        mean = mean + self._level_A
         t = np.concatenate([self._grid_t, t_s])
         order = np.argsort(t, kind="stable")
         t = t[order]
@@ -419,38 +469,53 @@ class DriftStage:
         values ``(m, 2)`` and variances ``(m, 2)``. Only atoms seen more than once count: a first
         sighting defines the atom's reference and says nothing about drift."""
         cfg = self.config
-        recs = list(self._window)
-        track = np.concatenate([r.track for r in recs])
-        w = np.concatenate([r.w for r in recs])
+        B = cfg.bins_per_frame
+        win = self._window_arrays()
+        track, w = win.track, win.w
         total_w = self._old_w + np.bincount(track, weights=w, minlength=len(self._X))
         n_sight = np.bincount(track, minlength=len(self._X)) + (self._old_w > 0)
-        ts, gs, vs, vars_ = [], [], [], []
-        B = cfg.bins_per_frame
-        for r in recs:
-            keep = n_sight[r.track] >= 2
-            if keep.sum() == 0:
-                continue
-            tr = r.track[keep]
-            z = r.y_A[keep] - self._X[tr]
-            # the reference includes this sighting: its residual carries 1 - w/W of its information
-            frac = np.clip(1.0 - r.w[keep] / total_w[tr], 0.05, 1.0)
-            we = r.w[keep] * frac
-            b = np.clip(((r.t_s[keep] - r.start_s) / max(r.frame_time_s, 1e-12) * B).astype(np.int64), 0, B - 1)
-            sw = np.bincount(b, weights=we, minlength=B)
-            cnt = np.bincount(b, minlength=B)
-            ok = (cnt >= cfg.min_atoms_per_bin) & (sw > 0)
-            if not ok.any():
-                continue
-            tb = np.bincount(b, weights=we * r.t_s[keep], minlength=B)[ok] / sw[ok]
-            zx = np.bincount(b, weights=we * z[:, 0], minlength=B)[ok] / sw[ok]
-            zy = np.bincount(b, weights=we * z[:, 1], minlength=B)[ok] / sw[ok]
-            ts.append(tb)
-            gs.append(r.group_base + np.flatnonzero(ok))
-            vs.append(np.stack([zx, zy], axis=1))
-            vars_.append(np.repeat((1.0 / sw[ok])[:, None], 2, axis=1))
-        if not ts:
+        keep = n_sight[track] >= 2
+        if not keep.any():
             return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 2)), np.zeros((0, 2))
-        return np.concatenate(ts), np.concatenate(gs), np.concatenate(vs), np.concatenate(vars_)
+        tr = track[keep]
+        rec = win.rec[keep]
+        t = win.t_s[keep]
+        z = win.y_A[keep] - self._X[tr] - self._level_A  # the GP's part of the drift
+        # the reference includes this sighting: its residual carries 1 - w/W of its information
+        frac = np.clip(1.0 - w[keep] / total_w[tr], 0.05, 1.0)
+        we = w[keep] * frac
+        # bin of each sighting within its frame, then one bin index over the window (frame-major):
+        # every bin's sums run over its sightings in the same order as frame by frame
+        b = np.clip(((t - win.start_s[rec]) / np.maximum(win.frame_time_s[rec], 1e-12) * B).astype(np.int64), 0, B - 1)
+        gb = rec * B + b
+        size = len(win.start_s) * B
+        sw = np.bincount(gb, weights=we, minlength=size)
+        cnt = np.bincount(gb, minlength=size)
+        ok = (cnt >= cfg.min_atoms_per_bin) & (sw > 0)
+        if not ok.any():
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 2)), np.zeros((0, 2))
+        tb = np.bincount(gb, weights=we * t, minlength=size)[ok] / sw[ok]
+        zx = np.bincount(gb, weights=we * z[:, 0], minlength=size)[ok] / sw[ok]
+        zy = np.bincount(gb, weights=we * z[:, 1], minlength=size)[ok] / sw[ok]
+        idx = np.flatnonzero(ok)
+        groups = win.group_base[idx // B] + idx % B
+        return tb, groups, np.stack([zx, zy], axis=1), np.repeat((1.0 / sw[ok])[:, None], 2, axis=1)
+
+    def _window_arrays(self) -> _WindowArrays:
+        """The window's sightings as flat arrays (built once per change of the window)."""
+        if self._win is None:
+            recs = list(self._window)
+            self._win = _WindowArrays(
+                track=np.concatenate([r.track for r in recs]),
+                y_A=np.concatenate([r.y_A for r in recs]),
+                t_s=np.concatenate([r.t_s for r in recs]),
+                w=np.concatenate([r.w for r in recs]),
+                rec=np.repeat(np.arange(len(recs)), [len(r.track) for r in recs]),
+                start_s=np.array([r.start_s for r in recs]),
+                frame_time_s=np.array([r.frame_time_s for r in recs]),
+                group_base=np.array([r.group_base for r in recs], dtype=np.int64),
+            )
+        return self._win
 
     def _refresh_model(self, frame: Frame) -> tuple[float, bool, float]:
         """New observations into the GP (refit when due or stale), then the references refreshed."""
@@ -458,8 +523,8 @@ class DriftStage:
         t, g, z, v = self._observations()
         self._frames_used += 1
         new = t >= frame.start_time_s
-        score = self._score(t[new], z[new], v[new]) if self.gp.n else float("nan")
-        self._calibrate(t[new], z[new], v[new])
+        score = self._score(t[new], z[new] + self._level_A, v[new]) if self.gp.n else float("nan")
+        self._calibrate(t[new], z[new] + self._level_A, v[new])
         self.gp.set_data(t, g, z, v)
         self._median_obs_var = float(np.median(v)) if len(v) else 0.0
         self._frames_since_fit += 1
@@ -541,11 +606,9 @@ class DriftStage:
         self._extend_grid(grid)
 
     def _refresh_references(self) -> None:
-        recs = list(self._window)
-        track = np.concatenate([r.track for r in recs])
-        w = np.concatenate([r.w for r in recs])
-        y = np.concatenate([r.y_A for r in recs])
-        d, _ = self._drift_at(np.concatenate([r.t_s for r in recs]))
+        win = self._window_arrays()
+        track, w, y = win.track, win.w, win.y_A
+        d, _ = self._drift_at(win.t_s)
         k = len(self._X)
         sw = self._old_w + np.bincount(track, weights=w, minlength=k)
         sx = self._old_sum[:, 0] + np.bincount(track, weights=w * (y[:, 0] - d[:, 0]), minlength=k)

@@ -43,6 +43,7 @@ class SyntheticScan:
     geometry: ScanGeometry
     sigma_A: float = 0.02
     gap_s: float = 0.0  # dead time between frames
+    dose_e_per_A2: float = 0.0  # the frames' dose per Å² (the stage compares frames by it)
 
     def frame(self, index: int, start_s: float, rng: np.random.Generator, present: np.ndarray | None = None,
               missing_fraction: float = 0.0, report_sigma: bool = True) -> tuple[Frame, Atoms, np.ndarray]:
@@ -72,7 +73,7 @@ class SyntheticScan:
             geometry=g,
             line_times_s=line_times,
             index=index,
-            dose_e_per_A2=0.0,
+            dose_e_per_A2=self.dose_e_per_A2,
             source="synthetic",
         )
         atoms = Atoms(

@@ -43,11 +43,12 @@ class Matches:
     gate_A: float
 
 
-def nearest_neighbour_spacing_A(points_A: np.ndarray) -> float:
-    """Median distance from each point to its nearest neighbour (nan with fewer than 2 points)."""
+def nearest_neighbour_spacing_A(points_A: np.ndarray, tree: cKDTree | None = None) -> float:
+    """Median distance from each point to its nearest neighbour (nan with fewer than 2 points).
+    ``tree``: a KD-tree of ``points_A`` when the caller has one."""
     if len(points_A) < 2:
         return float("nan")
-    d, _ = cKDTree(points_A).query(points_A, k=2)
+    d, _ = (cKDTree(points_A) if tree is None else tree).query(points_A, k=2)
     return float(np.median(d[:, 1]))
 
 
@@ -65,9 +66,10 @@ def match(
     """
     predicted_A = np.asarray(predicted_A, dtype=np.float64).reshape(-1, 2)
     detected_A = np.asarray(detected_A, dtype=np.float64).reshape(-1, 2)
-    a = nearest_neighbour_spacing_A(detected_A) if spacing_A is None else float(spacing_A)
+    det_tree = cKDTree(detected_A) if len(detected_A) else None
+    a = nearest_neighbour_spacing_A(detected_A, det_tree) if spacing_A is None else float(spacing_A)
     empty = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(2), a, float("nan"))
-    if len(predicted_A) == 0 or len(detected_A) == 0 or not np.isfinite(a) or a <= 0:
+    if len(predicted_A) == 0 or det_tree is None or not np.isfinite(a) or a <= 0:
         return empty
     tree = cKDTree(predicted_A)
     reach = 0.5 * a if max_shift_A is None else min(float(max_shift_A), 0.5 * a)
@@ -76,13 +78,18 @@ def match(
     shift = np.median(detected_A[ok] - predicted_A[j[ok]], axis=0) if ok.sum() >= 3 else np.zeros(2)
     gate = gate_fraction * a
     shifted = cKDTree(predicted_A + shift)
-    pairs = shifted.sparse_distance_matrix(cKDTree(detected_A), gate, output_type="ndarray")
+    pairs = shifted.sparse_distance_matrix(det_tree, gate, output_type="ndarray")
     if len(pairs) == 0:
         return Matches(empty.pred, empty.det, shift, a, gate)
     pi = pairs["i"].astype(np.int64)
     di = pairs["j"].astype(np.int64)
     cost = pairs["v"] ** 2
     n_p, n_d = len(predicted_A), len(detected_A)
+    if np.bincount(pi, minlength=n_p).max() == 1 and np.bincount(di, minlength=n_d).max() == 1:
+        # no conflicts (the usual frame): every candidate pair is its own group, and the
+        # assignment is the pairs themselves, in the groups' order (by prediction)
+        order = np.argsort(pi, kind="stable")
+        return Matches(pi[order], di[order], shift, a, gate)
     # connected groups of candidate pairs: nodes 0..n_p-1 predictions, n_p.. detections
     graph = coo_matrix((np.ones(len(pi)), (pi, n_p + di)), shape=(n_p + n_d, n_p + n_d))
     _, label = connected_components(graph, directed=False)
