@@ -182,7 +182,7 @@ def run_atomai(python: str, data: dict[str, np.ndarray], k: int, args: argparse.
                  rounds=args.rounds)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         proc = subprocess.run([python, str(ROOT / "atomai_rvae_worker.py"), str(inp), str(out)], capture_output=True, text=True, env=env,
-                              timeout=args.atomai_timeout_s)
+                              timeout=args.atomai_timeout_s, cwd=tmp)  # AtomAI saves model.tar into its working directory every epoch
         if proc.returncode != 0:
             return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"}
         doc = json.loads(proc.stdout.strip().splitlines()[-1])
