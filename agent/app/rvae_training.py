@@ -64,6 +64,9 @@ class TwinPatchData(BaseModel):
     jitter_A: float = Field(0.03, ge=0.0)
     patch_rotation: bool = Field(True, description="turn each patch's sampling grid by a random angle")
     max_c_patches_per_frame: int = Field(300, ge=1, description="plain C patches kept per frame (defect patches are all kept)")
+    si_vacancy_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Si dopants that lose one C neighbour before the sequence "
+                                       "starts (the specimen builder keeps dopants and vacancies apart, so 'Si next to a vacancy' "
+                                       "needs this or a knock-on)")
 
 
 @dataclass
@@ -104,6 +107,22 @@ def neighbourhood_classes(positions_A: np.ndarray, labels: np.ndarray, vacancy_l
     return out
 
 
+def remove_si_neighbours(specimen: Any, fraction: float, rng: np.random.Generator, bond_A: float = 1.7) -> int:
+    """Remove one C neighbour (within ``bond_A``) of each Si dopant with probability ``fraction``
+    (in place); returns how many were removed."""
+    xy = specimen.positions_A[:, :2]
+    tree = cKDTree(xy)
+    removed = 0
+    for s in np.flatnonzero((specimen.numbers == 14) & specimen.present):
+        if rng.random() >= fraction:
+            continue
+        near = [j for j in tree.query_ball_point(xy[s], bond_A) if j != s and specimen.numbers[j] == 6 and specimen.present[j]]
+        if near:
+            specimen.present[near[int(rng.integers(len(near)))]] = False
+            removed += 1
+    return removed
+
+
 def twin_patches(cfg: RVAETrainConfig, d: TwinPatchData, seed: int, sequences: int, *, upright: bool = False) -> PatchSet:
     """Patches from ``sequences`` twin sequences seeded from ``seed`` (see the module docstring)."""
     ss = np.random.SeedSequence(seed)
@@ -121,6 +140,8 @@ def twin_patches(cfg: RVAETrainConfig, d: TwinPatchData, seed: int, sequences: i
         dose = d.doses_e_per_A2[i % len(d.doses_e_per_A2)]
         spec = build_specimen("graphene", size_A=(d.specimen_size_A,) * 2, center_A=(0.0, 0.0), rng=rng, n_si=d.n_si,
                               vacancy_per_nm2=d.vacancy_per_nm2)
+        if d.si_vacancy_fraction > 0:
+            remove_si_neighbours(spec, d.si_vacancy_fraction, rng)
         xs = CrossSections(si_swap_barn=d.si_swap_barn, si_swap_ref_keV=d.energy_keV, c_knock_on_barn=d.c_knock_on_barn,
                            c_knock_on_ref_keV=d.energy_keV)
         clock = VirtualClock()

@@ -47,6 +47,10 @@ from stemagent.errors import InputError
 FORMAT = "stemagent-rvae/1"
 #: the shipped weights (``stemagent/weights``), trained by ``stemagent train-rvae --config configs/train-rvae.yaml``
 DEFAULT_WEIGHTS = "rvae_graphene.pt"
+#: pixels decoded per chunk in :meth:`RVAE.decode` (hidden activations of ~2 MB at 64 units)
+DECODE_CHUNK_PX = 8192
+#: patches encoded per chunk in :meth:`RVAE.encode`
+ENCODE_CHUNK = 4096
 
 
 def default_rvae_weights() -> Path:
@@ -139,7 +143,7 @@ def _check_patches(patches: torch.Tensor, patch_px: int) -> torch.Tensor:
         patches = torch.as_tensor(np.asarray(patches), dtype=torch.float32)
     if patches.ndim != 3 or tuple(patches.shape[1:]) != (patch_px, patch_px):
         raise InputError("patches.shape", tuple(patches.shape), f"must be (N, {patch_px}, {patch_px}) for this model")
-    if not bool(torch.isfinite(patches).all()):
+    if not bool(torch.isfinite(patches.sum())):  # one pass: a NaN or an inf anywhere (or values near float32's limit) makes it non-finite
         raise InputError("patches", "non-finite values", "must be finite")
     return patches.to(torch.float32)
 
@@ -194,13 +198,14 @@ class RVAE(nn.Module):
         sh_re = (ws[:, 0] * re[:, :, 1] - ws[:, 1] * im[:, :, 1]).sum(1)
         sh_im = (ws[:, 0] * im[:, :, 1] + ws[:, 1] * re[:, :, 1]).sum(1)
         shift = torch.stack([sh_re, -sh_im], dim=1)
-        mod = torch.sqrt(re * re + im * im + 1e-8).reshape(x.shape[0], -1)
-        feats = [mod]
-        for m in range(1, s.harmonics + 1):
-            c, sn = torch.cos(m * angle)[:, None], torch.sin(m * angle)[:, None]
-            # turn back: c_m exp(i m angle)
-            feats += [re[:, :, m] * c - im[:, :, m] * sn, re[:, :, m] * sn + im[:, :, m] * c]
-        inv = torch.cat(feats, dim=1) / self.inv_scale
+        n = x.shape[0]
+        mod = torch.sqrt(re * re + im * im + 1e-8).reshape(n, -1)
+        # turn back every m >= 1 at once: c_m exp(i m angle); features ordered (m, re/im, ring)
+        ma = angle[:, None, None] * torch.arange(1, s.harmonics + 1, device=x.device, dtype=x.dtype)[None, None, :]
+        c, sn = torch.cos(ma), torch.sin(ma)
+        rr, ii = re[:, :, 1:], im[:, :, 1:]
+        turned = torch.stack([rr * c - ii * sn, rr * sn + ii * c], dim=1)  # (N, 2, rings, M)
+        inv = torch.cat([mod, turned.permute(0, 3, 1, 2).reshape(n, -1)], dim=1) / self.inv_scale
         out = self.encoder(inv)
         k = s.latent_dim
         z, z_logvar = out[:, :k], out[:, k:2 * k].clamp(-12, 6)
@@ -208,10 +213,15 @@ class RVAE(nn.Module):
         return angle, angle_logvar, shift, shift_logvar, z, z_logvar
 
     def encode(self, patches: torch.Tensor | np.ndarray) -> Latents:
-        """Posterior means and log-variances of ``patches`` ``(N, P, P)`` (no gradient tracking
-        unless called inside a grad-enabled training step through :meth:`loss`)."""
+        """Posterior means and log-variances of ``patches`` ``(N, P, P)``, computed under
+        ``torch.inference_mode`` (no gradients; training goes through :meth:`loss`)."""
         x = _check_patches(patches, self.spec.patch_px).to(self.basis.device)
-        a, alv, sh, shlv, z, zlv = self._encode_raw(x)
+        with torch.inference_mode():  # no autograd bookkeeping: training goes through loss()
+            if len(x) <= ENCODE_CHUNK:
+                a, alv, sh, shlv, z, zlv = self._encode_raw(x)
+            else:  # in chunks that stay in the CPU's cache, then joined
+                parts = [self._encode_raw(x[i:i + ENCODE_CHUNK]) for i in range(0, len(x), ENCODE_CHUNK)]
+                a, alv, sh, shlv, z, zlv = (torch.cat(t) for t in zip(*parts, strict=True))
         return Latents(a, sh, z, alv, shlv, zlv)
 
     # --- decoder ---------------------------------------------------------------------------
@@ -237,8 +247,15 @@ class RVAE(nn.Module):
             raise InputError("latents.angle_rad/shift_px.shape", (tuple(latents.angle_rad.shape), tuple(latents.shift_px.shape)),
                              f"must be ({n},) and ({n}, 2)")
         dev = self.basis.device
-        out = self.decode_logits(latents.angle_rad.to(dev), latents.shift_px.to(dev), latents.z.to(dev))
-        return torch.sigmoid(out) if self.spec.likelihood == "bernoulli" else out
+        a, sh, z = latents.angle_rad.to(dev), latents.shift_px.to(dev), latents.z.to(dev)
+        p = self.spec.patch_px
+        with torch.inference_mode():
+            out = torch.empty((n, p, p), dtype=torch.float32, device=dev)
+            # in chunks: the per-pixel hidden activations of a chunk stay in the CPU's cache
+            step = max(1, DECODE_CHUNK_PX // (p * p))
+            for i in range(0, n, step):
+                out[i:i + step] = self.decode_logits(a[i:i + step], sh[i:i + step], z[i:i + step])
+            return torch.sigmoid(out) if self.spec.likelihood == "bernoulli" else out
 
     # --- training --------------------------------------------------------------------------
     def loss(self, patches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:

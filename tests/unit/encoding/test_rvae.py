@@ -79,3 +79,18 @@ def test_mismatched_weights_or_patch_size_fail_clearly(tmp_path) -> None:  # typ
         model.decode(Latents(torch.zeros(2), torch.zeros(2, 2), torch.zeros(2, 5)))
     with pytest.raises(InputError, match="no such file"):
         load_rvae(tmp_path / "missing.pt")
+
+
+def test_encode_and_decode_in_chunks_match_one_pass(trained: RVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stemagent.encoding.rvae as rvae_mod
+
+    x, _, _ = synthetic_patches(70, np.random.default_rng(21))
+    whole = trained.encode(x)
+    rec = trained.decode(whole)
+    monkeypatch.setattr(rvae_mod, "ENCODE_CHUNK", 16)
+    monkeypatch.setattr(rvae_mod, "DECODE_CHUNK_PX", 3 * 16 * 16)
+    parts = trained.encode(x)
+    for f in ("angle_rad", "shift_px", "z", "z_logvar"):
+        torch.testing.assert_close(getattr(parts, f), getattr(whole, f))
+    torch.testing.assert_close(trained.decode(parts), rec)
+    assert rec.shape == (70, 16, 16)

@@ -87,3 +87,20 @@ def test_shipped_weights_reconstruct_and_orient_held_out_twin_patches():
         r = model.decode(model.encode(x)).numpy()
     assert float(((r - held.clean[:1]) ** 2).mean()) < float(((held.clean[:1] - held.clean.mean(0)) ** 2).mean())
     assert np.isfinite(r).all()
+
+
+def test_si_vacancy_fraction_gives_si_next_to_a_vacancy():
+    from stemagent.agent.app.rvae_training import neighbourhood_classes, remove_si_neighbours
+    from stemagent.simulators.specimens import build_specimen
+
+    def classes(fraction: float) -> np.ndarray:
+        rng = np.random.default_rng(4)
+        sp = build_specimen("graphene", size_A=(30.0, 30.0), center_A=(0.0, 0.0), rng=rng, n_si=4, vacancy_per_nm2=0.0)
+        removed = remove_si_neighbours(sp, fraction, rng)
+        assert removed == (4 if fraction == 1.0 else 0)
+        return neighbourhood_classes(sp.sites_A, sp.site_labels())
+
+    assert (classes(0.0) == 3).sum() == 0
+    c = classes(1.0)
+    assert (c == 3).sum() == 4 and (c == 1).sum() == 0 and (c == -1).sum() == 4  # every Si now beside its own vacancy
+    assert (c == 2).sum() == 8  # the vacancies' other two C neighbours

@@ -16,10 +16,14 @@ from stemagent.agent.app.cli import app
 from stemagent.agent.app.factory import stage_names
 from stemagent.config import config_from_dict
 from stemagent.encoding.config import PipelineRVAEConfig
+from stemagent.encoding.rvae import default_rvae_weights
 from stemagent.encoding.rvae_stage import RVAEStage
 from stemagent.errors import ConfigError, InputError
 from stemagent.runlog import RunLog
 from stemagent.types import Atoms
+
+#: content latents of the shipped weights
+SHIPPED_K = int(json.loads(default_rvae_weights().with_suffix(".json").read_text())["spec"]["latent_dim"])
 
 CFG = {
     "name": "latents", "seed": 5, "max_frames": 3,
@@ -40,7 +44,7 @@ def run_log(tmp_path_factory) -> str:
     assert len(seen) == 3
     for f in seen:  # the policy sees an angle, a shift and the content latents of every atom
         n = f["n"]
-        assert f["rvae_angle_rad"].shape == (n,) and f["rvae_shift_px"].shape == (n, 2) and f["rvae_z"].shape == (n, 2)
+        assert f["rvae_angle_rad"].shape == (n,) and f["rvae_shift_px"].shape == (n, 2) and f["rvae_z"].shape == (n, SHIPPED_K)
         enc = f["rvae_encoded"]
         assert enc.mean() > 0.5 and np.all(np.isfinite(f["rvae_z"][enc])) and np.all(np.isnan(f["rvae_z"][~enc]))
         assert np.all(np.abs(f["rvae_angle_rad"][enc]) <= np.pi + 1e-6)
