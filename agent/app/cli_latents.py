@@ -37,8 +37,8 @@ from stemagent.runlog import RunLog
 def write_table(columns: dict[str, np.ndarray], out_dir: Path) -> str:
     """Parquet (pyarrow, as ``stemagent batch`` writes) or CSV without it; the file's name."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # lazy: pyarrow is optional (the files extra): CSV without it
+        import pyarrow.parquet as pq  # lazy: pyarrow is optional (the files extra): CSV without it
     except ImportError:
         name = "trajectories.csv"
         keys = list(columns)
@@ -52,10 +52,10 @@ def write_table(columns: dict[str, np.ndarray], out_dir: Path) -> str:
 
 
 def _figures(out_dir: Path, res: PathwayAnalysis, class_names: list[str] | None, weights: Optional[Path], device: str) -> list[str]:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when figures are written
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when figures are written
 
     written = []
     tr = res.trajectories
@@ -111,9 +111,9 @@ def _figures(out_dir: Path, res: PathwayAnalysis, class_names: list[str] | None,
     written.append("transition_graph.png")
 
     if res.events:
-        import torch
+        import torch  # lazy: torch only when a log must be re-encoded: the CLI starts without it
 
-        from stemagent.encoding.rvae import Latents, default_rvae_weights, load_rvae
+        from stemagent.encoding.rvae import Latents, default_rvae_weights, load_rvae  # lazy: torch only when a log must be re-encoded: the CLI starts without it
 
         ev = max(res.events, key=lambda e: e.score)
         rows = np.flatnonzero(tr.track == ev.track)

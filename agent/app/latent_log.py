@@ -105,7 +105,7 @@ def latent_frames_from_log(log: RunLog, *, weights: Path | None = None, device: 
     else:
         source = "replayed"
         from stemagent.encoding.config import PipelineRVAEConfig  # torch: only when the log has no latents
-        from stemagent.encoding.rvae_stage import RVAEStage
+        from stemagent.encoding.rvae_stage import RVAEStage  # lazy: the rVAE stage pulls torch: only for logs without latents
 
         stage = RVAEStage(PipelineRVAEConfig(weights=weights, device=device))
         versions.add(stage.weights_version)

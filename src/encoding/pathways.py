@@ -191,7 +191,7 @@ class StateModel:
     merged: np.ndarray | None = None
 
     def predict(self, z: np.ndarray) -> np.ndarray:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # lazy: threadpoolctl (via scikit-learn) only where the mixture is fitted
 
         z = np.asarray(z, dtype=np.float64)
         if len(z) == 0:
@@ -234,7 +234,7 @@ def fit_states(z: np.ndarray, *, max_states: int = 6, seed: int = 0, max_samples
     kept; states are numbered by decreasing weight (state 0 the most common). Seeded: the same
     ``z`` and ``seed`` give the same states."""
     from sklearn.mixture import GaussianMixture  # scikit-learn: imported where it is used
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # lazy: threadpoolctl (via scikit-learn) only where the mixture is fitted
 
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or len(z) < 2 or not np.all(np.isfinite(z)):
