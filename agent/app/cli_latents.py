@@ -29,7 +29,7 @@ import typer
 from stemagent.agent.app.cli_support import console, one_line_errors
 from stemagent.agent.app.latent_log import (TRUTH_FILE, LogLatents, assign_true_classes, latent_frames_from_log, read_twin_truth,
                                             register_to_truth, score_events)
-from stemagent.encoding.pathways import PathwayAnalysis, analyze_pathways
+from stemagent.encoding.pathways import DEFAULT_N_SIGMA, DEFAULT_WINDOWS, PathwayAnalysis, analyze_pathways
 from stemagent.errors import InputError
 from stemagent.runlog import RunLog
 
@@ -139,7 +139,7 @@ def _figures(out_dir: Path, res: PathwayAnalysis, class_names: list[str] | None,
 
 
 def analyze(log_path: Path, out_dir: Path, *, weights: Optional[Path] = None, device: str = "cpu", truth_path: Optional[Path] = None,
-            windows: Sequence[int] = (3, 6), n_sigma: float = 6.0, max_states: int = 6, seed: int = 0, gate_fraction: float = 0.4,
+            windows: Sequence[int] = DEFAULT_WINDOWS, n_sigma: float = DEFAULT_N_SIGMA, max_states: int = 6, seed: int = 0, gate_fraction: float = 0.4,
             max_frames: Optional[int] = None, figures: bool = True) -> dict[str, Any]:
     """The command's work, callable from benchmarks: returns the summary (``graph.json``'s content
     is in ``out_dir``)."""
@@ -209,9 +209,9 @@ def analyze_latents(
                                                                   "(default: the shipped ones)"),
     device: str = typer.Option("cpu", help="torch device for replaying and decoding"),
     truth: Optional[Path] = typer.Option(None, "--truth", help=f"the twin's truth (default: {TRUTH_FILE} in the log's folder, if there)"),
-    windows: str = typer.Option("3,6", "--windows", help="frames averaged on each side of a jump: one number or several "
+    windows: str = typer.Option(",".join(map(str, DEFAULT_WINDOWS)), "--windows", help="frames averaged on each side of a jump: one number or several "
                                                          "(multi-scale), e.g. 3,6"),
-    n_sigma: float = typer.Option(6.0, min=0.5, help="jump threshold, in units of the noise of a difference of window means"),
+    n_sigma: float = typer.Option(DEFAULT_N_SIGMA, min=0.5, help="jump threshold, in units of the noise of a difference of window means"),
     max_states: int = typer.Option(6, min=1, max=20, help="most states the mixture may use (chosen by BIC)"),
     gate_fraction: float = typer.Option(0.4, min=0.05, max=0.49, help="linking gate, fraction of the lattice spacing"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=2, help="read at most this many frames"),

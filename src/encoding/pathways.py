@@ -45,6 +45,11 @@ from stemagent.drift.tracking import match, nearest_neighbour_spacing_A
 from stemagent.errors import InputError
 
 
+#: jump windows (frames) and threshold (noise units) chosen on tuning sequences (seeds 100, 106-110 of
+#: benchmarks/bench_rvae_events.py) for the shipped 4-latent weights; the test seeds 101-105 were never used
+DEFAULT_WINDOWS: tuple[int, ...] = (4, 8)
+DEFAULT_N_SIGMA = 8.0
+
 @dataclass
 class LatentFrame:
     """One frame's atoms and latents. ``true_class`` ``(N,)``: the twin's class of each atom
@@ -489,7 +494,7 @@ class PathwayAnalysis:
 
 
 def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True, gate_fraction: float = 0.4, max_gap_frames: int = 2,
-                     max_states: int = 6, window: int | Sequence[int] = 4, n_sigma: float = 6.0, seed: int = 0,
+                     max_states: int = 6, window: int | Sequence[int] = DEFAULT_WINDOWS, n_sigma: float = DEFAULT_N_SIGMA, seed: int = 0,
                      group_radius_A: float = 2.5, group_steps: int = 1, min_track_length: int | None = None) -> PathwayAnalysis:
     """Link, fit states, detect events, group them and count transitions (the module docstring).
     ``window``: one window or several (multi-scale, :func:`detect_events`); the longest sets the
