@@ -189,6 +189,7 @@ def main() -> None:
                     help="probe aberrations of the frames, e.g. C10_A=-20 C12_A=25 (Å; default none)")
     ap.add_argument("--candidate", nargs="*", default=[], metavar="NAME=PATH",
                     help="more U-Net weights scored on the same frames (e.g. new=runs/segmenter-haadf.pt)")
+    ap.add_argument("--skip-shipped", action="store_true", help="score only the --candidate weights (not the shipped U-Net)")
     ap.add_argument("--no-bound", action="store_true", help="skip the ideal-observer rows (faster)")
     ap.add_argument("--unet-only", action="store_true", help="only the shipped U-Net and the candidates (no baselines, no LoG)")
     args = ap.parse_args()
@@ -196,7 +197,8 @@ def main() -> None:
     methods: dict[str, Any] = {}
     names: tuple[str, ...] = CLASS_NAMES
     if not args.no_networks:
-        methods["unet (ours)"] = UNetSegmenter(device="cpu")
+        if not args.skip_shipped:
+            methods["unet (ours)"] = UNetSegmenter(device="cpu")
         for spec in args.candidate:
             cname, _, cpath = spec.partition("=")
             methods[f"unet ({cname})"] = UNetSegmenter(cpath, device="cpu")
@@ -208,7 +210,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - report and go on without it
                 print(json.dumps({"warning": f"baseline not loaded: {exc}"}))
             methods["LoG (classical)"] = LoGFinder(sigma_A=0.4, threshold=0.1, min_separation_A=1.0)
-        names = methods["unet (ours)"].class_names
+        names = next(m for m in methods.values() if hasattr(m, "class_names")).class_names
         if tuple(names) != CLASS_NAMES:
             raise SystemExit(f"segmenter class names {names} differ from {CLASS_NAMES}: the bound's rows would not line up")
     aberrations = {k: float(v) for k, _, v in (a.partition("=") for a in args.aberrations)} or None
