@@ -138,8 +138,20 @@ def score(atoms: Any, truth: Any, kind: str, names: tuple[str, ...], classed: bo
             errs.append(atoms.positions_A[pos[s]] - truth.positions_A[s])
             bounds.append(c)
     out["heavy_err"] = np.asarray(errs).reshape(-1, 2)
+    # every matched occupied site inside the border (position bias under aberrations)
+    inside = keep_t[true_of_match]
+    out["all_err"] = (atoms.positions_A[pred_of_match[inside]] - truth.positions_A[true_of_match[inside]]).reshape(-1, 2)
     out["heavy_crlb"] = np.asarray(bounds).reshape(-1, 2)
     return out
+
+
+def position_stats(err: np.ndarray) -> dict[str, Any]:
+    """Position error of every matched occupied site: rms per axis, and the bias (norm of the
+    mean error vector; with a lattice of one orientation, what the optics shift systematically)."""
+    if not len(err):
+        return {"all_n": 0, "all_rmse_A": None, "all_bias_A": None}
+    return {"all_n": len(err), "all_rmse_A": round(float(np.sqrt(np.mean(err**2))), 4),
+            "all_bias_A": round(float(np.linalg.norm(err.mean(axis=0))), 4)}
 
 
 def f1(tp: int, fp: int, fn: int) -> float:
@@ -170,22 +182,38 @@ def main() -> None:
     ap.add_argument("--figure", default=None)
     ap.add_argument("--markdown", default=None, help="also write the result table (markdown) here")
     ap.add_argument("--no-networks", action="store_true", help="only the ideal-observer bound (no U-Nets, LoG or latency)")
+    ap.add_argument("--detector", default="legacy", choices=["legacy", "standard-haadf"],
+                    help="ADF detector of the frames: the power law the benchmark was first run on (60 keV), or the "
+                         "calibrated standard HAADF ring at the specimen's voltage (issue 12 item 1)")
+    ap.add_argument("--aberrations", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="probe aberrations of the frames, e.g. C10_A=-20 C12_A=25 (Å; default none)")
+    ap.add_argument("--candidate", nargs="*", default=[], metavar="NAME=PATH",
+                    help="more U-Net weights scored on the same frames (e.g. new=runs/segmenter-haadf.pt)")
+    ap.add_argument("--skip-shipped", action="store_true", help="score only the --candidate weights (not the shipped U-Net)")
+    ap.add_argument("--no-bound", action="store_true", help="skip the ideal-observer rows (faster)")
+    ap.add_argument("--unet-only", action="store_true", help="only the shipped U-Net and the candidates (no baselines, no LoG)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods: dict[str, Any] = {}
     names: tuple[str, ...] = CLASS_NAMES
     if not args.no_networks:
-        methods["unet (ours)"] = UNetSegmenter(device="cpu")
-        # the same network without the intensity-mixture class decision (the stage's baseline)
-        methods[NET_ONLY] = UNetSegmenter(device="cpu", intensity_classes=False)
-        try:
-            methods["default U-Net 16-32-64-128"] = UNetSegmenter(args.baseline, device="cpu")
-        except Exception as exc:  # noqa: BLE001 - report and go on without it
-            print(json.dumps({"warning": f"baseline not loaded: {exc}"}))
-        methods["LoG (classical)"] = LoGFinder(sigma_A=0.4, threshold=0.1, min_separation_A=1.0)
-        names = methods["unet (ours)"].class_names
+        if not args.skip_shipped:
+            methods["unet (ours)"] = UNetSegmenter(device="cpu")
+        for spec in args.candidate:
+            cname, _, cpath = spec.partition("=")
+            methods[f"unet ({cname})"] = UNetSegmenter(cpath, device="cpu")
+        if not args.unet_only:
+            # the same network without the intensity-mixture class decision (the stage's baseline)
+            methods[NET_ONLY] = UNetSegmenter(device="cpu", intensity_classes=False)
+            try:
+                methods["default U-Net 16-32-64-128"] = UNetSegmenter(args.baseline, device="cpu")
+            except Exception as exc:  # noqa: BLE001 - report and go on without it
+                print(json.dumps({"warning": f"baseline not loaded: {exc}"}))
+            methods["LoG (classical)"] = LoGFinder(sigma_A=0.4, threshold=0.1, min_separation_A=1.0)
+        names = next(m for m in methods.values() if hasattr(m, "class_names")).class_names
         if tuple(names) != CLASS_NAMES:
             raise SystemExit(f"segmenter class names {names} differ from {CLASS_NAMES}: the bound's rows would not line up")
+    aberrations = {k: float(v) for k, _, v in (a.partition("=") for a in args.aberrations)} or None
     rng = np.random.default_rng(args.seed)
     acc: dict[tuple[str, str, float], dict[str, Any]] = {}
     crlb_check: list[float] = []
@@ -193,7 +221,8 @@ def main() -> None:
     for kind in args.kinds:
         for dose in args.doses:
             for _ in range(args.frames):
-                image, truth = twin_frame(kind, 512, 0.1, dose, rng, clean=True, specimen_options=DEFECTS[kind])
+                image, truth = twin_frame(kind, 512, 0.1, dose, rng, clean=True, specimen_options=DEFECTS[kind],
+                                          detector=args.detector, aberrations=aberrations)
                 frame = Frame(image=image, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=dose)
                 heavy_sites = np.flatnonzero(np.asarray(names)[truth.labels + LABEL_OFFSET[kind]] == HEAVY[kind])
                 crlb = column_crlb_A(truth, heavy_sites) if len(heavy_sites) else np.zeros((0, 2))
@@ -203,15 +232,17 @@ def main() -> None:
                     ref = np.asarray(cramer_rao_bound_A(truth, int(heavy_sites[0])))
                     crlb_check.append(float(np.mean(ref / crlb[0][::-1])))
                 # the bound on the same frame (draws nothing from rng)
-                post, lab = oracle_sites(image, truth, kind)
-                o = oracle.setdefault((kind, dose), {"post": [], "labels": [], "crlb": []})
-                o["post"].append(post)
-                o["labels"].append(lab)
-                o["crlb"].append(crlb[truth.geometry.contains(truth.positions_A[heavy_sites], 1.0)] if len(heavy_sites) else np.zeros((0, 2)))
+                if not args.no_bound:
+                    post, lab = oracle_sites(image, truth, kind)
+                    o = oracle.setdefault((kind, dose), {"post": [], "labels": [], "crlb": []})
+                    o["post"].append(post)
+                    o["labels"].append(lab)
+                    o["crlb"].append(crlb[truth.geometry.contains(truth.positions_A[heavy_sites], 1.0)] if len(heavy_sites) else np.zeros((0, 2)))
                 for mname, seg in methods.items():
                     atoms = seg.find(frame)
                     r = score(atoms, truth, kind, names, classed=not isinstance(seg, LoGFinder), crlb=crlb, heavy_sites=heavy_sites)
-                    a = acc.setdefault((mname, kind, dose), {"counts": {}, "any": np.zeros(3, int), "err": [], "crlb": []})
+                    a = acc.setdefault((mname, kind, dose), {"counts": {}, "any": np.zeros(3, int), "err": [], "crlb": [], "all_err": []})
+                    a["all_err"].append(r["all_err"])
                     for k, v in r.get("counts", {}).items():
                         a["counts"][k] = tuple(np.add(a["counts"].get(k, (0, 0, 0)), v))
                     a["any"] += np.asarray(r["any"])
@@ -236,17 +267,19 @@ def main() -> None:
                 "heavy_rmse_A": round(rmse, 4),
                 "heavy_crlb_A": round(crlb_rms, 4),
                 "rmse_over_crlb": round(rmse / crlb_rms, 3) if crlb_rms > 0 else None,
+                **position_stats(np.concatenate(a["all_err"]) if a["all_err"] else np.zeros((0, 2))),
             }
         )
     for (kind, dose), o in oracle.items():
         rows.append(oracle_row(kind, dose, np.concatenate(o["post"]), np.concatenate(o["labels"]), names, np.concatenate(o["crlb"])))
     latency: dict[str, float] = {}
-    # latency on one 512 x 512 graphene frame at 1e4
-    image, truth = twin_frame("graphene", 512, 0.1, 1e4, np.random.default_rng(args.seed + 1), clean=True)
-    frame = Frame(image=image, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=1e4)
-    latency.update({m: round(latency_ms(s, frame, args.repeats), 1) for m, s in methods.items()})
+    if args.repeats > 0:
+        # latency on one 512 x 512 graphene frame at 1e4
+        image, truth = twin_frame("graphene", 512, 0.1, 1e4, np.random.default_rng(args.seed + 1), clean=True)
+        frame = Frame(image=image, geometry=truth.geometry, line_times_s=truth.geometry.line_start_times_s(0.0), index=0, dose_e_per_A2=1e4)
+        latency.update({m: round(latency_ms(s, frame, args.repeats), 1) for m, s in methods.items()})
     # the default layout run the usual way, on the frame at its native 0.1 Å/px (network only)
-    if "default U-Net 16-32-64-128" in methods:
+    if "default U-Net 16-32-64-128" in methods and args.repeats > 0:
         net = methods["default U-Net 16-32-64-128"].model
         x = torch.randn(1, 1, 512, 512)
         with torch.inference_mode():
@@ -261,7 +294,8 @@ def main() -> None:
         "benchmark": "atom finding vs dose",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}",
-        "frames": {"shape_px": [512, 512], "pixel_A": 0.1, "per_cell": args.frames, "seed": args.seed, "defects": DEFECTS},
+        "frames": {"shape_px": [512, 512], "pixel_A": 0.1, "per_cell": args.frames, "seed": args.seed, "defects": DEFECTS,
+                   "detector": args.detector, "aberrations": aberrations},
         "match_radius_A": 0.5,
         "border_excluded_A": 1.0,
         "crlb_core_vs_twin_ratio": [round(v, 3) for v in crlb_check],

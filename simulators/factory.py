@@ -8,6 +8,7 @@ import numpy as np
 
 from stemagent.clock import Clock
 from stemagent.simulators.dynamics import BeamDynamics, CrossSections
+from stemagent.simulators.adf_detector import AnnularDetector, calibrated_adf, standard_haadf
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.hop_rates import (
     EmpiricalSwapRate,
@@ -50,6 +51,16 @@ def specimen_from_config(cfg: Any, rng: np.random.Generator) -> Specimen:
     return build_specimen(cfg.specimen, size_A=size, center_A=(0.0, 0.0), rng=rng, **opts)
 
 
+def adf_from_config(cfg: Any) -> ADFModel:
+    """The ADF model of a TwinConfig: the calibrated ring (standard HAADF for the voltage, or the
+    configured angles) or the older power law."""
+    det = getattr(cfg, "adf_detector", "power-law")
+    if det == "power-law":
+        return ADFModel(z_exponent=cfg.z_exponent, sigma_C_A2=cfg.sigma_C_A2, background=cfg.background)
+    ring = standard_haadf(cfg.energy_keV) if det == "standard-haadf" else AnnularDetector(float(det[0]), float(det[1]))
+    return calibrated_adf(ring, cfg.energy_keV, cfg.convergence_mrad, background=cfg.background)
+
+
 def optics_from_config(cfg: Any) -> ProbeOptics:
     return ProbeOptics(
         energy_keV=cfg.energy_keV,
@@ -79,7 +90,7 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specim
         clock=clock,
         rng=np.random.default_rng(run_seed),
         optics=optics_from_config(cfg),
-        adf=ADFModel(z_exponent=cfg.z_exponent, sigma_C_A2=cfg.sigma_C_A2, background=cfg.background),
+        adf=adf_from_config(cfg),
         detector=DetectorModel(gain=cfg.detector_gain, offset=cfg.detector_offset, read_noise=cfg.read_noise,
                                efficiency=cfg.detector_efficiency),
         drift=drift,

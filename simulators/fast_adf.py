@@ -46,6 +46,11 @@ class ADFModel:
 
     z_exponent: float = 1.8
     sigma_C_A2: float = 0.0025
+    #: per-element cross-sections ``((Z, sigma_A2), ...)`` sorted by Z (e.g. from a multislice
+    #: calibration for one annular detector, :func:`stemagent.simulators.adf_detector.calibrated_adf`);
+    #: when set it replaces the power law: log sigma is interpolated linearly in log Z between the
+    #: tabulated elements and extrapolated with the end segments' slopes.
+    sigma_table: tuple[tuple[int, float], ...] | None = None
     background: float = 0.0
     max_grid_A: float = 0.2
     pad_A: float = 3.0
@@ -53,7 +58,18 @@ class ADFModel:
     thermal_merge_A: float = 0.03
 
     def cross_section_A2(self, numbers: np.ndarray) -> np.ndarray:
-        return self.sigma_C_A2 * (np.asarray(numbers, dtype=np.float64) / 6.0) ** self.z_exponent
+        z = np.asarray(numbers, dtype=np.float64)
+        if self.sigma_table is None:
+            return self.sigma_C_A2 * (z / 6.0) ** self.z_exponent
+        tz = np.log(np.array([t[0] for t in self.sigma_table], dtype=np.float64))
+        ts = np.log(np.array([t[1] for t in self.sigma_table], dtype=np.float64))
+        lz = np.log(np.maximum(z, 1.0))
+        out = np.interp(lz, tz, ts)
+        if len(tz) >= 2:
+            lo, hi = lz < tz[0], lz > tz[-1]
+            out[lo] = ts[0] + (lz[lo] - tz[0]) * (ts[1] - ts[0]) / (tz[1] - tz[0])
+            out[hi] = ts[-1] + (lz[hi] - tz[-1]) * (ts[-1] - ts[-2]) / (tz[-1] - tz[-2])
+        return np.exp(out)
 
 
 def supersampling(pixel_A: tuple[float, float], optics: ProbeOptics, max_grid_A: float) -> int:

@@ -143,8 +143,14 @@ class TwinConfig(_Model):
     C50_A: float = Field(0.0, description="fifth-order spherical aberration, Å")
     source_fwhm_A: float = Field(0.0, ge=0, le=10.0, description="effective source size (Gaussian FWHM), Å")
     # image formation and detector
-    z_exponent: float = Field(1.8, gt=0.5, le=2.5, description="ADF contrast ~ Z^n")
-    sigma_C_A2: float = Field(0.0025, gt=0, le=1.0, description="ADF cross-section of one C atom, Å² (60 keV multislice: ~0.003 for 40-200 mrad, ~0.0008 for 80-180 mrad)")
+    adf_detector: Literal["standard-haadf", "power-law"] | tuple[float, float] = Field(
+        "power-law",
+        description="ADF detector: 'standard-haadf' (80-200 mrad below 70 keV, 70-200 mrad from 70 keV up), "
+        "[inner_mrad, outer_mrad] (any ring), both with per-element cross-sections calibrated against the "
+        "multislice mode; or 'power-law' (z_exponent and sigma_C_A2 below, the older MAADF-like twin). "
+        "Setting z_exponent or sigma_C_A2 without adf_detector selects 'power-law'.")
+    z_exponent: float = Field(1.8, gt=0.5, le=2.5, description="ADF contrast ~ Z^n (adf_detector: power-law)")
+    sigma_C_A2: float = Field(0.0025, gt=0, le=1.0, description="ADF cross-section of one C atom, Å² (adf_detector: power-law; 60 keV multislice: ~0.003 for 40-200 mrad, ~0.0008 for 80-180 mrad)")
     background: float = Field(0.0, ge=0, le=1.0, description="fraction of the beam reaching the ADF everywhere")
     beam_current_pA: float = Field(20.0, gt=0, le=1e5)
     detector_gain: float = Field(1.0, gt=0)
@@ -170,6 +176,22 @@ class TwinConfig(_Model):
     park_sample_interval_s: float = Field(1e-3, gt=0, le=1.0, description="ADF sampling while parked, s")
     max_fov_A: float = Field(512.0, gt=0)
     pace: Literal["realtime", "fast"] = "fast"
+
+    @field_validator("adf_detector")
+    @classmethod
+    def _ring(cls, v: Any) -> Any:
+        if isinstance(v, tuple):
+            inner, outer = float(v[0]), float(v[1])
+            if not (math.isfinite(inner) and math.isfinite(outer) and 0.0 <= inner < outer <= 1000.0):
+                raise ValueError(f"adf_detector={list(v)}: needs [inner_mrad, outer_mrad] with 0 <= inner < outer <= 1000 mrad")
+        return v
+
+    @model_validator(mode="after")
+    def _legacy_power_law(self) -> "TwinConfig":
+        # older configs tune the power law; keep them meaning what they meant
+        if "adf_detector" not in self.model_fields_set and {"z_exponent", "sigma_C_A2"} & self.model_fields_set:
+            object.__setattr__(self, "adf_detector", "power-law")
+        return self
 
 
 DriverConfig = Annotated[Union[MinimalTwinConfig, ReplayDriverConfig, ZmqDriverConfig, TwinConfig], Field(discriminator="kind")]

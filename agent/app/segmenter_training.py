@@ -20,11 +20,16 @@ from stemagent.segmentation.metrics import match
 from stemagent.segmentation.train import DataConfig, TrainConfig, TrainingSample, train, write_card
 from stemagent.segmentation.unet_segmenter import UNetSegmenter
 from stemagent.simulators import DetectorModel, DriftModel, render_sample
+from stemagent.simulators.adf_detector import LEGACY_MAADF, calibrated_adf, standard_haadf
 from stemagent.types import Frame, ScanGeometry
 
 #: specimen family -> offset of its labels in the unified class list
 #: (graphene: C, Si, vacancy -> 0..2; TMDs: metal, chalcogen, substituted, vacancy -> 3..6)
 LABEL_OFFSET = {"graphene": 0, "mos2": 3, "ws2": 3, "mose2": 3}
+#: ADF detectors training frames can be drawn from (DataConfig.detectors)
+TRAINING_DETECTORS = ("legacy", "standard-haadf", "maadf")
+#: the usual beam energy of each specimen (keV): graphene below its knock-on threshold, TMDs at 80
+HAADF_ENERGY_KEV = {"graphene": 60.0, "mos2": 80.0, "ws2": 80.0, "mose2": 80.0}
 
 
 def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -45,37 +50,74 @@ def twin_frame(
     data: DataConfig | None = None,
     clean: bool = False,
     specimen_options: dict[str, Any] | None = None,
+    detector: str = "legacy",
+    aberrations: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, Any]:
-    """One twin frame ``(image, truth)``. ``clean``: perfect optics, no drift/jitter, counting detector."""
+    """One twin frame ``(image, truth)``. ``clean``: perfect optics (unless ``aberrations``), no
+    drift/jitter, counting detector; ``detector`` (clean frames): "legacy" (the power law at
+    60 keV the benchmarks were first run on) or "standard-haadf" (the calibrated standard ring
+    at the specimen's usual voltage, :data:`HAADF_ENERGY_KEV`)."""
     d = data or DataConfig()
     rot = float(rng.uniform(0, 2 * math.pi))
     if clean:
         dwell = 2e-6
         geom = ScanGeometry(fov_A=(shape_px * pixel_A,) * 2, shape_px=(shape_px, shape_px), rotation_rad=rot, dwell_s=dwell)
-        return render_sample(kind, geom, dose, rng, specimen_options=specimen_options)
+        kw: dict[str, Any] = {}
+        if detector == "standard-haadf":
+            energy = HAADF_ENERGY_KEV[kind]
+            kw = {"energy_keV": energy, "adf": calibrated_adf(standard_haadf(energy), energy)}
+        elif detector != "legacy":
+            raise ValueError(f"detector={detector!r}: one of 'legacy', 'standard-haadf'")
+        return render_sample(kind, geom, dose, rng, specimen_options=specimen_options, aberrations=aberrations, **kw)
     dwell = _loguniform(rng, *d.dwell_s)
     geom = ScanGeometry(fov_A=(shape_px * pixel_A,) * 2, shape_px=(shape_px, shape_px), rotation_rad=rot, dwell_s=dwell)
     v = rng.normal(0.0, d.drift_A_per_frame, size=2) / geom.frame_time_s
     drift = DriftModel(velocity_A_per_s=(float(v[0]), float(v[1])), seed=int(rng.integers(2**31)))
     ab = {
-        "C10_A": float(rng.normal(0.0, d.defocus_A)),
+        "C10_A": float(rng.normal(0.0, d.defocus_A)) if d.defocus_range_A is None else _uniform(rng, (-d.defocus_range_A, d.defocus_range_A)),
         "C12_A": _uniform(rng, (0.0, d.astigmatism_A)),
         "phi12_rad": _uniform(rng, (0.0, math.pi)),
     }
+    if d.c30_A != (0.0, 0.0):
+        ab["C30_A"] = _uniform(rng, d.c30_A)
     det = DetectorModel(gain=_loguniform(rng, *d.gain), offset=_uniform(rng, d.offset), read_noise=_uniform(rng, d.read_noise))
+    conv = _uniform(rng, d.convergence_mrad)
+    adf_kw = training_adf(kind, rng, d, conv)
     return render_sample(
         kind,
         geom,
         dose,
         rng,
         aberrations=ab,
-        convergence_mrad=_uniform(rng, d.convergence_mrad),
+        convergence_mrad=conv,
+        **adf_kw,
         source_fwhm_A=_uniform(rng, d.source_fwhm_A),
         detector=det,
         drift=drift,
         jitter_A=_uniform(rng, d.jitter_A),
         specimen_options=specimen_options,
     )
+
+
+def training_adf(kind: str, rng: np.random.Generator, d: DataConfig, convergence_mrad: float) -> dict[str, Any]:
+    """Keyword arguments of ``render_sample`` for the ADF detector drawn from ``d.detectors``
+    (nothing for "legacy": the power law the first weights were trained on, at 60 keV)."""
+    names = sorted(d.detectors)
+    if names == ["legacy"]:
+        return {}
+    p = np.asarray([d.detectors[n] for n in names], dtype=np.float64)
+    name = names[int(rng.choice(len(names), p=p / p.sum()))]
+    if name == "legacy":
+        return {}
+    energy = float(d.energy_keV.get(kind, 60.0))
+    if name == "standard-haadf":
+        ring = standard_haadf(energy)
+    elif name == "maadf":
+        ring = LEGACY_MAADF
+    else:
+        raise ConfigError("<train config>", "data.detectors", name, f"is not a training detector (one of {list(TRAINING_DETECTORS)})")
+    # calibrated at the nearest 2 mrad of convergence (cached tables; the cross-sections vary slowly with it)
+    return {"energy_keV": energy, "adf": calibrated_adf(ring, energy, 2.0 * round(convergence_mrad / 2.0))}
 
 
 def defect_options(kind: str, rng: np.random.Generator, d: DataConfig) -> dict[str, Any]:
@@ -143,6 +185,9 @@ def load_train_config(path: str | Path) -> TrainConfig:
     for k in cfg.data.specimens:
         if k not in LABEL_OFFSET:
             raise ConfigError(str(p), "data.specimens", k, f"is not a trainable specimen (one of {sorted(LABEL_OFFSET)})")
+    for k in cfg.data.detectors:
+        if k not in TRAINING_DETECTORS:
+            raise ConfigError(str(p), "data.detectors", k, f"is not a training detector (one of {list(TRAINING_DETECTORS)})")
     return cfg
 
 

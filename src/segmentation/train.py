@@ -58,8 +58,16 @@ class DataConfig(BaseModel):
     specimens: dict[str, float] = Field(default_factory=lambda: {"graphene": 0.5, "mos2": 0.2, "ws2": 0.2, "mose2": 0.1})
     dose_e_per_A2: tuple[float, float] = (5e2, 2e6)  # log-uniform
     pixel_A: tuple[float, float] = (0.05, 0.2)  # log-uniform
-    defocus_A: float = 15.0  # rms of C10
+    defocus_A: float = 15.0  # rms of C10 (normal), unless defocus_range_A is set
+    defocus_range_A: float | None = None  # C10 uniform in +-this, Å (overrides defocus_A)
     astigmatism_A: float = 10.0  # C12 uniform up to this
+    c30_A: tuple[float, float] = (0.0, 0.0)  # C30 (spherical aberration) uniform in this range, Å
+    # ADF detector mix: "legacy" = the power law the first weights were trained on (n = 1.8,
+    # sigma_C 0.0025, MAADF-like), "standard-haadf" = stemagent.simulators.adf_detector.standard_haadf
+    # for the specimen's voltage, calibrated against multislice; "maadf" = 40-200 mrad, calibrated.
+    detectors: dict[str, float] = Field(default_factory=lambda: {"legacy": 1.0})
+    # beam energy per specimen for the calibrated detectors, keV (missing: 60)
+    energy_keV: dict[str, float] = Field(default_factory=dict)
     convergence_mrad: tuple[float, float] = (22.0, 34.0)
     source_fwhm_A: tuple[float, float] = (0.0, 0.5)
     drift_A_per_frame: float = 1.5  # rms drift over one frame, per axis
@@ -252,6 +260,30 @@ def train(
     return card
 
 
+def _phase_ranges(cfg: dict[str, Any], steps: Any) -> str:
+    d = DataConfig(**cfg.get("data", {}))
+    c10 = f"C10 uniform ±{d.defocus_range_A:g} Å" if d.defocus_range_A is not None else f"C10 normal rms {d.defocus_A:g} Å"
+    c30 = f"C30 uniform {d.c30_A[0]:g} to {d.c30_A[1]:g} Å" if d.c30_A != (0.0, 0.0) else "C30 0"
+    det = ", ".join(f"{k} {v:g}" for k, v in d.detectors.items())
+    energy = ", ".join(f"{k} {v:g}" for k, v in d.energy_keV.items()) or "60 keV"
+    spec = ", ".join(f"{k} {v:g}" for k, v in d.specimens.items())
+    return (f"seed {cfg.get('seed')}, {steps} steps: specimens {{{spec}}}; dose {d.dose_e_per_A2[0]:g}-{d.dose_e_per_A2[1]:g} e/Å² "
+            f"(log-uniform); pixel {d.pixel_A[0]:g}-{d.pixel_A[1]:g} Å; ADF detector {{{det}}} (legacy: power law n 1.8, "
+            f"sigma_C 0.0025 at 60 keV; standard-haadf: 80-200 mrad < 70 keV, 70-200 mrad above, multislice-calibrated) at "
+            f"{energy}; {c10}, C12 0-{d.astigmatism_A:g} Å, {c30}; convergence {d.convergence_mrad[0]:g}-{d.convergence_mrad[1]:g} mrad")
+
+
+def training_ranges(card: dict[str, Any]) -> list[str]:
+    """One line per training phase (this one, then each ``initialised_from``): specimens, dose,
+    detector and aberration ranges the weights have seen."""
+    out = [f"- {_phase_ranges(card.get('config', {}), card.get('trained', {}).get('steps', '?'))}"]
+    prev = card.get("initialised_from")
+    while isinstance(prev, dict) and prev.get("config"):
+        out.append(f"- (`{prev.get('weights', '?')}`) {_phase_ranges(prev['config'], (prev.get('trained') or {}).get('steps', '?'))}")
+        prev = prev.get("initialised_from")
+    return out
+
+
 def write_card(card: dict[str, Any], weights: Path) -> None:
     """Write ``card`` as ``<weights>.json`` and a readable ``<weights>.md``."""
     weights.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -266,6 +298,8 @@ def write_card(card: dict[str, Any], weights: Path) -> None:
     if "initialised_from" in card:
         prev = card["initialised_from"].get("trained") or {}
         lines += [f"- continued from `{card['initialised_from']['weights']}` ({prev.get('steps', '?')} steps, {prev.get('seconds', '?')} s, {prev.get('date', '?')}); its config is in the JSON card"]
+    lines += ["", "## Training ranges (every phase, latest first)", ""]
+    lines += training_ranges(card)
     lines += ["", "## Data", "", "```json", json.dumps(card.get("data", {}), indent=2), "```"]
     lines += ["", "## Config", "", "```json", json.dumps(card["config"], indent=2), "```"]
     if "metrics" in card:
