@@ -69,6 +69,8 @@ PIPELINES = {
     "unet": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}},
     "log+encoding": {"segmenter": {"kind": "log"}, "encoding": {}},
     "all": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "encoding": {}},
+    # every stage there is: U-Net -> drift -> encoding -> rVAE latents -> policy
+    "every stage": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {}, "encoding": {}, "rvae": {}},
     # the U-Net in the contiguous NCHW layout it ran in before channels-last became the default
     "all (NCHW)": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1, "channels_last": False}, "encoding": {}},
 }
@@ -78,7 +80,7 @@ BEFORE_ENCODING = {"min_unexplained": 1, "min_unexplained_fraction": 0.0, "min_f
                    "num_threads": None}
 PIPELINES_BEFORE = {"log+encoding (before)": {"segmenter": {"kind": "log"}, "encoding": BEFORE_ENCODING},
                     "all (before)": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": BEFORE_ENCODING}}
-SLOW = ("unet", "all", "all (NCHW)", "all (before)")
+SLOW = ("unet", "all", "every stage", "all (NCHW)", "all (before)")
 THREADS = {"torch": 2}  # --threads: torch's threads at the start of every run (a U-Net with num_threads changes them)  # U-Net on a CPU: seconds per 512 px frame, run for --unet-frames
 
 
@@ -157,7 +159,7 @@ def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
     2026-12-02), and ``(before)``, also the comparison as main had it before the JSON-text fast
     path (field by field, in Python). ``cpu_s``: the process's CPU time (all threads)."""
     out = {}
-    for name in ("log", "log+encoding", "all", "unet"):
+    for name in ("log", "log+encoding", "all", "every stage", "unet"):
         if name not in runs:
             continue
         for variant in ("now", "one thread", "before"):

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stemagent.codec import encode_command
+from stemagent.codec import decode_command, encode_command
 from stemagent.drift.commands import to_beam_command
 from stemagent.drift.estimate import DriftEstimate
 from stemagent.drift.stage import DriftStage
@@ -166,6 +166,18 @@ class DriftLoopStage:
             if why:
                 record["reliable"], record["reason"] = False, why
             return converted.command, record
+
+    def replay_conversion(self, record: dict[str, Any]) -> None:
+        """A replay hands back a logged conversion (the ``commands`` stream's ``converted.drift``):
+        a scan's beam and sample-frame fields are remembered as :meth:`to_device` remembered them,
+        so the frame that comes from it maps back to the same sample-frame field."""
+        try:
+            beam, sample = decode_command(record.get("command")), decode_command(record.get("sample_command"))
+        except InputError:
+            return  # a record without both commands (an old log, a blank): nothing was remembered then either
+        if isinstance(beam, ScanRegion) and isinstance(sample, ScanRegion):
+            with self._lock:
+                self._conversions.append((beam.geometry, sample.geometry))
 
     def _unreliable(self, check_reason: str) -> str:
         """Why the estimate must not place the beam now ("" when it may)."""

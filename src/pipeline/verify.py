@@ -290,6 +290,19 @@ class _Verifier:
         self._differs: set[int] = set()
         self.ahead: _SegmentAhead | None = None
 
+    def converted(self, records: dict[str, Any]) -> None:
+        """A sent command's conversions, handed back to the stages that made them (a stage that
+        remembers its conversions, e.g. drift mapping a frame back to the sample-frame scan it
+        asked for, must see the same ones in the replay as in the run)."""
+        for name, record in records.items():
+            try:
+                stage = self.pipeline.stage(name)
+            except KeyError:
+                continue
+            replay = getattr(stage, "replay_conversion", None)
+            if replay is not None and isinstance(record, dict):
+                replay(record)
+
     # --- differences ------------------------------------------------------------------------
     def differ(self, index: int, seen: str, frame_index: int, where: str, logged: Any, replayed: Any) -> None:
         if index not in self._differs:
@@ -484,6 +497,8 @@ def _walk(v: _Verifier, events: list[tuple[str, dict[str, Any]]], has_pipeline: 
             converted = data.get("converted")
             if isinstance(converted, dict) and any(isinstance(r, dict) and r.get("replaced") for r in converted.values()):
                 v.replaced = True
+            if isinstance(converted, dict):
+                v.converted(converted)
         elif stream == "controls":
             if data.get("accepted") and data.get("command") == "set_target":
                 target = (data.get("arguments") or {}).get("target_A")
