@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import logging
 import re
 import time
@@ -127,6 +128,7 @@ class Agent:
         pause_on_dose_report: bool = True,
         overlap: bool = False,
         stream_burst_frames: int = 4,
+        freeze_gc: bool = False,
         wall: Callable[[], float] = time.perf_counter,
     ) -> None:
         if pipeline is None:
@@ -145,6 +147,7 @@ class Agent:
         self.retry_backoff = retry_backoff
         self.retry_max_s = retry_max_s
         self.max_fault_retries = max_fault_retries
+        self.freeze_gc = freeze_gc
         self.max_reconnect_attempts = max_reconnect_attempts
         self.max_consecutive_refusals = max_consecutive_refusals
         self.auto_resume_after_fault = auto_resume_after_fault
@@ -689,12 +692,17 @@ class Agent:
     async def run(self) -> RunSummary:
         """Run until ``max_frames`` frames are analysed, the policy finishes, the operator stops,
         or an abort; the beam is blanked and the log closed on every way out."""
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            try:
-                return await self._run()
-            finally:
-                self._tasks = None
+        frozen = self.freeze_gc and _freeze_long_lived()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                try:
+                    return await self._run()
+                finally:
+                    self._tasks = None
+        finally:
+            if frozen:
+                gc.unfreeze()  # the run's models and buffers may be collected again
 
     async def _run(self) -> RunSummary:
         t_wall0 = time.perf_counter()
@@ -853,3 +861,14 @@ class Agent:
         if obs.decision is None:
             return ScanRegion(self._last_geometry)
         return obs.decision.command
+
+
+def _freeze_long_lived() -> bool:
+    """Collect once, then move every live object out of the cyclic collector's generations
+    (``gc.freeze``): the objects built before the run (models, weights, caches) are not
+    scanned again by each full collection during it. False when something else froze already."""
+    if gc.get_freeze_count():
+        return False
+    gc.collect()
+    gc.freeze()
+    return True

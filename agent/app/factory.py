@@ -297,6 +297,7 @@ async def build_agent(
             pause_on_dose_report=pause_on_dose_report,
             overlap=cfg.agent.overlap,
             stream_burst_frames=cfg.agent.stream_burst_frames,
+            freeze_gc=cfg.agent.freeze_gc,
         )
     except BaseException as exc:
         why = f"the run could not start: {exc}" if str(exc) else f"the run could not start: {type(exc).__name__}"

@@ -27,6 +27,10 @@ class DriftConfig(BaseModel):
                               "(the better wins); 1: from the last fit only (half the cost)")
     refit_in_update: bool = Field(True, description="refit inside update(); False: update() only sets refit_due and "
                                   "the caller runs DriftStage.refit() when it has time")
+    refit_adopt_after_frames: int = Field(2, ge=1, le=10, description="in the agent's pipeline a refit runs in a worker "
+                                          "thread and is adopted this many frames after it was submitted (waiting for "
+                                          "it then if it is not done): 1 made the next frame wait for a ~0.5 s fit on "
+                                          "a 2-core CPU; frames, not seconds, so a replay reproduces the schedule")
     stale_chi2: float = Field(4.0, gt=0, description="refit at once when a new frame's bins score a mean squared "
                               "standardised residual above this under the current fit")
     calibrate_band: bool = Field(True, description="scale the drift's variance by a running estimate of how far each new "

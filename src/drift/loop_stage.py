@@ -22,8 +22,9 @@
   best forecast there is: a scan is how the estimate recovers.
 - **Refits off the frame path**: with ``background_refit`` a hyperparameter refit that falls
   due on frame ``k`` runs on a copy of the GP in this stage's own worker thread while the
-  policy decides and the next frame is acquired; the result is adopted at the start of frame
-  ``k + 1``'s update (waiting for it there if it is not done). At most one refit is in flight.
+  policy decides and the next frames are acquired; the result is adopted at the start of frame
+  ``k + refit_adopt_after_frames``'s update (default 2; waiting for it there if it is not
+  done). At most one refit is in flight.
   The schedule is therefore fixed by the frames, not by timing, so a replay of the run log
   reproduces every estimate.
 
@@ -70,6 +71,7 @@ class DriftLoopStage:
                 stage.config = stage.config.model_copy(update={"refit_in_update": False})
             self._refits = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemagent-drift-refit")
         self._pending: concurrent.futures.Future[dict[str, torch.Tensor]] | None = None
+        self._pending_frames = 0  # frames processed since the pending refit was submitted
         self._last: DriftEstimate | None = None
         self._failed = ""  # why the last update did not finish ("" when it did)
         self._reference_geometry: ScanGeometry | None = None  # sample-frame field of the last frame the model used
@@ -134,12 +136,17 @@ class DriftLoopStage:
         assert self._refits is not None
         if self._pending is None:
             self._pending = self._refits.submit(self.stage.refit_job())
+            self._pending_frames = 0
 
     def _adopt_refit(self) -> float | None:
-        """Apply the refit submitted on the previous frame (waiting for it); its time in ms, or None."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        """Apply the refit submitted ``refit_adopt_after_frames`` frames ago (waiting for it if it
+        is not done); its time in ms, or None (none pending, or not yet its frame)."""
+        if self._pending is None:
             return None
+        self._pending_frames += 1
+        if self._pending_frames < self.stage.config.refit_adopt_after_frames:
+            return None
+        pending, self._pending = self._pending, None
         raw = pending.result()  # a failed refit raises here: the stage's error, logged by the pipeline
         with self._lock:
             return self.stage.adopt_refit(raw)

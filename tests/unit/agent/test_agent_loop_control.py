@@ -319,3 +319,30 @@ async def test_the_observation_after_a_replaced_command_says_so_and_the_replay_a
     report = verify_log(log, Pipeline([ReplaceFirstPark(), PolicyStage(SaysWhatItSaw())]))
     # (the log's start names the config's pipeline, not the one swapped in: that difference is index -1)
     assert [d for d in report.divergences if d.index >= 0] == [] and report.compared["decision"] == len(reasons)
+
+
+class CountsFrozen:
+    name = "counts-frozen"
+
+    def __init__(self) -> None:
+        self.frozen: list[int] = []
+
+    def decide(self, obs: Observation) -> Decision:
+        import gc  # noqa: PLC0415 - lazy: only this double looks at the collector
+
+        self.frozen.append(gc.get_freeze_count())
+        return Decision(ScanRegion(obs.geometry), self.name, "again")
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_the_run_freezes_what_it_was_built_with_out_of_the_collector_and_undoes_it(tmp_path, freeze):
+    import gc  # noqa: PLC0415 - lazy: only this test looks at the collector
+
+    assert gc.get_freeze_count() == 0
+    agent, _ = await scripted_agent(tmp_path, max_frames=3, agent={"freeze_gc": freeze})
+    policy = CountsFrozen()
+    agent.policy = policy
+    summary = await agent.run()
+    assert summary.frames == 3 and len(policy.frozen) == 3
+    assert all(n > 1000 for n in policy.frozen) if freeze else policy.frozen == [0, 0, 0]
+    assert gc.get_freeze_count() == 0  # the run's objects may be collected once it ended

@@ -63,3 +63,23 @@ def test_drift_loop_stage_names_nan_positions_and_then_refuses_to_park() -> None
 def test_drift_config_rejects_bad_values_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         DriftConfig(**{field: value})
+
+
+@pytest.mark.parametrize("lag", [1, 2, 3])
+def test_a_background_refit_is_adopted_the_configured_number_of_frames_after_it_was_due(lag: int) -> None:
+    rng = np.random.default_rng(0)
+    scan = SyntheticScan(hexagonal_lattice_A(30.0), linear_drift((0.2, -0.1)), GEOM, sigma_A=0.01)
+    stage = DriftLoopStage(DriftStage(DriftConfig(window_frames=6, refit_adopt_after_frames=lag)))
+    due, adopted = [], []
+    for i in range(8):
+        frame, atoms, _ = scan.frame(i, scan.start_time_s(i), rng)
+        obs = stage.process(_obs(frame, atoms))
+        assert obs.drift is not None
+        if obs.records["drift"]["refit"]:
+            adopted.append(i)
+        if obs.drift.refit_due:
+            due.append(i)
+    stage.close()
+    assert due and adopted and adopted[0] == due[0] + lag  # by frames, never by timing
+    with pytest.raises(ValidationError, match="refit_adopt_after_frames"):
+        DriftConfig(refit_adopt_after_frames=0)
