@@ -71,9 +71,9 @@ def _sampling_A(energy_keV: float, outer_mrad: float, band_limit: float = 2.0 / 
 
 def _unit_peak(optics: ProbeOptics, u_rms_A: float) -> float:
     """Fast-mode peak (fraction of beam) of one atom with cross-section 1 Å² under ``optics``."""
-    from stemagent.simulators.render import render_frame
-    from stemagent.simulators.specimens import specimen_from_atoms
-    from stemagent.types import ScanGeometry
+    from stemagent.simulators.render import render_frame  # lazy: only a calibration renders (the factory imports this module)
+    from stemagent.simulators.specimens import specimen_from_atoms  # lazy: as above
+    from stemagent.types import ScanGeometry  # lazy: as above
 
     spec = specimen_from_atoms(np.array([[0.0, 0.0]]), np.array([6]), u_rms_A=u_rms_A)
     geo = ScanGeometry(fov_A=(3.25, 3.25), shape_px=(65, 65))
