@@ -69,6 +69,8 @@ PIPELINES = {
     "unet": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}},
     "log+encoding": {"segmenter": {"kind": "log"}, "encoding": {}},
     "all": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "encoding": {}},
+    # the stages issue 17 names: U-Net -> drift -> encoding -> policy
+    "unet+drift+encoding": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {}, "encoding": {}},
     # every stage there is: U-Net -> drift -> encoding -> rVAE latents -> policy
     "every stage": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {}, "encoding": {}, "rvae": {}},
     # the U-Net in the contiguous NCHW layout it ran in before channels-last became the default
@@ -80,7 +82,7 @@ BEFORE_ENCODING = {"min_unexplained": 1, "min_unexplained_fraction": 0.0, "min_f
                    "num_threads": None}
 PIPELINES_BEFORE = {"log+encoding (before)": {"segmenter": {"kind": "log"}, "encoding": BEFORE_ENCODING},
                     "all (before)": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": BEFORE_ENCODING}}
-SLOW = ("unet", "all", "every stage", "all (NCHW)", "all (before)")
+SLOW = ("unet", "all", "unet+drift+encoding", "every stage", "all (NCHW)", "all (before)")
 THREADS = {"torch": 2}  # --threads: torch's threads at the start of every run (a U-Net with num_threads changes them)  # U-Net on a CPU: seconds per 512 px frame, run for --unet-frames
 
 
