@@ -1,8 +1,9 @@
 """rVAE (issue 18): encode and decode rates of the shipped model on one thread, its held-out
 metrics on fresh twin patches, and (``--train``) the wall time of the shipped training recipe.
 
-Not here yet: the AtomAI rVAE side by side, the k-NN target against PCA / plain VAE, events from
-latent jumps (issue 18's other targets).
+Issue 18's other targets have benchmarks of their own: ``bench_rvae_compare.py`` (AtomAI's rVAE,
+a plain VAE and PCA side by side on the same patches: k-NN, rotation, encode and decode rates) and
+``bench_rvae_events.py`` (events from latent jumps against the twin's event log).
 
 ::
 
