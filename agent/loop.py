@@ -595,17 +595,15 @@ class Agent:
         last field is scanned again."""
         return obs.decision.command if obs.decision is not None else ScanRegion(self._last_geometry)
 
-    def _policy_finished(self) -> str:
+    def _policy_says(self, attribute: str) -> Any:
+        """The policy stage's ``stop_reason`` or ``goal_reached`` (None without a policy stage)."""
         try:
-            return str(getattr(self.pipeline.stage("policy"), "stop_reason", "") or "")
-        except KeyError:
-            return ""
-
-    def _policy_goal_reached(self) -> bool | None:
-        try:
-            return getattr(self.pipeline.stage("policy"), "goal_reached", None)
+            return getattr(self.pipeline.stage("policy"), attribute, None)
         except KeyError:
             return None
+
+    def _policy_finished(self) -> str:
+        return str(self._policy_says("stop_reason") or "")
 
     # --- the loop ------------------------------------------------------------------------------
     async def _wait(self, timeout_s: float | None) -> None:
@@ -737,7 +735,7 @@ class Agent:
                 if finished:
                     if self._last_refusal is not None:  # a refusal is never progress: the run did not succeed
                         exit_status, reason = "fail", f"refused: {self._last_refusal} (the policy finished: {finished})"
-                    elif self._policy_goal_reached() is False:  # stopped short of its goal (damage, budget, no path)
+                    elif self._policy_says("goal_reached") is False:  # stopped short of its goal (damage, budget, no path)
                         exit_status, reason = "fail", f"goal not reached (the policy finished: {finished})"
                     else:
                         reason = f"the policy finished: {finished}"

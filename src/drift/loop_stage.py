@@ -165,11 +165,10 @@ class DriftLoopStage:
                     return Blank(), {"replaced": why, "instead_of": record, "command": encode_command(Blank())}
                 again = to_beam_command(ScanRegion(reference), self.stage, start_s)
                 assert isinstance(again.command, ScanRegion)
-                self._conversions.append((again.command.geometry, reference))
+                self._remember(again.command, ScanRegion(reference))
                 return again.command, {**again.to_dict(), "replaced": f"{why}: the reference field is scanned again",
                                        "instead_of": record}
-            if isinstance(command, ScanRegion) and isinstance(converted.command, ScanRegion):
-                self._conversions.append((converted.command.geometry, command.geometry))
+            self._remember(converted.command, command)
             if why:
                 record["reliable"], record["reason"] = False, why
             return converted.command, record
@@ -182,9 +181,13 @@ class DriftLoopStage:
             beam, sample = decode_command(record.get("command")), decode_command(record.get("sample_command"))
         except InputError:
             return  # a record without both commands (an old log, a blank): nothing was remembered then either
+        with self._lock:
+            self._remember(beam, sample)
+
+    def _remember(self, beam: BeamCommand, sample: BeamCommand) -> None:
+        """A scan's beam and sample-frame fields, to map its frame back (caller holds the lock)."""
         if isinstance(beam, ScanRegion) and isinstance(sample, ScanRegion):
-            with self._lock:
-                self._conversions.append((beam.geometry, sample.geometry))
+            self._conversions.append((beam.geometry, sample.geometry))
 
     def _unreliable(self, check_reason: str) -> str:
         """Why the estimate must not place the beam now ("" when it may)."""
