@@ -45,6 +45,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -272,7 +273,7 @@ def _score(pred: np.ndarray, truth: np.ndarray, names: tuple[str, ...]) -> dict:
 
 
 def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segmenter=None, recluster_every: int = 1,
-                  extra: dict | None = None) -> tuple[dict, float]:
+                  extra: dict | None = None, encoded_out: list | None = None) -> tuple[dict, float]:
     stage = EncodingStage(EncodingConfig(clustering=method, seed=0, recluster_every=recluster_every, **(extra or {})))
     preds, truths = [], []
     seconds = 0.0
@@ -292,11 +293,67 @@ def _stage_labels(kind: str, frames: list, method: str, atoms_from: str, segment
         out = stage.process(frame, atoms)
         seconds += time.process_time() - t0
         e = out["encoded"]
+        if encoded_out is not None:
+            encoded_out.append(e)
         preds.append(out["motif"][e])
         truths.append(lab[e])
     res = _score(np.concatenate(preds), np.concatenate(truths), frames[0][3])
     res["library_size"] = len(stage.library)
     return res, seconds / len(frames)
+
+
+# own content of a site: the ideal observer's class -> the motif it makes (the rest come from neighbours)
+ORACLE_CONTENT = {
+    "graphene": {"C": "host", "Si": "dopant", "vacancy": "vacancy"},
+    "mos2": {"metal": "metal", "chalcogen": "chalcogen", "substituted": "dopant", "vacancy": "vacancy"},
+    "ws2": {"metal": "metal", "chalcogen": "chalcogen", "substituted": "dopant", "vacancy": "vacancy"},
+}
+HOST_FAMILY = {"graphene": "C", "mos2": "metal", "ws2": "metal"}  # the sites whose motif also depends on neighbours
+
+
+def oracle_motif_labels(image: np.ndarray, truth: Any, labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.ndarray:
+    """Motif labels ``(K,)`` of a twin frame's visible sites from the ideal observer
+    (:func:`~stemagent.segmentation.ideal_observer.oracle_posteriors`: true PSF, Poisson
+    likelihood, every other site's species known): per site the most probable motif, with
+    P(vacancy-adjacent) = 1 - prod(1 - P(neighbour empty)) and P(dopant-adjacent) = (1 -
+    P(vacancy-adjacent)) (1 - prod(1 - P(neighbour substituted))), neighbours within 1.2 bond
+    lengths, sites independent. Edge sites keep their true label. Not a strict bound on per-atom
+    agreement (the sites are decided one by one), but the reference a clustering of per-site
+    evidence is to be held against."""
+    from scipy.spatial import cKDTree
+
+    from stemagent.segmentation.ideal_observer import oracle_posteriors
+    from stemagent.simulators.elements import atomic_number
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_segmenter import twin_psf
+
+    psf, spacing_px = twin_psf(truth)
+    r = oracle_posteriors(image, truth, psf, spacing_px, atomic_number)
+    cls = r.class_names
+    content = ORACLE_CONTENT[kind]
+    empty_cls = cls.index("vacancy")
+    sub_cls = cls.index("Si" if kind == "graphene" else "substituted")
+    p_empty, p_sub = r.posterior[:, empty_cls], r.posterior[:, sub_cls]
+    pos = np.asarray(truth.positions_A)
+    nn_A = ZernikeEncoder().radius_for(pos) / 1.3
+    neigh = cKDTree(pos).query_ball_point(pos, 1.2 * nn_A)
+    idx = {n: i for i, n in enumerate(names)}
+    out = np.asarray(labels).copy()
+    for k in range(len(pos)):
+        if names[labels[k]] == "edge":
+            continue
+        own = {content[c]: float(r.posterior[k, i]) for i, c in enumerate(cls) if r.posterior[k, i] > 0}
+        js = [j for j in neigh[k] if j != k]
+        p_host = own.pop(content[HOST_FAMILY[kind]], 0.0)
+        if p_host > 0:
+            p_va = 1.0 - float(np.prod(1.0 - p_empty[js]))
+            p_da = (1.0 - p_va) * (1.0 - float(np.prod(1.0 - p_sub[js])))
+            own["vacancy-adjacent"] = p_host * p_va
+            own["dopant-adjacent"] = p_host * p_da
+            own[content[HOST_FAMILY[kind]]] = p_host * (1.0 - p_va - p_da)
+        out[k] = idx[max(own, key=lambda m: own[m])]
+    return out
 
 
 def _motiflearn_labels(ml_python: str | None, frames: list, tmp: Path, threads: int) -> dict | None:
@@ -361,10 +418,11 @@ def _site_variants(spec: str) -> dict[str, dict]:
 
 def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, with_segmenter: bool, doses: list[float],
                  kinds: list[str] | None = None, methods: list[str] | None = None, site_variants: str = "none",
-                 extra_cells: list[tuple[str, float]] | None = None) -> dict:
+                 extra_cells: list[tuple[str, float]] | None = None, oracle: bool = True) -> dict:
     """Every method in ``methods`` (default all) at the first dose, the default one at the others, for
     every ``site_variants`` feature set (see :func:`_site_variants`); ``extra_cells`` (kind, dose): the
-    default method only."""
+    default method only; ``oracle``: the ideal observer's motif labels on the same atoms
+    (:func:`oracle_motif_labels`)."""
     torch.set_num_threads(threads)
     kinds = kinds or ["graphene", "mos2"]
     methods = methods or ["robust-novelty", "layout", "gmm", "segmenter"]
@@ -387,15 +445,23 @@ def bench_labels(ml_python: str | None, n_frames: int, threads: int, tmp: Path, 
                                       ("gmm", ("gmm", "truth", 1))) if key in methods]
         if segmenter is not None and (full or "segmenter-all" in methods) and ("segmenter" in methods or "segmenter-all" in methods):
             runs.append(("robust", "segmenter", 1))
+        encoded: list[np.ndarray] = []
         for method, atoms_from, every in runs:
             for vname, extra in variants.items():
-                r, sec = _stage_labels(kind, frames, method, atoms_from, segmenter, every, extra)
+                r, sec = _stage_labels(kind, frames, method, atoms_from, segmenter, every, extra,
+                                       encoded if atoms_from == "truth" and not encoded else None)
                 r["stage_cpu_seconds_per_frame"] = sec
                 where = "truth positions" if atoms_from == "truth" else "U-Net detections"
                 mode = "pooled, recluster every frame" if every else "classify, recluster on novelty"
                 res[f"{method} ({where}; {mode}; {vname})"] = r
                 print(f"{kind} @ {dose:.0e} {method} {where} {mode} {vname}: acc {r['accuracy']:.4f} "
                       f"bal {r['balanced_accuracy']:.3f} ids {r['clusters']} {r['recall_per_class']}", flush=True)
+        if oracle and kind in ORACLE_CONTENT and encoded:
+            pred = [oracle_motif_labels(f[0].image, f[1], f[2], f[3], kind)[e] for f, e in zip(frames, encoded)]
+            r = _score(np.concatenate(pred), np.concatenate([f[2][e] for f, e in zip(frames, encoded)]), frames[0][3])
+            res["ideal observer (truth positions; per-site posteriors, neighbours independent)"] = r
+            print(f"{kind} @ {dose:.0e} ideal observer: acc {r['accuracy']:.4f} bal {r['balanced_accuracy']:.3f} "
+                  f"{r['recall_per_class']}", flush=True)
         ml = _motiflearn_labels(ml_python, frames, tmp, threads)
         if ml is not None:
             res["motif-learn chain (truth positions)"] = ml
@@ -566,6 +632,7 @@ def main() -> dict:
     ap.add_argument("--site-variants", default="none", help="labels: feature sets, ';'-separated (see _site_variants)")
     ap.add_argument("--extra-cells", default="", help="labels: kind@dose,... with the default method only, e.g. ws2@3e3")
     ap.add_argument("--stage-site-features", default="", help="stage: also time this comma-separated block list")
+    ap.add_argument("--no-oracle", action="store_true", help="labels: leave out the ideal observer's motif labels")
     ap.add_argument("--figure", default=None)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "motifs.json"))
     args = ap.parse_args()
@@ -587,7 +654,7 @@ def main() -> dict:
             cells = [(c.split("@")[0], float(c.split("@")[1])) for c in args.extra_cells.split(",") if c]
             result["labels"] = bench_labels(ml, args.frames, threads[0], tmp, not args.no_segmenter,
                                             [float(v) for v in args.doses.split(",")], args.kinds.split(","),
-                                            args.methods.split(","), args.site_variants, cells)
+                                            args.methods.split(","), args.site_variants, cells, not args.no_oracle)
         if "unmixing" in sections:
             result["unmixing"] = bench_unmixing(threads[0], tmp)
         if "stage" in sections:
