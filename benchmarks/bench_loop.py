@@ -12,7 +12,8 @@
    log's element-by-element JSON conversion as it was.
 2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all`` and ``unet`` runs: wall and CPU time against the run's
    acquisition time span (x real time), and whether every output was reproduced; baselines in the
-   same run: ``(one thread)`` without segmenting ahead, ``(before)`` also with the comparison as it
+   same run: ``(one worker)`` the U-Net segmenting ahead on one worker thread instead of two (before
+   2026-12-02 13:00), ``(one thread)`` without segmenting ahead, ``(before)`` also with the comparison as it
    was before its JSON-text fast path. ``--heap default`` runs everything without the heap setting
    the ``stemagent`` command makes (``stemagent.agent.app.heap``), for its baseline.
 3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
@@ -73,6 +74,9 @@ PIPELINES = {
     "unet+drift+encoding": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {}, "encoding": {}},
     # every stage there is: U-Net -> drift -> encoding -> rVAE latents -> policy
     "every stage": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {}, "encoding": {}, "rvae": {}},
+    # its baseline in the same run: the encoding stage's recluster on the frame that falls due (before 2026-12-02 13:10)
+    "every stage (recluster on frame)": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1}, "drift": {},
+                                         "encoding": {"recluster_adopt_after_frames": 0}, "rvae": {}},
     # the U-Net in the contiguous NCHW layout it ran in before channels-last became the default
     "all (NCHW)": {"segmenter": {"kind": "unet", "device": "auto", "num_threads": 1, "channels_last": False}, "encoding": {}},
 }
@@ -82,7 +86,7 @@ BEFORE_ENCODING = {"min_unexplained": 1, "min_unexplained_fraction": 0.0, "min_f
                    "num_threads": None}
 PIPELINES_BEFORE = {"log+encoding (before)": {"segmenter": {"kind": "log"}, "encoding": BEFORE_ENCODING},
                     "all (before)": {"segmenter": {"kind": "unet", "device": "auto"}, "encoding": BEFORE_ENCODING}}
-SLOW = ("unet", "all", "unet+drift+encoding", "every stage", "all (NCHW)", "all (before)")
+SLOW = ("unet", "all", "unet+drift+encoding", "every stage", "every stage (recluster on frame)", "all (NCHW)", "all (before)")
 THREADS = {"torch": 2}  # --threads: torch's threads at the start of every run (a U-Net with num_threads changes them)  # U-Net on a CPU: seconds per 512 px frame, run for --unet-frames
 
 
@@ -147,7 +151,10 @@ def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
         enc = [(d.get("records") or {}).get("encoding") or {} for d in RunLog.open(log_path).event_data("pipeline")]
         out[name] = {
             "frames": summary.frames, "exit": summary.exit_status, "atoms_per_frame": round(summary.atoms_per_frame, 1),
-            "reclustered_frames": sum(1 for e in enc if e.get("reclustered")), "library_size": max((e.get("library_size", 0) for e in enc), default=0),
+            "reclustered_frames": [i for i, e in enumerate(enc) if e.get("reclustered")],
+            "recluster_started_frames": [i for i, e in enumerate(enc) if e.get("recluster_started")],
+            "library_size": max((e.get("library_size", 0) for e in enc), default=0),
+            "latency_ms_by_frame": [round(v, 1) for v in lat],
             "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p95": float(np.percentile(lat, 95)),
             "stages_ms": {s: {"p50": round(t["p50_ms"], 2), "p95": round(t["p95_ms"], 2)} for s, t in stages.items()},
             "log": log_path,
@@ -164,14 +171,17 @@ def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
     for name in ("log", "log+encoding", "all", "every stage", "unet"):
         if name not in runs:
             continue
-        for variant in ("now", "one thread", "before"):
+        for variant in ("now", "one worker", "one thread", "before"):
+            if variant == "one worker" and name not in SLOW:
+                continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
             log = RunLog.open(runs[name]["log"])
             fast = verify_module.same_text
             if variant == "before":
                 verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
             c0 = time.process_time()
             try:
-                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=variant == "now")
+                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=variant in ("now", "one worker"),
+                                     segment_workers=1 if variant == "one worker" else None)
             finally:
                 verify_module.same_text = fast
             out[name if variant == "now" else f"{name} ({variant})"] = {

@@ -161,13 +161,14 @@ def logged_capabilities(original: RunLog) -> Capabilities | None:
     return decode_capabilities(doc, f"{original.path}: start.capabilities") if isinstance(doc, dict) else None
 
 
-def verify_run_log(original: RunLog, log: Path, rtol: float = 0.0, overlap: bool = True) -> VerifyReport:
+def verify_run_log(original: RunLog, log: Path, rtol: float = 0.0, overlap: bool = True,
+                   segment_workers: int | None = None) -> VerifyReport:
     """``replay LOG --verify``: the log's pipeline, built fresh from its configuration, on every
     logged observation, every output compared (:func:`~stemagent.pipeline.verify.verify_log`;
     ``overlap``: segment ahead in a worker thread)."""
     cfg = replay_config(original, log, "fast")
     pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
     try:
-        return verify_log(original, pipeline, rtol=rtol, overlap=overlap)
+        return verify_log(original, pipeline, rtol=rtol, overlap=overlap, segment_workers=segment_workers)
     finally:
         pipeline.close()

@@ -5,7 +5,8 @@ imports them without paying for torch).
 - :class:`PipelineEncodingConfig`: ``pipeline.encoding`` of a run: the same, with the defaults of
   the per-frame path (the pool is reclustered only when atoms no motif explains appear, never on
   a schedule, and then only when enough of them have been seen and not within ``min_frames_between``
-  frames of the last recluster; labels from the classifier on every frame) and what goes into
+  frames of the last recluster; labels from the classifier on every frame; the recluster in a
+  worker thread, adopted ``recluster_adopt_after_frames`` frames later) and what goes into
   the run log's ``motifs`` stream;
 - :class:`PipelineRVAEConfig`: ``pipeline.rvae`` of a run: the rVAE stage's weights and device.
 """
@@ -55,6 +56,10 @@ class EncodingConfig(BaseModel):
                                                          "of the last one (frames, not seconds: replay reproduces it)")
     relabel: bool = Field(False, description="a reclustered frame's atoms are labelled by the refitted classifier, "
                                              "like every other frame (labels do not depend on when the pool reclusters)")
+    recluster_adopt_after_frames: int = Field(0, ge=0, le=20, description="frames: 0 reclusters on the frame that falls "
+                                              "due; k > 0 runs a recluster due on frame n in a worker thread and "
+                                              "adopts its motifs at the start of frame n + k (frames, not seconds: "
+                                              "replay reproduces it; the first recluster always runs on its frame)")
     site_features: list[SiteBlock] = Field(
         default_factory=lambda: list(SITE_BLOCKS_DEFAULT),
         description="per-site blocks clustered next to the Zernike magnitudes (stemagent.encoding.site_features); "
@@ -111,6 +116,10 @@ class PipelineEncodingConfig(EncodingConfig):
     min_frames_between: int = Field(20, ge=0, description="frame budget: no novelty recluster within this many frames "
                                                           "of the last one (frames, not seconds: replay reproduces it)")
     relabel: bool = Field(True, description="a reclustered frame's atoms are labelled by the refitted classifier")
+    recluster_adopt_after_frames: int = Field(2, ge=0, le=20, description="frames: a recluster due on frame n runs in "
+                                              "a worker thread, off the frame path, and its motifs are adopted at the "
+                                              "start of frame n + k (frames, not seconds: replay reproduces it); 0: "
+                                              "on the frame that falls due (~110 ms on that frame at 512 px)")
     num_threads: int | None = Field(1, ge=1, le=256, description="torch CPU threads while encoding (restored after): "
                                                                 "on a busy 2-core CPU two threads make the Zernike "
                                                                 "features 10-30x slower in bursts; None leaves torch's setting")

@@ -14,7 +14,9 @@ the first frame and the motif-cell lattice. Steps:
    (:class:`~stemagent.encoding.library.MotifLibrary`), every ``recluster_every`` frames; in
    between, and with ``recluster_every=0`` always, atoms are classified against the known motifs
    and the pool is reclustered only when atoms appear that no motif explains (enough of them, and
-   not within ``min_frames_between`` frames of the last recluster: see the tracker).
+   not within ``min_frames_between`` frames of the last recluster: see the tracker). With
+   ``recluster_adopt_after_frames`` = ``k`` > 0 a recluster runs in the tracker's worker thread
+   and its motifs are adopted ``k`` frames after the frame it fell due on (frames, not time).
 3. Motif-cells (:func:`~stemagent.encoding.hierarchy.motif_cells`): the cell of every atom, and
    which atoms sit in rare cells (candidate defects).
 
@@ -91,7 +93,7 @@ class EncodingStage:
         return MotifTracker(c.clustering, c.components, options, library, c.pool_size, c.recluster_every, c.novelty_alpha, c.seed,
                             min_unexplained=c.min_unexplained, min_unexplained_fraction=c.min_unexplained_fraction,
                             min_frames_between=c.min_frames_between, relabel=c.relabel,
-                            refine_iterations=c.refine_iterations)
+                            refine_iterations=c.refine_iterations, adopt_after_frames=c.recluster_adopt_after_frames)
 
     @property
     def library(self) -> MotifLibrary:
@@ -102,7 +104,12 @@ class EncodingStage:
         self.radius_A = self.config.radius_A
         self._lattice_A = None
         self._nn_A = None
+        self.tracker.close()
         self.tracker = self._new_tracker()
+
+    def close(self) -> None:
+        """Stop the tracker's recluster thread (a recluster in flight is dropped)."""
+        self.tracker.close()
 
     def process(self, frame: Frame, atoms: Atoms) -> dict[str, np.ndarray]:
         n = self.config.num_threads
@@ -153,7 +160,8 @@ class EncodingStage:
         if inside.sum() >= c.min_atoms:
             res = self.tracker.process(x[inside], frame.index)
             motif[inside] = res.ids
-            report.update(new_motifs=res.new, clusters=res.clusters, reclustered=res.reclustered, unexplained=int(res.novel.sum()))
+            report.update(new_motifs=res.new, clusters=res.clusters, reclustered=res.reclustered, unexplained=int(res.novel.sum()),
+                          recluster_started=res.recluster_started)
         t2 = time.perf_counter()
         cell = np.full(n, -1, dtype=np.int64)
         rare = np.zeros(n, dtype=bool)

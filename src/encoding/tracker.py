@@ -30,10 +30,24 @@ not seconds: the labels must not depend on the machine's speed, or a verified re
 reproduce them. With ``relabel=True`` a reclustered frame's atoms are labelled by the refitted
 classifier, as every other frame is (not by the pool's raw clusters), so an atom's label does
 not change with whether its frame happened to recluster.
+
+**Reclusters off the frame path** (``adopt_after_frames`` = ``k`` > 0): a recluster that falls
+due on frame ``n`` (other than the very first, which founds the classifier) is started there on a
+snapshot of the pool (frame ``n``'s atoms included) and a copy of the library, in the tracker's
+own worker thread; frame ``n`` and the ``k - 1`` frames after it are classified by the motifs
+there were, their atoms join the pool, and at the start of the ``k``-th frame after ``n`` the new
+library and classifier are adopted (waiting for them there if the recluster is not done) and
+that frame is classified by them (``reclustered`` in its result; ``recluster_started`` in frame
+``n``'s). At most one recluster is in flight; the frame budget counts from its start, the
+unexplained atoms from its adoption. Frames,
+not time, fix the schedule, so a replay of the run reproduces every label. ``k = 0``: the
+recluster runs on the frame that fell due, as described above.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +69,19 @@ class TrackResult:
     reclustered: bool
     clusters: int = 0
     new: list[int] = field(default_factory=list)
+    #: a recluster was started on this frame in the background (adopted ``adopt_after_frames`` later)
+    recluster_started: bool = False
+
+
+@dataclass
+class _Reclustered:
+    """What a recluster made, ready to adopt: the updated library, the classifier fitted to it,
+    how many clusters the pool gave and the motifs it founded."""
+
+    library: MotifLibrary
+    classifier: MotifClassifier
+    clusters: int
+    new: list[int]
 
 
 class MotifClassifier:
@@ -113,7 +140,7 @@ class MotifTracker:
                  library: MotifLibrary | None = None, pool_size: int = 4000, recluster_every: int = 1,
                  novelty_alpha: float = 1e-4, seed: int = 0, min_unexplained: int = 1,
                  min_unexplained_fraction: float = 0.0, min_frames_between: int = 0, relabel: bool = False,
-                 refine_iterations: int = 0) -> None:
+                 refine_iterations: int = 0, adopt_after_frames: int = 0) -> None:
         if pool_size < 10:
             raise InputError("pool_size", pool_size, "must be at least 10 atoms")
         if recluster_every < 0:
@@ -126,6 +153,8 @@ class MotifTracker:
             raise InputError("min_frames_between", min_frames_between, "must be >= 0 frames")
         if refine_iterations < 0:
             raise InputError("refine_iterations", refine_iterations, "must be >= 0")
+        if adopt_after_frames < 0:
+            raise InputError("recluster_adopt_after_frames", adopt_after_frames, "must be >= 0 frames (0: on the frame path)")
         self.method = method
         self.components = int(components)
         self.options = dict(options or {})
@@ -144,10 +173,16 @@ class MotifTracker:
         self.classifier = MotifClassifier(components)
         self._frames_since = 0
         self._fitted = False
+        self.adopt_after_frames = int(adopt_after_frames)
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[_Reclustered] | None = None
+        self._pending_frames = 0  # frames processed since the pending recluster was started
+
+    def _pooled(self, x: np.ndarray) -> np.ndarray:
+        return (np.concatenate([self.pool, x]) if len(self.pool) else x)[-self.pool_size:]
 
     def _recluster(self, x: np.ndarray, frame_index: int) -> TrackResult:
-        pool = np.concatenate([self.pool, x]) if len(self.pool) else x
-        pool = pool[-self.pool_size:]
+        pool = self._pooled(x)
         clusters = cluster_features(pool, self.method, self.components, self.seed, **self.options)
         labels = refine_labels(pool, clusters.labels, self.components, self.refine_iterations)
         upd = self.library.update(pool, labels, frame_index, replace=True)
@@ -158,6 +193,39 @@ class MotifTracker:
         self.unexplained_since = 0
         ids = self.classifier.ids[np.argmin(self.classifier.distances2(x), axis=1)] if self.relabel else upd.ids[-len(x):]
         return TrackResult(ids, np.zeros(len(x), dtype=bool), True, clusters.n_clusters, upd.new)
+
+    # --- reclusters off the frame path (adopt_after_frames > 0) ---------------------------------
+    def _start_recluster(self, pool: np.ndarray, frame_index: int) -> None:
+        """Recluster ``pool`` (frame ``frame_index``'s snapshot) in the worker thread, on a copy of the library."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemagent-motif-recluster")
+        self._pending = self._worker.submit(_recluster_job, pool, self.method, self.components, self.seed, dict(self.options),
+                                            self.refine_iterations, copy.deepcopy(self.library), frame_index)
+        self._pending_frames = 0
+        self._frames_since = 0
+        self.unexplained_since = 0
+
+    def _adopt(self) -> _Reclustered | None:
+        """The recluster started ``adopt_after_frames`` frames ago, adopted now (waiting for it if it
+        is not done; its error raises here); None when none is pending or it is not yet its frame."""
+        if self._pending is None:
+            return None
+        self._pending_frames += 1
+        if self._pending_frames < self.adopt_after_frames:
+            return None
+        pending, self._pending = self._pending, None
+        done = pending.result()
+        self.library, self.classifier = done.library, done.classifier
+        self.unexplained_since = 0  # what the old motifs did not explain is judged again by the new ones
+        return done
+
+    def close(self) -> None:
+        """Drop a recluster in flight and stop the worker thread (the tracker then reclusters on
+        the frame path again if it is used further)."""
+        self._pending = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
 
     def _novelty_due(self, n_novel: int, n_atoms: int) -> bool:
         """Recluster for ``n_novel`` unexplained atoms of an ``n_atoms`` frame? (see the module docstring)"""
@@ -173,17 +241,36 @@ class MotifTracker:
             raise InputError("features", getattr(x, "shape", None), "must be a non-empty (N, d) array of finite numbers")
         if len(self.pool) and self.pool.shape[1] != x.shape[1]:
             raise InputError("features.shape", x.shape, f"must have {self.pool.shape[1]} columns like the pool")
+        adopted = self._adopt()
         self._frames_since += 1
+        background = self.adopt_after_frames > 0 and self._fitted
         due = not self._fitted or (self.recluster_every > 0 and self._frames_since >= self.recluster_every)
-        if due:
+        if due and not background:
             return self._recluster(x, frame_index)
         d2 = self.classifier.distances2(x)
         best = np.argmin(d2, axis=1)
         novel = d2[np.arange(len(x)), best] > chi2.ppf(1.0 - self.novelty_alpha, self.classifier.means.shape[1])
         self.unexplained_since += int(novel.sum())
-        if self._novelty_due(int(novel.sum()), len(x)):
+        start = self._pending is None and (due or self._novelty_due(int(novel.sum()), len(x)))
+        if start and not background:
             res = self._recluster(x, frame_index)
             res.novel = novel
             return res
-        self.pool = np.concatenate([self.pool, x])[-self.pool_size:]
-        return TrackResult(self.classifier.ids[best], novel, False)
+        self.pool = self._pooled(x)
+        if start:
+            self._start_recluster(self.pool, frame_index)
+        if adopted is None:
+            return TrackResult(self.classifier.ids[best], novel, False, recluster_started=start)
+        return TrackResult(self.classifier.ids[best], novel, True, adopted.clusters, adopted.new, recluster_started=start)
+
+
+def _recluster_job(pool: np.ndarray, method: str, components: int, seed: int, options: dict[str, Any],
+                   refine_iterations: int, library: MotifLibrary, frame_index: int) -> _Reclustered:
+    """One recluster of ``pool`` into ``library`` (a copy: the worker owns it), as
+    :meth:`MotifTracker._recluster` does on the frame path."""
+    clusters = cluster_features(pool, method, components, seed, **options)
+    labels = refine_labels(pool, clusters.labels, components, refine_iterations)
+    upd = library.update(pool, labels, frame_index, replace=True)
+    classifier = MotifClassifier(components)
+    classifier.fit(pool, upd.ids)
+    return _Reclustered(library, classifier, clusters.n_clusters, upd.new)

@@ -172,11 +172,17 @@ class EncodingAdapter:
             "library_size": int(rep.get("library_size", 0)),
             "new_motifs": [int(m) for m in rep.get("new_motifs", [])],
             "reclustered": bool(rep.get("reclustered", False)),
+            "recluster_started": bool(rep.get("recluster_started", False)),
             "unexplained": int(rep.get("unexplained", 0)),
             "radius_A": float(rep.get("radius_A") or 0.0),
             "cell_types": [{k: t.get(k) for k in ("members", "count", "rare")} for t in cells.get("types", [])][:16],
         }
         return obs
+
+    def close(self) -> None:
+        closer = getattr(self.stage, "close", None)
+        if closer is not None:
+            closer()
 
     def log_document(self, obs: Observation) -> dict[str, Any] | None:
         """The ``motifs`` stream's document of a frame observation (None: nothing to log)."""

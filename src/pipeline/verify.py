@@ -33,13 +33,19 @@ run), while the main thread runs the later stages of the frame before and compar
 stage still runs on every observation and every output is still compared; torch and the
 frame store's decoding release the GIL, so on two cores the segmenter's time mostly hides the
 rest. (torch's thread count is per thread: the worker keeps the one the segmenter was built
-with, whatever a later stage sets for itself on the main thread.)
+with, whatever a later stage sets for itself on the main thread.) A segmenter that declares
+``per_frame`` (its atoms depend on the frame alone: the U-Net) is run on two workers, each with
+its own copy of the segment stage, on two frames at once; the results are still handed over
+and compared in the log's order. A segmenter without it keeps one worker and the log's order.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -204,19 +210,32 @@ class _Expected:
 
 class _SegmentAhead:
     """The pipeline's segment stage on the frames ``order`` lists (``(frame_index, frames event)``
-    in the order the replay will observe them), ``depth`` frames ahead in one worker thread.
+    in the order the replay will observe them), ``depth`` frames ahead in ``workers`` threads.
 
     :meth:`take` hands over the next one: ``(frame, observation after the segment stage)``, or the
-    frame store's :class:`InputError` for a frame that could not be read. The one worker keeps
-    the log's order, so a segmenter with state sees its frames as in the run."""
+    frame store's :class:`InputError` for a frame that could not be read. With one worker the
+    frames are segmented in the log's order, so a segmenter with state sees its frames as in the
+    run. More workers only for a segmenter that declares ``per_frame`` (its atoms depend on the
+    frame alone): each worker thread then runs its own copy of the segment stage (so no worker
+    reads another's ``last_report``), frames are segmented out of order, and handed over in the
+    log's order."""
 
-    def __init__(self, log: RunLog, pipeline: Pipeline, order: list[tuple[int, dict[str, Any]]], depth: int = 2) -> None:
+    def __init__(self, log: RunLog, pipeline: Pipeline, order: list[tuple[int, dict[str, Any]]], depth: int = 2,
+                 workers: int = 1) -> None:
         self.log = log
-        self.pipeline = pipeline
         self.todo = deque(order)
-        self.depth = max(1, int(depth))
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-segment")
-        self.cpu_s = 0.0  # the worker's CPU time (one thread: no race)
+        self.workers = max(1, int(workers))
+        self.depth = max(1, int(depth), self.workers + 1 if self.workers > 1 else 1)
+        first = pipeline.stages[0]
+        name = first.name
+        # one pipeline per worker: the first is the replay's own, the others the segment stage alone, copied
+        self._copies = [Pipeline([copy.deepcopy(first)], {name: pipeline.options[name]}) for _ in range(self.workers - 1)]
+        self._spare: deque[Pipeline] = deque([pipeline, *self._copies])
+        self._name = name
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="verify-segment")
+        self.cpu_s = 0.0  # the workers' CPU time, together
         self.running: deque[tuple[int, Future[tuple[Frame | None, Observation | None, InputError | None]]]] = deque()
         self._fill()
 
@@ -224,6 +243,14 @@ class _SegmentAhead:
         while self.todo and len(self.running) < self.depth:
             fi, data = self.todo.popleft()
             self.running.append((fi, self.pool.submit(self._segment, data)))
+
+    def _pipeline(self) -> Pipeline:
+        """This worker thread's pipeline (taken from the spares on its first frame)."""
+        mine = getattr(self._local, "pipeline", None)
+        if mine is None:
+            with self._lock:
+                mine = self._local.pipeline = self._spare.popleft()
+        return mine
 
     def _segment(self, data: dict[str, Any]) -> tuple[Frame | None, Observation | None, InputError | None]:
         c0 = time.thread_time()
@@ -234,9 +261,10 @@ class _SegmentAhead:
         obs = Observation(frame_index=frame.index, time_s=frame.end_time_s, geometry=frame.geometry,
                           atoms=no_atoms(frame.index), frame=frame)
         try:
-            return frame, self.pipeline.run(obs, (self.pipeline.stages[0].name,)), None
+            return frame, self._pipeline().run(obs, (self._name,)), None
         finally:
-            self.cpu_s += time.thread_time() - c0
+            with self._lock:
+                self.cpu_s += time.thread_time() - c0
 
     def take(self, frame_index: int) -> tuple[Frame | None, Observation | None, InputError | None] | None:
         """The next segmented frame if it is ``frame_index`` (else None: the caller goes serial);
@@ -251,7 +279,8 @@ class _SegmentAhead:
         for _, fut in self.running:
             fut.cancel()
         self.pool.shutdown(wait=True)
-
+        for mine in self._copies:
+            mine.close()
 
 def _frame_order(events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> list[tuple[int, dict[str, Any]]]:
     """The frames :func:`verify_log` will analyse, in order: ``(frame_index, frames event)`` of each
@@ -513,11 +542,15 @@ def _walk(v: _Verifier, events: list[tuple[str, dict[str, Any]]], has_pipeline: 
 
 
 def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
-               streams: tuple[str, ...] | None = None, overlap: bool = True) -> VerifyReport:
+               streams: tuple[str, ...] | None = None, overlap: bool = True, segment_workers: int | None = None) -> VerifyReport:
     """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
     ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
     (default: every stream the pipeline's stages write). ``overlap``: segment the next frames in
-    a worker thread while the later stages run (the same outputs; False: one thread)."""
+    a worker thread while the later stages run (the same outputs; False: one thread).
+    ``segment_workers``: threads that segment ahead; more than one only for a segmenter that
+    declares ``per_frame`` (None: two for such a segmenter on a machine with two cores or more, else one)."""
+    if segment_workers is not None and segment_workers < 1:
+        raise InputError("segment_workers", segment_workers, "must be at least 1 thread")
     if streams is None:
         streams = pipeline.document_streams()
     if rtol < 0 or not math.isfinite(rtol):
@@ -536,7 +569,9 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     t0, c0 = time.perf_counter(), time.thread_time()
     events = log.ordered_event_data(*("frames", "atoms", "parks", "controls", "commands", "pipeline", "decisions", *streams))
     if overlap and pipeline.stages and isinstance(pipeline.stages[0], SegmentStage):
-        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline))
+        per_frame = bool(getattr(pipeline.stages[0].segmenter, "per_frame", False))
+        workers = segment_workers if segment_workers is not None else min(2, os.cpu_count() or 1)
+        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline), workers=workers if per_frame else 1)
     try:
         _walk(v, events, has_pipeline)
     finally:

@@ -185,6 +185,11 @@ class UNetSegmenter:
     the count mixture could not measure the family (see :meth:`_earn_labels`). ``num_threads``: torch CPU threads (None leaves torch's setting).
     """
 
+    #: the atoms of a frame depend on that frame alone (what is kept between frames, such as
+    #: :attr:`atypical_frames`, only paces warnings): a verified replay may segment frames in
+    #: parallel on copies of this segmenter (:mod:`stemagent.pipeline.verify`)
+    per_frame = True
+
     def __init__(
         self,
         weights: str | Path | None = None,

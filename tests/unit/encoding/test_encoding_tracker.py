@@ -114,3 +114,56 @@ def test_refinement_moves_a_hard_boundary_to_where_the_densities_cross() -> None
     np.testing.assert_array_equal(refine_labels(x, hard, 3, 0), hard)  # 0 rounds: unchanged
     with pytest.raises(InputError, match="refine_iterations"):
         tracker(refine_iterations=-1)
+
+
+def _novel_stream(t: MotifTracker, seed: int, frames: int = 7) -> list:
+    """Frame 0 founds the classifier; frames 1.. carry 40 atoms of a motif no pool has seen."""
+    rng = np.random.default_rng(seed)
+    out = [t.process(atoms(rng, 300), 0)]
+    out += [t.process(atoms(rng, 300, new=40), i) for i in range(1, frames)]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_background_recluster_is_adopted_exactly_k_frames_after_it_started(k: int) -> None:
+    t = tracker(min_unexplained=10, min_frames_between=0, relabel=True, adopt_after_frames=k)
+    rng = np.random.default_rng(4)
+    first = t.process(atoms(rng, 300), 0)
+    assert first.reclustered and not first.recluster_started  # the first recluster founds the classifier on its frame
+    before = len(t.library)
+    started, adopted, sizes = [], [], []
+    for i in range(1, 7):
+        res = t.process(atoms(rng, 300, new=40), i)
+        started += [i] if res.recluster_started else []
+        adopted += [i] if res.reclustered else []
+        sizes.append(len(t.library))
+    t.close()
+    assert started == [1] and adopted == [1 + k]  # by frames, never by timing
+    # the library the frame path sees changes only on the adopting frame: the new motif is founded there
+    assert sizes[: k] == [before] * k and sizes[k] > before
+    assert t.unexplained_since == 0  # unexplained atoms are counted again from the adoption
+
+
+def test_a_background_recluster_founds_what_the_frame_path_recluster_founds() -> None:
+    # the same pool snapshot and library: the adopted library equals the one reclustered on the frame
+    sync = tracker(min_unexplained=10, min_frames_between=0, relabel=True)
+    back = tracker(min_unexplained=10, min_frames_between=0, relabel=True, adopt_after_frames=2)
+    s, b = _novel_stream(sync, 5, 4), _novel_stream(back, 5, 4)
+    back.close()
+    assert [r.reclustered for r in s] == [True, True, False, False]
+    assert [r.reclustered for r in b] == [True, False, False, True] and b[1].recluster_started
+    assert len(sync.library) == len(back.library) >= 3
+    for m, n in zip(sync.library.motifs, back.library.motifs):
+        np.testing.assert_array_equal(m.centroid, n.centroid)
+        assert (m.id, m.count, m.first_frame) == (n.id, n.count, n.first_frame)
+    np.testing.assert_array_equal(sync.classifier.means, back.classifier.means)
+    # and from frame 3 on both label the new motif's atoms alike
+    assert np.array_equal(s[3].ids, b[3].ids)
+
+
+def test_bad_adoption_lag_is_named() -> None:
+    with pytest.raises(InputError, match="recluster_adopt_after_frames"):
+        tracker(adopt_after_frames=-1)
+    with pytest.raises(ValueError, match="recluster_adopt_after_frames"):
+        PipelineEncodingConfig(recluster_adopt_after_frames=-1)
+    assert EncodingConfig().recluster_adopt_after_frames == 0 and PipelineEncodingConfig().recluster_adopt_after_frames == 2

@@ -94,3 +94,33 @@ def test_encoding_off_by_default_and_its_options_checked():
         config_from_dict({**CFG, "pipeline": {"encoding": {"recluster_every": -1}}})
     with pytest.raises(ConfigError, match="pipeline.encoding.bogus"):
         config_from_dict({**CFG, "pipeline": {"encoding": {"bogus": 1}}})
+
+
+def test_background_reclusters_are_adopted_k_frames_later_and_verify(tmp_path):
+    # reclusters every 3 frames, off the frame path, adopted 2 frames after they start: the log says
+    # which frame started and which adopted each; replay --verify reproduces every label and record
+    enc = {"n_max": 6, "pool_size": 400, "recluster_every": 3, "recluster_adopt_after_frames": 2}
+    cfg = config_from_dict({**CFG, "max_frames": 8, "pipeline": {**CFG["pipeline"], "encoding": enc}})
+    path, _ = run_recording_policy_inputs(cfg, tmp_path / "run")
+    records = [d["records"]["encoding"] for d in RunLog.open(path).event_data("pipeline")]
+    assert [i for i, r in enumerate(records) if r["recluster_started"]] == [3, 6]
+    assert [i for i, r in enumerate(records) if r["reclustered"]] == [0, 5]  # the first on its frame, then 3 + 2
+    result = CliRunner().invoke(app, ["replay", path, "--verify", "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.output.strip().splitlines()[-1])
+    assert rep["ok"] and rep["compared"]["motifs"] == 8
+    # the same log replayed with the recluster adopted one frame earlier: the labels part at frame 4
+    import shutil  # noqa: I001 - only these tests copy a log
+
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    lines = (copy / "documents.jsonl").read_text().splitlines()
+    k = next(i for i, line in enumerate(lines) if json.loads(line)[0] == "start")
+    name, doc = json.loads(lines[k])
+    doc["config"]["pipeline"]["encoding"]["recluster_adopt_after_frames"] = 1
+    lines[k] = json.dumps([name, doc])
+    (copy / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["replay", str(copy), "--verify", "--json"])
+    assert result.exit_code == 1
+    rep = json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+    assert rep["first_divergence"].startswith("observation 4 (frame of frame 4): records.encoding")

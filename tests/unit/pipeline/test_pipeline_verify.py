@@ -219,3 +219,91 @@ def test_segmenting_ahead_reports_what_one_thread_reports(tmp_path):
     assert "observation 1 (frame of frame 1): atoms.positions_A[0][0]" in reports[True]["divergences"][0]
     assert "observation 3 (frame of frame 3): decision.command.geometry.center_A[1]" in reports[True]["divergences"][1]
     assert seen[True] == seen[False] == [0, 1, 2, 3]
+
+
+def _tampered_reports(tmp_path, variants, per_frame):
+    """verify_log's report of one tampered LoG log under each ``(overlap, segment_workers)`` of
+    ``variants``, and which segmenter object found which frame."""
+    from stemagent.agent.app.factory import build_pipeline
+    from stemagent.agent.app.replay_log import logged_capabilities, replay_config
+    from stemagent.pipeline.verify import verify_log
+    from stemagent.segmentation.classical import LoGFinder
+
+    log = asyncio.run(record(tmp_path, max_frames=6))
+    rewrite(log, "atoms", 1, lambda d: d["positions_A"][0].__setitem__(0, d["positions_A"][0][0] + 1e-9))
+    rewrite(log, "decisions", 3, lambda d: d["command"]["geometry"]["center_A"].__setitem__(1, 7.0))
+    rewrite(log, "frames", 4, lambda d: d.update(image="no-such-datum"))
+    find = LoGFinder.find
+    reports, calls = {}, {}
+    for overlap, workers in variants:
+        original = RunLog.open(log)
+        cfg = replay_config(original, Path(log), "fast")
+        pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
+        if per_frame:
+            pipeline.stage("segment").segmenter.per_frame = True
+        seen = calls[(overlap, workers)] = []
+
+        def spy(self, frame, seen=seen):
+            seen.append((frame.index, id(self)))
+            return find(self, frame)
+
+        LoGFinder.find = spy  # type: ignore[method-assign]
+        try:
+            rep = verify_log(original, pipeline, overlap=overlap, segment_workers=workers).to_dict()
+        finally:
+            LoGFinder.find = find  # type: ignore[method-assign]
+            pipeline.close()
+        assert (rep["cpu_s"]["segment_ahead"] > 0) == overlap
+        reports[(overlap, workers)] = {k: v for k, v in rep.items() if k not in ("elapsed_s", "x_real_time", "cpu_s")}
+    return reports, calls
+
+
+def test_two_segmenting_workers_report_what_one_thread_reports(tmp_path):
+    # a segmenter whose atoms depend on the frame alone (per_frame) is run on two workers, each with
+    # its own copy; the changed atom, the changed decision and the unreadable frame are found as
+    # the serial replay finds them
+    variants = [(False, 1), (True, 1), (True, 2)]
+    reports, calls = _tampered_reports(tmp_path, variants, per_frame=True)
+    assert reports[(True, 2)] == reports[(True, 1)] == reports[(False, 1)]
+    rep = reports[(True, 2)]
+    # the unreadable frame's logged decision matches nothing, and the random policy drew one decision
+    # fewer, so frame 5's differs as well
+    assert rep["differing_observations"] == 4 and rep["frames_unreadable"] == 1
+    assert "observation 1 (frame of frame 1): atoms.positions_A[0][0]" in rep["divergences"][0]
+    assert "observation 3 (frame of frame 3): decision.command.geometry.center_A[1]" in rep["divergences"][1]
+    two = calls[(True, 2)]
+    assert sorted(fi for fi, _ in two) == [0, 1, 2, 3, 5]  # every readable frame once
+    assert len({who for _, who in two}) == 2  # on two segmenters
+    assert len({who for _, who in calls[(True, 1)]}) == 1
+
+
+def test_a_segmenter_with_state_is_never_split_over_workers(tmp_path):
+    # without per_frame the segmenter may carry state from frame to frame: one worker, the log's order
+    reports, calls = _tampered_reports(tmp_path, [(False, 1), (True, 2)], per_frame=False)
+    assert reports[(True, 2)] == reports[(False, 1)]
+    assert [fi for fi, _ in calls[(True, 2)]] == [0, 1, 2, 3, 5] and len({who for _, who in calls[(True, 2)]}) == 1
+
+
+def test_segment_workers_checked(tmp_path):
+    import pytest
+
+    from stemagent.agent.app.replay_log import verify_run_log
+    from stemagent.errors import InputError
+
+    log = asyncio.run(record(tmp_path, max_frames=2))
+    with pytest.raises(InputError, match="segment_workers"):
+        verify_run_log(RunLog.open(log), Path(log), segment_workers=0)
+
+
+def test_a_unet_run_verifies_on_two_segmenting_workers(tmp_path):
+    # the U-Net declares per_frame: its replay segments on two copies and reproduces every output;
+    # a changed atom is still found
+    from stemagent.agent.app.replay_log import verify_run_log
+
+    log = asyncio.run(record(tmp_path, max_frames=4, pipeline={"segmenter": {"kind": "unet", "device": "cpu", "num_threads": 1}}))
+    one = verify_run_log(RunLog.open(log), Path(log), segment_workers=1)
+    two = verify_run_log(RunLog.open(log), Path(log), segment_workers=2)
+    assert one.ok and two.ok and two.frames == 4 and two.cpu_s["segment_ahead"] > 0
+    rewrite(log, "atoms", 2, lambda d: d["classes"].__setitem__(0, d["classes"][0] + 1))
+    rep = verify_run_log(RunLog.open(log), Path(log), segment_workers=2)
+    assert not rep.ok and rep.differing == 1 and "observation 2 (frame of frame 2): atoms.classes[0]" in rep.divergences[0].describe()
