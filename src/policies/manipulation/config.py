@@ -39,6 +39,11 @@ class ChangePointConfig(_Model):
     windows: tuple[Annotated[int, Field(ge=2, le=100000)], ...] = Field(
         (4, 16, 64, 256), min_length=1, description="window lengths (samples) of the level-change test")
     min_segment: int = Field(3, ge=1, le=1000)
+    long_windows: tuple[Annotated[int, Field(ge=2, le=1000000)], ...] = Field(
+        (1024, 4096), description="longer windows for small steps (beam far from both atoms): evidence for a confirmation scan, never a step alone")
+    long_z_threshold: float = Field(8.0, gt=2.0, le=50.0, description="threshold of the long windows (drift leaves heavier tails)")
+    ambiguous_evidence: float = Field(0.75, gt=0.0, le=1.0, description="no step, but a statistic at least this fraction of its "
+                                      "threshold: confirm with a scan (1.0: never)")
 
 
 class HopModelConfig(_Model):
@@ -70,6 +75,26 @@ class HopModelConfig(_Model):
     ep_damping: float = Field(0.7, gt=0.0, le=1.0)
     prior_damage_rate_per_s: float = Field(1e-4, gt=0.0, description="prior mean rate of damage under the parked beam")
     damage_prior_shape: float = Field(0.5, gt=0.0, description="Gamma prior shape of the damage rate")
+
+
+class FallbackConfig(_Model):
+    """When the data say the physics prior is wrong on the carbon, stop trusting it there.
+
+    The hops and exposure of every park with the beam within ``carbon_radius_A`` of the struck
+    carbon (all sites pooled) give a Gamma–Poisson posterior of the rate on the carbon (prior:
+    shape ``prior_shape``, mean ``model.prior_peak_rate_per_s``). Once
+    ``P(rate < below_fraction * prior peak) >= confidence`` the hop model is rebuilt from the same
+    data with ``near_sd_fraction`` (and ``level_sd``): the offset-dependent part is then as free on
+    the carbon as elsewhere, so the acquisition looks for the rate away from it. One-way per run.
+    """
+
+    enabled: bool = Field(False, description="True: leave the physics prior once the carbon is known to be bad")
+    carbon_radius_A: float = Field(0.25, gt=0.0, le=1.0, description="parks this close to the carbon count as on it")
+    below_fraction: float = Field(0.5, gt=0.0, le=1.0, description="the carbon is bad below this fraction of the prior peak rate")
+    confidence: float = Field(0.9, gt=0.5, lt=1.0, description="posterior probability of a bad carbon that triggers the fallback")
+    prior_shape: float = Field(1.0, gt=0.0, le=100.0, description="Gamma prior shape of the rate on the carbon")
+    near_sd_fraction: float = Field(0.66, gt=0.0, le=1.0, description="model.near_sd_fraction after the fallback")
+    level_sd: float | None = Field(None, gt=0.0, le=5.0, description="model.level_sd after the fallback (None: unchanged)")
 
 
 class AcquisitionConfig(_Model):
@@ -119,6 +144,7 @@ class ManipulationConfig(_Model):
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     changepoint: ChangePointConfig = Field(default_factory=ChangePointConfig)
     model: HopModelConfig = Field(default_factory=HopModelConfig)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
