@@ -104,7 +104,7 @@ class AcquisitionConfig(_Model):
     dwell_min_s: float = Field(0.1, gt=0.0)
     dwell_max_s: float = Field(8.0, gt=0.0)
     n_dwells: int = Field(12, ge=1, le=100)
-    ucb_beta: float = Field(2.0, ge=0.0, le=10.0, description="optimism (sd of the log rate) that puts a candidate on the lookahead's short list")
+    ucb_beta: float = Field(1.0, ge=0.0, le=10.0, description="optimism (sd of the log rate) that puts a candidate on the lookahead's short list")
     lookahead_top: int = Field(24, ge=1, le=1000, description="candidates on the short list by value and by optimism (each)")
     lookahead_batches: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = Field((1,), min_length=1, description="KG*: value the information of n parks in a row at a candidate, per park (1: one-step KG)")
     overhead_s: float = Field(0.1, ge=0.0, description="cost of one park and check cycle beyond its dwell, s of beam-on equivalent")
