@@ -11,6 +11,16 @@ gives no step. The noise is read off the signal itself (the median absolute firs
 robust to the steps) and scales with the level like shot noise. The largest statistic above
 ``z_threshold`` is a step; binary segmentation then looks for further steps on each side (a hop
 and a hop back are two steps).
+
+Long windows (``long_windows``, e.g. 1024 and 4096 samples of a 1-4 s park) see steps too small
+for the short ones (a hop with the beam far from both atoms changes the level by a fraction of
+the per-sample noise): the statistic grows with the square root of the window. But slow drift
+along the probe's flank is curved over seconds, and the trend only removes it to first order:
+a long window alone is not trusted to call a step. :func:`scan_steps` returns, next to the
+steps (short windows only), the *evidence*: the largest statistic over the whole park, short
+and long windows, in units of its window's threshold (``long_z_threshold`` for the long ones).
+A park without a step but with evidence near or above 1 is ambiguous: the policy confirms it
+with a small scan.
 """
 
 from __future__ import annotations
@@ -97,8 +107,32 @@ def detect_steps(
     plain_max_window: int = 16,
     min_segment: int = 3,
     max_steps: int = 4,
+    long_windows: tuple[int, ...] = (),
+    long_z_threshold: float = 8.0,
 ) -> list[Step]:
     """Steps in ``signal`` ``(T,)`` (one value per ``sample_interval_s``), in time order."""
+    return scan_steps(signal, sample_interval_s, z_threshold=z_threshold, windows=windows, plain_max_window=plain_max_window,
+                      min_segment=min_segment, max_steps=max_steps, long_windows=long_windows,
+                      long_z_threshold=long_z_threshold)[0]
+
+
+def scan_steps(
+    signal: np.ndarray,
+    sample_interval_s: float,
+    *,
+    z_threshold: float = 6.0,
+    windows: tuple[int, ...] = (4, 16, 64, 256),
+    plain_max_window: int = 16,
+    min_segment: int = 3,
+    max_steps: int = 4,
+    long_windows: tuple[int, ...] = (),
+    long_z_threshold: float = 8.0,
+) -> tuple[list[Step], float]:
+    """Steps in ``signal`` ``(T,)`` (time order, short windows) and the evidence: the largest
+    ``|z| / threshold`` over every window, long ones included, on the whole signal (``>= 1`` when
+    there is a step; it may also be ``>= 1`` from a long window alone, without a step)."""
+    if not (math.isfinite(long_z_threshold) and long_z_threshold > 0):
+        raise InputError("long_z_threshold", long_z_threshold, "must be a positive number")
     x = np.asarray(signal, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(x)):
         raise InputError("signal", "non-finite", "park signal must be finite")
@@ -106,29 +140,39 @@ def detect_steps(
         raise InputError("sample_interval_s", sample_interval_s, "must be a positive time in s")
     n = len(x)
     if n < 2 * min_segment:
-        return []
+        return [], 0.0
     sigma = noise_scale(x)
     level = max(float(np.median(x)), 1e-12)
     if sigma <= 0:  # a noiseless signal: any change at all is a step
         sigma = 1e-9 * max(1.0, abs(level))
     sigma2 = sigma * sigma
+    evidence = 0.0
+    for w in long_windows:  # evidence only: the long windows never call a step on their own
+        if w > max(windows, default=0):
+            z = _window_z(x, 0, n, w, sigma2, level, plain=w <= plain_max_window)
+            z[:min_segment] = 0.0
+            z[len(z) - min_segment :] = 0.0
+            evidence = max(evidence, float(np.abs(z).max()) / long_z_threshold)
+    tests = [(w, z_threshold) for w in windows]
     steps: list[Step] = []
     todo = [(0, n)]
     while todo and len(steps) < max_steps:
         lo, hi = todo.pop()
         if hi - lo < 2 * min_segment:
             continue
-        best_z, best_t = 0.0, -1
-        for w in windows:
+        best_e, best_z, best_t = 0.0, 0.0, -1
+        for w, thr in tests:
             z = _window_z(x, lo, hi, w, sigma2, level, plain=w <= plain_max_window)
             z[:min_segment] = 0.0
             z[len(z) - min_segment :] = 0.0
             j = int(np.argmax(np.abs(z)))
-            if abs(z[j]) > abs(best_z):
-                best_z, best_t = float(z[j]), lo + j
-        if abs(best_z) < z_threshold:
+            if abs(z[j]) / thr > best_e:
+                best_e, best_z, best_t = abs(float(z[j])) / thr, float(z[j]), lo + j
+        if (lo, hi) == (0, n):
+            evidence = max(evidence, best_e)
+        if best_e < 1.0:
             continue
         size = float(np.mean(x[best_t : min(hi, best_t + 64)]) - np.mean(x[max(lo, best_t - 64) : best_t]))
         steps.append(Step(best_t, best_t * sample_interval_s, size, best_z))
         todo.extend([(lo, best_t), (best_t, hi)])
-    return sorted(steps, key=lambda s: s.index)
+    return sorted(steps, key=lambda s: s.index), evidence

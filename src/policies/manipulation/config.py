@@ -39,6 +39,11 @@ class ChangePointConfig(_Model):
     windows: tuple[Annotated[int, Field(ge=2, le=100000)], ...] = Field(
         (4, 16, 64, 256), min_length=1, description="window lengths (samples) of the level-change test")
     min_segment: int = Field(3, ge=1, le=1000)
+    long_windows: tuple[Annotated[int, Field(ge=2, le=1000000)], ...] = Field(
+        (1024, 4096), description="longer windows for small steps (beam far from both atoms): evidence for a confirmation scan, never a step alone")
+    long_z_threshold: float = Field(8.0, gt=2.0, le=50.0, description="threshold of the long windows (drift leaves heavier tails)")
+    ambiguous_evidence: float = Field(0.75, gt=0.0, le=1.0, description="no step, but a statistic at least this fraction of its "
+                                      "threshold: confirm with a scan (1.0: never)")
 
 
 class HopModelConfig(_Model):
@@ -72,6 +77,26 @@ class HopModelConfig(_Model):
     damage_prior_shape: float = Field(0.5, gt=0.0, description="Gamma prior shape of the damage rate")
 
 
+class FallbackConfig(_Model):
+    """When the data say the physics prior is wrong on the carbon, stop trusting it there.
+
+    The hops and exposure of every park with the beam within ``carbon_radius_A`` of the struck
+    carbon (all sites pooled) give a Gamma–Poisson posterior of the rate on the carbon (prior:
+    shape ``prior_shape``, mean ``model.prior_peak_rate_per_s``). Once
+    ``P(rate < below_fraction * prior peak) >= confidence`` the hop model is rebuilt from the same
+    data with ``near_sd_fraction`` (and ``level_sd``): the offset-dependent part is then as free on
+    the carbon as elsewhere, so the acquisition looks for the rate away from it. One-way per run.
+    """
+
+    enabled: bool = Field(False, description="True: leave the physics prior once the carbon is known to be bad")
+    carbon_radius_A: float = Field(0.25, gt=0.0, le=1.0, description="parks this close to the carbon count as on it")
+    below_fraction: float = Field(0.5, gt=0.0, le=1.0, description="the carbon is bad below this fraction of the prior peak rate")
+    confidence: float = Field(0.9, gt=0.5, lt=1.0, description="posterior probability of a bad carbon that triggers the fallback")
+    prior_shape: float = Field(1.0, gt=0.0, le=100.0, description="Gamma prior shape of the rate on the carbon")
+    near_sd_fraction: float = Field(0.66, gt=0.0, le=1.0, description="model.near_sd_fraction after the fallback")
+    level_sd: float | None = Field(None, gt=0.0, le=5.0, description="model.level_sd after the fallback (None: unchanged)")
+
+
 class AcquisitionConfig(_Model):
     offset_radius_A: float = Field(1.6, gt=0.0, le=5.0, description="candidate beam offsets within this distance of the target carbon")
     min_along_A: float = Field(-0.6, ge=-3.0, le=3.0, description="candidates stay beyond this offset along the bond (not over the dopant)")
@@ -79,7 +104,7 @@ class AcquisitionConfig(_Model):
     dwell_min_s: float = Field(0.1, gt=0.0)
     dwell_max_s: float = Field(8.0, gt=0.0)
     n_dwells: int = Field(12, ge=1, le=100)
-    ucb_beta: float = Field(2.0, ge=0.0, le=10.0, description="optimism (sd of the log rate) that puts a candidate on the lookahead's short list")
+    ucb_beta: float = Field(1.0, ge=0.0, le=10.0, description="optimism (sd of the log rate) that puts a candidate on the lookahead's short list")
     lookahead_top: int = Field(24, ge=1, le=1000, description="candidates on the short list by value and by optimism (each)")
     lookahead_batches: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = Field((1,), min_length=1, description="KG*: value the information of n parks in a row at a candidate, per park (1: one-step KG)")
     overhead_s: float = Field(0.1, ge=0.0, description="cost of one park and check cycle beyond its dwell, s of beam-on equivalent")
@@ -119,6 +144,7 @@ class ManipulationConfig(_Model):
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     changepoint: ChangePointConfig = Field(default_factory=ChangePointConfig)
     model: HopModelConfig = Field(default_factory=HopModelConfig)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     stop: StopConfig = Field(default_factory=StopConfig)

@@ -239,6 +239,24 @@ class HopModel:
         self._gp = None
         return n_before - self.n_cells
 
+    def with_config(self, config: HopModelConfig) -> "HopModel":
+        """A new model under another prior (``config``) holding the same cells' hops and exposures and
+        the same damage counts; its EP sites start afresh (computed at the next prediction)."""
+        other = HopModel(config, device=self.device)
+        other._index = dict(self._index)
+        other._x, other._k, other._e = self._x.copy(), self._k.copy(), self._e.copy()
+        other._tau, other._nu = np.zeros(self.n_cells), np.zeros(self.n_cells)
+        if self.n_cells:
+            other._mu, other._var = other._prior_marginals(other._x)
+        other._stale = np.ones(self.n_cells, dtype=bool)
+        other.damage_events, other.damage_exposure_s = self.damage_events, self.damage_exposure_s
+        return other
+
+    def near_carbon_counts(self, radius_A: float) -> tuple[float, float]:
+        """Hops and exposure (s) summed over the cells within ``radius_A`` of the carbon, all sites."""
+        near = np.hypot(self._x[:, 0], self._x[:, 1]) <= radius_A + 1e-9
+        return float(self._k[near].sum()), float(self._e[near].sum())
+
     def add_damage_exposure(self, beam_s: float, damage_events: int = 0) -> None:
         self.damage_exposure_s += max(0.0, float(beam_s))
         self.damage_events += int(damage_events)

@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import gammainc
 
 from stemagent.errors import InputError
 from stemagent.policies.manipulation.acquisition import ParkChoice, beam_at, candidate_offsets, choose_park, offsets_in_bond
-from stemagent.policies.manipulation.changepoint import Step, detect_steps
+from stemagent.policies.manipulation.changepoint import Step, scan_steps
 from stemagent.policies.manipulation.config import ManipulationConfig
 from stemagent.policies.manipulation.hopmodel import HopModel
 from stemagent.policies.manipulation.lattice import DOPANT, LatticeGraph, PlanRefused
@@ -59,6 +60,7 @@ class _PendingPark:
     positions_A: np.ndarray  # node positions when the park was chosen
     steps: tuple[Step, ...] | None = None  # None until the park signal is seen
     rechecks: int = 0
+    ambiguous: bool = False  # no step, but evidence enough to confirm with a scan
 
 
 @dataclass
@@ -74,6 +76,8 @@ class ManipulationStats:
     scan_s: float = 0.0
     steps_detected: int = 0
     parks_with_steps: int = 0
+    ambiguous_parks: int = 0  # no step but enough evidence for a confirmation scan
+    ambiguous_moves: int = 0  # ... whose scan showed the dopant moved
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -109,6 +113,8 @@ class ManipulationPolicy:
         self._park_log: list[tuple[float, float, float]] = []  # (x, y, dose) of every park
         self._dose_per_s: float | None = None
         self._operator_target_A: tuple[float, float] | None = None  # the last set_target seen
+        self.moved_parks: set[int] = set()  # parks in which something moved: a step, or an ambiguous park the scan confirmed
+        self.fallback_at_park: int | None = None  # the park count when the hop model left the physics prior
 
     # --- public entry points ------------------------------------------------------------------
     def decide(self, observation: Observation) -> Decision:
@@ -172,18 +178,25 @@ class ManipulationPolicy:
             self._dose_per_s = float(result.dose_e_per_A2) / float(result.dwell_s)
         self._park_log.append((float(result.position_A[0]), float(result.position_A[1]), float(result.dose_e_per_A2)))
         cp = self.cfg.changepoint
-        steps = tuple(detect_steps(result.signal, result.sample_interval_s, z_threshold=cp.z_threshold,
-                                   windows=cp.windows, min_segment=cp.min_segment))
+        found, evidence = scan_steps(result.signal, result.sample_interval_s, z_threshold=cp.z_threshold,
+                                     windows=cp.windows, min_segment=cp.min_segment, long_windows=cp.long_windows,
+                                     long_z_threshold=cp.long_z_threshold)
+        steps = tuple(found)
         p.steps = steps
+        p.ambiguous = not steps and evidence >= cp.ambiguous_evidence
         if steps:
             self.stats.parks_with_steps += 1
             self.stats.steps_detected += len(steps)
+            self.moved_parks.add(p.index)
+        if p.ambiguous:
+            self.stats.ambiguous_parks += 1
         self._event("parks_seen", {"park": p.index, "steps": [s.to_dict() for s in steps], "dwell_s": result.dwell_s,
-                                   "dose_e_per_A2": result.dose_e_per_A2})
+                                   "dose_e_per_A2": result.dose_e_per_A2, "evidence": evidence})
         self._parks_since_confirm += 1
-        if steps or self._parks_since_confirm >= self.cfg.confirm.every_parks:
-            why = f"{len(steps)} step(s) in the park signal, first at {steps[0].time_s:.3f} s" if steps else \
-                f"routine check after {self._parks_since_confirm} parks"
+        if steps or p.ambiguous or self._parks_since_confirm >= self.cfg.confirm.every_parks:
+            why = (f"{len(steps)} step(s) in the park signal, first at {steps[0].time_s:.3f} s" if steps else
+                   f"ambiguous park signal (evidence {evidence:.2f} of a step)" if p.ambiguous else
+                   f"routine check after {self._parks_since_confirm} parks")
             return self._confirm(p, recheck=False, why=why)
         return self._learn(p, None)
 
@@ -261,7 +274,11 @@ class ManipulationPolicy:
         assert self.graph is not None
         steps = p.steps or ()
         segs = trajectory(self.graph, outcome, p.from_node, p.intended_node, p.dwell_s, steps)
-        unseen = (outcome is not None and not steps and len(segs) == 2 and segs[0][3] is not None)
+        moved = outcome is not None and not steps and len(segs) == 2 and segs[0][3] is not None
+        if moved and p.ambiguous:  # the ambiguous signal was a move: this park's (its time unknown)
+            self.stats.ambiguous_moves += 1
+            self.moved_parks.add(p.index)
+        unseen = moved and not p.ambiguous
         if unseen:
             # a move no park signal showed (the beam far from both atoms): it happened in this park or
             # in one of the unchecked ones before it; learn this park as "no move" and share the hop out
@@ -349,6 +366,8 @@ class ManipulationPolicy:
         s, j = self.path[0], self.path[1]
         near = np.flatnonzero(np.linalg.norm(self.graph.positions_A - self.graph.positions_A[s], axis=1) < 4.0)
         self.model.compact(set(near.tolist()), self.cfg.model.max_cells)
+        if self.cfg.strategy == "bo":
+            self._check_fallback()
         choice = self._choose(s, j)
         j = int(choice.scores.get("aim_node", j))  # with acquisition.any_closer_site: the closer site aimed at
         if self._dose_per_s is not None:
@@ -368,6 +387,26 @@ class ManipulationPolicy:
         scores.update({"offset_along_A": choice.offset_A[0], "offset_across_A": choice.offset_A[1], "dwell_s": choice.dwell_s,
                        "from_node": float(s), "to_node": float(j), "hops_to_go": float(remaining), "park_index": float(index)})
         return Decision(Park(choice.position_A, choice.dwell_s), self.name, reason, scores)
+
+    def _check_fallback(self) -> None:
+        """Rebuild the hop model without the physics prior's confidence on the carbon once the hops
+        seen with the beam on the carbon say its rate is well below the prior's (config ``fallback``)."""
+        fb, mc = self.cfg.fallback, self.cfg.model
+        if not fb.enabled or self.fallback_at_park is not None:
+            return
+        hops, exposure = self.model.near_carbon_counts(fb.carbon_radius_A)
+        shape, rate = fb.prior_shape + hops, fb.prior_shape / mc.prior_peak_rate_per_s + exposure
+        p_bad = float(gammainc(shape, rate * fb.below_fraction * mc.prior_peak_rate_per_s))
+        if p_bad < fb.confidence:
+            return
+        new_cfg = mc.model_copy(update={"near_sd_fraction": fb.near_sd_fraction,
+                                        **({} if fb.level_sd is None else {"level_sd": fb.level_sd})})
+        self.model = self.model.with_config(new_cfg)
+        self.model.fit()
+        self.fallback_at_park = self.stats.parks
+        self._event("plans", {"event": "fallback", "park": self.stats.parks, "carbon_hops": hops,
+                              "carbon_exposure_s": exposure, "p_rate_below": p_bad,
+                              "near_sd_fraction": new_cfg.near_sd_fraction, "level_sd": new_cfg.level_sd})
 
     def _choose(self, s: int, j: int) -> ParkChoice:
         assert self.graph is not None

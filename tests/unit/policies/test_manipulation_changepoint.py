@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stemagent.errors import InputError
-from stemagent.policies.manipulation.changepoint import detect_steps, noise_scale
+from stemagent.policies.manipulation.changepoint import detect_steps, noise_scale, scan_steps
 
 DT = 1e-3
 
@@ -72,3 +72,34 @@ def test_bad_signals_are_refused_with_the_field_named() -> None:
     with pytest.raises(InputError, match="sample_interval_s"):
         detect_steps(np.ones(100), 0.0)
     assert detect_steps(np.ones(4), DT) == []  # too short to hold a step
+
+
+LONG = {"long_windows": (1024, 4096), "long_z_threshold": 8.0}
+
+
+def test_a_step_below_the_short_windows_power_is_evidence_in_the_long_ones() -> None:
+    """A hop with the beam far from both atoms in a 4-s park: +4 % of the level, a fifth of the per-sample noise."""
+    rng = np.random.default_rng(8)
+    x = _signal([(2100, 400.0), (1900, 416.0)], rng)
+    assert detect_steps(x, DT) == []  # the short windows (up to 256 samples) cannot see it
+    steps, evidence = scan_steps(x, DT, **LONG)
+    assert steps == [] and evidence >= 1.0  # not a step (a long window alone could be curved drift): a case to confirm
+    assert scan_steps(x, DT)[1] < 1.0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pure_shot_noise_and_drift_have_no_step_in_the_long_windows(seed: int) -> None:
+    rng = np.random.default_rng(300 + seed)
+    n = int(rng.integers(100, 8000))
+    level = float(rng.uniform(50, 2000)) * (1.0 + float(rng.uniform(-0.1, 0.1)) * np.linspace(0.0, 1.0, n))
+    steps, evidence = scan_steps(rng.poisson(level).astype(float), DT, **LONG)
+    assert steps == [] and 0.0 <= evidence < 1.0
+
+
+def test_the_evidence_is_the_largest_statistic_over_its_threshold() -> None:
+    rng = np.random.default_rng(7)
+    x = _signal([(1000, 400.0), (1000, 1600.0)], rng)
+    steps, evidence = scan_steps(x, DT)
+    assert len(steps) == 1 and evidence == pytest.approx(abs(steps[0].z) / 6.0)
+    with pytest.raises(InputError, match="long_z_threshold"):
+        scan_steps(x, DT, long_z_threshold=0.0)

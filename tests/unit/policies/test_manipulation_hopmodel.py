@@ -79,3 +79,21 @@ def test_damage_rate_is_a_gamma_poisson_posterior() -> None:
     assert hm.damage_rate_per_s() == pytest.approx(1.0 / 2000.0)
     hm.add_damage_exposure(0.0, 3)
     assert hm.damage_rate_per_s() == pytest.approx(4.0 / 2000.0)
+
+
+def test_a_model_under_another_prior_keeps_the_data_and_frees_the_carbon() -> None:
+    cfg = HopModelConfig()
+    hm = HopModel(cfg)
+    hm.add(0, (1.0, 2.0), 0.0, 0.0, exposure_s=60.0, hops=0)  # a long wait on the carbon, no hop
+    hm.add(0, (1.0, 2.0), 0.1, 0.1, exposure_s=20.0, hops=1)
+    hm.add(0, (1.0, 2.0), 0.0, 0.9, exposure_s=2.0, hops=1)  # a hop well off the carbon
+    hm.add_damage_exposure(82.0, 0)
+    assert hm.near_carbon_counts(0.25) == (1.0, 80.0)
+    free = hm.with_config(cfg.model_copy(update={"near_sd_fraction": 1.0}))
+    assert free.n_cells == hm.n_cells and free.n_hops == hm.n_hops and free.near_carbon_counts(0.25) == (1.0, 80.0)
+    assert free.damage_exposure_s == hm.damage_exposure_s
+    hm.fit(6)
+    free.fit(6)
+    x = np.array([[0.0, 0.0, 1.0, 2.0]])
+    # the same data pull the carbon's rate further from the physics prior when the prior is looser there
+    assert free.predict(x)[0][0] < hm.predict(x)[0][0]

@@ -244,3 +244,48 @@ def test_a_park_the_loop_replaced_is_neither_learned_nor_counted() -> None:
     plans = [doc for stream, doc in pol.drain_events() if stream == "plans"]
     assert any(p.get("event") == "park_not_run" and p["park"] == 0 for p in plans)
     assert not [s for s, _ in pol.drain_events() if s == "outcomes"]
+
+
+def _ambiguous_park(pol: ManipulationPolicy, env: SyntheticHopEnv, cmd: Park) -> Decision:
+    """A park whose signal holds a step too small to call (0.75 of the per-sample noise at 400 counts)."""
+    rng = np.random.default_rng(11)
+    signal = np.concatenate([rng.poisson(400.0, 1100), rng.poisson(410.0, 900)]).astype(float)
+    return pol.observe_park(ParkResult(cmd.position_A, 2.0, 0.0, 1e-3, signal, dose_e_per_A2=3e8))
+
+
+def test_an_ambiguous_park_signal_is_confirmed_by_a_scan_and_a_move_it_shows_is_this_parks() -> None:
+    env = _env(4)
+    cp = {"long_windows": (), "ambiguous_evidence": 0.3}
+    pol = ManipulationPolicy(_cfg(env, changepoint=cp), seed=4)
+    d = pol.decide(env.survey())
+    assert isinstance(d.command, Park)
+    p = pol.pending_park
+    assert p is not None
+    d = _ambiguous_park(pol, env, d.command)
+    assert isinstance(d.command, ScanRegion) and "ambiguous" in d.reason
+    assert pol.stats.parks_with_steps == 0 and pol.stats.ambiguous_parks == 1
+    # the dopant did move in that park: the scan shows it on the intended site
+    env.dopant = int(np.argmin(np.linalg.norm(env.sites_A - p.positions_A[p.intended_node], axis=1)))
+    d = pol.decide(env.observe(d.command.geometry))
+    assert pol.stats.ambiguous_moves == 1 and pol.moved_parks == {p.index} and pol.dopant == p.intended_node
+    # with the grey zone off the same signal is learned as "no move" and the next park follows
+    off = ManipulationPolicy(_cfg(env, changepoint={"long_windows": (), "ambiguous_evidence": 1.0}), seed=4)
+    d = off.decide(_env(4).survey())
+    assert isinstance(d.command, Park)
+    d = _ambiguous_park(off, env, d.command)
+    assert isinstance(d.command, Park) and off.stats.ambiguous_parks == 0 and off.moved_parks == set()
+
+
+def test_the_fallback_leaves_the_physics_prior_once_the_carbon_is_known_to_be_bad() -> None:
+    env = SyntheticHopEnv(bump_rate(1.0, 0.0, 0.9, 0.3, 0.001), seed=5)  # nothing on the carbon, a bump 0.9 Å across
+    pol = ManipulationPolicy(_cfg(env, fallback={"enabled": True}), seed=5)
+    drive(pol, env, max_commands=80)
+    assert pol.fallback_at_park is not None
+    events = [doc for stream, doc in pol.drain_events() if stream == "plans" and doc.get("event") == "fallback"]
+    assert len(events) == 1 and events[0]["p_rate_below"] >= 0.9 and events[0]["near_sd_fraction"] == pytest.approx(0.66)
+    assert pol.model.cfg.near_sd_fraction == pytest.approx(0.66)
+    # on a carbon as good as the prior says, it stays
+    good = _env(5)
+    stay = ManipulationPolicy(_cfg(good, fallback={"enabled": True}), seed=5)
+    drive(stay, good, max_commands=80)
+    assert stay.fallback_at_park is None
