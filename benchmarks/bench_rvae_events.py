@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=3)
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--dose", type=float, default=1e4, help="dose per frame, e/Å²")
-    ap.add_argument("--seed", type=int, default=101, help="first sequence seed (seeds 100 and 106-110 were used to choose --windows and --n-sigma)")
+    ap.add_argument("--seed", type=int, default=101, help="first sequence seed (seeds 106-110 were used to choose --windows, --n-sigma and the grouping)")
     ap.add_argument("--segmenter", choices=("unet", "log"), default="unet")
     ap.add_argument("--drift", action="store_true", help="twin drift and the drift stage")
     ap.add_argument("--fov-A", type=float, default=25.6)
