@@ -211,7 +211,8 @@ def analyze_latents(
     truth: Optional[Path] = typer.Option(None, "--truth", help=f"the twin's truth (default: {TRUTH_FILE} in the log's folder, if there)"),
     windows: str = typer.Option(",".join(map(str, DEFAULT_WINDOWS)), "--windows", help="frames averaged on each side of a jump: one number or several "
                                                          "(multi-scale), e.g. 3,6"),
-    n_sigma: float = typer.Option(DEFAULT_N_SIGMA, min=0.5, help="jump threshold, in units of the noise of a difference of window means"),
+    n_sigma: float = typer.Option(DEFAULT_N_SIGMA, min=0.5, help="event threshold: the jumps of an atom and its neighbours together "
+                                                                 "(root sum of squares), in units of the noise of a difference of window means"),
     max_states: int = typer.Option(6, min=1, max=20, help="most states the mixture may use (chosen by BIC)"),
     gate_fraction: float = typer.Option(0.4, min=0.05, max=0.49, help="linking gate, fraction of the lattice spacing"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=2, help="read at most this many frames"),

@@ -16,19 +16,24 @@ latents ``z`` and angles from :mod:`stemagent.encoding.rvae`, the frame's dose).
    (means closer than the jump threshold) are one state (:func:`merge_states`).
 3. **Events** (:func:`detect_events`): per track, a change point where the mean of ``z`` over the
    ``window`` observations after differs from the mean over the ``window`` before by more than
-   ``n_sigma`` times the noise of that difference (the per-observation noise ``sigma_z`` of each
-   state is measured on the tracks themselves: the median absolute first difference, a robust
-   estimate untouched by the rare jumps), or where the majority state of the two windows differs (a
-   state change that persists for ``window`` observations) and the jump is at least half the
-   threshold. Peaks closer than ``window`` on a track are one event; several windows may be
-   used at once (multi-scale: short ones resolve events a few frames apart, long ones find small
-   jumps).
+   ``track_n_sigma`` times the noise of that difference (a Mahalanobis norm with the per-state
+   noise covariance of one observation, :func:`latent_noise_cov`: a robust covariance of the first
+   differences along the tracks, untouched by the rare jumps; the content dimensions' noise is
+   correlated), or where the majority state of the two windows differs (a state change that
+   persists for ``window`` observations) and the jump is at least half the threshold. Peaks
+   closer than ``window`` on a track are one event; several windows may be used at once
+   (multi-scale: short ones resolve events a few frames apart, long ones find small jumps); at a
+   track's ends the window on the short side shrinks (``edge_window``).
+   **Evidence of atom and neighbours**: the candidates are grouped around the strongest
+   (:func:`group_events`: one swap changes the two sites and their neighbours, one vacancy its
+   three neighbours), and a group is an event when the root sum of squares of its tracks' jumps
+   reaches ``n_sigma`` (:func:`group_evidence`): a knock-on moves four tracks by 3-6 noise units
+   each, a noise excursion one.
 4. **Transition graph** (:func:`transition_graph`): counts of state changes between persistent
    states, and their rates per dose: changes ``i -> j`` over the dose the tracks spent in state
    ``i`` (per e/Å²).
 
-Detected events close in time and space (one swap changes two sites, a vacancy its three
-neighbours) are grouped by :func:`group_events`. Arrays: positions ``(N, 2)`` Å (x, y); ``z``
+Arrays: positions ``(N, 2)`` Å (x, y); ``z``
 ``(N, k)`` (NaN where the atom was not encoded).
 """
 
@@ -45,10 +50,13 @@ from stemagent.drift.tracking import match, nearest_neighbour_spacing_A
 from stemagent.errors import InputError
 
 
-#: jump windows (frames) and threshold (noise units) chosen on tuning sequences (seeds 100, 106-110 of
-#: benchmarks/bench_rvae_events.py) for the shipped 4-latent weights; the test seeds 101-105 were never used
+#: jump windows (frames), the group evidence threshold and the per-track candidate threshold (noise
+#: units), chosen on tuning sequences (seeds 106-110 of benchmarks/bench_rvae_events.py) for the
+#: shipped 4-latent weights; the test seeds 101-105 were never used to choose them
 DEFAULT_WINDOWS: tuple[int, ...] = (4, 8)
-DEFAULT_N_SIGMA = 8.0
+DEFAULT_N_SIGMA = 9.25
+DEFAULT_TRACK_N_SIGMA = 5.0
+DEFAULT_EDGE_WINDOW: int | None = 3
 
 @dataclass
 class LatentFrame:
@@ -294,6 +302,54 @@ def latent_noise(traj: Trajectories, *, by_state: bool = False, n_states: int = 
     return out
 
 
+def _robust_cov(d: np.ndarray) -> np.ndarray:
+    """Robust covariance ``(k, k)`` of rows ``d`` ``(M, k)`` (centred at 0): scales from the median
+    absolute value, covariances from the scales of sums and differences (Gnanadesikan and
+    Kettenring: ``cov(x, y) = (s(x + y)**2 - s(x - y)**2) / 4`` on standardised ``x``, ``y``), so a
+    rare jump does not inflate the noise. Made positive definite by clipping its eigenvalues."""
+    mad = 1.0 / 0.6745
+    s = np.median(np.abs(d), axis=0) * mad
+    s = np.where(s > 0, s, 1.0)
+    u = d / s
+    k = d.shape[1]
+    r = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            plus = (np.median(np.abs(u[:, i] + u[:, j])) * mad) ** 2
+            minus = (np.median(np.abs(u[:, i] - u[:, j])) * mad) ** 2
+            r[i, j] = r[j, i] = (plus - minus) / max(plus + minus, 1e-12)
+    w, v = np.linalg.eigh(r)
+    r = (v * np.clip(w, 0.05, None)) @ v.T
+    return np.asarray(r * np.outer(s, s))
+
+
+def latent_noise_cov(traj: Trajectories, n_states: int, *, min_pairs: int = 50) -> np.ndarray:
+    """Noise covariance of one observation of ``z`` per state, ``(n_states, k, k)``: a robust
+    covariance (:func:`_robust_cov`) of the first differences along the tracks between two
+    observations in that state, over 2 (the overall one where a state has fewer than
+    ``min_pairs`` such pairs). The content dimensions' noise is correlated (up to 0.7 between two
+    of them for the shipped weights), so a jump against that correlation is rarer than the
+    per-dimension noise says, and one along it more common."""
+    k = traj.z.shape[1]
+    diffs, pairs_state = [], []
+    for r in traj.runs():
+        if len(r) > 1:
+            diffs.append(np.diff(traj.z[r], axis=0))
+            st = traj.state[r]
+            pairs_state.append(np.where(st[1:] == st[:-1], st[1:], -1))
+    if not diffs:
+        return np.tile(np.eye(k), (max(n_states, 1), 1, 1))
+    d = np.concatenate(diffs)
+    ps = np.concatenate(pairs_state)
+    overall = _robust_cov(d) / 2.0
+    out = np.tile(overall, (n_states, 1, 1))
+    for s in range(n_states):
+        m = ps == s
+        if m.sum() >= max(min_pairs, 5 * k):
+            out[s] = _robust_cov(d[m]) / 2.0
+    return out
+
+
 @dataclass
 class Event:
     """A jump in one track: between observation rows ``row_before`` and ``row_after`` (the first
@@ -324,24 +380,41 @@ def _majority(states: np.ndarray) -> tuple[int, float]:
 
 
 def _candidates(z: np.ndarray, st: np.ndarray, w: int, sig: np.ndarray, n_sigma: float, state_agreement: float,
-                use_states: bool) -> list[tuple[float, int, float, bool, int, int]]:
+                use_states: bool, edge: int | None = None) -> list[tuple[float, int, float, bool, int, int]]:
     """Jump candidates of one track at window ``w``: ``(priority, t, score, changed, a, b)`` with
-    ``t`` the first row of the "after" window and ``a``, ``b`` the majority states around it."""
+    ``t`` the first row of the "after" window and ``a``, ``b`` the majority states around it.
+    ``edge``: at a track's ends the window on the short side shrinks down to ``edge`` rows (its
+    noise grows to match), so a jump in the first or last ``w`` rows is placed where it is rather
+    than at row ``w``; None: full windows only."""
     n = len(z)
-    if n < 2 * w:
+    m = w if edge is None else max(1, min(w, int(edge)))
+    if n < w + m:
         return []
     cs = np.vstack([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
-    t = np.arange(w, n - w + 1)
-    before = (cs[t] - cs[t - w]) / w
-    after = (cs[t + w] - cs[t]) / w
-    maj = [(_majority(st[ti - w:ti]), _majority(st[ti:ti + w])) for ti in t]
-    if sig.ndim == 2:
-        sa = np.array([sig[a] if 0 <= a < len(sig) else sig.max(0) for (a, _), _ in maj])
-        sb = np.array([sig[b] if 0 <= b < len(sig) else sig.max(0) for _, (b, _) in maj])
-        scale = np.sqrt((sa ** 2 + sb ** 2) / w)
+    t = np.arange(m, n - m + 1)
+    nb = np.minimum(w, t)
+    na = np.minimum(w, n - t)
+    t, nb, na = t[(nb + na) >= w + m], nb[(nb + na) >= w + m], na[(nb + na) >= w + m]
+    if len(t) == 0:
+        return []
+    before = (cs[t] - cs[t - nb]) / nb[:, None]
+    after = (cs[t + na] - cs[t]) / na[:, None]
+    maj = [(_majority(st[ti - b:ti]), _majority(st[ti:ti + a])) for ti, b, a in zip(t, nb, na)]
+    diff = after - before
+    if sig.ndim == 3:  # per-state covariances: a Mahalanobis norm with the correlations
+        fallback = sig[int(np.argmax(np.trace(sig, axis1=1, axis2=2)))]
+        ca = np.array([sig[a] if 0 <= a < len(sig) else fallback for (a, _), _ in maj])
+        cb = np.array([sig[b] if 0 <= b < len(sig) else fallback for _, (b, _) in maj])
+        solved = np.linalg.solve(ca / nb[:, None, None] + cb / na[:, None, None], diff[:, :, None])[:, :, 0]
+        score = np.sqrt(np.clip(np.einsum("ni,ni->n", diff, solved), 0.0, None))
     else:
-        scale = np.broadcast_to(sig * math.sqrt(2.0 / w), before.shape)
-    score = np.sqrt((((after - before) / scale) ** 2).sum(1))
+        if sig.ndim == 2:
+            sa = np.array([sig[a] if 0 <= a < len(sig) else sig.max(0) for (a, _), _ in maj])
+            sb = np.array([sig[b] if 0 <= b < len(sig) else sig.max(0) for _, (b, _) in maj])
+            scale = np.sqrt(sa ** 2 / nb[:, None] + sb ** 2 / na[:, None])
+        else:
+            scale = sig[None, :] * np.sqrt(1.0 / nb + 1.0 / na)[:, None]
+        score = np.sqrt(((diff / scale) ** 2).sum(1))
     changed = np.zeros(len(t), dtype=bool)
     if use_states:
         changed = np.array([a != b and fa >= state_agreement and fb >= state_agreement for (a, fa), (b, fb) in maj], dtype=bool)
@@ -354,7 +427,7 @@ def _candidates(z: np.ndarray, st: np.ndarray, w: int, sig: np.ndarray, n_sigma:
 
 
 def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigma: float = 6.0, sigma_z: np.ndarray | None = None,
-                  state_agreement: float = 0.75, use_states: bool = True) -> list[Event]:
+                  state_agreement: float = 0.75, use_states: bool = True, edge_window: int | None = None) -> list[Event]:
     """Jumps in every track (see the module docstring); ``traj.state`` must be set when ``use_states``.
 
     ``window``: observations averaged on each side, or several (multi-scale: a short window
@@ -363,23 +436,34 @@ def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigm
     same event); ``n_sigma``: the jump threshold in units of the noise of a difference of two
     window means (``sqrt((sigma_a**2 + sigma_b**2) / window)`` per dimension for majority states
     ``a`` before and ``b`` after, combined as a Mahalanobis norm); ``sigma_z``: the noise of one
-    observation, ``(k,)`` or per state ``(S, k)`` (measured with :func:`latent_noise` when None);
+    observation, ``(k,)`` or per state ``(S, k)`` (measured with :func:`latent_noise` when None),
+    or per-state covariances ``(S, k, k)`` (:func:`latent_noise_cov`: the norm is then Mahalanobis
+    with the correlations between dimensions);
     ``state_agreement``: the share of each window that must show its majority state for a state
-    change to count."""
+    change to count; ``edge_window``: at a track's first and last rows the window on the short
+    side may shrink to this many rows (None: full windows only, so a jump in the first ``window``
+    rows is placed at row ``window``)."""
+    if edge_window is not None and edge_window < 1:
+        raise InputError("edge_window", edge_window, "must be >= 1 (or None)")
     windows = sorted({int(window)} if isinstance(window, (int, np.integer)) else {int(w) for w in window})
     if not windows or windows[0] < 1:
         raise InputError("window", window, "must be >= 1 (or a list of such)")
     if not (math.isfinite(n_sigma) and n_sigma > 0):
         raise InputError("n_sigma", n_sigma, "must be positive")
     sig = latent_noise(traj) if sigma_z is None else np.asarray(sigma_z, dtype=np.float64)
-    sig = np.where(np.isfinite(sig) & (sig > 0), sig, 1.0)
+    if sig.ndim == 3:
+        k = traj.z.shape[1]
+        if sig.shape[1:] != (k, k) or not np.all(np.isfinite(sig)):
+            raise InputError("sigma_z.shape", sig.shape, f"covariances must be finite (S, {k}, {k})")
+    else:
+        sig = np.where(np.isfinite(sig) & (sig > 0), sig, 1.0)
     events: list[Event] = []
     for rows in traj.runs():
         z, st = traj.z[rows], traj.state[rows]
         taken: list[int] = []
         for w in windows:
             # one event per peak: greedy non-maximum suppression within the window
-            for _, t, score, changed, a, b in sorted(_candidates(z, st, w, sig, n_sigma, state_agreement, use_states), key=lambda c: -c[0]):
+            for _, t, score, changed, a, b in sorted(_candidates(z, st, w, sig, n_sigma, state_agreement, use_states, edge_window), key=lambda c: -c[0]):
                 if any(abs(t - u) < w for u in taken):
                     continue
                 taken.append(t)
@@ -392,14 +476,31 @@ def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigm
     return events
 
 
-def group_events(events: Sequence[Event], *, radius_A: float = 3.0, steps: int = 2) -> list[list[Event]]:
-    """Events within ``radius_A`` and ``steps`` frames of each other (transitively) as one group:
-    one swap changes two sites, one vacancy its neighbours."""
+def group_events(events: Sequence[Event], *, radius_A: float = 3.0, steps: int = 2, linkage: str = "strongest") -> list[list[Event]]:
+    """Events close in space and time as one group: one swap changes two sites and their
+    neighbours, one vacancy its neighbours.
+
+    ``linkage="strongest"`` (default): the strongest event not yet grouped takes every ungrouped
+    event within ``radius_A`` and ``steps`` frames of it, and so on (no chains: two swaps 5 Å apart
+    in the same frame stay two groups, each with its neighbours' echoes); ``"transitive"``: events
+    within ``radius_A`` and ``steps`` of each other, transitively (chains through neighbours)."""
+    if linkage not in ("strongest", "transitive"):
+        raise InputError("linkage", linkage, "must be 'strongest' or 'transitive'")
     n = len(events)
     if n == 0:
         return []
     pos = np.array([e.position_A for e in events])
     st = np.array([e.step for e in events], dtype=np.float64)
+    if linkage == "strongest":
+        free = np.ones(n, dtype=bool)
+        out: list[list[Event]] = []
+        for i in sorted(range(n), key=lambda j: (-events[j].score, j)):
+            if not free[i]:
+                continue
+            take = free & (np.hypot(pos[:, 0] - pos[i, 0], pos[:, 1] - pos[i, 1]) <= radius_A) & (np.abs(st - st[i]) <= steps)
+            free &= ~take
+            out.append([events[int(j)] for j in np.flatnonzero(take)])
+        return sorted(out, key=lambda g: (min(e.step for e in g), g[0].position_A))
     # space-time points: a step counts as radius_A / steps Å
     pts = np.column_stack([pos, st * (radius_A / max(steps, 1e-9))])
     pairs = cKDTree(pts).query_pairs(radius_A * math.sqrt(2.0), output_type="ndarray")
@@ -420,6 +521,16 @@ def group_events(events: Sequence[Event], *, radius_A: float = 3.0, steps: int =
     for i in range(n):
         groups.setdefault(root(i), []).append(events[i])
     return sorted(groups.values(), key=lambda g: (min(e.step for e in g), g[0].position_A))
+
+
+def group_evidence(group: Sequence[Event]) -> float:
+    """A group's evidence: the root sum of squares of the best score of each track in it (noise
+    units). A knock-on moves its three neighbours and the site a little each (3-6 sigma), a noise
+    excursion one track: together the small jumps weigh like one large one."""
+    best: dict[int, float] = {}
+    for e in group:
+        best[e.track] = max(best.get(e.track, 0.0), e.score)
+    return float(math.sqrt(sum(v * v for v in best.values())))
 
 
 @dataclass
@@ -494,16 +605,29 @@ class PathwayAnalysis:
 
 
 def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True, gate_fraction: float = 0.4, max_gap_frames: int = 2,
-                     max_states: int = 6, window: int | Sequence[int] = DEFAULT_WINDOWS, n_sigma: float = DEFAULT_N_SIGMA, seed: int = 0,
-                     group_radius_A: float = 2.5, group_steps: int = 1, min_track_length: int | None = None) -> PathwayAnalysis:
+                     max_states: int = 6, window: int | Sequence[int] = DEFAULT_WINDOWS, n_sigma: float = DEFAULT_N_SIGMA,
+                     track_n_sigma: float | None = DEFAULT_TRACK_N_SIGMA, seed: int = 0, group_radius_A: float = 3.0, group_steps: int = 3,
+                     linkage: str = "strongest", correlated_noise: bool = True, edge_window: int | None = DEFAULT_EDGE_WINDOW,
+                     min_track_length: int | None = None) -> PathwayAnalysis:
     """Link, fit states, detect events, group them and count transitions (the module docstring).
+
     ``window``: one window or several (multi-scale, :func:`detect_events`); the longest sets the
-    noise scale under which mixture components are merged into states."""
+    noise scale under which mixture components are merged into states. Each track's jumps above
+    ``track_n_sigma`` are candidates; they are grouped (:func:`group_events`, ``linkage``) and a
+    group is kept when its evidence (:func:`group_evidence`: the jumps of the atom and of its
+    neighbours together) reaches ``n_sigma``; the events of the other groups are dropped.
+    ``track_n_sigma=None``: every jump must reach ``n_sigma`` on its own track (the rule before
+    the group evidence). ``correlated_noise``: the jump norm uses the noise covariance per state
+    (:func:`latent_noise_cov`), else the per-dimension noise (:func:`latent_noise`);
+    ``edge_window``: the shortest window at a track's ends (:func:`detect_events`)."""
     if len(frames) < 2:
         raise InputError("frames", len(frames), "a pathway needs at least 2 frames with latents")
     windows = [int(window)] if isinstance(window, (int, np.integer)) else [int(w) for w in window]
     if not windows or min(windows) < 1:
         raise InputError("window", window, "must be >= 1 (or a list of such)")
+    track_sigma = n_sigma if track_n_sigma is None else float(track_n_sigma)
+    if not (math.isfinite(track_sigma) and 0 < track_sigma <= n_sigma):
+        raise InputError("track_n_sigma", track_n_sigma, f"must be positive and at most n_sigma ({n_sigma})")
     ids = link_atoms(frames, sample_frame=sample_frame, gate_fraction=gate_fraction, max_gap_frames=max_gap_frames)
     traj = build_trajectories(frames, ids)
     if len(traj) < 2:
@@ -516,7 +640,10 @@ def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True
     states = merge_states(states, np.where(overall > 0, overall, 1.0) * math.sqrt(2.0 / max(windows)), n_sigma)
     traj.state = states.predict(traj.z)
     sigma = latent_noise(traj, by_state=True, n_states=states.n_states)
-    events = detect_events(traj, window=windows, n_sigma=n_sigma, sigma_z=sigma)
-    groups = group_events(events, radius_A=group_radius_A, steps=group_steps)
+    noise = latent_noise_cov(traj, states.n_states) if correlated_noise else sigma
+    events = detect_events(traj, window=windows, n_sigma=track_sigma, sigma_z=noise, edge_window=edge_window)
+    groups = [g for g in group_events(events, radius_A=group_radius_A, steps=group_steps, linkage=linkage) if group_evidence(g) >= n_sigma]
+    kept = {id(e) for g in groups for e in g}
+    events = [e for e in events if id(e) in kept]
     graph = transition_graph(traj, events, states.n_states, states.means)
     return PathwayAnalysis(traj, states, sigma, events, groups, graph)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemagent.encoding.pathways import LatentFrame, analyze_pathways, fit_states, link_atoms
+from stemagent.encoding.pathways import (DEFAULT_N_SIGMA, Event, LatentFrame, Trajectories, analyze_pathways, detect_events, fit_states,
+                                         group_events, group_evidence, latent_noise_cov, link_atoms)
 from stemagent.errors import InputError
 
 MEANS = np.array([[0.0, 0.0], [2.0, 0.5], [-1.0, 2.0]])
@@ -125,3 +126,81 @@ def test_a_short_window_places_a_brief_visit_that_a_long_one_smears():
     assert {e.step for e in long_only.events} != {20, 23}
     assert [(e.step, e.from_state, e.to_state) for e in multi.events] == [(20, 0, 1), (23, 1, 0)]
     assert multi.graph.counts[0, 1] == multi.graph.counts[1, 0] == 1
+
+
+def _flat_sequence(frames: int = 60, noise: float = 0.12, seed: int = 7):
+    """Every site in state 0 (``MEANS[0]`` plus noise); positions fixed."""
+    rng = np.random.default_rng(seed)
+    pos = lattice()
+    zs = [MEANS[0] + noise * rng.standard_normal((len(pos), 2)) for _ in range(frames)]
+    return pos, zs
+
+
+def test_small_jumps_of_an_atom_and_its_neighbours_add_up_where_one_alone_does_not():
+    pos, zs = _flat_sequence()
+    centre = int(np.argmin(np.hypot(*(pos - pos.mean(0)).T)))
+    d = np.hypot(*(pos - pos[centre]).T)
+    around = np.flatnonzero(d < 1.6)  # the site and its three neighbours
+    assert len(around) == 4
+    lone = int(np.argmax(d))  # far away: one site alone
+    for f in range(30, len(zs)):
+        zs[f][around, 0] += 0.42  # ~7 noise units of a window-8 difference each: under 9.25 alone
+        zs[f][lone, 0] += 0.42
+    frames = [LatentFrame(f, pos, z, np.zeros(len(pos)), dose_e_per_A2=1e4) for f, z in enumerate(zs)]
+    res = analyze_pathways(frames, seed=0)
+    assert len(res.groups) == 1
+    g = res.groups[0]
+    assert {e.step for e in g} == {30}
+    assert all(np.hypot(*(np.array(e.position_A) - pos[centre])) < 1.6 for e in g)
+    assert group_evidence(g) >= DEFAULT_N_SIGMA > max(e.score for e in g)
+    # each jump on its own track must reach the threshold (the rule without group evidence): none does
+    assert analyze_pathways(frames, seed=0, track_n_sigma=None).groups == []
+
+
+def test_strongest_first_grouping_keeps_two_simultaneous_events_apart():
+    def ev(track, x, score):
+        return Event(track, 10, 10, (x, 0.0), 0.0, 0, 1, score, "jump")
+
+    # two events 5 Å apart, echoes on neighbours in between: a chain 1.4 Å per link
+    events = [ev(0, 0.0, 20.0), ev(1, 1.4, 8.0), ev(2, 2.8, 6.0), ev(3, 4.2, 8.0), ev(4, 5.6, 19.0)]
+    assert len(group_events(events, radius_A=2.5, steps=1, linkage="transitive")) == 1
+    groups = group_events(events, radius_A=3.0, steps=2)
+    assert sorted(sorted(e.track for e in g) for g in groups) == [[0, 1, 2], [3, 4]]
+    with pytest.raises(InputError, match="linkage"):
+        group_events(events, linkage="single")
+
+
+def test_noise_covariance_is_robust_to_rare_jumps():
+    rng = np.random.default_rng(3)
+    cov = np.array([[0.04, 0.03], [0.03, 0.09]])
+    z = rng.multivariate_normal([0.0, 0.0], cov, size=(40, 100))  # 40 tracks x 100 frames
+    z[:, 50:] += 5.0  # one big jump per track
+    n = z.shape[0] * z.shape[1]
+    traj = Trajectories(np.repeat(np.arange(40), 100), np.tile(np.arange(100), 40), np.tile(np.arange(100), 40), np.zeros((n, 2)),
+                        z.reshape(-1, 2), np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, dtype=np.int64))
+    est = latent_noise_cov(traj, 1)[0]
+    assert est == pytest.approx(cov, rel=0.15, abs=0.004)
+    # a jump against a strong correlation: far out in the noise's own units, small per dimension
+    corr = np.array([[0.04, 0.036], [0.036, 0.04]])
+    z = rng.multivariate_normal([0.0, 0.0], corr, size=(40, 100))
+    z[0, 50:] += [0.3, -0.3]
+    traj.z = z.reshape(-1, 2)
+    full = latent_noise_cov(traj, 1)
+    diag = np.sqrt(np.diagonal(full, axis1=1, axis2=2))
+    found = detect_events(traj, window=4, n_sigma=6.0, sigma_z=full, use_states=False)
+    assert [(e.track, e.step) for e in found] == [(0, 50)]
+    assert detect_events(traj, window=4, n_sigma=6.0, sigma_z=diag, use_states=False) == []
+
+
+def test_a_jump_in_the_first_frames_is_placed_where_it_is():
+    pos, zs = _flat_sequence(frames=40)
+    site = int(np.argmin(np.hypot(*(pos - pos.mean(0)).T)))
+    for f in range(3):  # the site starts in state 1 and leaves it at frame 3
+        zs[f][site] = MEANS[1] + 0.12 * np.random.default_rng(f).standard_normal(2)
+    frames = [LatentFrame(f, pos, z, np.zeros(len(pos)), dose_e_per_A2=1e4) for f, z in enumerate(zs)]
+    placed = analyze_pathways(frames, seed=0, edge_window=3)
+    assert [e.step for e in placed.events] == [3]
+    late = analyze_pathways(frames, seed=0, edge_window=None)
+    assert [e.step for e in late.events] == [4]  # full windows only: no earlier than the window
+    with pytest.raises(InputError, match="edge_window"):
+        analyze_pathways(frames, seed=0, edge_window=0)
