@@ -42,7 +42,7 @@ import torch
 from linear_operator.utils.errors import NotPSDError
 
 from stemagent.errors import InputError
-from stemagent.policies.survey_acquisition import build_acquisition, evaluate_candidates
+from stemagent.policies.survey_acquisition import build_acquisition, candidate_moments, evaluate_candidates
 from stemagent.policies.survey_config import SurveyPolicyConfig
 from stemagent.policies.survey_dose import LocalDoseLedger
 from stemagent.policies.survey_features import (
@@ -52,7 +52,7 @@ from stemagent.policies.survey_features import (
     features_from_image,
     peak_candidates,
 )
-from stemagent.policies.survey_model import DeepKernelSurrogate, GPSurrogate, posterior_mean_sd
+from stemagent.policies.survey_model import DeepKernelSurrogate, GPSurrogate
 from stemagent.stages import Observation
 from stemagent.types import Blank, Decision, ScanGeometry, ScanRegion, dose_e_per_A2
 
@@ -420,7 +420,8 @@ class SurveyPolicy:
         t1 = time.perf_counter()
         model = self.surrogate.model
         assert model is not None
-        mean, sd = posterior_mean_sd(model, self._X_all)
+        moments = candidate_moments(model, self._X_all)  # one posterior call for the gain and a UCB
+        mean, sd = moments[0], moments[1].clamp_min(0.0).sqrt()
         X_pending = self._X_all[torch.as_tensor(self.pending, dtype=torch.long, device=self.device)] if self.pending else None
         travel = c.travel_length_A
         acq = build_acquisition(
@@ -428,7 +429,7 @@ class SurveyPolicy:
             seed=self.seed + self._n_decisions, beam_xy_A=torch.as_tensor(self._beam_A, dtype=torch.float64, device=self.device),
             travel_length_A=travel, log1p_outcome=c.objective.transform == "log1p",
         )
-        log_acq = evaluate_candidates(acq, self._X_all).cpu().numpy().astype(np.float64)
+        log_acq = evaluate_candidates(acq, self._X_all, moments=moments).cpu().numpy().astype(np.float64)
         visited = self.visits > 0
         # each earlier visit leaves only revisit_gain_fraction of what the model expects there
         discount = np.power(c.revisit_gain_fraction, self.visits.astype(np.float64))
