@@ -23,7 +23,9 @@ Methods (a dopant is found when a Si detection of a visited sub-scan lies within
   passes 95 % (its own order, oracle count);
 - the same survey with its stopping switched off, replayed on the same per-cell results and
   counted until 95 % are found (the footing the baselines are counted on);
-- variants on the same per-cell results (replayed): GP + qLogNEI, deep-kernel GP + UCB.
+- variants on the same per-cell results (replayed): GP + qLogNEI, deep-kernel GP + UCB; the
+  stopping rules ``remaining`` (share 0.03), ``remaining_beta4`` (and ``ucb_beta`` 4) and
+  ``gain_replayed`` (the default rule, replayed: the footing the other two are compared on).
 Also every method's recall after as many sub-scans as the survey took before it stopped.
 Doses are electrons (dose x area), as fractions of the full raster; the overview counts for the
 methods that use it (greedy, survey). Paired one-sided Wilcoxon signed-rank tests over seeds.
