@@ -23,7 +23,9 @@ Methods (a dopant is found when a Si detection of a visited sub-scan lies within
   passes 95 % (its own order, oracle count);
 - the same survey with its stopping switched off, replayed on the same per-cell results and
   counted until 95 % are found (the footing the baselines are counted on);
-- variants on the same per-cell results (replayed): GP + qLogNEI, deep-kernel GP + UCB.
+- variants on the same per-cell results (replayed): GP + qLogNEI, deep-kernel GP + UCB; the
+  stopping rules ``remaining`` (share 0.03), ``remaining_beta4`` (and ``ucb_beta`` 4) and
+  ``gain_replayed`` (the default rule, replayed: the footing the other two are compared on).
 Also every method's recall after as many sub-scans as the survey took before it stopped.
 Doses are electrons (dose x area), as fractions of the full raster; the overview counts for the
 methods that use it (greedy, survey). Paired one-sided Wilcoxon signed-rank tests over seeds.
@@ -288,7 +290,7 @@ async def one_seed(seed: int, layout: str, args: argparse.Namespace, seg: UNetSe
     row.update(survey_n95=live["n95"], survey_n_stop=live["n_stop"], survey_recall_at_stop=round(live["recall_at_stop"], 4),
                survey_stop=live["stop"][:160])
     # the same policy with its stopping switched off, counted until 95 % are found (as the baselines are)
-    free = await run_survey(f, policy_config(args.subscan_dose, None, n, min_expected_gain=0.0), live=False, oracle_stop=True)
+    free = await run_survey(f, policy_config(args.subscan_dose, None, n, stop_rule="gain", min_expected_gain=0.0), live=False, oracle_stop=True)
     row["survey_unstopped_n95"] = free["n95"]
     # every method's recall after as many sub-scans as the survey took before it stopped
     k = live["n_stop"]
@@ -300,7 +302,10 @@ async def one_seed(seed: int, layout: str, args: argparse.Namespace, seg: UNetSe
         "oracle_raster_order": round(float(recall_curve(serpentine(n_side), f.hits)[k - 1]), 4) if k else 0.0,
         "random": round(float(np.median(rnd_rec)), 4),
     }
-    for name, kw in (("qlognei", {"acquisition": "qlognei"}), ("deep_kernel", {"model": "deep_kernel"})):
+    for name, kw in (("qlognei", {"acquisition": "qlognei"}), ("deep_kernel", {"model": "deep_kernel"}),
+                     ("remaining", {"stop_rule": "remaining", "stop_remaining_share": 0.03}),
+                     ("remaining_beta4", {"stop_rule": "remaining", "stop_remaining_share": 0.03, "ucb_beta": 4.0}),
+                     ("gain_replayed", {"stop_rule": "gain"})):
         if name in args.variants:
             r = await run_survey(f, policy_config(args.subscan_dose, args.budget_fraction, n, **kw), live=False)
             row.update({f"{name}_n95": r["n95"], f"{name}_n_stop": r["n_stop"], f"{name}_recall_at_stop": round(r["recall_at_stop"], 4)})
@@ -461,7 +466,7 @@ def main() -> None:
     ap.add_argument("--uniform-seeds", type=int, default=None, help="seeds of the uniform layout (default: --seeds)")
     ap.add_argument("--seed-offset", type=int, default=0)
     ap.add_argument("--layouts", default="clustered,uniform")
-    ap.add_argument("--variants", default="qlognei,deep_kernel", help="replayed variants: qlognei, deep_kernel (comma list, or '')")
+    ap.add_argument("--variants", default="qlognei,deep_kernel", help="replayed variants: qlognei, deep_kernel, remaining, remaining_beta4, gain_replayed (comma list, or '')")
     ap.add_argument("--overview-dose", type=float, default=2000.0)
     ap.add_argument("--subscan-dose", type=float, default=1e5)
     ap.add_argument("--random-repeats", type=int, default=20)

@@ -17,7 +17,9 @@ A visited candidate stays in the set but is worth ``revisit_gain_fraction`` of i
 per earlier visit (what one scan misses), so a revisit happens only when the model asks for it.
 The policy stops (a :class:`~stemagent.types.Blank` decision whose ``details["stop"]`` is true, and
 a non-empty :attr:`SurveyPolicy.stop_reason`, on which the agent ends the run) when no candidate's
-optimistic expected gain reaches ``min_expected_gain``, when the next sub-scan would overrun its
+optimistic expected gain reaches ``min_expected_gain`` (``stop_rule="gain"``) or the model's
+estimate of the objective still unfound falls below ``stop_remaining_share`` of all it expects
+(``stop_rule="remaining"``), when the next sub-scan would overrun its
 own dose budget (electrons over the allowed area, overview included), when no candidate is left
 under the local dose budget (the safety gate's, passed in), or after ``max_subscans``. The safety
 gate still checks every command.
@@ -42,7 +44,7 @@ import torch
 from linear_operator.utils.errors import NotPSDError
 
 from stemagent.errors import InputError
-from stemagent.policies.survey_acquisition import build_acquisition, evaluate_candidates
+from stemagent.policies.survey_acquisition import build_acquisition, candidate_moments, evaluate_candidates
 from stemagent.policies.survey_config import SurveyPolicyConfig
 from stemagent.policies.survey_dose import LocalDoseLedger
 from stemagent.policies.survey_features import (
@@ -52,7 +54,7 @@ from stemagent.policies.survey_features import (
     features_from_image,
     peak_candidates,
 )
-from stemagent.policies.survey_model import DeepKernelSurrogate, GPSurrogate, posterior_mean_sd
+from stemagent.policies.survey_model import DeepKernelSurrogate, GPSurrogate
 from stemagent.stages import Observation
 from stemagent.types import Blank, Decision, ScanGeometry, ScanRegion, dose_e_per_A2
 
@@ -420,7 +422,8 @@ class SurveyPolicy:
         t1 = time.perf_counter()
         model = self.surrogate.model
         assert model is not None
-        mean, sd = posterior_mean_sd(model, self._X_all)
+        moments = candidate_moments(model, self._X_all)  # one posterior call for the gain and a UCB
+        mean, sd = moments[0], moments[1].clamp_min(0.0).sqrt()
         X_pending = self._X_all[torch.as_tensor(self.pending, dtype=torch.long, device=self.device)] if self.pending else None
         travel = c.travel_length_A
         acq = build_acquisition(
@@ -428,7 +431,7 @@ class SurveyPolicy:
             seed=self.seed + self._n_decisions, beam_xy_A=torch.as_tensor(self._beam_A, dtype=torch.float64, device=self.device),
             travel_length_A=travel, log1p_outcome=c.objective.transform == "log1p",
         )
-        log_acq = evaluate_candidates(acq, self._X_all).cpu().numpy().astype(np.float64)
+        log_acq = evaluate_candidates(acq, self._X_all, moments=moments).cpu().numpy().astype(np.float64)
         visited = self.visits > 0
         # each earlier visit leaves only revisit_gain_fraction of what the model expects there
         discount = np.power(c.revisit_gain_fraction, self.visits.astype(np.float64))
@@ -442,6 +445,7 @@ class SurveyPolicy:
         gain = np.clip(gain, 0.0, None) * discount
         self.last_timing_s["acquisition"] = time.perf_counter() - t1
         best_gain = float(np.max(np.where(allowed, gain, -np.inf)))
+        unfound, found_total = self._unfound_estimate(m, s, allowed, discount)
         summary = {
             **self.surrogate.summary(),
             "refit": report.refit,
@@ -451,18 +455,44 @@ class SurveyPolicy:
             "mean_at_chosen": round(float(m[k]), 6),
             "sd_at_chosen": round(float(s[k]), 6),
             "best_observed": float(np.max([self.value_of[j] for j in observed])),
+            "unfound_estimate": round(unfound, 6),
+            "found_total": round(found_total, 6),
         }
         guard = ""
-        if self.n_subscans >= c.min_subscans_before_stop and best_gain < c.min_expected_gain:
+        share = unfound / (unfound + found_total) if unfound + found_total > 0 else 0.0
+        if c.stop_rule == "remaining":
+            done = share < c.stop_remaining_share
+            why = (f"estimated unfound {unfound:.3g} is {share:.1%} of all expected ({found_total:.3g} found + unfound), "
+                   f"below stop_remaining_share={c.stop_remaining_share:.1%}")
+        else:
+            done = best_gain < c.min_expected_gain
+            why = f"expected gain {best_gain:.3g} below min_expected_gain={c.min_expected_gain}"
+        if self.n_subscans >= c.min_subscans_before_stop and done:
             coverage = float(np.mean(visited)) if len(visited) else 1.0
             if self._found_anything() or coverage >= c.min_coverage_before_empty_stop:
-                self.stopped = (f"expected gain {best_gain:.3g} below min_expected_gain={c.min_expected_gain} "
-                                f"after {self.n_subscans} sub-scans ({len(self.found_A)} found)")
+                self.stopped = f"{why} after {self.n_subscans} sub-scans ({len(self.found_A)} found)"
                 return self._stop_decision(self.stopped, note, acquisition=log_acq, gain=gain, model=summary)
-            guard = (f"; not stopping on expected gain {best_gain:.3g}: nothing found yet and {coverage:.0%} of the "
+            guard = (f"; not stopping ({why}): nothing found yet and {coverage:.0%} of the "
                      f"candidates visited < min_coverage_before_empty_stop={c.min_coverage_before_empty_stop}")
         why = f"{c.acquisition} over {int(allowed.sum())} candidates" + (" (revisit: the model asks for it)" if visited[k] else "") + guard
         return self._scan_decision(k, why, phase="model", acquisition=log_acq, gain=gain, model=summary, note=note)
+
+    def _unfound_estimate(self, m: np.ndarray, s: np.ndarray, allowed: np.ndarray, discount: np.ndarray) -> tuple[float, float]:
+        """The model's expected objective still to be found, and the objective found so far (the
+        observed values summed). Unfound: the posterior mean of the objective summed over the
+        candidates that can still be scanned (and those in flight), each earlier visit leaving
+        ``revisit_gain_fraction`` of it; with the ``log1p`` transform the mean of the objective is
+        the log-normal one, ``exp(m + s^2 / 2) - 1``, so the model's uncertainty adds to it."""
+        if self.config.objective.transform == "log1p":
+            per = np.expm1(m + 0.5 * s * s)
+        else:
+            per = m
+        per = np.clip(per, 0.0, None) * discount
+        reach = allowed.copy()
+        reach[self.pending] = True
+        unfound = float(np.sum(per[reach]))
+        found = float(sum(max(v, 0.0) for v in self.value_of.values()))
+        return unfound, found
 
     def _found_anything(self) -> bool:
         """Whether any sub-scan so far returned a positive objective value."""

@@ -24,6 +24,7 @@ import torch
 from botorch.acquisition import AcquisitionFunction, UpperConfidenceBound, qUpperConfidenceBound
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 from botorch.models.model import Model
+from botorch.posteriors import GPyTorchPosterior
 from botorch.sampling import SobolQMCNormalSampler
 from botorch.utils.transforms import t_batch_mode_transform
 from torch import Tensor
@@ -52,7 +53,10 @@ class LogTravelWeightedAcquisition(AcquisitionFunction):
 
     @t_batch_mode_transform(expected_q=1, assert_output_shape=False)  # type: ignore[arg-type]  # botorch's decorator is typed for the base class
     def forward(self, X: Tensor) -> Tensor:
-        v = self.base(X)
+        return self.weigh(self.base(X), X)
+
+    def weigh(self, v: Tensor, X: Tensor) -> Tensor:
+        """The log scale and the travel weight applied to base values ``v`` ``(b,)`` at ``X`` ``(b, 1, d)``."""
         if self.log_base:
             out = v
         else:  # back to objective units first when the model sees log(1 + value)
@@ -96,8 +100,34 @@ def build_acquisition(
     return LogTravelWeightedAcquisition(base, is_log, beam_xy_A, travel_length_A, log1p_outcome=log1p_outcome)
 
 
-def evaluate_candidates(acq: AcquisitionFunction, X_cand: Tensor, batch: int = 512) -> Tensor:
-    """Acquisition value ``(n,)`` of every candidate ``X_cand`` ``(n, d)`` (each as a q = 1 batch)."""
+def candidate_moments(model: Model, X_cand: Tensor) -> tuple[Tensor, Tensor]:
+    """Posterior mean and variance ``(n,)`` each of every candidate ``X_cand`` ``(n, d)``, each as a
+    q = 1 batch (the shape analytic acquisitions evaluate): one posterior call, no ``n x n`` joint
+    covariance."""
+    with torch.no_grad():
+        post = model.posterior(X_cand.unsqueeze(-2))
+        if not isinstance(post, GPyTorchPosterior):
+            raise TypeError(f"model={type(model).__name__}: needs a GPyTorch posterior, got {type(post).__name__}")
+        return post.mean.reshape(-1), post.variance.reshape(-1)
+
+
+def evaluate_candidates(acq: AcquisitionFunction, X_cand: Tensor, batch: int = 512,
+                        moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Acquisition value ``(n,)`` of every candidate ``X_cand`` ``(n, d)`` (each as a q = 1 batch).
+
+    ``moments``: :func:`candidate_moments` of the same model at the same ``X_cand``; an analytic UCB
+    base then takes them instead of asking the model again (BoTorch's own formula,
+    ``mean + sqrt(beta) * sqrt(max(var, 1e-12))``, on the same numbers: the same values).
+    """
+    if moments is not None and isinstance(acq, LogTravelWeightedAcquisition) and type(acq.base) is UpperConfidenceBound:
+        base = acq.base
+        base.to(X_cand)  # as BoTorch does before its posterior call: beta in the candidates' dtype
+        mean, var = moments
+        beta = base.beta
+        assert isinstance(beta, Tensor)
+        with torch.no_grad():
+            v = (mean if base.maximize else -mean) + beta.sqrt() * var.clamp_min(1e-12).sqrt()
+            return acq.weigh(v, X_cand.unsqueeze(-2)).reshape(-1)
     out = []
     with torch.no_grad():
         for i in range(0, len(X_cand), batch):

@@ -68,8 +68,10 @@ class SurveyPolicyConfig(_Model):
     travel_length_A: float | None = Field(None, gt=0.0, description="proximal travel cost: acquisition weighted by exp(-d^2 / 2 L^2) from the beam; None = no travel cost")
     revisit_gain_fraction: float = Field(0.02, ge=0.0, le=1.0, description="each earlier visit leaves this share of what the model expects at a candidate (what one sub-scan misses: the segmenter's miss rate)")
     # stopping and dose
-    min_expected_gain: float = Field(0.5, ge=0.0, description="stop when no candidate's optimistic expected gain (objective units, e.g. new dopants per sub-scan) reaches this")
-    stop_optimism_sd: float = Field(2.0, ge=0.0, le=10.0, description="the expected gain tested for stopping is at mean + this many sd")
+    stop_rule: Literal["remaining", "gain"] = Field("gain", description="'remaining': stop when the model's estimate of what is still unfound (the expected objective summed over the candidates not yet scanned) falls below stop_remaining_share of all it expects (found + unfound); 'gain': stop when no single candidate's optimistic expected gain reaches min_expected_gain")
+    stop_remaining_share: float = Field(0.03, ge=0.0, lt=1.0, description="stop_rule='remaining': stop when the estimated unfound share of the objective falls below this (0 never stops on it)")
+    min_expected_gain: float = Field(0.5, ge=0.0, description="stop_rule='gain': stop when no candidate's optimistic expected gain (objective units, e.g. new dopants per sub-scan) reaches this")
+    stop_optimism_sd: float = Field(2.0, ge=0.0, le=10.0, description="stop_rule='gain': the expected gain tested for stopping is at mean + this many sd")
     min_subscans_before_stop: int = Field(8, ge=0, description="never stop on expected gain before this many sub-scans")
     min_coverage_before_empty_stop: float = Field(0.25, ge=0.0, le=1.0, description="while no sub-scan has returned a positive objective value, never stop on expected gain before this share of the candidate sub-scans has been visited (a dim overview can point at nothing; 0 turns the guard off; the dose budgets still stop the survey)")
     dose_budget_field_e_per_A2: float | None = Field(None, gt=0.0, description="budget of electrons (overview included) over the allowed area's size, e/Å²; None = no budget of the policy's own")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stemagent.codec import encode_decision
+from stemagent.config import ConfigError, config_from_dict
 from stemagent.errors import InputError
 from stemagent.policies.survey import SurveyPolicy
 from stemagent.policies.survey_config import SurveyPolicyConfig
@@ -170,3 +171,27 @@ def test_survey_with_nothing_found_does_not_stop_on_expected_gain_before_the_cov
     if len(guarded.found_A) == 0:
         assert guarded.n_subscans >= 0.25 * n, f"stopped after {guarded.n_subscans} of {n} with nothing found"
     assert any("nothing found yet" in d["reason"] for d in decisions)
+
+
+def test_survey_remaining_stop_rule_stops_on_its_estimate_of_what_is_unfound() -> None:
+    world = field()
+    pol = policy(seed=1, stop_rule="remaining", stop_remaining_share=0.05)
+    decisions = run(pol, world, 48)
+    assert pol.stopped is not None and "estimated unfound" in pol.stopped, pol.stopped
+    last_model = [d for d in decisions if d["details"]["model"]][-1]["details"]["model"]
+    unfound, found = last_model["unfound_estimate"], last_model["found_total"]
+    assert found == len(pol.found_A) and unfound < 0.05 * (unfound + found)
+    assert len(pol.found_A) >= 0.9 * len(world.targets_A)
+    # a share of 0 never stops on the estimate: the survey runs on to max_subscans
+    never = policy(seed=1, stop_rule="remaining", stop_remaining_share=0.0, max_subscans=20)
+    run(never, field(), 48)
+    assert never.n_subscans == 20 and "max_subscans" in (never.stopped or "")
+
+
+def test_survey_stop_rule_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"policy": {"kind": "survey", "stop_rule": "budget"}})
+    assert "policy.stop_rule" in str(err.value) and "budget" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"policy": {"kind": "survey", "stop_remaining_share": 1.5}})
+    assert "policy.stop_remaining_share" in str(err.value)

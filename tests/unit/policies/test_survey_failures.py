@@ -67,7 +67,7 @@ def test_a_failing_model_falls_back_to_a_space_filling_choice(monkeypatch) -> No
         raise RuntimeError("cholesky_cpu: the factorization could not be completed (injected)")
 
     monkeypatch.setattr(survey_model, "posterior_mean_sd", broken)
-    monkeypatch.setattr("stemagent.policies.survey.posterior_mean_sd", broken)
+    monkeypatch.setattr("stemagent.policies.survey.candidate_moments", broken)
     d = pol.decide(w.subscan(ds[-1].command.geometry))
     assert isinstance(d.command, ScanRegion) and d.details["phase"] == "fallback"
     assert "RuntimeError" in d.details["error"] and "space-filling" in d.reason
