@@ -275,12 +275,9 @@ def fit_states(z: np.ndarray, *, max_states: int = 6, seed: int = 0, max_samples
     return StateModel(int(best.n_components), bic, best.means_.copy(), best.weights_.copy(), best, int(best.n_components))
 
 
-def latent_noise(traj: Trajectories, *, by_state: bool = False, n_states: int = 0, min_pairs: int = 30) -> np.ndarray:
-    """Noise of one observation of ``z``: the median absolute first difference along the tracks
-    over ``0.6745 * sqrt(2)`` (a Gaussian's MAD of a difference), ``(k,)``. ``by_state``: per
-    state ``(n_states, k)``, from consecutive observations both in that state (the overall
-    noise where a state has fewer than ``min_pairs`` of them)."""
-    k = traj.z.shape[1]
+def _track_differences(traj: Trajectories) -> tuple[np.ndarray, np.ndarray] | None:
+    """First differences of ``z`` along every track ``(M, k)`` and, per difference, the state both
+    observations share (-1 where they differ) ``(M,)``; None when no track has two observations."""
     diffs, pairs_state = [], []
     for r in traj.runs():
         if len(r) > 1:
@@ -288,12 +285,23 @@ def latent_noise(traj: Trajectories, *, by_state: bool = False, n_states: int = 
             st = traj.state[r]
             pairs_state.append(np.where(st[1:] == st[:-1], st[1:], -1))
     if not diffs:
+        return None
+    return np.concatenate(diffs), np.concatenate(pairs_state)
+
+
+def latent_noise(traj: Trajectories, *, by_state: bool = False, n_states: int = 0, min_pairs: int = 30) -> np.ndarray:
+    """Noise of one observation of ``z``: the median absolute first difference along the tracks
+    over ``0.6745 * sqrt(2)`` (a Gaussian's MAD of a difference), ``(k,)``. ``by_state``: per
+    state ``(n_states, k)``, from consecutive observations both in that state (the overall
+    noise where a state has fewer than ``min_pairs`` of them)."""
+    k = traj.z.shape[1]
+    pairs = _track_differences(traj)
+    if pairs is None:
         return np.full((n_states, k) if by_state else k, np.nan)
-    d = np.concatenate(diffs)
+    d, ps = pairs
     overall = np.median(np.abs(d), axis=0) / (0.6745 * math.sqrt(2.0))
     if not by_state:
         return overall
-    ps = np.concatenate(pairs_state)
     out = np.tile(overall, (n_states, 1))
     for s in range(n_states):
         m = ps == s
@@ -331,16 +339,10 @@ def latent_noise_cov(traj: Trajectories, n_states: int, *, min_pairs: int = 50) 
     of them for the shipped weights), so a jump against that correlation is rarer than the
     per-dimension noise says, and one along it more common."""
     k = traj.z.shape[1]
-    diffs, pairs_state = [], []
-    for r in traj.runs():
-        if len(r) > 1:
-            diffs.append(np.diff(traj.z[r], axis=0))
-            st = traj.state[r]
-            pairs_state.append(np.where(st[1:] == st[:-1], st[1:], -1))
-    if not diffs:
+    pairs = _track_differences(traj)
+    if pairs is None:
         return np.tile(np.eye(k), (max(n_states, 1), 1, 1))
-    d = np.concatenate(diffs)
-    ps = np.concatenate(pairs_state)
+    d, ps = pairs
     overall = _robust_cov(d) / 2.0
     out = np.tile(overall, (n_states, 1, 1))
     for s in range(n_states):
