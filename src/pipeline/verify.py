@@ -282,6 +282,7 @@ class _SegmentAhead:
         for mine in self._copies:
             mine.close()
 
+
 def _frame_order(events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> list[tuple[int, dict[str, Any]]]:
     """The frames :func:`verify_log` will analyse, in order: ``(frame_index, frames event)`` of each
     frame observation whose frame the log had written before it (what :meth:`_Verifier.frame` finds)."""
