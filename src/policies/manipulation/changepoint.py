@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -98,22 +99,10 @@ def _window_z(x: np.ndarray, lo: int, hi: int, w: int, sigma2: float, level: flo
     return z
 
 
-def detect_steps(
-    signal: np.ndarray,
-    sample_interval_s: float,
-    *,
-    z_threshold: float = 6.0,
-    windows: tuple[int, ...] = (4, 16, 64, 256),
-    plain_max_window: int = 16,
-    min_segment: int = 3,
-    max_steps: int = 4,
-    long_windows: tuple[int, ...] = (),
-    long_z_threshold: float = 8.0,
-) -> list[Step]:
-    """Steps in ``signal`` ``(T,)`` (one value per ``sample_interval_s``), in time order."""
-    return scan_steps(signal, sample_interval_s, z_threshold=z_threshold, windows=windows, plain_max_window=plain_max_window,
-                      min_segment=min_segment, max_steps=max_steps, long_windows=long_windows,
-                      long_z_threshold=long_z_threshold)[0]
+def detect_steps(signal: np.ndarray, sample_interval_s: float, **options: Any) -> list[Step]:
+    """Steps in ``signal`` ``(T,)`` (one value per ``sample_interval_s``), in time order: the
+    steps of :func:`scan_steps` (same keyword ``options``) without its evidence."""
+    return scan_steps(signal, sample_interval_s, **options)[0]
 
 
 def scan_steps(

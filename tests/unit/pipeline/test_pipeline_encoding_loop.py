@@ -57,26 +57,39 @@ def test_motifs_stream_has_a_label_per_atom(run_log):
     assert "encoding" in log.start["pipeline"]["stages"]
 
 
+def _verify_edited_copy(log_dir, copy, which, edit):
+    """Copy the run log ``log_dir`` to ``copy``, apply ``edit(doc)`` to the first document for
+    which ``which(name, doc, descriptor names by uid)`` holds, and return the report of
+    ``replay --verify`` on the copy (which must exit 1: a difference)."""
+    import shutil  # noqa: I001 - only the tests that edit a log copy it
+
+    shutil.copytree(log_dir, copy)
+    lines = (copy / "documents.jsonl").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]
+    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    k = next(i for i, (n, d) in enumerate(docs) if which(n, d, names))
+    name, doc = docs[k]
+    edit(doc)
+    lines[k] = json.dumps([name, doc])
+    (copy / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["replay", str(copy), "--verify", "--json"])
+    assert result.exit_code == 1
+    return json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+
+
 def test_verify_reproduces_the_motif_labels_and_finds_a_changed_one(run_log, tmp_path):
     result = CliRunner().invoke(app, ["replay", run_log, "--verify", "--json"])
     assert result.exit_code == 0, result.output
     rep = json.loads(result.output.strip().splitlines()[-1])
     assert rep["ok"] and rep["compared"]["motifs"] == 4
     # a copy of the log with one label changed
-    import shutil  # noqa: I001 - only this test copies a log
+    def first_motifs(name, doc, names):
+        return name == "event" and names[doc["descriptor"]] == "motifs"
 
-    copy = tmp_path / "copy"
-    shutil.copytree(run_log, copy)
-    lines = (copy / "documents.jsonl").read_text().splitlines()
-    names = {d["uid"]: d["name"] for n, d in map(json.loads, lines) if n == "descriptor"}
-    k = next(i for i, line in enumerate(lines) if json.loads(line)[0] == "event" and names[json.loads(line)[1]["descriptor"]] == "motifs")
-    name, doc = json.loads(lines[k])
-    doc["data"]["motif"][5] = 99
-    lines[k] = json.dumps([name, doc])
-    (copy / "documents.jsonl").write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["replay", str(copy), "--verify", "--json"])
-    assert result.exit_code == 1
-    rep = json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+    def change_label(doc):
+        doc["data"]["motif"][5] = 99
+
+    rep = _verify_edited_copy(run_log, tmp_path / "copy", first_motifs, change_label)
     assert rep["first_divergence"].startswith("observation 0 (frame of frame 0): motifs.motif[5]: logged 99")
 
 
@@ -110,17 +123,8 @@ def test_background_reclusters_are_adopted_k_frames_later_and_verify(tmp_path):
     rep = json.loads(result.output.strip().splitlines()[-1])
     assert rep["ok"] and rep["compared"]["motifs"] == 8
     # the same log replayed with the recluster adopted one frame earlier: the labels part at frame 4
-    import shutil  # noqa: I001 - only these tests copy a log
+    def adopt_sooner(doc):
+        doc["config"]["pipeline"]["encoding"]["recluster_adopt_after_frames"] = 1
 
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
-    lines = (copy / "documents.jsonl").read_text().splitlines()
-    k = next(i for i, line in enumerate(lines) if json.loads(line)[0] == "start")
-    name, doc = json.loads(lines[k])
-    doc["config"]["pipeline"]["encoding"]["recluster_adopt_after_frames"] = 1
-    lines[k] = json.dumps([name, doc])
-    (copy / "documents.jsonl").write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["replay", str(copy), "--verify", "--json"])
-    assert result.exit_code == 1
-    rep = json.loads(next(ln for ln in result.output.splitlines() if ln.startswith("{")))
+    rep = _verify_edited_copy(path, tmp_path / "copy", lambda name, doc, names: name == "start", adopt_sooner)
     assert rep["first_divergence"].startswith("observation 4 (frame of frame 4): records.encoding")
