@@ -14,7 +14,8 @@ Three methods on the same reduced features (the first principal components):
   steps, rescaled so the median distance matches the chi-square median) measures the photon noise
   of the host, every atom beyond the ``1 - alpha`` chi-square quantile is an outlier, and the
   outliers, whitened by that covariance, are grouped into defect motifs by diagonal Gaussian
-  mixtures (number by BIC), in two tiers: outliers beyond the ``1 - alpha / 1000`` quantile are
+  mixtures (number by BIC; a group that is still more than a couple of noise widths wide is split
+  again on its own members, :func:`_split_wide`), in two tiers: outliers beyond the ``1 - alpha / 1000`` quantile are
   defects however few (a lone dopant); nearer ones count only as a group of at least
   ``min_cluster_size`` that sits off the host, i.e. whose centre is further from the host than
   its members are from each other (the host's own noise tail is scattered all round it and
@@ -39,6 +40,9 @@ from sklearn.neighbors import NearestNeighbors
 
 from stemagent.encoding.layout import force_layout
 from stemagent.errors import InputError
+
+WIDE_GROUP_SPREAD = 2.0  # an outlier group wider than this (host noise widths, RMS per feature) is split again ...
+SCATTERED_GROUP_SPREAD = 10.0  # ... unless wider than this: odd detections scattered far apart, each its own motif if split
 
 
 @dataclass
@@ -190,6 +194,38 @@ def _split_outliers(w: np.ndarray, min_size: int, seed: int, max_groups: int = 8
     return best[1] if best is not None else np.zeros(n, dtype=np.int64)
 
 
+def _rms_spread(g: np.ndarray) -> float:
+    """RMS distance of the rows of ``g`` ``(n, d)`` from their mean, per feature."""
+    return float(np.sqrt(np.mean(np.sum((g - g.mean(axis=0)) ** 2, axis=1)) / g.shape[1]))
+
+
+def _split_wide(w: np.ndarray, min_size: int, seed: int, max_spread: float = WIDE_GROUP_SPREAD, depth: int = 4) -> np.ndarray:
+    """:func:`_split_outliers`, then every group wider than ``max_spread`` host noise widths
+    (:func:`_rms_spread`) split again on its own members (in two along its widest axis when the
+    mixture keeps it whole), down to ``depth`` levels. A BIC split of all the outliers at once
+    spends its components on the farthest ones (with U-Net atoms: detections on empty sites and
+    duplicates, tens of noise widths out) and leaves a lone dopant, a vacancy's neighbours and a
+    dopant's neighbours together in one group several noise widths wide. Groups wider than
+    ``SCATTERED_GROUP_SPREAD`` are such odd detections, each far from the others: split, each would
+    found a motif of its own and fill the library, so they stay one group."""
+    sub = _split_outliers(w, min_size, seed)
+    if depth <= 0 or len(w) < 2:
+        return sub
+    if sub.max() == 0 and max_spread < _rms_spread(w) <= SCATTERED_GROUP_SPREAD:
+        centred = w - w.mean(axis=0)
+        sub = (centred @ np.linalg.svd(centred, full_matrices=False)[2][0] > 0).astype(np.int64)
+    out = np.zeros(len(w), dtype=np.int64)
+    nxt = 0
+    for c in np.unique(sub):
+        idx = np.flatnonzero(sub == c)
+        inner = np.zeros(len(idx), dtype=np.int64)
+        if 2 <= len(idx) < len(w) and max_spread < _rms_spread(w[idx]) <= SCATTERED_GROUP_SPREAD:
+            inner = _split_wide(w[idx], min_size, seed, max_spread, depth - 1)
+        out[idx] = nxt + inner
+        nxt += int(inner.max()) + 1
+    return out
+
+
 def cluster_robust(
     z: np.ndarray, alpha: float = 0.01, mode_fraction: float = 0.1, min_cluster_size: int = 3, seed: int = 0,
     x: np.ndarray | None = None, mode_components: int | None = None,
@@ -226,7 +262,7 @@ def cluster_robust(
             if not tier.any():
                 continue
             wt = w[tier]
-            sub = _split_outliers(wt, min_cluster_size if tier is not far else 1, seed)
+            sub = _split_wide(wt, min_cluster_size if tier is not far else 1, seed)
             for c in np.unique(sub):
                 g = wt[sub == c]
                 if tier is not far:

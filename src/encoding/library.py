@@ -16,6 +16,13 @@ by the many features in which they agree. Several clusters may map to one
 motif (a frame over-split), never one cluster to several. Prototypes follow their members with
 a running mean whose memory is capped at ``memory`` atoms, so slow drifts (dose, focus) are
 followed and a new frame can never be outvoted forever.
+
+A motif founded by fewer than ``min_members`` atoms is *provisional* until some update gives it
+that many. When a pool recluster (``replace=True``) finds no atom of a provisional motif, the
+motif is *retired*: its id is never reused or matched again and it no longer counts towards
+``max_motifs``. A lone dopant in the first frame founds a provisional motif that becomes
+permanent as more dopants enter the pool; an odd detection (a U-Net duplicate, a detection on an
+empty site) founds one that is retired once it leaves the pool, instead of filling the library.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class Motif:
     count: int
     first_frame: int
     last_frame: int
+    peak: int = 0  # most atoms one update gave it
+    active: bool = True  # False: retired (see the module docstring)
 
 
 @dataclass
@@ -53,7 +62,8 @@ class LibraryUpdate:
 class MotifLibrary:
     """Stable motif ids over a sequence of frames (see the module docstring)."""
 
-    def __init__(self, sigmas: float = 6.0, min_effect: float = 1.0, memory: int = 5000, max_motifs: int = 64) -> None:
+    def __init__(self, sigmas: float = 6.0, min_effect: float = 1.0, memory: int = 5000, max_motifs: int = 64,
+                 min_members: int = 3) -> None:
         if not (np.isfinite(sigmas) and sigmas > 0):
             raise InputError("sigmas", sigmas, "must be positive")
         if not (np.isfinite(min_effect) and min_effect > 0):
@@ -62,15 +72,24 @@ class MotifLibrary:
         self.min_effect = float(min_effect)
         self.memory = int(memory)
         self.max_motifs = int(max_motifs)
+        if min_members < 1:
+            raise InputError("min_members", min_members, "must be >= 1 atom")
+        self.min_members = int(min_members)
         self.motifs: list[Motif] = []
         self.scale: np.ndarray | None = None
         self._scale_weight = 0.0
 
     def __len__(self) -> int:
-        return len(self.motifs)
+        """Motifs in use (retired ones not counted)."""
+        return len(self.active())
+
+    def active(self) -> list[Motif]:
+        return [m for m in self.motifs if m.active]
 
     def centroids(self) -> np.ndarray:
-        return np.stack([m.centroid for m in self.motifs]) if self.motifs else np.zeros((0, 0))
+        """Prototypes ``(motifs in use, d)``, in the order of :meth:`active`."""
+        act = self.active()
+        return np.stack([m.centroid for m in act]) if act else np.zeros((0, 0))
 
     def _update_scale(self, x: np.ndarray, labels: np.ndarray) -> None:
         resid = np.zeros_like(x)
@@ -111,23 +130,26 @@ class MotifLibrary:
         mapping: dict[int, int] = {}
         dists: dict[int, float] = {}
         new: list[int] = []
+        active = self.active()
+        protos = self.centroids()
         for c in order:
             sel = lab == c
             mu = x[sel].mean(axis=0)
             best, best_d, novel = -1, np.inf, True
-            if self.motifs:
-                diff = np.abs(self.centroids() - mu) / self.scale
+            if active:
+                diff = np.abs(protos - mu) / self.scale
                 best = int(np.argmin(np.linalg.norm(diff, axis=1)))
                 best_d = float(diff[best].max())
-                n = min(int(sel.sum()), self.motifs[best].count)
+                n = min(int(sel.sum()), active[best].count)
                 novel = best_d > max(self.min_effect, self.sigmas / np.sqrt(max(n, 1)))
-            if best >= 0 and (not novel or len(self.motifs) >= self.max_motifs):
-                motif = self.motifs[best]
+            if best >= 0 and (not novel or len(active) >= self.max_motifs):
+                motif = active[best]
             else:
                 motif = Motif(id=len(self.motifs), centroid=mu.copy(), count=0, first_frame=frame_index, last_frame=frame_index)
                 self.motifs.append(motif)
                 new.append(motif.id)
                 best_d = np.inf
+                active, protos = self.active(), self.centroids()
             mapping[int(c)] = motif.id
             dists[int(c)] = best_d
         pooled: dict[int, tuple[np.ndarray, int]] = {}
@@ -144,5 +166,10 @@ class MotifLibrary:
                 motif.centroid = (motif.centroid * w_old + total) / (w_old + n_new)
                 motif.count += n_new
             motif.last_frame = frame_index
+            motif.peak = max(motif.peak, n_new)
+        if replace:
+            for motif in self.motifs:
+                if motif.active and motif.id not in pooled and motif.peak < self.min_members:
+                    motif.active = False
         ids = np.asarray([mapping[int(c)] for c in lab], dtype=np.int64)
         return LibraryUpdate(ids, mapping, new, dists)

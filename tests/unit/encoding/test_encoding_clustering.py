@@ -76,3 +76,30 @@ def test_bad_features_are_refused() -> None:
         cluster_features(np.ones((10, 3)), "kmeans")
     with pytest.raises(InputError, match="features.shape"):
         force_layout(np.ones((2, 3)))
+
+
+def host_with_junk_and_defects(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whitened features like a pool of U-Net atoms: 800 host atoms (unit noise), 10 odd detections
+    40-80 noise widths out in one feature each, one dopant 12 out, nine vacancy neighbours and four
+    dopant neighbours 7 out in their own directions. Classes 0-4 in that order."""
+    rng = np.random.default_rng(seed)
+    d = 4
+    junk = 3.0 * rng.normal(size=(10, d))
+    junk[np.arange(10), rng.integers(0, d, 10)] += rng.choice([-1.0, 1.0], 10) * rng.uniform(40, 80, 10)
+    z = np.concatenate([rng.normal(size=(800, d)), junk,
+                        np.array([[0.0, 0.0, 12.0, 0.0]]) + 0.5 * rng.normal(size=(1, d)),
+                        np.array([0.0, 7.0, 0.0, 0.0]) + rng.normal(size=(9, d)),
+                        np.array([0.0, 0.0, 0.0, 7.0]) + rng.normal(size=(4, d))])
+    return z, np.repeat([0, 1, 2, 3, 4], [800, 10, 1, 9, 4])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_robust_keeps_a_lone_dopant_apart_when_far_junk_is_in_the_pool(seed: int) -> None:
+    # one BIC split of all the far outliers spent its groups on the junk and left the dopant with
+    # the vacancy and dopant neighbours in one group, which the library then took for host
+    z, y = host_with_junk_and_defects(seed)
+    lab = cluster_features(z, "robust", components=4, seed=0).labels
+    dopant = lab[y == 2][0]
+    assert np.sum(lab == dopant) == 1
+    assert not np.isin(lab[y == 4], lab[y == 3]).any()
+    assert np.bincount(lab).argmax() not in set(lab[y >= 2].tolist())

@@ -63,3 +63,40 @@ def test_library_refuses_mismatched_features() -> None:
         lib.update(np.full((5, 4), np.nan), np.zeros(5, dtype=int))
     with pytest.raises(InputError, match="sigmas"):
         MotifLibrary(sigmas=0.0)
+
+
+def test_a_motif_seen_once_is_retired_when_it_leaves_the_pool_and_a_recurring_one_stays() -> None:
+    rng = np.random.default_rng(3)
+    lib = MotifLibrary()
+    host = rng.normal(size=(300, 6)) * 0.3
+    odd = np.array([[0.0, 0, 0, 0, 30.0, 0]])  # one odd detection: founds a motif
+    dopant = MEANS[1] + 0.3 * rng.normal(size=(1, 6))  # a lone dopant: founds one too
+    upd = lib.update(np.concatenate([host, odd, dopant]), np.repeat([0, 1, 2], [300, 1, 1]), 0, replace=True)
+    odd_id, dopant_id = int(upd.ids[300]), int(upd.ids[301])
+    assert len(lib) == 3 and len(upd.new) == 3
+    # the next pool: the odd detection is gone, three dopants are in it
+    dopants = MEANS[1] + 0.3 * rng.normal(size=(3, 6))
+    upd = lib.update(np.concatenate([host, dopants]), np.repeat([0, 1], [300, 3]), 1, replace=True)
+    assert set(upd.ids[300:].tolist()) == {dopant_id}
+    assert len(lib) == 2 and not lib.motifs[odd_id].active
+    # the dopants leave the pool: the dopant motif was seen as 3 atoms, so it stays, and comes back with its id
+    lib.update(host, np.zeros(300, dtype=int), 2, replace=True)
+    assert len(lib) == 2
+    upd = lib.update(np.concatenate([host, MEANS[1][None, :]]), np.repeat([0, 1], [300, 1]), 3, replace=True)
+    assert int(upd.ids[300]) == dopant_id and not upd.new
+    # an odd detection like the retired one founds a new id; the retired id is never reused
+    upd = lib.update(np.concatenate([host, odd]), np.repeat([0, 1], [300, 1]), 4, replace=True)
+    assert int(upd.ids[300]) not in (odd_id, dopant_id) and upd.new
+
+
+def test_retired_motifs_do_not_count_towards_the_cap() -> None:
+    lib = MotifLibrary(max_motifs=3)
+    host = np.random.default_rng(4).normal(size=(200, 6)) * 0.3
+    for i in range(5):  # five odd detections, one pool each, each gone by the next pool
+        odd = np.zeros((1, 6))
+        odd[0, i % 6] = 20.0 + 10.0 * i
+        upd = lib.update(np.concatenate([host, odd]), np.repeat([0, 1], [200, 1]), i, replace=True)
+        assert upd.new and int(upd.ids[200]) == len(lib.motifs) - 1  # a motif of its own, not merged by the cap
+    assert len(lib) == 2 and len(lib.motifs) == 6
+    with pytest.raises(InputError, match="min_members"):
+        MotifLibrary(min_members=0)
