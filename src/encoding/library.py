@@ -132,6 +132,7 @@ class MotifLibrary:
         new: list[int] = []
         active = self.active()
         protos = self.centroids()
+        founded: dict[int, int] = {}  # atoms of the motifs founded by this update (their count is set after the loop)
         for c in order:
             sel = lab == c
             mu = x[sel].mean(axis=0)
@@ -140,7 +141,7 @@ class MotifLibrary:
                 diff = np.abs(protos - mu) / self.scale
                 best = int(np.argmin(np.linalg.norm(diff, axis=1)))
                 best_d = float(diff[best].max())
-                n = min(int(sel.sum()), active[best].count)
+                n = min(int(sel.sum()), active[best].count + founded.get(active[best].id, 0))
                 novel = best_d > max(self.min_effect, self.sigmas / np.sqrt(max(n, 1)))
             if best >= 0 and (not novel or len(active) >= self.max_motifs):
                 motif = active[best]
@@ -148,6 +149,7 @@ class MotifLibrary:
                 motif = Motif(id=len(self.motifs), centroid=mu.copy(), count=0, first_frame=frame_index, last_frame=frame_index)
                 self.motifs.append(motif)
                 new.append(motif.id)
+                founded[motif.id] = int(sel.sum())
                 best_d = np.inf
                 active, protos = self.active(), self.centroids()
             mapping[int(c)] = motif.id

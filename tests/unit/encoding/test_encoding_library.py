@@ -100,3 +100,17 @@ def test_retired_motifs_do_not_count_towards_the_cap() -> None:
     assert len(lib) == 2 and len(lib.motifs) == 6
     with pytest.raises(InputError, match="min_members"):
         MotifLibrary(min_members=0)
+
+
+def test_a_small_cluster_founds_its_motif_in_the_same_update_as_the_host() -> None:
+    # the first update founds every motif: a cluster of 8 atoms 4 noise widths from the host founded in
+    # that same update is new (4 > 6 / sqrt(8)); a prototype founded a moment earlier counts its atoms
+    rng = np.random.default_rng(5)
+    host = rng.normal(size=(300, 6))
+    small = rng.normal(size=(8, 6)) * 0.5 + np.array([0, 0, 0, 4.0, 0, 0])
+    upd = MotifLibrary().update(np.concatenate([host, small]), np.repeat([0, 1], [300, 8]), 0, replace=True)
+    assert len(upd.new) == 2 and upd.ids[300] != upd.ids[0]
+    # and a cluster of host atoms (half the host, labelled apart) joins the host's motif
+    split = np.repeat([0, 1], [150, 150])
+    upd = MotifLibrary().update(host, split, 0, replace=True)
+    assert len(upd.new) == 1
