@@ -89,3 +89,26 @@ def test_clocked_hops_keep_the_rate_law() -> None:
             fired += _first_swap_beam_time(tw, c_xy, [dwell]) is not None
         sd = math.sqrt(n * p * (1 - p))
         assert abs(fired - n * p) < 4 * sd, (crn, fired, n * p)
+
+
+def test_scans_add_their_hazard_to_the_same_clocks() -> None:
+    """A raster's ``sigma * dose`` counts toward a channel's threshold: two scans that together pass it
+    swap the Si in the second one, and neither alone below it does."""
+    tw = _twin(3)
+    dyn, sp = tw.dynamics, tw.specimen
+    clocks = dyn.event_clocks
+    assert clocks is not None
+    si, _ = _carbon_next_to_si(tw)
+    near = sp.in_box(tuple(sp.positions_A[si, :2] - 2.0), tuple(sp.positions_A[si, :2] + 2.0))
+    chans = [c for c in dyn._channels(sp, near) if c[0] == "swap"]
+    keys = [clocks.key(sp, *c) for c in chans]
+    _, thr = clocks.get(keys)
+    sigma = dyn._sigma("swap", 6)
+    dose = float(thr.min()) / sigma  # the areal dose at which the first of the Si's bonds fires
+    ids = np.array(sorted({a for c in chans for a in c[1:]}))
+    rng = np.random.default_rng(0)
+    assert dyn.scan_events(sp, ids, np.zeros(len(ids)), 0.6 * dose, rng) == []
+    state = rng.bit_generator.state
+    events = dyn.scan_events(sp, ids, np.zeros(len(ids)), 0.6 * dose, rng)
+    assert [e.kind for e in events] == ["swap"] and events[0].atoms == (si, chans[int(np.argmin(thr))][1])
+    assert rng.bit_generator.state == state  # nothing drawn from the caller's stream
