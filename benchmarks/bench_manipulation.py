@@ -17,6 +17,19 @@ and the park-signal detection precision and recall are measured against it.
     .venv/bin/python benchmarks/bench_manipulation.py --seeds 10 --seed-offset 100 --strategies bo \
         --policy '{"model": {"level_sd": 0.75}}' --out variant.json          # a prior variant on tuning seeds
 
+Paired comparison (the default since 2026-12-02; ``--unpaired`` for the older runs): the twin's
+beam-induced events come from per-channel clocks (``TwinConfig.common_random_numbers``,
+:class:`stemagent.simulators.dynamics.ChannelClocks`): the ``n``-th hop of the Si from site ``a``
+into site ``b`` (and every knock-on at a site) happens when the hazard the beam has put on that
+channel passes a unit-exponential threshold drawn from ``(seed, kind, a, b, n)``. Within a seed the
+three policies therefore face the same threshold for every bond and attempt: a policy that puts
+the same dose on the same bond gets the same hop, and a confirmation scan or an extra park no
+longer reshuffles every later draw (as it did with one random stream for everything). Shot noise
+and scan jitter stay on the twin's own stream (they differ between policies, as they must: the
+policies read different signals). The summary gives, per condition, the per-seed ratios of bo
+over greedy (dose and beam-on time), their median and a Wilcoxon signed-rank test of the paired
+log doses, next to the ratio of medians.
+
 Prints one JSON document (and writes it to ``--out``).
 """
 
@@ -39,6 +52,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 from scipy.spatial import cKDTree
+from scipy.stats import wilcoxon
 
 from stemagent.agent.app.factory import build_agent
 from stemagent.clock import VirtualClock
@@ -49,12 +63,17 @@ from stemagent.simulators.factory import specimen_from_config, twin_from_config
 from stemagent.runlog import RunLog
 
 HOPS = 5
+FAR_A = 0.3  # a park farther than this from the aimed-at carbon explores (diagnostics)
 MAX_PARKS = 3000  # per run; the dose budgets are left open so every policy can finish
 SURVEY_FOV_A = 24.0
 
 
+PAIRED = [True]  # --unpaired sets it False: the twin's events from its one random stream, as before 2026-12-02
+
+
 def twin_config(condition: str) -> TwinConfig:
     return TwinConfig(
+        common_random_numbers=PAIRED[0],
         specimen="graphene", specimen_size_A=60.0, n_si=1, vacancy_per_nm2=0.0,
         C12_A=5.0, C30_A=1000.0, source_fwhm_A=0.4, beam_current_pA=20.0,
         swap_rate_model=condition, swap_site_sigma=0.3, c_knock_on_barn=2e-5,
@@ -128,6 +147,7 @@ class Timed:
         self.cpu_s: list[float] = []
         self.detected: list[bool] = []
         self.intended_A: list[np.ndarray] = []
+        self.offset_A: list[float] = []  # beam to the aimed-at carbon, per park (where the dose goes)
         decide, observe = policy.decide, policy.observe_park
 
         def timed_decide(obs: Any) -> Any:
@@ -136,6 +156,8 @@ class Timed:
         def timed_observe(obs: Any) -> Any:
             p = policy.pending_park
             self.intended_A.append(p.positions_A[p.intended_node].copy() if p is not None else np.full(2, np.nan))
+            self.offset_A.append(float(np.linalg.norm(np.asarray(p.position_A) - p.positions_A[p.intended_node]))
+                                 if p is not None else float("nan"))
             before = policy.stats.parks_with_steps
             out = self._time(observe, obs)
             self.detected.append(policy.stats.parks_with_steps > before)
@@ -180,9 +202,11 @@ async def one_run(condition: str, seed: int, strategy: str, baseline: BaselineCo
     for k, doc in enumerate(log.event_data("parks")):
         t_a, t_b = doc["start_time_s"], doc["start_time_s"] + doc["dwell_s"] + 1e-9
         kinds = []
+        first_event_s = None
         for e in gt.events:
             if not t_a <= e.time_s < t_b:
                 continue
+            first_event_s = e.time_s if first_event_s is None else min(first_event_s, e.time_s)
             if e.kind == "swap" and si_atom in e.atoms:
                 j = e.atoms.index(si_atom)
                 old = int(site_tree.query(e.positions_before_A[j])[1])
@@ -192,7 +216,9 @@ async def one_run(condition: str, seed: int, strategy: str, baseline: BaselineCo
                              "toward" if to_target[new] < to_target[old] else "away")
             else:
                 kinds.append(e.kind)
-        parks.append({"start": t_a, "events": kinds})
+        off = timed.offset_A[k] if k < len(timed.offset_A) else float("nan")
+        parks.append({"start": t_a, "events": kinds, "dwell_s": doc["dwell_s"], "offset_A": off,
+                      "after_event_s": 0.0 if first_event_s is None else t_b - first_event_s})
     knock = sum(1 for e in gt.events if e.kind == "knock_on")
     final_site = int(sp.site_of_atom[si_atom])
     st = policy.stats.to_dict()
@@ -205,6 +231,10 @@ async def one_run(condition: str, seed: int, strategy: str, baseline: BaselineCo
         "dose_e_per_A2": st["dose_e_per_A2"],
         "beam_s": st["park_s"] + st["scan_s"],
         "parks": int(st["parks"]), "confirm_scans": int(st["confirm_scans"]),
+        # where the beam time went: parks within 0.3 Å of the aimed-at carbon, farther, and after a park's first event
+        "park_s_on_carbon": float(sum(p["dwell_s"] for p in parks if p["offset_A"] <= FAR_A)),
+        "park_s_far": float(sum(p["dwell_s"] for p in parks if not p["offset_A"] <= FAR_A)),
+        "park_s_after_event": float(sum(p["after_event_s"] for p in parks)),
         "intended_hops": sum(p["events"].count("intended") for p in parks),
         "toward_hops": sum(p["events"].count("toward") for p in parks),
         "away_hops": sum(p["events"].count("away") for p in parks),
@@ -253,6 +283,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "stop_reasons": sorted({r["stop_reason"] for r in rs if not r["success"]}),
             "cpu_s_per_run": float(np.mean([r["cpu_s"] for r in rs])),
         }
+        if all("park_s_far" in r for r in rs):  # runs since 2026-12-02: where the beam time went
+            for key in ("park_s_on_carbon", "park_s_far", "park_s_after_event"):
+                out[f"{cond}/{strat}"][f"{key}_median"] = float(np.median([r[key] for r in rs]))
     for cond in sorted({k[0] for k in keys}):
         b, g = out.get(f"{cond}/bo"), out.get(f"{cond}/greedy")
         if b and g:
@@ -260,8 +293,27 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "dose_median": b["dose_median_e_per_A2"] / g["dose_median_e_per_A2"],
                 "beam_median": b["beam_median_s"] / g["beam_median_s"],
             }
+        if b and g:
+            out[f"{cond}/paired_bo_over_greedy"] = paired(runs, cond, "bo", "greedy")
     out["detection_all"] = detection(runs, "parks_detected")
     out["detection_all_signal_only"] = detection(runs, "parks_stepped")
+    return out
+
+
+def paired(runs: list[dict[str, Any]], cond: str, a: str, b: str) -> dict[str, Any]:
+    """Per-seed ratios of ``a`` over ``b`` (dose, beam-on time) on the seeds both ran, their median and
+    quartiles, and a two-sided Wilcoxon signed-rank test of the paired log ratios (H0: median ratio 1)."""
+    by = {(r["seed"], r["strategy"]): r for r in runs if r["condition"] == cond}
+    seeds = sorted(s for s, st in by if st == a and (s, b) in by)
+    out: dict[str, Any] = {"seeds": len(seeds)}
+    for key, name in (("dose_e_per_A2", "dose"), ("beam_s", "beam")):
+        lr = np.log([by[(s, a)][key] / by[(s, b)][key] for s in seeds])
+        ties = int(np.sum(np.abs(lr) < 1e-12))
+        p = float(wilcoxon(lr).pvalue) if len(lr) - ties > 0 else 1.0
+        out[name] = {"ratio_median": float(np.exp(np.median(lr))),
+                     "ratio_iqr": [float(np.exp(np.percentile(lr, 25))), float(np.exp(np.percentile(lr, 75)))],
+                     "geomean": float(np.exp(np.mean(lr))), "a_wins": int(np.sum(lr < -1e-12)), "ties": ties,
+                     "wilcoxon_p": p, "per_seed": {int(s): float(np.exp(v)) for s, v in zip(seeds, lr)}}
     return out
 
 
@@ -326,6 +378,8 @@ def main() -> None:
     ap.add_argument("--policy", type=json.loads, default={},
                     help='JSON: ManipulationConfig sections to change, e.g. \'{"model": {"level_sd": 0.75}}\' (prior tuning)')
     ap.add_argument("--log-dir", type=Path, default=None, help="keep the run logs here (default: a temporary folder, removed)")
+    ap.add_argument("--unpaired", action="store_true",
+                    help="draw the twin's events from its one random stream (the runs before 2026-12-02), not per-channel clocks")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise the runs of these result files together")
     ap.add_argument("--figure", type=Path, default=None, help="with --merge: a PNG of the dose per run, policy and condition")
     args = ap.parse_args()
@@ -343,6 +397,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-manip-")) if args.log_dir is None else args.log_dir
     POLICY_OVERRIDES.update(args.policy)
+    PAIRED[0] = not args.unpaired
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     t_start = time.time()
     load_start = os.getloadavg()
@@ -371,6 +426,7 @@ def main() -> None:
                                                          "beam_s", "parks", "intended_hops", "toward_hops", "away_hops", "damage_events",
                                                          "wall_s")}), flush=True)
         doc = {"summary": summarise(runs), "greedy": base.model_dump(), "policy_overrides": args.policy, "seeds": seeds,
+               "paired": PAIRED[0],
                "runs": runs}
     doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "load_avg_at_end": os.getloadavg(), "wall_min": (time.time() - t_start) / 60.0,

@@ -27,6 +27,19 @@ The swap rate is pluggable (:mod:`.hop_rates`): with ``swap_rate`` set, a swap's
 model's probability per electron for the beam's offset from the struck C and the Si–C bond
 direction (and its raster cross-section during scans) instead of ``sigma * P(r)``; ``None``
 keeps the physical default.
+
+Common random numbers (``event_clocks``, off by default): with a :class:`ChannelClocks` set, the
+events are not drawn from the caller's generator but from per-channel clocks (the modified next
+reaction method of Anderson, J. Chem. Phys. 127 (2007) 214107): every channel, named by its
+*sites* (a swap of the Si on site ``a`` into site ``b``; a knock-on at site ``a``), accumulates
+its integrated rate (the hazard, ``∫ rate dt`` during parks and idle beam, ``sigma * dose``
+during scans) and fires when that passes a unit-exponential threshold; the ``n``-th threshold of
+a channel is drawn from a generator seeded by ``(seed, kind, a, b, n)``. The process has the same
+law (each channel is a Poisson process in its own integrated rate, the time of the first firing
+is the Gillespie time), but two runs of the same twin seed under different beam policies now
+face the *same* thresholds: a policy that puts the same hazard on the same bond gets the same
+hop, whatever else it did in between. That pairs the comparison of policies within a seed
+(``TwinConfig.common_random_numbers``); shot noise and scan jitter stay on the caller's generator.
 """
 
 from __future__ import annotations
@@ -105,6 +118,57 @@ def _probe_table(optics: ProbeOptics, n: int, spacing: float) -> np.ndarray:
     return table
 
 
+_KIND_CODE = {"swap": 0, "knock_on": 1, "sputter": 2}
+
+
+@dataclass
+class ChannelClocks:
+    """Per-channel unit-rate clocks: the common random numbers of the event draws (module docstring).
+
+    ``state[key] = [hazard, threshold, firings]`` with ``key = (kind code, site a, site b + 1)``
+    (``b = -1`` for single-atom events); a channel fires when its hazard reaches its threshold,
+    which then grows by the next unit exponential of that channel's own stream."""
+
+    seed: int
+    state: dict[tuple[int, int, int], list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**63)")
+
+    def _threshold(self, key: tuple[int, int, int], n: int) -> float:
+        return float(np.random.default_rng([int(self.seed), *key, n]).exponential())
+
+    def key(self, specimen: Specimen, kind: str, struck: int, partner: int) -> tuple[int, int, int]:
+        """The channel's key by sites: a swap is the Si's site (``partner``) into the C's site (``struck``)."""
+        site = specimen.site_of_atom
+        if partner >= 0:
+            return _KIND_CODE[kind], int(site[partner]), int(site[struck]) + 1
+        return _KIND_CODE[kind], int(site[struck]), 0
+
+    def get(self, keys: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Hazards and thresholds of ``keys`` (new channels start at hazard 0 with their first threshold)."""
+        h, p = np.empty(len(keys)), np.empty(len(keys))
+        for i, k in enumerate(keys):
+            st = self.state.get(k)
+            if st is None:
+                st = self.state[k] = [0.0, self._threshold(k, 0), 0]
+            h[i], p[i] = st[0], st[1]
+        return h, p
+
+    def put(self, keys: list[tuple[int, int, int]], hazards: np.ndarray) -> None:
+        for k, v in zip(keys, hazards):
+            self.state[k][0] = float(v)
+
+    def fire(self, key: tuple[int, int, int]) -> float:
+        """Record a firing of ``key``; returns its next threshold (past its hazard)."""
+        st = self.state[key]
+        while st[1] <= st[0]:
+            st[2] += 1
+            st[1] += self._threshold(key, int(st[2]))
+        return st[1]
+
+
 @dataclass
 class BeamDynamics:
     """Samples and applies beam-induced events to a :class:`Specimen` (mutated in place)."""
@@ -116,6 +180,7 @@ class BeamDynamics:
     reach_A: float = 4.0  # atoms farther than this from a parked beam are ignored
     neighbour_cutoff_A: float = 1.75
     swap_rate: SwapRateModel | None = None  # None: the physical sigma * P(r)
+    event_clocks: ChannelClocks | None = None  # common random numbers for the events; None: draw from the rng
     _table: np.ndarray | None = field(default=None, init=False, repr=False)
     _table_spacing: float = field(default=0.05, init=False, repr=False)
     _sigma_cache: dict = field(default_factory=dict, init=False, repr=False)
@@ -204,8 +269,17 @@ class BeamDynamics:
             if sw.any():
                 swapped = np.array([a for k, a, _ in chans if k == "swap"])
                 sig[sw] = self.swap_rate.scan_cross_section_A2(specimen.site_of_atom[swapped])
-        p = -np.expm1(-sig * dose_e_per_A2)
-        hit = rng.random(len(chans)) < p
+        if self.event_clocks is not None:
+            keys = [self.event_clocks.key(specimen, k, a, b) for k, a, b in chans]
+            h, thr = self.event_clocks.get(keys)
+            h = h + sig * dose_e_per_A2
+            self.event_clocks.put(keys, h)
+            hit = h >= thr
+            for j in np.flatnonzero(hit):
+                self.event_clocks.fire(keys[j])
+        else:
+            p = -np.expm1(-sig * dose_e_per_A2)
+            hit = rng.random(len(chans)) < p
         for j in np.flatnonzero(hit):
             kind, struck, partner = chans[j]
             item = (t_of[struck], kind, struck, partner)
@@ -235,6 +309,8 @@ class BeamDynamics:
         events: list[Event] = []
         if not self.enabled:
             return events
+        if self.event_clocks is not None:
+            return self._park_events_clocked(specimen, beam_sample_A, times_s, during)
         flux = self.electrons_per_s
         chans: list[tuple[str, int, int]] = []
         rates = np.zeros(0)
@@ -261,6 +337,49 @@ class BeamDynamics:
                 events.append(self._apply(specimen, kind, s, partner, t, (float(b[0]), float(b[1])), during))
                 near = specimen.in_box(tuple(b - self.reach_A), tuple(b + self.reach_A))
                 chans = self._channels(specimen, near)
+        return events
+
+    def _park_events_clocked(self, specimen: Specimen, beam_sample_A: np.ndarray, times_s: np.ndarray,
+                             during: str) -> list[Event]:
+        """:meth:`park_events` on the channel clocks (common random numbers): within each interval
+        the next event is the channel whose hazard reaches its threshold first at the current rates."""
+        clocks = self.event_clocks
+        assert clocks is not None
+        events: list[Event] = []
+        flux = self.electrons_per_s
+        chans: list[tuple[str, int, int]] = []
+        keys: list[tuple[int, int, int]] = []
+        centre_of_chans: np.ndarray | None = None
+
+        def load(b: np.ndarray) -> None:
+            nonlocal chans, keys
+            near = specimen.in_box(tuple(b - self.reach_A), tuple(b + self.reach_A))
+            chans = self._channels(specimen, near)
+            keys = [clocks.key(specimen, k, a, p) for k, a, p in chans]
+
+        for k in range(len(times_s) - 1):
+            b = beam_sample_A[k]
+            if centre_of_chans is None or np.linalg.norm(b - centre_of_chans) > 0.5:
+                load(b)
+                centre_of_chans = b.copy()
+            t, t_end = float(times_s[k]), float(times_s[k + 1])
+            while chans:
+                rates = self._park_rates(specimen, chans, b, flux)
+                h, thr = clocks.get(keys)
+                with np.errstate(divide="ignore"):
+                    wait = np.where(rates > 0, (thr - h) / np.where(rates > 0, rates, 1.0), np.inf)
+                j = int(np.argmin(wait))
+                if not t + wait[j] < t_end:
+                    clocks.put(keys, h + rates * (t_end - t))
+                    break
+                h = h + rates * wait[j]
+                h[j] = thr[j]  # exactly at its threshold (no rounding short of it)
+                clocks.put(keys, h)
+                clocks.fire(keys[j])
+                t = t + float(wait[j])
+                kind, s, partner = chans[j]
+                events.append(self._apply(specimen, kind, s, partner, t, (float(b[0]), float(b[1])), during))
+                load(b)
         return events
 
     def _park_rates(self, specimen: Specimen, chans: list[tuple[str, int, int]], b: np.ndarray, flux: float) -> np.ndarray:

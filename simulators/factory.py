@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from stemagent.clock import Clock
-from stemagent.simulators.dynamics import BeamDynamics, CrossSections
+from stemagent.simulators.dynamics import BeamDynamics, ChannelClocks, CrossSections
 from stemagent.simulators.adf_detector import AnnularDetector, calibrated_adf, standard_haadf
 from stemagent.simulators.fast_adf import ADFModel
 from stemagent.simulators.hop_rates import (
@@ -74,7 +74,8 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specim
     """A TwinDriver for ``cfg`` (a TwinConfig); every random stream derives from ``seed``.
     ``specimen``: use this one instead of building the configured specimen (e.g. a dopant placed by hand)."""
     ss = np.random.SeedSequence(seed)
-    spec_seed, drift_seed, run_seed, rate_seed = ss.spawn(4)  # the first three as before: old seeds keep their twins
+    # spawn children depend on their index only: the first four as before, old seeds keep their twins
+    spec_seed, drift_seed, run_seed, rate_seed, event_seed = ss.spawn(5)
     if specimen is None:
         specimen = specimen_from_config(cfg, np.random.default_rng(spec_seed))
     drift = DriftModel(
@@ -110,6 +111,8 @@ def twin_from_config(cfg: Any, clock: Clock | None = None, seed: int = 0, specim
     model = swap_rate_from_config(cfg, twin.dynamics, int(rate_seed.generate_state(1)[0]))
     if model is not None:
         twin.set_swap_rate(model)
+    if getattr(cfg, "common_random_numbers", False):
+        twin.dynamics.event_clocks = ChannelClocks(int(event_seed.generate_state(1, np.uint64)[0]) >> 1)
     return twin
 
 

@@ -173,6 +173,9 @@ class TwinConfig(_Model):
     swap_rate_model: Literal["physical", "empirical", "random"] = Field(
         "physical", description="Si-C swap rate vs beam offset: the probe-overlap physics, a stylised empirical map, or a random function per seed")
     swap_site_sigma: float = Field(0.0, ge=0, le=2.0, description="site-to-site variation of the swap rate (log-normal sigma)")
+    common_random_numbers: bool = Field(
+        False, description="draw beam-induced events from per-channel clocks seeded by (seed, sites, firing) instead of the "
+        "twin's one stream, so policies compared on the same seed face the same hop and knock-on draws (simulators/dynamics.py)")
     park_sample_interval_s: float = Field(1e-3, gt=0, le=1.0, description="ADF sampling while parked, s")
     max_fov_A: float = Field(512.0, gt=0)
     pace: Literal["realtime", "fast"] = "fast"
