@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 import stemagent.agent.app.rvae_training as rt
+import stemagent.encoding.rvae as rvae_mod
 from stemagent.encoding.rvae import RVAE, default_rvae_weights, load_rvae, wrap_angle
 
 ROOT = Path(__file__).resolve().parent
@@ -131,6 +132,18 @@ def rates(encode: Any, decode: Any | None, x: np.ndarray, rounds: int) -> dict[s
     if decode is not None:
         out |= {"decode_wall_per_s": float(np.median(dw)), "decode_cpu_per_s": float(np.median(dc))}
     return {k: round(v, 0) for k, v in out.items()}
+
+
+def decode_via_training_path(model: RVAE, lat: Any) -> torch.Tensor:
+    """``decode`` as it was before session 7: :meth:`RVAE.decode_logits` (a turned and shifted grid
+    through the first layer) in chunks of ``DECODE_CHUNK_PX`` pixels under ``inference_mode``."""
+    p = model.spec.patch_px
+    step = max(1, rvae_mod.DECODE_CHUNK_PX // (p * p))
+    with torch.inference_mode():
+        out = torch.empty((len(lat), p, p))
+        for i in range(0, len(lat), step):
+            out[i:i + step] = model.decode_logits(lat.angle_rad[i:i + step], lat.shift_px[i:i + step], lat.z[i:i + step])
+        return out
 
 
 def rotation_error_deg(angle_turned: np.ndarray, angle_upright: np.ndarray, rotation_rad: np.ndarray, sign: float) -> float:
@@ -242,12 +255,15 @@ def main() -> None:
     r_enc = rates(lambda x: model.encode(x), None, xr, args.rounds)
     xd = data["test"][np.arange(args.decode_patches) % len(c)]
     r_dec = rates(lambda x: model.encode(x), lambda la: model.decode(la), xd, args.rounds)
+    # the decode before session 7 (the training path's turned grid, in the same chunks, no autograd), same run
+    r_old = rates(lambda x: model.encode(x), lambda la: decode_via_training_path(model, la), xd, args.rounds)
     rec = model.decode(lat).numpy()
     out["ours"] = {"weights": str(args.weights or default_rvae_weights().name), "knn_balanced_accuracy": knn_bacc(lat.z.numpy(), c),
                    "confusion": confusion(lat.z.numpy(), c),
                    "rotation_error_deg_rms": rotation_error_deg(lat.angle_rad.numpy(), up.angle_rad.numpy(), data["rotation_rad"], 1.0),
                    "clean_reconstruction_ratio": _recon_ratio(rec, data["clean"]),
-                   "rates": {**r_enc, **{k_: v for k_, v in r_dec.items() if k_.startswith("decode")}}}
+                   "rates": {**r_enc, **{k_: v for k_, v in r_dec.items() if k_.startswith("decode")},
+                             **{f"{k_}_training_path": v for k_, v in r_old.items() if k_.startswith("decode")}}}
     out["supervised_bounds"] = supervised_bounds(model, data)
 
     # PCA

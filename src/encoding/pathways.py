@@ -23,7 +23,10 @@ latents ``z`` and angles from :mod:`stemagent.encoding.rvae`, the frame's dose).
    persists for ``window`` observations) and the jump is at least half the threshold. Peaks
    closer than ``window`` on a track are one event; several windows may be used at once
    (multi-scale: short ones resolve events a few frames apart, long ones find small jumps); at a
-   track's ends the window on the short side shrinks (``edge_window``).
+   track's ends the window on the short side shrinks (``edge_window``). The noise of a difference
+   of window means is not quite the one-observation noise over the window (the latents drift
+   slowly from frame to frame): each window's excess is measured on the tracks
+   (:func:`window_noise_inflation`) and divided out, so a noise unit means the same at every window.
    **Evidence of atom and neighbours**: the candidates are grouped around the strongest
    (:func:`group_events`: one swap changes the two sites and their neighbours, one vacancy its
    three neighbours), and a group is an event when the root sum of squares of its tracks' jumps
@@ -51,11 +54,12 @@ from stemagent.errors import InputError
 
 
 #: jump windows (frames), the group evidence threshold and the per-track candidate threshold (noise
-#: units), chosen on tuning sequences (seeds 106-110 of benchmarks/bench_rvae_events.py) for the
-#: shipped 4-latent weights; the test seeds 101-105 were never used to choose them
+#: units, each window's noise measured: :func:`window_noise_inflation`), chosen on tuning sequences
+#: (seeds 106-110 of benchmarks/bench_rvae_events.py) for the shipped 4-latent weights; the test
+#: seeds 101-105 were never used to choose them (9.25 and 5.0 before the windows' noise was measured)
 DEFAULT_WINDOWS: tuple[int, ...] = (4, 8)
-DEFAULT_N_SIGMA = 9.25
-DEFAULT_TRACK_N_SIGMA = 5.0
+DEFAULT_N_SIGMA = 9.0
+DEFAULT_TRACK_N_SIGMA = 4.5
 DEFAULT_EDGE_WINDOW: int | None = 3
 
 @dataclass
@@ -352,6 +356,33 @@ def latent_noise_cov(traj: Trajectories, n_states: int, *, min_pairs: int = 50) 
     return out
 
 
+def window_noise_inflation(traj: Trajectories, windows: Sequence[int], *, min_pairs: int = 200) -> dict[int, float]:
+    """How much more a difference of two ``w``-observation window means varies than independent
+    observations would make it, per window: ``trace(C_w) / trace(2 C_1 / w)`` with ``C_w`` the robust
+    covariance (:func:`_robust_cov`) of the window differences along every track and ``C_1`` the
+    one-observation noise (half the robust covariance of the first differences). The latents drift
+    slowly (the frames' noise is not independent), so a long window's difference is noisier than
+    ``C_1`` says: 1.06-1.09 at 4 frames and 1.09-1.23 at 8 on the tuning sequences of the shipped
+    weights. Never below 1; 1.0 where a window has fewer than ``min_pairs`` differences."""
+    pairs = _track_differences(traj)
+    out = {int(w): 1.0 for w in windows}
+    if pairs is None:
+        return out
+    one = np.trace(_robust_cov(pairs[0])) / 2.0
+    for w in out:
+        diffs = []
+        for r in traj.runs():
+            z = traj.z[r]
+            if len(z) < 2 * w:
+                continue
+            cs = np.vstack([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
+            t = np.arange(w, len(z) - w + 1)
+            diffs.append((cs[t + w] - 2 * cs[t] + cs[t - w]) / w)
+        if diffs and sum(len(d) for d in diffs) >= min_pairs and one > 0:
+            out[w] = max(1.0, float(np.trace(_robust_cov(np.concatenate(diffs))) / (2.0 * one / w)))
+    return out
+
+
 @dataclass
 class Event:
     """A jump in one track: between observation rows ``row_before`` and ``row_after`` (the first
@@ -429,7 +460,8 @@ def _candidates(z: np.ndarray, st: np.ndarray, w: int, sig: np.ndarray, n_sigma:
 
 
 def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigma: float = 6.0, sigma_z: np.ndarray | None = None,
-                  state_agreement: float = 0.75, use_states: bool = True, edge_window: int | None = None) -> list[Event]:
+                  state_agreement: float = 0.75, use_states: bool = True, edge_window: int | None = None,
+                  window_inflation: dict[int, float] | None = None) -> list[Event]:
     """Jumps in every track (see the module docstring); ``traj.state`` must be set when ``use_states``.
 
     ``window``: observations averaged on each side, or several (multi-scale: a short window
@@ -444,7 +476,9 @@ def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigm
     ``state_agreement``: the share of each window that must show its majority state for a state
     change to count; ``edge_window``: at a track's first and last rows the window on the short
     side may shrink to this many rows (None: full windows only, so a jump in the first ``window``
-    rows is placed at row ``window``)."""
+    rows is placed at row ``window``); ``window_inflation``: per window, the factor by which the
+    variance of a window-mean difference exceeds the independent-noise value
+    (:func:`window_noise_inflation`; None: 1 for every window)."""
     if edge_window is not None and edge_window < 1:
         raise InputError("edge_window", edge_window, "must be >= 1 (or None)")
     windows = sorted({int(window)} if isinstance(window, (int, np.integer)) else {int(w) for w in window})
@@ -465,7 +499,9 @@ def detect_events(traj: Trajectories, *, window: int | Sequence[int] = 4, n_sigm
         taken: list[int] = []
         for w in windows:
             # one event per peak: greedy non-maximum suppression within the window
-            for _, t, score, changed, a, b in sorted(_candidates(z, st, w, sig, n_sigma, state_agreement, use_states, edge_window), key=lambda c: -c[0]):
+            f = 1.0 if window_inflation is None else float(window_inflation.get(w, 1.0))
+            sig_w = sig * (f if sig.ndim == 3 else math.sqrt(f))  # a covariance scales by f, a standard deviation by its root
+            for _, t, score, changed, a, b in sorted(_candidates(z, st, w, sig_w, n_sigma, state_agreement, use_states, edge_window), key=lambda c: -c[0]):
                 if any(abs(t - u) < w for u in taken):
                     continue
                 taken.append(t)
@@ -610,7 +646,7 @@ def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True
                      max_states: int = 6, window: int | Sequence[int] = DEFAULT_WINDOWS, n_sigma: float = DEFAULT_N_SIGMA,
                      track_n_sigma: float | None = DEFAULT_TRACK_N_SIGMA, seed: int = 0, group_radius_A: float = 3.0, group_steps: int = 3,
                      linkage: str = "strongest", correlated_noise: bool = True, edge_window: int | None = DEFAULT_EDGE_WINDOW,
-                     min_track_length: int | None = None) -> PathwayAnalysis:
+                     min_track_length: int | None = None, calibrate_windows: bool = True) -> PathwayAnalysis:
     """Link, fit states, detect events, group them and count transitions (the module docstring).
 
     ``window``: one window or several (multi-scale, :func:`detect_events`); the longest sets the
@@ -621,7 +657,10 @@ def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True
     ``track_n_sigma=None``: every jump must reach ``n_sigma`` on its own track (the rule before
     the group evidence). ``correlated_noise``: the jump norm uses the noise covariance per state
     (:func:`latent_noise_cov`), else the per-dimension noise (:func:`latent_noise`);
-    ``edge_window``: the shortest window at a track's ends (:func:`detect_events`)."""
+    ``edge_window``: the shortest window at a track's ends (:func:`detect_events`);
+    ``calibrate_windows``: each window's noise measured on the tracks (:func:`window_noise_inflation`),
+    else taken as the one-observation noise over the window (the rule before session 7; with
+    ``n_sigma=9.25, track_n_sigma=5.0`` it reproduces the earlier defaults)."""
     if len(frames) < 2:
         raise InputError("frames", len(frames), "a pathway needs at least 2 frames with latents")
     windows = [int(window)] if isinstance(window, (int, np.integer)) else [int(w) for w in window]
@@ -643,7 +682,8 @@ def analyze_pathways(frames: Sequence[LatentFrame], *, sample_frame: bool = True
     traj.state = states.predict(traj.z)
     sigma = latent_noise(traj, by_state=True, n_states=states.n_states)
     noise = latent_noise_cov(traj, states.n_states) if correlated_noise else sigma
-    events = detect_events(traj, window=windows, n_sigma=track_sigma, sigma_z=noise, edge_window=edge_window)
+    inflation = window_noise_inflation(traj, windows) if calibrate_windows else None
+    events = detect_events(traj, window=windows, n_sigma=track_sigma, sigma_z=noise, edge_window=edge_window, window_inflation=inflation)
     groups = [g for g in group_events(events, radius_A=group_radius_A, steps=group_steps, linkage=linkage) if group_evidence(g) >= n_sigma]
     kept = {id(e) for g in groups for e in g}
     events = [e for e in events if id(e) in kept]

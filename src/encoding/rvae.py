@@ -250,12 +250,42 @@ class RVAE(nn.Module):
         a, sh, z = latents.angle_rad.to(dev), latents.shift_px.to(dev), latents.z.to(dev)
         p = self.spec.patch_px
         with torch.inference_mode():
-            out = torch.empty((n, p, p), dtype=torch.float32, device=dev)
-            # in chunks: the per-pixel hidden activations of a chunk stay in the CPU's cache
-            step = max(1, DECODE_CHUNK_PX // (p * p))
-            for i in range(0, n, step):
-                out[i:i + step] = self.decode_logits(a[i:i + step], sh[i:i + step], z[i:i + step])
-            return torch.sigmoid(out) if self.spec.likelihood == "bernoulli" else out
+            out = self._decode_inference(a.to(torch.float32), sh.to(torch.float32), z.to(torch.float32)).reshape(n, p, p)
+            return torch.sigmoid_(out) if self.spec.likelihood == "bernoulli" else out
+
+    def _decode_inference(self, angle: torch.Tensor, shift: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_logits` without autograd, ``(N, P*P)``: the same numbers to float rounding.
+
+        The first layer is affine in the pixel coordinates, so the turn and the shift fold into a
+        per-patch ``(2, hidden)`` weight and bias (``scale * W R(angle)`` and ``b + W_z z - shift``'s
+        image): one multiply-add per pixel and unit instead of a turned grid, a stack and a
+        two-input matmul. Pixels go through in chunks of :data:`DECODE_CHUNK_PX` so the hidden
+        activations stay in the CPU's cache; the activations are written in place into two buffers
+        reused by every chunk, and the output layer writes straight into the result."""
+        n, pp = z.shape[0], self.spec.patch_px ** 2
+        w = self.dec_xy.weight * self._coord_scale  # (dh, 2)
+        c, sn = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+        # u = c gx + sn gy, v = -sn gx + c gy (grid turned back by the angle, after the shift)
+        ax = c * w[:, 0] - sn * w[:, 1]  # (N, dh): weight of gx
+        ay = sn * w[:, 0] + c * w[:, 1]  # (N, dh): weight of gy
+        b0 = self.dec_z(z) + self.dec_xy.bias - shift[:, 0:1] * ax - shift[:, 1:2] * ay
+        gx, gy = self.grid[None, :, 0, None], self.grid[None, :, 1, None]  # (1, P*P, 1)
+        lin2, lin3 = self.decoder[1], self.decoder[3]
+        dh = ax.shape[1]
+        step = max(1, DECODE_CHUNK_PX // pp)
+        out = torch.empty((n, pp), dtype=torch.float32, device=z.device)
+        h1 = torch.empty((min(step, n), pp, dh), dtype=torch.float32, device=z.device)
+        h2 = torch.empty((min(step, n) * pp, dh), dtype=torch.float32, device=z.device)
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            a1, a2 = h1[:k], h2[:k * pp]
+            torch.mul(gx, ax[i:i + k, None, :], out=a1)
+            a1.add_(b0[i:i + k, None, :]).addcmul_(gy, ay[i:i + k, None, :])
+            F.silu(a1, inplace=True)
+            torch.addmm(lin2.bias, a1.view(k * pp, dh), lin2.weight.t(), out=a2)
+            F.silu(a2, inplace=True)
+            torch.addmv(lin3.bias, a2, lin3.weight[0], out=out[i:i + k].view(-1))
+        return out
 
     # --- training --------------------------------------------------------------------------
     def loss(self, patches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stemagent.encoding.pathways import (DEFAULT_N_SIGMA, Event, LatentFrame, Trajectories, analyze_pathways, detect_events, fit_states,
-                                         group_events, group_evidence, latent_noise_cov, link_atoms)
+                                         group_events, group_evidence, latent_noise_cov, link_atoms, window_noise_inflation)
 from stemagent.errors import InputError
 
 MEANS = np.array([[0.0, 0.0], [2.0, 0.5], [-1.0, 2.0]])
@@ -144,7 +144,7 @@ def test_small_jumps_of_an_atom_and_its_neighbours_add_up_where_one_alone_does_n
     assert len(around) == 4
     lone = int(np.argmax(d))  # far away: one site alone
     for f in range(30, len(zs)):
-        zs[f][around, 0] += 0.42  # ~7 noise units of a window-8 difference each: under 9.25 alone
+        zs[f][around, 0] += 0.42  # ~7 noise units of a window-8 difference each: under DEFAULT_N_SIGMA alone
         zs[f][lone, 0] += 0.42
     frames = [LatentFrame(f, pos, z, np.zeros(len(pos)), dose_e_per_A2=1e4) for f, z in enumerate(zs)]
     res = analyze_pathways(frames, seed=0)
@@ -204,3 +204,32 @@ def test_a_jump_in_the_first_frames_is_placed_where_it_is():
     assert [e.step for e in late.events] == [4]  # full windows only: no earlier than the window
     with pytest.raises(InputError, match="edge_window"):
         analyze_pathways(frames, seed=0, edge_window=0)
+
+
+def _tracks(z: np.ndarray) -> Trajectories:
+    """Trajectories of ``z`` ``(tracks, frames, k)``, one row per (track, frame), state 0."""
+    t, f, k = z.shape
+    n = t * f
+    return Trajectories(np.repeat(np.arange(t), f), np.tile(np.arange(f), t), np.tile(np.arange(f), t), np.zeros((n, 2)),
+                        z.reshape(n, k), np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, dtype=np.int64))
+
+
+def test_window_noise_is_measured_where_the_latents_drift_slowly():
+    rng = np.random.default_rng(11)
+    white = 0.1 * rng.standard_normal((60, 100, 2))
+    flat = window_noise_inflation(_tracks(white), [4, 8])
+    assert flat[4] == pytest.approx(1.0, abs=0.12) and flat[8] == pytest.approx(1.0, abs=0.15)
+    # a slow random walk on top of the frame noise: a long window's difference varies more than
+    # independent frames would make it, and the more so the longer the window
+    walk = white + np.cumsum(0.03 * rng.standard_normal((60, 100, 2)), axis=1)
+    slow = window_noise_inflation(_tracks(walk), [4, 8])
+    assert 1.3 < slow[4] < slow[8]
+    # the scores shrink by the root of the factor (a covariance scales by it)
+    walk[0, 50:] += 1.0
+    traj = _tracks(walk)
+    cov = latent_noise_cov(traj, 1)
+    plain = {(e.track, e.step): e.score for e in detect_events(traj, window=8, n_sigma=5.0, sigma_z=cov, use_states=False)}
+    scaled = {(e.track, e.step): e.score for e in detect_events(traj, window=8, n_sigma=5.0 / 2.0, sigma_z=cov, use_states=False,
+                                                                 window_inflation={8: 4.0})}
+    assert (0, 50) in plain
+    assert scaled[(0, 50)] == pytest.approx(plain[(0, 50)] / 2.0, rel=1e-9)
