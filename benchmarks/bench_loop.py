@@ -10,11 +10,12 @@
    before its recluster budget (recluster on the first unexplained atom, torch's threads), and
    ``all (before)``, that and the U-Net on torch's threads (``--threads``); both with the run
    log's element-by-element JSON conversion as it was.
-2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all`` and ``unet`` runs: wall and CPU time against the run's
-   acquisition time span (x real time), and whether every output was reproduced; baselines in the
-   same run: ``(one worker)`` the U-Net segmenting ahead on one worker thread instead of two (before
-   2026-12-02 13:00), ``(one thread)`` without segmenting ahead, ``(before)`` also with the comparison as it
-   was before its JSON-text fast path. ``--heap default`` runs everything without the heap setting
+2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all``, ``every stage`` and ``unet``
+   runs: wall and CPU time against the run's acquisition time span (x real time), and whether every
+   output was reproduced; baselines in the same run (:data:`REPLAY_VARIANTS`): ``(no stages ahead)``
+   the stages after the segmenter on the main thread, ``(session 6)`` that and the JSON-text comparison
+   (main at 14:11), ``(one worker)`` the U-Net segmenting ahead on one worker thread instead of two,
+   ``(one thread)`` nothing ahead, ``(before)`` also the comparison walked field by field. ``--heap default`` runs everything without the heap setting
    the ``stemagent`` command makes (``stemagent.agent.app.heap``), for its baseline.
 3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
    that keeps asking for the same field, ``--sustain-pipeline`` (``log+encoding``: what this CPU
@@ -162,34 +163,48 @@ def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
     return out
 
 
+#: the replay variants, each in the same run: (overlap, staged, segment_workers, comparison); comparison
+#: ``values`` (the numeric fast path, then JSON text, then the walk: now), ``text`` (JSON text, then the
+#: walk: session 6), ``walk`` (field by field: before the JSON-text fast path)
+REPLAY_VARIANTS: dict[str, tuple[bool, bool, int | None, str]] = {
+    "now": (True, True, None, "values"),  # later stages ahead on their own threads (2026-12-02 16:00)
+    "no stages ahead": (True, False, None, "values"),  # the later stages on the main thread
+    "session 6": (True, False, None, "text"),  # as main had it at 14:11 (two segmenting workers, text comparison)
+    "one worker": (True, True, 1, "values"),  # one segmenting worker (U-Net logs only)
+    "one thread": (False, False, None, "values"),  # nothing ahead
+    "before": (False, False, None, "walk"),  # nothing ahead, the comparison walked field by field
+}
+
+
 def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
-    """``replay --verify`` of each run (as the command does it), and in the same run the baselines:
-    ``(one thread)``, without segmenting ahead in a worker thread (as main had it before
-    2026-12-02), and ``(before)``, also the comparison as main had it before the JSON-text fast
-    path (field by field, in Python). ``cpu_s``: the process's CPU time (all threads)."""
-    out = {}
+    """``replay --verify`` of each run (as the command does it), and in the same run the baselines of
+    :data:`REPLAY_VARIANTS`. ``cpu_s``: the process's CPU time (all threads); ``cpu_s_threads``: the
+    main thread's, the segmenting workers' together and each stage's own thread's."""
+    out: dict[str, Any] = {"load_avg_start": os.getloadavg()}
     for name in ("log", "log+encoding", "all", "every stage", "unet"):
         if name not in runs:
             continue
-        for variant in ("now", "one worker", "one thread", "before"):
+        for variant, (overlap, staged, workers, comparison) in REPLAY_VARIANTS.items():
             if variant == "one worker" and name not in SLOW:
                 continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
             log = RunLog.open(runs[name]["log"])
-            fast = verify_module.same_text
-            if variant == "before":
+            values, text = verify_module.same_values, verify_module.same_text
+            if comparison != "values":
+                verify_module.same_values = lambda logged, replayed: False  # type: ignore[assignment]
+            if comparison == "walk":
                 verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
             c0 = time.process_time()
             try:
-                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=variant in ("now", "one worker"),
-                                     segment_workers=1 if variant == "one worker" else None)
+                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=overlap, segment_workers=workers, staged=staged)
             finally:
-                verify_module.same_text = fast
+                verify_module.same_values, verify_module.same_text = values, text
             out[name if variant == "now" else f"{name} ({variant})"] = {
                 "ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
                 "cpu_s": round(time.process_time() - c0, 3),
-                "cpu_s_main_thread": round(rep.cpu_s.get("main", 0.0), 3), "cpu_s_segment_ahead": round(rep.cpu_s.get("segment_ahead", 0.0), 3),
+                "cpu_s_threads": {k: round(v, 3) for k, v in rep.cpu_s.items()},
                 "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
                 "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+    out["load_avg_end"] = os.getloadavg()
     return out
 
 
