@@ -136,9 +136,15 @@ async def one_run(cfg_dict: dict[str, Any], out: Path, stare: bool = False, stop
     return summary, summary.log_path
 
 
-def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
+#: the runs the replay part replays (``--replay-only`` runs just these)
+REPLAYED = ("log", "log+encoding", "all", "every stage", "unet")
+
+
+def latency(frames: int, tmp: Path, unet_frames: int, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pipe in {**PIPELINES, **PIPELINES_BEFORE}.items():
+        if only is not None and name not in only:
+            continue
         cfg = {**BASE, "max_frames": unet_frames if name in SLOW else frames, "pipeline": pipe}
         fast = writer_module.fast_jsonable
         if name in PIPELINES_BEFORE:  # and the run log's conversion as it was (the element walk)
@@ -176,34 +182,37 @@ REPLAY_VARIANTS: dict[str, tuple[bool, bool, int | None, str]] = {
 }
 
 
-def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
+def replay_speed(runs: dict[str, Any], rounds: int = 1, variants: tuple[str, ...] = tuple(REPLAY_VARIANTS)) -> dict[str, Any]:
     """``replay --verify`` of each run (as the command does it), and in the same run the baselines of
     :data:`REPLAY_VARIANTS`. ``cpu_s``: the process's CPU time (all threads); ``cpu_s_threads``: the
-    main thread's, the segmenting workers' together and each stage's own thread's."""
+    main thread's, the segmenting workers' together and each stage's own thread's. ``rounds`` > 1:
+    every variant of a log once per round, the variants alternating (a shared machine's load
+    changes between them); ``x_real_time`` is then the median over the rounds, each in ``x_by_round``."""
     out: dict[str, Any] = {"load_avg_start": os.getloadavg()}
-    for name in ("log", "log+encoding", "all", "every stage", "unet"):
-        if name not in runs:
-            continue
-        for variant, (overlap, staged, workers, comparison) in REPLAY_VARIANTS.items():
-            if variant == "one worker" and name not in SLOW:
-                continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
-            log = RunLog.open(runs[name]["log"])
-            values, text = verify_module.same_values, verify_module.same_text
-            if comparison != "values":
-                verify_module.same_values = lambda logged, replayed: False  # type: ignore[assignment]
-            if comparison == "walk":
-                verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
-            c0 = time.process_time()
-            try:
-                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=overlap, segment_workers=workers, staged=staged)
-            finally:
-                verify_module.same_values, verify_module.same_text = values, text
-            out[name if variant == "now" else f"{name} ({variant})"] = {
-                "ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
-                "cpu_s": round(time.process_time() - c0, 3),
-                "cpu_s_threads": {k: round(v, 3) for k, v in rep.cpu_s.items()},
-                "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
-                "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+    for name, variant, (overlap, staged, workers, comparison) in [
+            (n, v, REPLAY_VARIANTS[v]) for n in REPLAYED if n in runs for _ in range(rounds) for v in variants]:
+        if variant == "one worker" and name not in SLOW:
+            continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
+        log = RunLog.open(runs[name]["log"])
+        values, text = verify_module.same_values, verify_module.same_text
+        if comparison != "values":
+            verify_module.same_values = lambda logged, replayed: False  # type: ignore[assignment]
+        if comparison == "walk":
+            verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
+        c0 = time.process_time()
+        try:
+            rep = verify_run_log(log, Path(runs[name]["log"]), overlap=overlap, segment_workers=workers, staged=staged)
+        finally:
+            verify_module.same_values, verify_module.same_text = values, text
+        key = name if variant == "now" else f"{name} ({variant})"
+        by_round = (out.get(key) or {}).get("x_by_round", []) + [round(rep.speed, 2)]
+        ok = rep.ok and (out.get(key) or {}).get("ok", True)
+        out[key] = {
+            "ok": ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
+            "cpu_s": round(time.process_time() - c0, 3),
+            "cpu_s_threads": {k: round(v, 3) for k, v in rep.cpu_s.items()},
+            "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(float(np.median(by_round)), 2),
+            "x_by_round": by_round, "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
     out["load_avg_end"] = os.getloadavg()
     return out
 
@@ -242,6 +251,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--unet-frames", type=int, default=None, help="frames of the U-Net pipelines (default: --frames)")
     ap.add_argument("--sustain-s", type=float, default=60.0)
+    ap.add_argument("--replay-only", action="store_true", help="run only the pipelines the replay part replays")
+    ap.add_argument("--replay-rounds", type=int, default=1, help="replay every variant of a log this many times, alternating")
+    ap.add_argument("--replay-variants", default=",".join(REPLAY_VARIANTS), help="comma-separated names of REPLAY_VARIANTS")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only-sustain", action="store_true", help="skip the latency and replay parts")
     ap.add_argument("--sustain-modes", default="both", choices=("both", "sequential", "overlap"))
@@ -257,8 +269,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.time()
-        lat = latency(args.frames, tmp, args.unet_frames or args.frames) if not args.only_sustain else {}
-        rep = replay_speed(lat) if lat else {}
+        lat = (latency(args.frames, tmp, args.unet_frames or args.frames, REPLAYED if args.replay_only else None)
+               if not args.only_sustain else {})
+        variants = tuple(v for v in args.replay_variants.split(",") if v)
+        unknown = sorted(set(variants) - set(REPLAY_VARIANTS))
+        if unknown:
+            raise SystemExit(f"--replay-variants: {unknown} are not among {list(REPLAY_VARIANTS)}")
+        rep = replay_speed(lat, max(1, args.replay_rounds), variants) if lat else {}
         modes = {"both": (False, True), "sequential": (False,), "overlap": (True,)}[args.sustain_modes]
         sus = sustained(args.sustain_s, tmp, args.sustain_pipeline, modes) if args.sustain_s > 0 else {}
         for v in lat.values():
