@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--unet-frames", type=int, default=None, help="frames of the U-Net pipelines (default: --frames)")
     ap.add_argument("--sustain-s", type=float, default=60.0)
     ap.add_argument("--replay-only", action="store_true", help="run only the pipelines the replay part replays")
+    ap.add_argument("--replay-pipelines", default=",".join(REPLAYED), help="comma-separated runs to replay (with --replay-only: to run)")
     ap.add_argument("--replay-rounds", type=int, default=1, help="replay every variant of a log this many times, alternating")
     ap.add_argument("--replay-variants", default=",".join(REPLAY_VARIANTS), help="comma-separated names of REPLAY_VARIANTS")
     ap.add_argument("--threads", type=int, default=2)
@@ -269,13 +270,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.time()
-        lat = (latency(args.frames, tmp, args.unet_frames or args.frames, REPLAYED if args.replay_only else None)
+        replayed = tuple(p for p in args.replay_pipelines.split(",") if p)
+        if sorted(set(replayed) - set(REPLAYED)):
+            raise SystemExit(f"--replay-pipelines: {sorted(set(replayed) - set(REPLAYED))} are not among {list(REPLAYED)}")
+        lat = (latency(args.frames, tmp, args.unet_frames or args.frames, replayed if args.replay_only else None)
                if not args.only_sustain else {})
         variants = tuple(v for v in args.replay_variants.split(",") if v)
         unknown = sorted(set(variants) - set(REPLAY_VARIANTS))
         if unknown:
             raise SystemExit(f"--replay-variants: {unknown} are not among {list(REPLAY_VARIANTS)}")
-        rep = replay_speed(lat, max(1, args.replay_rounds), variants) if lat else {}
+        rep = replay_speed({k: v for k, v in lat.items() if k in replayed}, max(1, args.replay_rounds), variants) if lat else {}
         modes = {"both": (False, True), "sequential": (False,), "overlap": (True,)}[args.sustain_modes]
         sus = sustained(args.sustain_s, tmp, args.sustain_pipeline, modes) if args.sustain_s > 0 else {}
         for v in lat.values():
