@@ -225,6 +225,10 @@ def _plain_array(value: Any) -> np.ndarray | None:
     return arr if _PLAIN_LEAVES.issuperset(map(type, arr.ravel())) else None
 
 
+def _scalar_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 0
+
+
 def same_values(logged: Any, replayed: Any) -> bool:
     """True when ``first_difference(plain(logged), plain(replayed))`` certainly finds nothing (for
     any ``rtol``): the same keys (str) and, leaf by leaf, equal numbers, strings, booleans and
@@ -242,8 +246,9 @@ def same_values(logged: Any, replayed: Any) -> bool:
                 return False
         return True
     if isinstance(logged, (list, tuple, np.ndarray)):
-        if not isinstance(replayed, (list, tuple, np.ndarray)) or len(logged) != len(replayed):
-            return False
+        if (not isinstance(replayed, (list, tuple, np.ndarray)) or _scalar_array(logged) or _scalar_array(replayed)
+                or len(logged) != len(replayed)):
+            return False  # a 0-d array is a number to the log: the walk decides
         if len(logged) == 0:
             return True
         a = _number_array(logged)

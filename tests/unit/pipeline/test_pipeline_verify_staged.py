@@ -179,6 +179,7 @@ def test_stages_ahead_report_what_one_thread_reports_on_a_tampered_log(parked_lo
     ({"v": 0.1}, {"v": np.float32(0.1)}, False),
     ({"v": [0.1, 0.2]}, {"v": [np.float32(0.1), np.float32(0.2)]}, False),
     ({"v": [0.1, 0.2]}, {"v": (0.1, 0.2)}, True),
+    ({"v": [0.5]}, {"v": np.asarray(0.5)}, False),  # a 0-d array is a number to the log
 ])
 def test_same_values_is_equal_only_where_the_walk_finds_no_difference(logged, replayed, fast):
     # logged: as the log holds it (plain JSON); replayed: as a stage gives it
