@@ -38,7 +38,7 @@ with, whatever a later stage sets for itself on the main thread.) A segmenter th
 its own copy of the segment stage, on two frames at once; the results are still handed over
 and compared in the log's order. A segmenter without it keeps one worker and the log's order.
 
-The later stages ahead (``staged``, on with ``overlap``): the stages after the segmenter and
+The later stages ahead (``staged``; with ``overlap``, by default where each thread has a core): the stages after the segmenter and
 before the policy (drift, encoding, rVAE: :func:`ahead_chain`) run each on one thread of its
 own, in the log's order, frame n + 1 in drift while frame n is in encoding and frame n - 1 in
 the rVAE, a few frames ahead of the walk (bounded); the policy, which alone sees parks, refusals
@@ -726,7 +726,7 @@ def ahead_chain(pipeline: Pipeline) -> tuple[str, ...]:
 
 def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
                streams: tuple[str, ...] | None = None, overlap: bool = True, segment_workers: int | None = None,
-               staged: bool = True) -> VerifyReport:
+               staged: bool | None = None) -> VerifyReport:
     """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
     ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
     (default: every stream the pipeline's stages write). ``overlap``: segment the next frames in
@@ -734,8 +734,10 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     ``segment_workers``: threads that segment ahead; more than one only for a segmenter that
     declares ``per_frame`` (None: two for such a segmenter on a machine with two cores or more, else one).
     ``staged`` (with ``overlap``): the stages after the segmenter and before the policy (drift,
-    encoding, rVAE: :func:`ahead_chain`) run ahead too, each on a thread of its own (the same outputs;
-    False: they run on the main thread, as before 2026-12-02 16:00)."""
+    encoding, rVAE: :func:`ahead_chain`) run ahead too, each on a thread of its own (the same
+    outputs); False: they run on the main thread; None: staged only where every thread can have a
+    core of its own (segmenting workers + chain stages + the main thread <= ``os.cpu_count()``): on
+    2 cores the extra threads made the every-stage replay ~10 % slower (BENCHMARKS.md, 2026-12-02 15:47)."""
     if segment_workers is not None and segment_workers < 1:
         raise InputError("segment_workers", segment_workers, "must be at least 1 thread")
     if streams is None:
@@ -758,9 +760,12 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     if overlap and pipeline.stages and isinstance(pipeline.stages[0], SegmentStage):
         per_frame = bool(getattr(pipeline.stages[0].segmenter, "per_frame", False))
         workers = segment_workers if segment_workers is not None else min(2, os.cpu_count() or 1)
-        v.ahead_chain = ahead_chain(pipeline) if staged else ()
-        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline), workers=workers if per_frame else 1,
-                                chain=v.ahead_chain)
+        workers = workers if per_frame else 1
+        chain = ahead_chain(pipeline)
+        if staged is None:
+            staged = workers + len(chain) + 1 <= (os.cpu_count() or 1)
+        v.ahead_chain = chain if staged else ()
+        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline), workers=workers, chain=v.ahead_chain)
     try:
         _walk(v, events, has_pipeline)
     finally:

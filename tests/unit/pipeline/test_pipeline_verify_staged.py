@@ -158,6 +158,23 @@ def test_stages_ahead_report_what_one_thread_reports_on_a_tampered_log(parked_lo
     assert "decision.reason" in found
 
 
+@pytest.mark.parametrize("cores, staged", [(2, False), (3, False), (4, True), (16, True)])
+def test_stages_run_ahead_by_default_only_where_each_thread_has_a_core(parked_log, monkeypatch, cores, staged):
+    # LoG (one segmenting worker) + drift + encoding + the main thread: four threads
+    from stemagent.pipeline import verify as verify_module
+
+    monkeypatch.setattr(verify_module.os, "cpu_count", lambda: cores)
+    original = RunLog.open(parked_log)
+    cfg = replay_config(original, Path(parked_log), "fast")
+    pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
+    pipeline.stages[-1] = PolicyStage(ParkEveryOther())
+    try:
+        rep = verify_log(original, pipeline)
+    finally:
+        pipeline.close()
+    assert rep.ok and ("drift" in rep.cpu_s and "encoding" in rep.cpu_s) == staged
+
+
 @pytest.mark.parametrize("logged, replayed, fast", [
     ({"a": [[0.1, 0.2], [0.3, 0.4]]}, {"a": np.array([[0.1, 0.2], [0.3, 0.4]])}, True),
     ([0.1, 0.2], np.array([0.1, 0.2], dtype=np.float32), False),  # the float32's own value is not 0.1
