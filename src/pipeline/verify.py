@@ -737,7 +737,8 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     encoding, rVAE: :func:`ahead_chain`) run ahead too, each on a thread of its own (the same
     outputs); False: they run on the main thread; None: staged only where every thread can have a
     core of its own (segmenting workers + chain stages + the main thread <= ``os.cpu_count()``): on
-    2 cores the extra threads made the every-stage replay ~10 % slower (BENCHMARKS.md, 2026-12-02 15:47)."""
+    2 cores the extra threads gave no consistent gain on the every-stage replay in four runs and
+    cost ~8 % more CPU (BENCHMARKS.md, 2026-12-02 15:21-15:59)."""
     if segment_workers is not None and segment_workers < 1:
         raise InputError("segment_workers", segment_workers, "must be at least 1 thread")
     if streams is None:
