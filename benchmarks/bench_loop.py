@@ -10,11 +10,12 @@
    before its recluster budget (recluster on the first unexplained atom, torch's threads), and
    ``all (before)``, that and the U-Net on torch's threads (``--threads``); both with the run
    log's element-by-element JSON conversion as it was.
-2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all`` and ``unet`` runs: wall and CPU time against the run's
-   acquisition time span (x real time), and whether every output was reproduced; baselines in the
-   same run: ``(one worker)`` the U-Net segmenting ahead on one worker thread instead of two (before
-   2026-12-02 13:00), ``(one thread)`` without segmenting ahead, ``(before)`` also with the comparison as it
-   was before its JSON-text fast path. ``--heap default`` runs everything without the heap setting
+2. **Replay**: ``replay --verify`` of the ``log``, ``log+encoding``, ``all``, ``every stage`` and ``unet``
+   runs: wall and CPU time against the run's acquisition time span (x real time), and whether every
+   output was reproduced; baselines in the same run (:data:`REPLAY_VARIANTS`): ``(stages ahead)``
+   the stages after the segmenter each on a thread of its own, ``(no stages ahead)`` on the main thread, ``(session 6)`` that and the JSON-text comparison
+   (main at 14:11), ``(one worker)`` the U-Net segmenting ahead on one worker thread instead of two,
+   ``(one thread)`` nothing ahead, ``(before)`` also the comparison walked field by field. ``--heap default`` runs everything without the heap setting
    the ``stemagent`` command makes (``stemagent.agent.app.heap``), for its baseline.
 3. **Sustained stream** on the twin at real time, 4 frames/s (512 x 512 px at 0.95 µs), a policy
    that keeps asking for the same field, ``--sustain-pipeline`` (``log+encoding``: what this CPU
@@ -135,9 +136,15 @@ async def one_run(cfg_dict: dict[str, Any], out: Path, stare: bool = False, stop
     return summary, summary.log_path
 
 
-def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
+#: the runs the replay part replays (``--replay-only`` runs just these)
+REPLAYED = ("log", "log+encoding", "all", "every stage", "unet")
+
+
+def latency(frames: int, tmp: Path, unet_frames: int, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pipe in {**PIPELINES, **PIPELINES_BEFORE}.items():
+        if only is not None and name not in only:
+            continue
         cfg = {**BASE, "max_frames": unet_frames if name in SLOW else frames, "pipeline": pipe}
         fast = writer_module.fast_jsonable
         if name in PIPELINES_BEFORE:  # and the run log's conversion as it was (the element walk)
@@ -162,34 +169,52 @@ def latency(frames: int, tmp: Path, unet_frames: int) -> dict[str, Any]:
     return out
 
 
-def replay_speed(runs: dict[str, Any]) -> dict[str, Any]:
-    """``replay --verify`` of each run (as the command does it), and in the same run the baselines:
-    ``(one thread)``, without segmenting ahead in a worker thread (as main had it before
-    2026-12-02), and ``(before)``, also the comparison as main had it before the JSON-text fast
-    path (field by field, in Python). ``cpu_s``: the process's CPU time (all threads)."""
-    out = {}
-    for name in ("log", "log+encoding", "all", "every stage", "unet"):
-        if name not in runs:
-            continue
-        for variant in ("now", "one worker", "one thread", "before"):
-            if variant == "one worker" and name not in SLOW:
-                continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
-            log = RunLog.open(runs[name]["log"])
-            fast = verify_module.same_text
-            if variant == "before":
-                verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
-            c0 = time.process_time()
-            try:
-                rep = verify_run_log(log, Path(runs[name]["log"]), overlap=variant in ("now", "one worker"),
-                                     segment_workers=1 if variant == "one worker" else None)
-            finally:
-                verify_module.same_text = fast
-            out[name if variant == "now" else f"{name} ({variant})"] = {
-                "ok": rep.ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
-                "cpu_s": round(time.process_time() - c0, 3),
-                "cpu_s_main_thread": round(rep.cpu_s.get("main", 0.0), 3), "cpu_s_segment_ahead": round(rep.cpu_s.get("segment_ahead", 0.0), 3),
-                "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(rep.speed, 2),
-                "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+#: the replay variants, each in the same run: (overlap, staged, segment_workers, comparison); comparison
+#: ``values`` (the numeric fast path, then JSON text, then the walk: now), ``text`` (JSON text, then the
+#: walk: session 6), ``walk`` (field by field: before the JSON-text fast path)
+REPLAY_VARIANTS: dict[str, tuple[bool, bool | None, int | None, str]] = {
+    "now": (True, None, None, "values"),  # the later stages ahead where each thread has a core (not on 2 cores)
+    "stages ahead": (True, True, None, "values"),  # the later stages ahead on their own threads, whatever the cores
+    "no stages ahead": (True, False, None, "values"),  # the later stages on the main thread
+    "session 6": (True, False, None, "text"),  # as main had it at 14:11 (two segmenting workers, text comparison)
+    "one worker": (True, None, 1, "values"),  # one segmenting worker (U-Net logs only)
+    "one thread": (False, False, None, "values"),  # nothing ahead
+    "before": (False, False, None, "walk"),  # nothing ahead, the comparison walked field by field
+}
+
+
+def replay_speed(runs: dict[str, Any], rounds: int = 1, variants: tuple[str, ...] = tuple(REPLAY_VARIANTS)) -> dict[str, Any]:
+    """``replay --verify`` of each run (as the command does it), and in the same run the baselines of
+    :data:`REPLAY_VARIANTS`. ``cpu_s``: the process's CPU time (all threads); ``cpu_s_threads``: the
+    main thread's, the segmenting workers' together and each stage's own thread's. ``rounds`` > 1:
+    every variant of a log once per round, the variants alternating (a shared machine's load
+    changes between them); ``x_real_time`` is then the median over the rounds, each in ``x_by_round``."""
+    out: dict[str, Any] = {"load_avg_start": os.getloadavg()}
+    for name, variant, (overlap, staged, workers, comparison) in [
+            (n, v, REPLAY_VARIANTS[v]) for n in REPLAYED if n in runs for _ in range(rounds) for v in variants]:
+        if variant == "one worker" and name not in SLOW:
+            continue  # only the U-Net declares per_frame: the LoG always segments ahead on one worker
+        log = RunLog.open(runs[name]["log"])
+        values, text = verify_module.same_values, verify_module.same_text
+        if comparison != "values":
+            verify_module.same_values = lambda logged, replayed: False  # type: ignore[assignment]
+        if comparison == "walk":
+            verify_module.same_text = lambda logged, replayed: False  # type: ignore[assignment]
+        c0 = time.process_time()
+        try:
+            rep = verify_run_log(log, Path(runs[name]["log"]), overlap=overlap, segment_workers=workers, staged=staged)
+        finally:
+            verify_module.same_values, verify_module.same_text = values, text
+        key = name if variant == "now" else f"{name} ({variant})"
+        by_round = (out.get(key) or {}).get("x_by_round", []) + [round(rep.speed, 2)]
+        ok = rep.ok and (out.get(key) or {}).get("ok", True)
+        out[key] = {
+            "ok": ok, "observations": rep.observations, "elapsed_s": round(rep.elapsed_s, 3),
+            "cpu_s": round(time.process_time() - c0, 3),
+            "cpu_s_threads": {k: round(v, 3) for k, v in rep.cpu_s.items()},
+            "run_span_s": round(rep.run_span_s, 3), "x_real_time": round(float(np.median(by_round)), 2),
+            "x_by_round": by_round, "first_divergence": rep.divergences[0].describe() if rep.divergences else ""}
+    out["load_avg_end"] = os.getloadavg()
     return out
 
 
@@ -227,6 +252,10 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--unet-frames", type=int, default=None, help="frames of the U-Net pipelines (default: --frames)")
     ap.add_argument("--sustain-s", type=float, default=60.0)
+    ap.add_argument("--replay-only", action="store_true", help="run only the pipelines the replay part replays")
+    ap.add_argument("--replay-pipelines", default=",".join(REPLAYED), help="comma-separated runs to replay (with --replay-only: to run)")
+    ap.add_argument("--replay-rounds", type=int, default=1, help="replay every variant of a log this many times, alternating")
+    ap.add_argument("--replay-variants", default=",".join(REPLAY_VARIANTS), help="comma-separated names of REPLAY_VARIANTS")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only-sustain", action="store_true", help="skip the latency and replay parts")
     ap.add_argument("--sustain-modes", default="both", choices=("both", "sequential", "overlap"))
@@ -242,8 +271,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.time()
-        lat = latency(args.frames, tmp, args.unet_frames or args.frames) if not args.only_sustain else {}
-        rep = replay_speed(lat) if lat else {}
+        replayed = tuple(p for p in args.replay_pipelines.split(",") if p)
+        if sorted(set(replayed) - set(REPLAYED)):
+            raise SystemExit(f"--replay-pipelines: {sorted(set(replayed) - set(REPLAYED))} are not among {list(REPLAYED)}")
+        lat = (latency(args.frames, tmp, args.unet_frames or args.frames, replayed if args.replay_only else None)
+               if not args.only_sustain else {})
+        variants = tuple(v for v in args.replay_variants.split(",") if v)
+        unknown = sorted(set(variants) - set(REPLAY_VARIANTS))
+        if unknown:
+            raise SystemExit(f"--replay-variants: {unknown} are not among {list(REPLAY_VARIANTS)}")
+        rep = replay_speed({k: v for k, v in lat.items() if k in replayed}, max(1, args.replay_rounds), variants) if lat else {}
         modes = {"both": (False, True), "sequential": (False,), "overlap": (True,)}[args.sustain_modes]
         sus = sustained(args.sustain_s, tmp, args.sustain_pipeline, modes) if args.sustain_s > 0 else {}
         for v in lat.values():

@@ -162,13 +162,13 @@ def logged_capabilities(original: RunLog) -> Capabilities | None:
 
 
 def verify_run_log(original: RunLog, log: Path, rtol: float = 0.0, overlap: bool = True,
-                   segment_workers: int | None = None) -> VerifyReport:
+                   segment_workers: int | None = None, staged: bool | None = None) -> VerifyReport:
     """``replay LOG --verify``: the log's pipeline, built fresh from its configuration, on every
     logged observation, every output compared (:func:`~stemagent.pipeline.verify.verify_log`;
-    ``overlap``: segment ahead in a worker thread)."""
+    ``overlap``: segment ahead in a worker thread; ``staged``: and the later stages ahead, each on its own; None: where each thread has a core)."""
     cfg = replay_config(original, log, "fast")
     pipeline = build_pipeline(cfg, np.random.default_rng(cfg.seed), logged_capabilities(original))
     try:
-        return verify_log(original, pipeline, rtol=rtol, overlap=overlap, segment_workers=segment_workers)
+        return verify_log(original, pipeline, rtol=rtol, overlap=overlap, segment_workers=segment_workers, staged=staged)
     finally:
         pipeline.close()

@@ -37,6 +37,18 @@ with, whatever a later stage sets for itself on the main thread.) A segmenter th
 ``per_frame`` (its atoms depend on the frame alone: the U-Net) is run on two workers, each with
 its own copy of the segment stage, on two frames at once; the results are still handed over
 and compared in the log's order. A segmenter without it keeps one worker and the log's order.
+
+The later stages ahead (``staged``; with ``overlap``, by default where each thread has a core): the stages after the segmenter and
+before the policy (drift, encoding, rVAE: :func:`ahead_chain`) run each on one thread of its
+own, in the log's order, frame n + 1 in drift while frame n is in encoding and frame n - 1 in
+the rVAE, a few frames ahead of the walk (bounded); the policy, which alone sees parks, refusals
+and the walk's inputs (target, replaced commands, parks since the frame before), stays on the
+main thread with the comparisons. A stage's conversions of the commands logged before a frame
+are handed back to it on its own thread right before that frame, as the serial walk hands them
+back. Note: a stage that limits the BLAS/OpenMP pools (the encoding stage's ``threadpoolctl``
+limit) limits them for the whole process while it runs, so the drift and rVAE stages' numpy calls
+may then run on fewer BLAS threads than in the run (as they do in the run while a background
+recluster holds the limit); every replay below compared equal, and a difference would be reported, not hidden.
 """
 
 from __future__ import annotations
@@ -102,7 +114,8 @@ class VerifyReport:
     elapsed_s: float = 0.0
     run_span_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    #: CPU time (s) of the main thread and of the worker that segments ahead (0 without it)
+    #: CPU time (s) of the main thread, of the workers that segment ahead (0 without them) and of
+    #: each stage's own thread when the later stages run ahead too (keyed by stage name)
     cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -169,6 +182,98 @@ def same_text(logged: Any, replayed: Any) -> bool:
         return False
 
 
+#: numbers above this magnitude (2**53) are not all exact as float64: :func:`same_values` leaves them to the walk
+_EXACT_FLOAT = 2.0**53
+
+
+def _number_array(value: Any) -> np.ndarray | None:
+    """``value`` (a list, tuple or array of numbers, nested) as one numeric array, or None when it is
+    not one (strings, dicts, None, ragged nesting, integers too large for exact float64)."""
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        first = value[0]
+        while isinstance(first, (list, tuple)) and first:
+            first = first[0]
+        if not isinstance(first, (int, float, np.number)):  # a list of dicts or strings: not numeric
+            return None
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):  # ragged
+            return None
+    if arr.dtype.kind not in "biuf":
+        return None
+    if arr.dtype.kind == "f" and arr.size and not np.all(np.abs(arr) < _EXACT_FLOAT):
+        return None  # non-finite (written as strings), or beyond exact integers: the walk decides
+    return arr
+
+
+#: element types :func:`_plain_array` compares with Python's ``==`` (the walk's own comparison of them)
+_PLAIN_LEAVES = frozenset({float, int, str, bool, type(None)})
+
+
+def _plain_array(value: Any) -> np.ndarray | None:
+    """``value`` (a list or tuple, nested, of Python floats, ints, strings, booleans and None: the
+    latents with ``null`` where not encoded) as an object array, or None when it holds anything
+    else (numpy scalars compare in their own precision; dicts and lists need the walk)."""
+    if isinstance(value, np.ndarray):
+        return None
+    try:
+        arr = np.array(value, dtype=object)
+    except ValueError:  # ragged
+        return None
+    return arr if _PLAIN_LEAVES.issuperset(map(type, arr.ravel())) else None
+
+
+def _scalar_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 0
+
+
+def same_values(logged: Any, replayed: Any) -> bool:
+    """True when ``first_difference(plain(logged), plain(replayed))`` certainly finds nothing (for
+    any ``rtol``): the same keys (str) and, leaf by leaf, equal numbers, strings, booleans and
+    None; lists of numbers (nested) are compared as numpy arrays, exactly (a float64 read back from
+    the log equals the value written, and a float32 equals its float64). False says nothing: the
+    caller then tries :func:`same_text` and compares field by field.
+
+    The fast path of :meth:`_Verifier.compare`: a 1000-atom frame's atoms, motifs and latents
+    compare in ~1 ms, where writing both sides as JSON text (:func:`same_text`) took ~35 ms."""
+    if isinstance(logged, dict):
+        if not isinstance(replayed, dict) or len(logged) != len(replayed):
+            return False
+        for key, value in logged.items():
+            if not isinstance(key, str) or key not in replayed or not same_values(value, replayed[key]):
+                return False
+        return True
+    if isinstance(logged, (list, tuple, np.ndarray)):
+        if (not isinstance(replayed, (list, tuple, np.ndarray)) or _scalar_array(logged) or _scalar_array(replayed)
+                or len(logged) != len(replayed)):
+            return False  # a 0-d array is a number to the log: the walk decides
+        if len(logged) == 0:
+            return True
+        a = _number_array(logged)
+        b = _number_array(replayed) if a is not None else None
+        if a is not None and b is not None:
+            if a.shape != b.shape or (a.dtype.kind in "biu") != (b.dtype.kind in "biu"):
+                return False  # int against float: the walk decides (exactness)
+            return bool(np.array_equal(a, b))
+        a, b = _plain_array(logged), _plain_array(replayed)
+        if a is not None and b is not None and a.shape == b.shape:
+            return bool((a == b).all())
+        return all(same_values(x, y) for x, y in zip(logged, replayed))
+    if isinstance(logged, (str, type(None))) or isinstance(replayed, (str, type(None))):
+        return type(logged) is type(replayed) and logged == replayed
+    if isinstance(logged, (bool, np.bool_)) or isinstance(replayed, (bool, np.bool_)):
+        return isinstance(logged, (bool, np.bool_)) and isinstance(replayed, (bool, np.bool_)) and bool(logged) == bool(replayed)
+    if isinstance(logged, (int, np.integer)) and isinstance(replayed, (int, np.integer)):
+        return int(logged) == int(replayed)
+    real = (int, float, np.integer, np.floating)
+    if isinstance(logged, real) and isinstance(replayed, real):
+        x, y = float(logged), float(replayed)  # an int beside a float: exact only below 2**53
+        return abs(x) < _EXACT_FLOAT and abs(y) < _EXACT_FLOAT and x == y
+    return False
+
+
 def first_difference(logged: Any, replayed: Any, path: str = "", rtol: float = 0.0) -> tuple[str, Any, Any] | None:
     """The first place where two plain JSON values differ: ``(path, logged, replayed)``, or None."""
     if isinstance(logged, dict) and isinstance(replayed, dict):
@@ -208,24 +313,38 @@ class _Expected:
     documents: dict[str, dict[str, Any]]
 
 
+#: what one frame's analysis ahead of the walk hands over: the frame, its observation so far, or why it could not be read
+_Ahead = tuple[Frame | None, Observation | None, InputError | None]
+
+
 class _SegmentAhead:
-    """The pipeline's segment stage on the frames ``order`` lists (``(frame_index, frames event)``
-    in the order the replay will observe them), ``depth`` frames ahead in ``workers`` threads.
+    """The pipeline's segment stage, and then each stage of ``chain`` on its own thread, on the
+    frames ``order`` lists (:class:`_Frame`: in the order the replay will observe them), ``depth``
+    frames ahead.
 
-    :meth:`take` hands over the next one: ``(frame, observation after the segment stage)``, or the
-    frame store's :class:`InputError` for a frame that could not be read. With one worker the
-    frames are segmented in the log's order, so a segmenter with state sees its frames as in the
-    run. More workers only for a segmenter that declares ``per_frame`` (its atoms depend on the
-    frame alone): each worker thread then runs its own copy of the segment stage (so no worker
-    reads another's ``last_report``), frames are segmented out of order, and handed over in the
-    log's order."""
+    :meth:`take` hands over the next one: ``(frame, observation after the segment stage and the
+    chain)``, or the frame store's :class:`InputError` for a frame that could not be read (the
+    chain's stages skip it). With one segmenting worker the frames are segmented in the log's
+    order, so a segmenter with state sees its frames as in the run. More workers only for a
+    segmenter that declares ``per_frame`` (its atoms depend on the frame alone): each worker
+    thread then runs its own copy of the segment stage (so no worker reads another's
+    ``last_report``), frames are segmented out of order, and handed over in the log's order.
 
-    def __init__(self, log: RunLog, pipeline: Pipeline, order: list[tuple[int, dict[str, Any]]], depth: int = 2,
-                 workers: int = 1) -> None:
+    ``chain`` (the stages after the segmenter and before the first stage that sees parks: drift,
+    encoding, rVAE): each on one thread of its own, so each sees every frame in the log's order,
+    as in the run; frame n is in the encoding stage while frame n + 1 is in the drift stage. A
+    stage's conversions of the commands logged before a frame (:attr:`_Frame.conversions`) are
+    handed back to it on its thread right before that frame, where the serial replay hands them
+    back (the walk does not hand them to a chain stage again)."""
+
+    def __init__(self, log: RunLog, pipeline: Pipeline, order: list[_Frame], depth: int = 2,
+                 workers: int = 1, chain: tuple[str, ...] = ()) -> None:
         self.log = log
         self.todo = deque(order)
         self.workers = max(1, int(workers))
-        self.depth = max(1, int(depth), self.workers + 1 if self.workers > 1 else 1)
+        self.chain = tuple(chain)
+        self.depth = max(1, int(depth), self.workers + 1 if self.workers > 1 else 1, self.workers + len(self.chain) + 1 if self.chain else 1)
+        self.pipeline = pipeline
         first = pipeline.stages[0]
         name = first.name
         # one pipeline per worker: the first is the replay's own, the others the segment stage alone, copied
@@ -235,14 +354,20 @@ class _SegmentAhead:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="verify-segment")
-        self.cpu_s = 0.0  # the workers' CPU time, together
-        self.running: deque[tuple[int, Future[tuple[Frame | None, Observation | None, InputError | None]]]] = deque()
+        # one thread per chain stage: a stage's frames run one at a time, in the order submitted
+        self.stage_pools = {n: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"verify-{n}") for n in self.chain}
+        self.cpu_s = 0.0  # the segmenting workers' CPU time, together
+        self.stage_cpu_s = {n: 0.0 for n in self.chain}  # each chain stage's thread's CPU time
+        self.running: deque[tuple[int, list[Future[_Ahead]]]] = deque()
         self._fill()
 
     def _fill(self) -> None:
         while self.todo and len(self.running) < self.depth:
-            fi, data = self.todo.popleft()
-            self.running.append((fi, self.pool.submit(self._segment, data)))
+            item = self.todo.popleft()
+            futures = [self.pool.submit(self._segment, item.data)]
+            for n in self.chain:
+                futures.append(self.stage_pools[n].submit(self._stage, n, futures[-1], item.conversions.get(n, [])))
+            self.running.append((item.frame_index, futures))
 
     def _pipeline(self) -> Pipeline:
         """This worker thread's pipeline (taken from the spares on its first frame)."""
@@ -252,7 +377,7 @@ class _SegmentAhead:
                 mine = self._local.pipeline = self._spare.popleft()
         return mine
 
-    def _segment(self, data: dict[str, Any]) -> tuple[Frame | None, Observation | None, InputError | None]:
+    def _segment(self, data: dict[str, Any]) -> _Ahead:
         c0 = time.thread_time()
         try:
             frame = self.log.frame_from_data(data)
@@ -266,35 +391,71 @@ class _SegmentAhead:
             with self._lock:
                 self.cpu_s += time.thread_time() - c0
 
-    def take(self, frame_index: int) -> tuple[Frame | None, Observation | None, InputError | None] | None:
-        """The next segmented frame if it is ``frame_index`` (else None: the caller goes serial);
+    def _stage(self, name: str, before: Future[_Ahead], conversions: list[dict[str, Any]]) -> _Ahead:
+        """Chain stage ``name`` on the frame ``before`` hands over (on that stage's own thread)."""
+        c0 = time.thread_time()
+        try:
+            replay = getattr(self.pipeline.stage(name), "replay_conversion", None)
+            if replay is not None:
+                for record in conversions:
+                    replay(record)
+            frame, obs, error = before.result()  # the stage before raised (StageFailed): so does this frame here
+            if obs is None:
+                return frame, obs, error
+            return frame, self.pipeline.run(obs, (name,)), error
+        finally:
+            self.stage_cpu_s[name] += time.thread_time() - c0
+
+    def take(self, frame_index: int) -> _Ahead | None:
+        """The next analysed frame if it is ``frame_index`` (else None: the caller goes serial);
         a stage's :class:`StageFailed` raises here, as it would have in the serial replay."""
         if not self.running or self.running[0][0] != frame_index:
             return None
-        _, fut = self.running.popleft()
+        _, futures = self.running.popleft()
         self._fill()
-        return fut.result()
+        return futures[-1].result()
 
     def close(self) -> None:
-        for _, fut in self.running:
-            fut.cancel()
+        for _, futures in self.running:
+            for fut in reversed(futures):
+                fut.cancel()
         self.pool.shutdown(wait=True)
+        for pool in self.stage_pools.values():
+            pool.shutdown(wait=True)
         for mine in self._copies:
             mine.close()
 
 
-def _frame_order(events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> list[tuple[int, dict[str, Any]]]:
-    """The frames :func:`verify_log` will analyse, in order: ``(frame_index, frames event)`` of each
-    frame observation whose frame the log had written before it (what :meth:`_Verifier.frame` finds)."""
+@dataclass
+class _Frame:
+    """A frame observation :func:`verify_log` will make: its frames event, and the conversions
+    (stage name -> records, in log order) of the commands logged since the observation before."""
+
+    frame_index: int
+    data: dict[str, Any]
+    conversions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _frame_order(events: list[tuple[str, dict[str, Any]]], has_pipeline: bool) -> list[_Frame]:
+    """The frames :func:`verify_log` will analyse, in order: the frames event of each frame
+    observation whose frame the log had written before it (what :meth:`_Verifier.frame` finds),
+    with the commands' conversions logged before it (what :meth:`_Verifier.converted` hands back)."""
     frames: dict[int, dict[str, Any]] = {}
     order = []
+    conversions: dict[str, list[dict[str, Any]]] = {}
     for stream, data in events:
         if stream == "frames":
             frames[int(data["frame_index"])] = data
+        elif stream == "commands":
+            converted = data.get("converted")
+            for name, record in (converted.items() if isinstance(converted, dict) else ()):
+                if isinstance(record, dict):
+                    conversions.setdefault(str(name), []).append(record)
         elif (stream == "pipeline" and has_pipeline and str(data.get("observation", "frame")) == "frame") or (stream == "atoms" and not has_pipeline):
             fi = int(data.get("frame_index", -1))
             if fi in frames:
-                order.append((fi, frames[fi]))
+                order.append(_Frame(fi, frames[fi], conversions))
+                conversions = {}
     return order
 
 
@@ -319,12 +480,15 @@ class _Verifier:
         self.pending: _Expected | None = None
         self._differs: set[int] = set()
         self.ahead: _SegmentAhead | None = None
+        self.ahead_chain: tuple[str, ...] = ()  # stages that ran on the frames ahead, after the segmenter
 
     def converted(self, records: dict[str, Any]) -> None:
         """A sent command's conversions, handed back to the stages that made them (a stage that
         remembers its conversions, e.g. drift mapping a frame back to the sample-frame scan it
         asked for, must see the same ones in the replay as in the run)."""
         for name, record in records.items():
+            if self.ahead is not None and name in self.ahead.chain:
+                continue  # handed back on the stage's own thread, before the frame it precedes (_SegmentAhead)
             try:
                 stage = self.pipeline.stage(name)
             except KeyError:
@@ -343,7 +507,7 @@ class _Verifier:
 
     def compare(self, exp: _Expected, what: str, logged: Any, replayed: Any) -> None:
         self.report.compared[what.split(".")[0]] = self.report.compared.get(what.split(".")[0], 0) + 1
-        if same_text(logged, replayed):
+        if same_values(logged, replayed) or same_text(logged, replayed):
             return
         found = first_difference(plain(logged), plain(replayed), "", self.rtol)
         if found is not None:
@@ -387,6 +551,8 @@ class _Verifier:
                 # not the frame the worker expected (cannot happen for a log read in order): serial from here
                 self.ahead.close()
                 self.ahead = None
+                if self.ahead_chain:  # the chain's stages have seen frames beyond this one: no serial fallback
+                    raise RuntimeError(f"frame {frame_index}: the replay's stages ran out of step with the log")
                 self.report.notes.append(f"frame {frame_index}: segmenting ahead stopped (out of step with the log)")
             if ahead is not None:  # read and segmented by the worker (see _SegmentAhead)
                 frame, segmented, error = ahead
@@ -404,9 +570,11 @@ class _Verifier:
                                   atoms=no_atoms(frame.index), features=self.features(), frame=frame, parks=self.parks_since)
                 obs = self.run(obs)
             else:
+                # the walk's features first, then what the chain's stages added (the serial order)
                 obs = segmented
-                obs.features, obs.parks = self.features(), self.parks_since
-                obs = self.run(obs, tuple(self.pipeline.names[1:]))
+                obs.features, obs.parks = {**self.features(), **obs.features}, self.parks_since
+                done = {self.pipeline.names[0], *self.ahead_chain}
+                obs = self.run(obs, tuple(n for n in self.pipeline.names if n not in done))
             self.parks_since = []
             self.last = obs
         elif seen == "park":
@@ -542,14 +710,35 @@ def _walk(v: _Verifier, events: list[tuple[str, dict[str, Any]]], has_pipeline: 
             v.document(stream, data)
 
 
+def ahead_chain(pipeline: Pipeline) -> tuple[str, ...]:
+    """The stages :func:`verify_log` runs ahead of the walk, each on its own thread: those after the
+    segmenter up to the first stage that sees park observations (``process_park``: the policy).
+    They see the frame's observation alone; the walk's own inputs (the operator's target, a
+    replaced command: ``obs.features``; the parks since the frame before: ``obs.parks``) are
+    set after them, for the policy, which is the only stage that reads them."""
+    out = []
+    for stage in pipeline.stages[1:]:
+        if getattr(stage, "process_park", None) is not None:
+            break
+        out.append(stage.name)
+    return tuple(out)
+
+
 def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_divergences: int = 50,
-               streams: tuple[str, ...] | None = None, overlap: bool = True, segment_workers: int | None = None) -> VerifyReport:
+               streams: tuple[str, ...] | None = None, overlap: bool = True, segment_workers: int | None = None,
+               staged: bool | None = None) -> VerifyReport:
     """Re-run ``pipeline`` (built from the log's own configuration, fresh) on every observation of
     ``log`` and compare (see the module docstring). ``streams``: the stages' own streams compared
     (default: every stream the pipeline's stages write). ``overlap``: segment the next frames in
     a worker thread while the later stages run (the same outputs; False: one thread).
     ``segment_workers``: threads that segment ahead; more than one only for a segmenter that
-    declares ``per_frame`` (None: two for such a segmenter on a machine with two cores or more, else one)."""
+    declares ``per_frame`` (None: two for such a segmenter on a machine with two cores or more, else one).
+    ``staged`` (with ``overlap``): the stages after the segmenter and before the policy (drift,
+    encoding, rVAE: :func:`ahead_chain`) run ahead too, each on a thread of its own (the same
+    outputs); False: they run on the main thread; None: staged only where every thread can have a
+    core of its own (segmenting workers + chain stages + the main thread <= ``os.cpu_count()``): on
+    2 cores the extra threads gave no consistent gain on the every-stage replay in four runs and
+    cost ~8 % more CPU (BENCHMARKS.md, 2026-12-02 15:21-15:59)."""
     if segment_workers is not None and segment_workers < 1:
         raise InputError("segment_workers", segment_workers, "must be at least 1 thread")
     if streams is None:
@@ -572,13 +761,19 @@ def verify_log(log: RunLog, pipeline: Pipeline, *, rtol: float = 0.0, max_diverg
     if overlap and pipeline.stages and isinstance(pipeline.stages[0], SegmentStage):
         per_frame = bool(getattr(pipeline.stages[0].segmenter, "per_frame", False))
         workers = segment_workers if segment_workers is not None else min(2, os.cpu_count() or 1)
-        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline), workers=workers if per_frame else 1)
+        workers = workers if per_frame else 1
+        chain = ahead_chain(pipeline)
+        if staged is None:
+            staged = workers + len(chain) + 1 <= (os.cpu_count() or 1)
+        v.ahead_chain = chain if staged else ()
+        v.ahead = _SegmentAhead(log, pipeline, _frame_order(events, has_pipeline), workers=workers, chain=v.ahead_chain)
     try:
         _walk(v, events, has_pipeline)
     finally:
         if v.ahead is not None:
             v.ahead.close()
-    v.report.cpu_s = {"main": time.thread_time() - c0, "segment_ahead": v.ahead.cpu_s if v.ahead is not None else 0.0}
+    v.report.cpu_s = {"main": time.thread_time() - c0, "segment_ahead": v.ahead.cpu_s if v.ahead is not None else 0.0,
+                      **(v.ahead.stage_cpu_s if v.ahead is not None else {})}
     if log.stop is None and v.pending is not None:
         # a run killed outright: its last observation's outputs may never have reached the log
         v.report.notes.append("the log ends without a stop document (the run was killed): what its last observation "
