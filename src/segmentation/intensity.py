@@ -84,6 +84,11 @@ DEFAULT_FAMILIES: tuple[Family, ...] = (
 #: on defect-free twin frames across detectors.
 MIN_EVIDENCE_NATS = float(np.log(1.0 / 0.005))
 
+#: Intensities (times the host level) a host site near the frame's edge may show on its in-frame
+#: pixels: the neighbours outside the frame are not modelled, so their tails add counts there
+#: (BENCHMARKS.md, "Si on sub-scan edges", measures the spread on twin frames).
+EDGE_HOST_BAND = (0.6, 1.5)
+
 
 @dataclass
 class IntensityResult:
@@ -102,6 +107,10 @@ class IntensityResult:
     families: dict[str, str]
     evidence_nats: np.ndarray = dc_field(default_factory=lambda: np.zeros(0))
     demoted: np.ndarray = dc_field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: ``(N,)`` True where the site was decided on its in-frame pixels alone (``edge``)
+    edge_decided: np.ndarray = dc_field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: ``(N,)`` an edge-decided site's best intensity on its in-frame pixels over the host level (NaN elsewhere)
+    edge_intensity_ratio: np.ndarray = dc_field(default_factory=lambda: np.zeros(0))
 
 
 def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, min_members: int) -> dict[str, float] | None:
@@ -154,6 +163,41 @@ def _free_level_ratio(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: f
     return best - float(ll(np.array([host_level]))[0]), c
 
 
+def _edge_glr(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float, band: tuple[float, float], gain: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edge sites' generalised likelihood ratios on their in-frame pixels: ``x``, ``b``, ``q``
+    ``(E, P)`` (pixels outside the frame are zero in ``q`` and ``x``). The host hypothesis is any
+    intensity in ``band`` ``(lo, hi)`` (times the host level): the neighbours outside the frame are
+    not modelled, so a host column there may look brighter (or dimmer) than the level. Returns
+    ``(bright, dim, ratio)`` ``(E,)``: the signed log-likelihood ratio (nats, over ``gain``) of the
+    best intensity at or above ``hi`` (at or below ``lo``) against the best in the band (positive
+    where the site's own best lies beyond that end of the band, negative where the band explains
+    the counts better), and the site's best intensity over the host level."""
+    x = np.asarray(x, np.float64)
+    b = np.maximum(np.asarray(b, np.float64), 1e-9)
+    q = np.asarray(q, np.float64)
+    lo, hi = band[0] * host_level, band[1] * host_level
+
+    def ll(c: np.ndarray) -> np.ndarray:  # (E, G) for intensities c (E, G)
+        lam = b[:, None, :] + c[:, :, None] * q[:, None, :]
+        return (x[:, None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=2)
+
+    # the unconstrained maximum: a grid, then Newton steps on the concave log-likelihood
+    grid = np.concatenate([[0.0], host_level * np.geomspace(0.01, 30.0, 64)])
+    g = np.broadcast_to(grid, (len(x), len(grid)))
+    c = g[np.arange(len(x)), np.argmax(ll(g), axis=1)].copy()
+    for _ in range(8):
+        lam = b + c[:, None] * q
+        grad = (x * q / lam - q).sum(axis=1)
+        hess = -(x * q * q / lam**2).sum(axis=1)
+        step = np.where(hess < 0, -grad / np.where(hess < 0, hess, -1.0), 0.0)
+        c = np.maximum(0.0, c + step)
+    # concave in c: the best within an interval is the unconstrained best clipped into it
+    l_band = ll(np.clip(c, lo, hi)[:, None])[:, 0]
+    l_bright = ll(np.maximum(c, hi)[:, None])[:, 0]
+    l_dim = ll(np.minimum(c, lo)[:, None])[:, 0]
+    return (l_bright - l_band) / gain, (l_dim - l_band) / gain, c / max(host_level, 1e-12)
+
+
 def classify_by_counts(
     counts: np.ndarray,
     others: np.ndarray,
@@ -172,6 +216,9 @@ def classify_by_counts(
     min_weight: float = 1e-3,
     free_level_members: float = 10.0,
     min_evidence_nats: float = MIN_EVIDENCE_NATS,
+    edge: np.ndarray | None = None,
+    edge_host_band: tuple[float, float] = EDGE_HOST_BAND,
+    edge_min_share: float = 0.3,
 ) -> IntensityResult:
     """Re-decide each site's class within its family from the pixel counts around it.
 
@@ -202,6 +249,18 @@ def classify_by_counts(
     keeps that class only if the counts' log-likelihood ratio against the host (each class's
     levels weighed by the frame's level weights within the class) reaches ``min_evidence_nats``;
     otherwise it takes the host class. The ratio is in ``evidence_nats``.
+
+    ``edge`` ``(N,)`` True for sites that are not ``usable`` because their neighbours outside the
+    frame are not modelled (near the frame's edge): once the frame has measured the family, such a
+    site (whose in-frame pixels hold at least ``edge_min_share`` of a typical site's image) is
+    decided on its in-frame pixels alone, by a generalised likelihood ratio that lets a host
+    column take any intensity within ``edge_host_band`` times the host level (the missing
+    neighbours' tails add counts the model does not expect): a brighter defect class (as many
+    atoms or more) must be better explained by an intensity above the band, a dimmer one by an
+    intensity below it, by ``min_evidence_nats``; the best such class wins, else the host.
+    Its class probability is the two-way posterior of that ratio (flat prior), so a site the
+    counts lean towards a defect without earning it is reported as host with a low probability.
+    ``edge_decided`` and ``edge_intensity_ratio`` say which sites and what they measured.
     """
     # pixels in float32 (the per-pixel pass dominates the cost), totals in float64 below
     x_all = np.asarray(counts, dtype=np.float32)
@@ -227,6 +286,14 @@ def classify_by_counts(
     decided = np.zeros(n, dtype=bool)
     evidence = np.full(n, np.nan)
     demoted = np.zeros(n, dtype=bool)
+    edge_ok = np.zeros(n, dtype=bool) if edge is None else np.asarray(edge, dtype=bool).reshape(-1)
+    if len(edge_ok) != n:
+        raise InputError("edge.shape", edge_ok.shape, f"must be ({n},), one per site like counts")
+    lo_band, hi_band = (float(edge_host_band[0]), float(edge_host_band[1]))
+    if not 0.0 < lo_band <= 1.0 <= hi_band:
+        raise InputError("edge_host_band", edge_host_band, "must be (lo, hi) with 0 < lo <= 1 <= hi")
+    edge_decided = np.zeros(n, dtype=bool)
+    edge_ratio = np.full(n, np.nan)
     report: dict[str, str] = {}
     net_names = names[cls] if n else np.zeros(0, dtype=names.dtype)
     finite = np.isfinite(x_all).all(axis=1) & np.isfinite(b_all).all(axis=1) & np.isfinite(p_all).all(axis=1)
@@ -343,6 +410,35 @@ def classify_by_counts(
         out_cls[idx] = best
         out_p[idx] = np.exp(cpost[np.arange(len(x)), best])
         decided[idx] = True
+        n_edge = n_edge_defect = 0
+        if host_k >= 0 and host_k in lcls and edge_ok.any():
+            # sites near the edge: their in-frame pixels against a host band (see the docstring)
+            host_l = int(np.flatnonzero(lcls == host_k)[0])
+            share_e = (p_all * m_all).sum(axis=1)
+            esel = np.flatnonzero(edge_ok & ~ok & finite & np.isin(net_names, fam.classes) & (share_e >= edge_min_share * float(np.median(tot_q))))
+            if len(esel):
+                me = m_all[esel]
+                bright, dim, ratio = _edge_glr(np.maximum(x_all[esel], 0.0) * me, np.maximum(b_all[esel], 0.0) * me + np.float32(extra) * me,
+                                               np.maximum(p_all[esel], 0.0) * me, float(level[host_l]), (lo_band, hi_band), gain)
+                comp_of = dict(fam.levels)
+                defects = [class_names.index(c) for c in fam.classes if c != fam.host]
+                # each defect class's signed ratio: brighter classes (as many atoms as the host or
+                # more) against the band's top, dimmer ones against its bottom; the network's class
+                # breaks ties (e.g. two brighter classes)
+                glr = np.stack([bright if len(comp_of[class_names[k]]) >= len(comp_of[fam.host]) else dim for k in defects], axis=1)
+                pick = np.argmax(glr + 1e-9 * (cls[esel][:, None] == np.asarray(defects)[None, :]), axis=1)
+                ev_e = glr[np.arange(len(esel)), pick]
+                cls_e = np.asarray(defects)[pick]
+                earned = ev_e >= min_evidence_nats
+                demoted[esel] = (cls[esel] != host_k) & ~earned
+                out_cls[esel] = np.where(earned, cls_e, host_k)
+                evidence[esel] = np.where(earned, ev_e, 0.0)
+                p_def = 1.0 / (1.0 + np.exp(-np.clip(ev_e, -50.0, 50.0)))
+                out_p[esel] = np.where(earned, p_def, 1.0 - p_def)
+                decided[esel] = True
+                edge_decided[esel] = True
+                edge_ratio[esel] = ratio
+                n_edge, n_edge_defect = len(esel), int(earned.sum())
         report[fam.name] = (
             "counts mixture: "
             + ", ".join(f"{s}={c:.3g}" for s, c in zip(symbols, cs))
@@ -350,5 +446,7 @@ def classify_by_counts(
             + ", ".join(f"{c}{''.join(k) or '0'}=({v:.3g}, {w:.3f})" for (c, k), v, w in zip(lv, level, pi))
             + f"; unmodelled background {extra:.3g}/px; gain {gain:.2f}"
             + f"; {int(demoted[idx].sum())} defect labels below {min_evidence_nats:.2f} nats given the host class"
+            + (f"; {n_edge} edge sites decided on their in-frame pixels ({n_edge_defect} defects)" if n_edge else "")
         )
-    return IntensityResult(classes=out_cls, class_posterior=out_p, decided=decided, families=report, evidence_nats=evidence, demoted=demoted)
+    return IntensityResult(classes=out_cls, class_posterior=out_p, decided=decided, families=report, evidence_nats=evidence, demoted=demoted,
+                           edge_decided=edge_decided, edge_intensity_ratio=edge_ratio)

@@ -168,8 +168,12 @@ class UNetSegmenter:
     ``intensity_classes``: re-decide each site's class within its sublattice from the counts
     within ``class_aperture_A`` of it (needs ``refine``), the network's class probabilities
     weighing in to the power ``class_network_weight``; sites closer than ``intensity_margin_A``
-    to the frame's edge are left to the network (their neighbours outside the frame are not
-    fitted, which biases the counts); what the mixture found on the last frame is in
+    to the frame's edge are not used to fit the mixture (their neighbours outside the frame are
+    not fitted, which biases the counts); with ``edge_classes`` they are then decided on their
+    in-frame pixels against a widened host band (see ``edge`` of
+    :func:`~stemagent.segmentation.intensity.classify_by_counts`: a Si half-cut by the edge stays
+    a Si when its in-frame half is clearly bright), else they are left to the network and the
+    earned-label rule below; what the mixture found on the last frame is in
     ``last_intensity_report``. ``min_evidence_nats``: the least log-likelihood ratio against the
     host class for a defect label ("vacancy", "Si", "substituted", "column-vacancy"; see
     :data:`~stemagent.segmentation.intensity.MIN_EVIDENCE_NATS`); each atom's is in
@@ -211,6 +215,7 @@ class UNetSegmenter:
         ood_fallback: str = "warn",
         specimen: str = "auto",
         gate_network_labels: bool = False,
+        edge_classes: bool = True,
         num_threads: int | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
@@ -253,6 +258,7 @@ class UNetSegmenter:
         self.ood_fallback = ood_fallback
         self.specimen = specimen
         self.gate_network_labels = bool(gate_network_labels)
+        self.edge_classes = bool(edge_classes)
         #: frames found unlike the trained specimens so far (warnings are logged at 1, 2, 4, 8, ...)
         self.atypical_frames = 0
         self._fallback = LoGFinder()
@@ -365,6 +371,7 @@ class UNetSegmenter:
             res = classify_by_counts(
                 host["pixel_counts"], host["pixel_others"], host["pixel_psf"], host["pixel_mask"], host["classes"], usable, self.class_names, DEFAULT_FAMILIES,
                 class_probs=host["class_probs"], network_weight=self.class_network_weight, min_evidence_nats=self.min_evidence_nats,
+                edge=~usable if self.edge_classes else None,
             )
         except (ValueError, IndexError, FloatingPointError, np.linalg.LinAlgError) as exc:
             # a refinement stage must not lose the frame: keep the network's classes, say why

@@ -172,3 +172,36 @@ def test_a_lone_defect_earns_its_label_by_its_own_intensity() -> None:
     res = classify_by_counts(counts, others, psf, mask, net, np.ones(len(net), bool), NAMES)
     assert res.classes[-2] == SI and res.evidence_nats[-2] > 5.3
     assert res.classes[-1] == C and res.demoted[-1] and res.evidence_nats[-1] == 0.0
+
+
+def test_edge_sites_are_decided_on_their_in_frame_pixels_against_a_host_band() -> None:
+    # sites near the frame's edge: half their window outside the frame, and (carbon) extra counts
+    # from neighbours outside that the model does not see. A half-cut Si keeps its label with its
+    # counts' evidence; a carbon 1.3x too bright stays carbon; an unclear site is host with a low
+    # probability; with edge=None the edge sites are not decided (left to the network as before)
+    rng = np.random.default_rng(7)
+    truth = np.r_[np.full(200, C), np.full(5, SI), SI, C, C, SI]
+    level = {C: 400.0, SI: 1700.0}
+    inten = np.array([level[int(c)] for c in truth])
+    inten[-2] *= 1.3  # the missing neighbours' tails
+    inten[-1] = 660.0  # 1.65x carbon: beyond the host band, but on half a window not a Si by ln 200
+    counts, others, psf, mask = windows(rng, inten, background_px=0.05)
+    half = np.tile((np.arange(81) % 9 <= 4).astype(float), (4, 1))  # the left half of the window is in the frame
+    for arr in (counts, psf, mask):
+        arr[-4:] *= half
+    edge = np.zeros(len(truth), bool)
+    edge[-4:] = True
+    net = truth.copy()
+    net[-2] = SI  # the network calls the bright edge carbon Si
+    res = classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES, edge=edge)
+    assert res.edge_decided.tolist() == edge.tolist()
+    assert res.classes[-4] == SI and res.evidence_nats[-4] > 50.0 and res.class_posterior[-4] > 0.99
+    assert res.classes[-3] == C and res.class_posterior[-3] > 0.99
+    assert res.classes[-2] == C and res.demoted[-2] and 1.1 < res.edge_intensity_ratio[-2] < 1.5
+    assert res.classes[-1] == C and res.evidence_nats[-1] == 0.0 and res.class_posterior[-1] < 0.3
+    old = classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES)
+    assert not old.decided[-4:].any() and old.classes[-2] == SI
+    with pytest.raises(InputError, match="edge"):
+        classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES, edge=edge[:-1])
+    with pytest.raises(InputError, match="edge_host_band"):
+        classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES, edge=edge, edge_host_band=(1.2, 2.0))
