@@ -305,7 +305,7 @@ async def one_seed(seed: int, layout: str, args: argparse.Namespace, seg: UNetSe
     for name, kw in (("qlognei", {"acquisition": "qlognei"}), ("deep_kernel", {"model": "deep_kernel"}),
                      ("remaining", {"stop_rule": "remaining", "stop_remaining_share": 0.03}),
                      ("remaining_beta4", {"stop_rule": "remaining", "stop_remaining_share": 0.03, "ucb_beta": 4.0}),
-                     ("gain_replayed", {"stop_rule": "gain"})):
+                     ("gain_replayed", {"stop_rule": "gain"}), *args.variant_configs.items()):
         if name in args.variants:
             r = await run_survey(f, policy_config(args.subscan_dose, args.budget_fraction, n, **kw), live=False)
             row.update({f"{name}_n95": r["n95"], f"{name}_n_stop": r["n_stop"], f"{name}_recall_at_stop": round(r["recall_at_stop"], 4)})
@@ -466,6 +466,9 @@ def main() -> None:
     ap.add_argument("--uniform-seeds", type=int, default=None, help="seeds of the uniform layout (default: --seeds)")
     ap.add_argument("--seed-offset", type=int, default=0)
     ap.add_argument("--layouts", default="clustered,uniform")
+    ap.add_argument("--variant-config", action="append", default=[], metavar="NAME=JSON",
+                    help="a replayed variant of your own: the survey config's fields to change, e.g. "
+                         "'floor30={\"min_subscans_before_stop\": 30}' (repeatable)")
     ap.add_argument("--variants", default="qlognei,deep_kernel", help="replayed variants: qlognei, deep_kernel, remaining, remaining_beta4, gain_replayed (comma list, or '')")
     ap.add_argument("--overview-dose", type=float, default=2000.0)
     ap.add_argument("--subscan-dose", type=float, default=1e5)
@@ -479,6 +482,11 @@ def main() -> None:
     args = ap.parse_args()
     args.layouts = [s for s in args.layouts.split(",") if s]
     args.variants = [s for s in args.variants.split(",") if s]
+    args.variant_configs = {}
+    for item in args.variant_config:
+        name, _, cfg = item.partition("=")
+        args.variant_configs[name] = json.loads(cfg)
+        args.variants.append(name)
     args.uniform_seeds = args.uniform_seeds if args.uniform_seeds is not None else args.seeds
     args.budget_fraction = args.budget_fraction or None
     torch.set_num_threads(args.threads)
