@@ -181,11 +181,11 @@ def _edge_glr(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float, ba
         lam = b[:, None, :] + c[:, :, None] * q[:, None, :]
         return (x[:, None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=2)
 
-    # the unconstrained maximum: a grid, then Newton steps on the concave log-likelihood
-    grid = np.concatenate([[0.0], host_level * np.geomspace(0.01, 30.0, 64)])
+    # the unconstrained maximum: Newton steps on the concave log-likelihood from a coarse grid's best
+    grid = np.concatenate([[0.0], host_level * np.geomspace(0.03, 30.0, 10)])
     g = np.broadcast_to(grid, (len(x), len(grid)))
     c = g[np.arange(len(x)), np.argmax(ll(g), axis=1)].copy()
-    for _ in range(8):
+    for _ in range(12):
         lam = b + c[:, None] * q
         grad = (x * q / lam - q).sum(axis=1)
         hess = -(x * q * q / lam**2).sum(axis=1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stemagent.errors import InputError
-from stemagent.segmentation.intensity import classify_by_counts
+from stemagent.segmentation.intensity import _edge_glr, classify_by_counts
 
 NAMES = ("C", "Si", "vacancy", "metal", "chalcogen", "substituted", "column-vacancy")
 C, SI, VAC = NAMES.index("C"), NAMES.index("Si"), NAMES.index("vacancy")
@@ -205,3 +205,29 @@ def test_edge_sites_are_decided_on_their_in_frame_pixels_against_a_host_band() -
         classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES, edge=edge[:-1])
     with pytest.raises(InputError, match="edge_host_band"):
         classify_by_counts(counts, others, psf, mask, net, ~edge, NAMES, edge=edge, edge_host_band=(1.2, 2.0))
+
+
+def test_edge_likelihood_ratios_use_each_sites_maximum_likelihood_intensity() -> None:
+    # the edge test's best intensity per site is the maximum of the concave Poisson log-likelihood:
+    # no intensity on a fine grid from 0 to 40x the host level does better, for dark, host-like and
+    # bright sites, sites with few pixels and sites with no counts at all
+    rng = np.random.default_rng(11)
+    e, p, host = 60, 120, 12.0
+    q = np.abs(rng.normal(size=(e, p))) * (rng.random((e, p)) > 0.4)
+    q[0, 5:] = 0.0  # a site with five pixels in the frame
+    b = rng.uniform(0.2, 3.0, size=(e, p))
+    c_true = host * rng.choice([0.0, 0.05, 0.5, 1.0, 1.4, 4.0, 25.0], size=e)
+    x = (rng.poisson(b + c_true[:, None] * q) * (q > 0)).astype(float)
+    x[1] = 0.0  # no counts at all
+    bright, dim, ratio = _edge_glr(x, b, q, host, (0.6, 1.5), 1.0)
+    c = ratio * host
+
+    def ll(cc: np.ndarray) -> np.ndarray:
+        lam = b[:, None, :] + cc[:, :, None] * q[:, None, :]
+        return (x[:, None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=2)
+
+    fine = np.broadcast_to(np.linspace(0.0, 40.0 * host, 4001), (e, 4001))
+    assert np.all(ll(c[:, None])[:, 0] >= ll(fine).max(axis=1) - 1e-6)
+    band = ll(np.clip(c, 0.6 * host, 1.5 * host)[:, None])[:, 0]
+    assert np.allclose(bright, ll(np.maximum(c, 1.5 * host)[:, None])[:, 0] - band)
+    assert np.allclose(dim, ll(np.minimum(c, 0.6 * host)[:, None])[:, 0] - band)
