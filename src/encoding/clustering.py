@@ -201,8 +201,9 @@ def _rms_spread(g: np.ndarray) -> float:
 
 def _split_wide(w: np.ndarray, min_size: int, seed: int, max_spread: float = WIDE_GROUP_SPREAD, depth: int = 4) -> np.ndarray:
     """:func:`_split_outliers`, then every group wider than ``max_spread`` host noise widths
-    (:func:`_rms_spread`) split again on its own members (in two along its widest axis when the
-    mixture keeps it whole), down to ``depth`` levels. A BIC split of all the outliers at once
+    (:func:`_rms_spread`) split again on its own members by the same BIC-chosen mixture (so a
+    group is only split where its members form groups; a broad cloud stays whole), down to
+    ``depth`` levels. A BIC split of all the outliers at once
     spends its components on the farthest ones (with U-Net atoms: detections on empty sites and
     duplicates, tens of noise widths out) and leaves a lone dopant, a vacancy's neighbours and a
     dopant's neighbours together in one group several noise widths wide. Groups wider than
@@ -211,9 +212,6 @@ def _split_wide(w: np.ndarray, min_size: int, seed: int, max_spread: float = WID
     sub = _split_outliers(w, min_size, seed)
     if depth <= 0 or len(w) < 2:
         return sub
-    if sub.max() == 0 and max_spread < _rms_spread(w) <= SCATTERED_GROUP_SPREAD:
-        centred = w - w.mean(axis=0)
-        sub = (centred @ np.linalg.svd(centred, full_matrices=False)[2][0] > 0).astype(np.int64)
     out = np.zeros(len(w), dtype=np.int64)
     nxt = 0
     for c in np.unique(sub):

@@ -103,3 +103,12 @@ def test_robust_keeps_a_lone_dopant_apart_when_far_junk_is_in_the_pool(seed: int
     assert np.sum(lab == dopant) == 1
     assert not np.isin(lab[y == 4], lab[y == 3]).any()
     assert np.bincount(lab).argmax() not in set(lab[y >= 2].tolist())
+
+
+def test_robust_does_not_shatter_a_broad_cloud_of_odd_atoms() -> None:
+    # a tenth of the atoms scattered 3-4 noise widths round the host, no groups among them: splitting
+    # wide outlier groups again must not cut such a cloud into many small motifs
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 12))
+    x[:400] += 3.0 * rng.normal(size=(400, 12))
+    assert cluster_features(x, "robust", components=4, seed=0).n_clusters <= 3
