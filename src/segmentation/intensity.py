@@ -137,30 +137,43 @@ def _anchor_intensities(fam: Family, values: np.ndarray, net_names: np.ndarray, 
     return {s: float(x) for s, x, k in zip(symbols, sol, known) if k and x > 0}
 
 
+def _poisson_ll(x: np.ndarray, b: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Poisson log-likelihood ``(E, G)`` (constant dropped) of sites' pixels ``x`` ``(E, P)``
+    (background ``b``, shape ``q``, both ``(E, P)``) at intensities ``c`` ``(E, G)``."""
+    lam = b[:, None, :] + c[:, :, None] * q[:, None, :]
+    return (x[:, None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=2)
+
+
+def _ml_intensity(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float) -> np.ndarray:
+    """Each site's maximum-likelihood intensity ``(E,)`` (non-negative) from its pixels ``x``,
+    background ``b`` and shape ``q`` ``(E, P)``: the best of a coarse grid from 0 to 30x
+    ``host_level``, then Newton steps on the concave log-likelihood."""
+    grid = np.concatenate([[0.0], host_level * np.geomspace(0.03, 30.0, 10)])
+    g = np.broadcast_to(grid, (len(x), len(grid)))
+    c = g[np.arange(len(x)), np.argmax(_poisson_ll(x, b, q, g), axis=1)].copy()
+    for _ in range(12):
+        lam = b + c[:, None] * q
+        grad = (x * q / lam - q).sum(axis=1)
+        hess = -(x * q * q / lam**2).sum(axis=1)
+        step = np.where(hess < 0, -grad / np.where(hess < 0, hess, -1.0), 0.0)
+        c = np.maximum(0.0, c + step)
+    return c
+
+
+def _as_sites(x: np.ndarray, b: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels, background (floored above 0) and shape as float64 ``(E, P)``."""
+    return (np.atleast_2d(np.asarray(x, np.float64)), np.atleast_2d(np.maximum(np.asarray(b, np.float64), 1e-9)),
+            np.atleast_2d(np.asarray(q, np.float64)))
+
+
 def _free_level_ratio(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float) -> tuple[float, float]:
     """``(log-likelihood ratio, intensity)`` of one site's pixels ``x`` ``(P,)`` (background ``b``,
-    shape ``q``) at its own maximum-likelihood intensity against ``host_level`` (Poisson; the
-    intensity on a grid from 0 to 30x the host's, refined by a few Newton steps)."""
-    x = np.asarray(x, np.float64)
-    b = np.maximum(np.asarray(b, np.float64), 1e-9)
-    q = np.asarray(q, np.float64)
-
-    def ll(c: np.ndarray) -> np.ndarray:
-        lam = b[None, :] + c[:, None] * q[None, :]
-        return (x[None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=1)
-
-    grid = np.concatenate([[0.0], host_level * np.geomspace(0.01, 30.0, 64)])
-    vals = ll(grid)
-    c = float(grid[int(np.argmax(vals))])
-    for _ in range(8):  # Newton on the concave log-likelihood, kept non-negative
-        lam = b + c * q
-        g = float((x * q / lam - q).sum())
-        hess = float(-(x * q * q / lam**2).sum())
-        if hess >= 0:
-            break
-        c = max(0.0, c - g / hess)
-    best = max(float(vals.max()), float(ll(np.array([c]))[0]))
-    return best - float(ll(np.array([host_level]))[0]), c
+    shape ``q``) at its own maximum-likelihood intensity (:func:`_ml_intensity`) against
+    ``host_level`` (Poisson)."""
+    x2, b2, q2 = _as_sites(x, b, q)
+    c = float(_ml_intensity(x2, b2, q2, host_level)[0])
+    ll = _poisson_ll(x2, b2, q2, np.array([[c, host_level]]))[0]
+    return float(ll[0] - ll[1]), c
 
 
 def _edge_glr(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float, band: tuple[float, float], gain: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,30 +185,19 @@ def _edge_glr(x: np.ndarray, b: np.ndarray, q: np.ndarray, host_level: float, ba
     best intensity at or above ``hi`` (at or below ``lo``) against the best in the band (positive
     where the site's own best lies beyond that end of the band, negative where the band explains
     the counts better), and the site's best intensity over the host level."""
-    x = np.asarray(x, np.float64)
-    b = np.maximum(np.asarray(b, np.float64), 1e-9)
-    q = np.asarray(q, np.float64)
+    x, b, q = _as_sites(x, b, q)
     lo, hi = band[0] * host_level, band[1] * host_level
-
-    def ll(c: np.ndarray) -> np.ndarray:  # (E, G) for intensities c (E, G)
-        lam = b[:, None, :] + c[:, :, None] * q[:, None, :]
-        return (x[:, None, :] * np.log(np.maximum(lam, 1e-12)) - lam).sum(axis=2)
-
-    # the unconstrained maximum: Newton steps on the concave log-likelihood from a coarse grid's best
-    grid = np.concatenate([[0.0], host_level * np.geomspace(0.03, 30.0, 10)])
-    g = np.broadcast_to(grid, (len(x), len(grid)))
-    c = g[np.arange(len(x)), np.argmax(ll(g), axis=1)].copy()
-    for _ in range(12):
-        lam = b + c[:, None] * q
-        grad = (x * q / lam - q).sum(axis=1)
-        hess = -(x * q * q / lam**2).sum(axis=1)
-        step = np.where(hess < 0, -grad / np.where(hess < 0, hess, -1.0), 0.0)
-        c = np.maximum(0.0, c + step)
+    c = _ml_intensity(x, b, q, host_level)
     # concave in c: the best within an interval is the unconstrained best clipped into it
-    l_band = ll(np.clip(c, lo, hi)[:, None])[:, 0]
-    l_bright = ll(np.maximum(c, hi)[:, None])[:, 0]
-    l_dim = ll(np.minimum(c, lo)[:, None])[:, 0]
-    return (l_bright - l_band) / gain, (l_dim - l_band) / gain, c / max(host_level, 1e-12)
+    ll = _poisson_ll(x, b, q, np.stack([np.clip(c, lo, hi), np.maximum(c, hi), np.minimum(c, lo)], axis=1))
+    return (ll[:, 1] - ll[:, 0]) / gain, (ll[:, 2] - ll[:, 0]) / gain, c / max(host_level, 1e-12)
+
+
+def _brighter(fam: Family, class_name: str) -> bool:
+    """Whether ``class_name`` of ``fam`` has as many atoms as its host or more (a brighter column);
+    a class without a level of its own counts as the host."""
+    comp = dict(fam.levels)
+    return len(comp.get(class_name, comp[fam.host])) >= len(comp[fam.host])
 
 
 def classify_by_counts(
@@ -393,14 +395,12 @@ def classify_by_counts(
             best = np.where(weak, host_k, best)
             evidence[idx] = np.where(weak, 0.0, llr)
             host_l = int(np.flatnonzero(lcls == host_k)[0])
-            lone_host = fam.levels[[c for c, _ in fam.levels].index(fam.host)][1]
             for j, xs, bs, qs, ms in zip(*lone):
                 # a class with no level of its own (too few members to measure it): its label is
                 # earned by the generalised likelihood ratio of the site's own best intensity
                 # against the host level, on the class's side of it (fewer atoms: dimmer; others: brighter)
-                comp_j = dict(fam.levels)[class_names[int(cls[j])]] if class_names[int(cls[j])] in dict(fam.levels) else lone_host
                 glr, c_hat = _free_level_ratio(xs, bs + np.float32(extra) * ms, qs, float(level[host_l]))
-                brighter = len(comp_j) >= len(lone_host)
+                brighter = _brighter(fam, class_names[int(cls[j])])
                 ok_side = (c_hat > level[host_l]) if brighter else (c_hat < level[host_l])
                 earned = ok_side and glr / gain >= min_evidence_nats
                 evidence[j] = glr / gain if earned else 0.0
@@ -420,12 +420,11 @@ def classify_by_counts(
                 me = m_all[esel]
                 bright, dim, ratio = _edge_glr(np.maximum(x_all[esel], 0.0) * me, np.maximum(b_all[esel], 0.0) * me + np.float32(extra) * me,
                                                np.maximum(p_all[esel], 0.0) * me, float(level[host_l]), (lo_band, hi_band), gain)
-                comp_of = dict(fam.levels)
                 defects = [class_names.index(c) for c in fam.classes if c != fam.host]
                 # each defect class's signed ratio: brighter classes (as many atoms as the host or
                 # more) against the band's top, dimmer ones against its bottom; the network's class
                 # breaks ties (e.g. two brighter classes)
-                glr = np.stack([bright if len(comp_of[class_names[k]]) >= len(comp_of[fam.host]) else dim for k in defects], axis=1)
+                glr = np.stack([bright if _brighter(fam, class_names[k]) else dim for k in defects], axis=1)
                 pick = np.argmax(glr + 1e-9 * (cls[esel][:, None] == np.asarray(defects)[None, :]), axis=1)
                 ev_e = glr[np.arange(len(esel)), pick]
                 cls_e = np.asarray(defects)[pick]
